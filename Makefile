@@ -1,0 +1,21 @@
+# Two commands for a fresh machine: `make demo` (install + demo) and `make test` (install + tests).
+# On a CPU machine the CPU wheel torch==2.13.0 is installed (an unpinned torch pulls a multi-GB CUDA
+# build); where a torch is already importable (a GPU machine), it is used as it is.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+
+.PHONY: install demo test test-fast bench-cpu
+
+install:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "torch==2.13.0"
+	@$(PYTHON) -c "import triton" 2>/dev/null || $(PIP) install -q triton || echo "triton unavailable: kernel tests will be skipped"
+	$(PIP) install -q --no-build-isolation -e ".[test]"
+
+demo: install
+	$(PYTHON) -m sgflow.cli demo --out demo_out
+
+test: install
+	$(PYTHON) -m pytest -q -p no:cacheprovider tests
+
+bench-cpu: install
+	$(PYTHON) benchmarks/memory.py --device cpu

@@ -1,0 +1,36 @@
+"""sgflow: few-step flow maps trained with SGFlow, and fused dual-tangent kernels that make it cheap.
+
+Main entry points: :func:`sgflow_loss` (reference, torch.func.jvp), :func:`fused_loss` (dual path),
+baselines (:func:`flow_matching_loss`, :func:`meanflow_loss`, :func:`lagrangian_loss`,
+:func:`eulerian_loss`, :func:`progressive_loss`), samplers and interpolants.
+"""
+from sgflow.interpolants import Interpolant, LinearInterpolant, TrigInterpolant, get_interpolant
+from sgflow.losses.baselines import (
+    eulerian_loss,
+    flow_matching_loss,
+    lagrangian_loss,
+    meanflow_loss,
+    progressive_loss,
+)
+from sgflow.losses.common import flow_map
+from sgflow.losses.sgflow import sgflow_loss
+from sgflow.samplers import sample, sample_euler, sample_flow_map, sample_heun, time_grid
+from sgflow.times import TimeSampler
+
+__version__ = "0.1.0"
+
+LOSSES = {
+    "sgflow": sgflow_loss,
+    "flow_matching": flow_matching_loss,
+    "meanflow": meanflow_loss,
+    "lagrangian": lagrangian_loss,
+    "eulerian": eulerian_loss,
+    "progressive": progressive_loss,
+}
+
+__all__ = [
+    "Interpolant", "LinearInterpolant", "TrigInterpolant", "get_interpolant", "TimeSampler",
+    "sgflow_loss", "flow_matching_loss", "meanflow_loss", "lagrangian_loss", "eulerian_loss",
+    "progressive_loss", "flow_map", "sample", "sample_flow_map", "sample_euler", "sample_heun",
+    "time_grid", "LOSSES",
+]

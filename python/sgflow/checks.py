@@ -1,0 +1,76 @@
+"""Input validation shared by the losses, samplers and dual ops: clear errors instead of wrong numbers."""
+from __future__ import annotations
+
+import torch
+
+
+def check_data(x: torch.Tensor, name: str = "x1") -> None:
+    """A batch of data: a floating tensor [B, *D] with B >= 1 and at least one feature dim."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"{name} must have shape [B, *D] with at least one feature dimension, got {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} has an empty batch")
+
+
+def check_like(other: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str = "x1") -> None:
+    """``other`` must match ``ref`` in shape, dtype and device."""
+    if not isinstance(other, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(other).__name__}")
+    if other.shape != ref.shape:
+        raise ValueError(f"{name} has shape {tuple(other.shape)} but {ref_name} has shape {tuple(ref.shape)}")
+    if other.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {other.dtype} but {ref_name} has dtype {ref.dtype}")
+    if other.device != ref.device:
+        raise ValueError(f"{name} is on {other.device} but {ref_name} is on {ref.device}")
+
+
+def check_times(t: torch.Tensor, batch: int, ref: torch.Tensor, name: str = "t") -> None:
+    """Times: floating [B] on ref's device, within [0, 1]."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape [{batch}], got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if t.shape != (batch,):
+        raise ValueError(f"{name} must have shape [{batch}] (one time per sample), got {tuple(t.shape)}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but the data is on {ref.device}")
+    if bool(((t < 0) | (t > 1)).any()):
+        raise ValueError(f"{name} must lie in [0, 1]; got values in [{t.min().item():.4g}, {t.max().item():.4g}]")
+
+
+def check_time_pair(t: torch.Tensor, u: torch.Tensor, batch: int, ref: torch.Tensor) -> None:
+    """Flow-map times: both [B], 0 <= t <= u <= 1 elementwise."""
+    check_times(t, batch, ref, "t")
+    check_times(u, batch, ref, "u")
+    bad = t > u
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"flow maps go forward in time: need t <= u, but t[{i}]={t[i].item():.6g} > u[{i}]={u[i].item():.6g} "
+            f"({int(bad.sum())} of {batch} samples)"
+        )
+
+
+def check_model_output(out: torch.Tensor, x: torch.Tensor, what: str = "model(t, u, x)") -> torch.Tensor:
+    """The network must return f~ with exactly x's shape and dtype."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{what} must return a tensor, got {type(out).__name__}")
+    if out.shape != x.shape:
+        raise ValueError(f"{what} returned shape {tuple(out.shape)}; expected x's shape {tuple(x.shape)}")
+    if out.dtype != x.dtype:
+        raise TypeError(f"{what} returned dtype {out.dtype}; expected {x.dtype}")
+    return out
+
+
+def check_split(split: torch.Tensor, batch: int, ref: torch.Tensor) -> None:
+    """The SGFlow term assignment: a bool mask [B], True where a sample takes the first term."""
+    if not isinstance(split, torch.Tensor) or split.dtype != torch.bool:
+        raise TypeError("split must be a bool tensor of shape [B] (True: first term, False: second term)")
+    if split.shape != (batch,):
+        raise ValueError(f"split must have shape [{batch}], got {tuple(split.shape)}")
+    if split.device != ref.device:
+        raise ValueError(f"split is on {split.device} but the data is on {ref.device}")
