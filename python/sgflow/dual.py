@@ -1,0 +1,59 @@
+"""The dual-forward protocol and the fallback for networks (or layers) without a dual form.
+
+A network supports the fused path when it has ``dual_forward(t, u, x, t_dot, u_dot, x_dot) ->
+(ftilde, ftilde_dot)``: its output and its JVP in direction (t_dot, u_dot, x_dot), computed with
+explicit tangents. Networks and layers without one are wrapped in :class:`JVPDual`, which gets the
+JVP from ``torch.func.jvp`` — correct, but without the memory savings of the fused ops.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sgflow.checks import check_model_output
+
+
+class JVPDual(nn.Module):
+    """Give any module a dual form through ``torch.func.jvp``.
+
+    As a whole network (``module(t, u, x)``): ``dual_forward(t, u, x, t_dot, u_dot, x_dot)``.
+    As a layer (``module(x)``): ``dual(x, x_dot) -> (y, y_dot)``. The gradient flows through the
+    tangent (reverse over forward), so it composes with the fused ops of the other layers.
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def dual(self, x: torch.Tensor, x_dot: torch.Tensor):
+        return torch.func.jvp(self.module, (x,), (x_dot,))
+
+    def dual_forward(self, t, u, x, t_dot, u_dot, x_dot):
+        return torch.func.jvp(self.module, (t, u, x), (t_dot, u_dot, x_dot))
+
+
+def unwrap_parallel(model: nn.Module) -> nn.Module:
+    """The inner module of a DistributedDataParallel / DataParallel wrapper (JVPs bypass the wrapper)."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def dual_forward(model, t, u, x, t_dot, u_dot, x_dot):
+    """Call ``model.dual_forward`` with checks: returns (ftilde, ftilde_dot), both of x's shape.
+
+    t, u, t_dot, u_dot: [B]; x, x_dot: [B, *D].
+    """
+    inner = unwrap_parallel(model)
+    if not hasattr(inner, "dual_forward"):
+        raise TypeError(
+            f"{type(inner).__name__} has no dual_forward(t, u, x, t_dot, u_dot, x_dot); use an sgflow.nn network, "
+            "or wrap it: sgflow.JVPDual(model) (JVP via torch.func.jvp, no fused memory savings)"
+        )
+    out, out_dot = inner.dual_forward(t, u, x, t_dot, u_dot, x_dot)
+    check_model_output(out, x, "model.dual_forward(...)[0]")
+    check_model_output(out_dot, x, "model.dual_forward(...)[1]")
+    return out, out_dot

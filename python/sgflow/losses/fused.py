@@ -1,0 +1,61 @@
+"""SGFlow and MeanFlow through the fused dual (primal + tangent) path.
+
+Same signature, semantics and return as :func:`sgflow.sgflow_loss`, but the JVP of the network comes
+from its ``dual_forward``: each block is a ``torch.autograd.Function`` carrying primal and tangent
+together and recomputing activations in backward, instead of ``torch.func.jvp``'s dual tensors with
+every intermediate kept for the reverse pass.
+"""
+from __future__ import annotations
+
+import torch
+
+from sgflow.dual import dual_forward
+from sgflow.losses.common import bcast, draw_batch, mean_sq
+from sgflow.losses.sgflow import flow_map_tangent, reduce_sgflow, sgflow_rows
+
+
+def fused_loss(
+    model,
+    x1: torch.Tensor,
+    *,
+    interpolant="linear",
+    time_sampler=None,
+    noise: torch.Tensor | None = None,
+    t: torch.Tensor | None = None,
+    u: torch.Tensor | None = None,
+    split: torch.Tensor | None = None,
+    split_fraction: float = 0.5,
+    both_terms: bool = False,
+    generator: torch.Generator | None = None,
+):
+    """SGFlow loss via the network's dual forward; gradients equal :func:`sgflow.sgflow_loss`'s.
+
+        L_sg = mean_first ||JVP_(1,0,Xdot) f||^2 - mean_second ||JVP_(0,0,Xdot - sg[f~(t,t,X_t)]) f||^2
+
+    with JVP f = x_dot + (u_dot - t_dot) f~ + (u - t) JVP f~ and (f~, JVP f~) from
+    ``model.dual_forward``. Arguments and the returned ``(loss, info)`` are those of
+    :func:`sgflow.sgflow_loss`. Models without ``dual_forward`` raise a TypeError naming
+    :class:`sgflow.JVPDual`.
+    """
+    b = draw_batch(x1, interpolant=interpolant, time_sampler=time_sampler, noise=noise, t=t, u=u, generator=generator)
+    rows = sgflow_rows(model, b, split, both_terms, split_fraction, generator)
+    tr, ur, xr = b.t[rows.index], b.u[rows.index], b.xt[rows.index]
+    u_dot = torch.zeros_like(ur)
+    ftilde, ftilde_dot = dual_forward(model, tr, ur, xr, rows.t_dot, u_dot, rows.x_dot)
+    jvp_f = flow_map_tangent(rows.x_dot, rows.t_dot, u_dot, tr, ur, ftilde, ftilde_dot)
+    return reduce_sgflow(jvp_f, rows, b)
+
+
+def fused_meanflow_loss(model, x1, *, interpolant="linear", time_sampler=None, noise=None, t=None, u=None, generator=None):
+    """MeanFlow with the JVP from the dual forward, run without a graph (it is detached anyway).
+
+        L = E || f~(t, u, X_t) - sg[ Xdot_t + (u - t) JVP(f~; (1, 0, Xdot_t)) ] ||^2
+    """
+    b = draw_batch(x1, interpolant=interpolant, time_sampler=time_sampler, noise=noise, t=t, u=u, generator=generator)
+    with torch.no_grad():
+        ones, zeros = torch.ones_like(b.t), torch.zeros_like(b.u)
+        _, dfdt = dual_forward(model, b.t, b.u, b.xt, ones, zeros, b.xdot)
+        target = b.xdot + bcast(b.u - b.t, dfdt) * dfdt
+    pred = model(b.t, b.u, b.xt)
+    loss = mean_sq(pred - target).mean()
+    return loss, {"loss": loss.detach()}
