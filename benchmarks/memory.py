@@ -1,0 +1,150 @@
+"""The paper's memory table on one network and batch: every method, one full training step.
+
+    python benchmarks/memory.py --device cuda --config cifar10 --batch 128      # GPU: peak memory + time
+    python benchmarks/memory.py --device cpu --config tiny --batch 16            # CPU: saved bytes + time
+
+GPU mode reports the peak CUDA memory of one training step (forward, backward, Adam step) and the
+median step time over ``--steps`` steps after a warm-up. CPU mode reports the bytes saved for backward
+(``saved_tensors_hooks``, deduplicated by storage: deterministic) and the median step time. Every
+number is also given as a ratio to flow matching measured in the same run. Results go to
+``--out`` (CSV and JSON).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import sgflow
+from sgflow.memory import saved_tensor_bytes
+from sgflow.nn import build_model
+
+
+def _naive_meanflow(model, x1, **kw):
+    """MeanFlow as a naive port does it: the JVP built with a graph, then detached."""
+    b = sgflow.losses.common.draw_batch(x1, **kw)
+    pred, dfdt = torch.func.jvp(lambda t, u, x: model(t, u, x), (b.t, b.u, b.xt), (torch.ones_like(b.t), torch.zeros_like(b.u), b.xdot))
+    target = (b.xdot + sgflow.losses.common.bcast(b.u - b.t, dfdt) * dfdt).detach()
+    return sgflow.losses.common.mean_sq(pred - target).mean(), {}
+
+
+METHODS = {
+    "flow_matching": sgflow.flow_matching_loss,
+    "meanflow": sgflow.meanflow_loss,
+    "meanflow_naive": _naive_meanflow,
+    "meanflow_fused": sgflow.fused_meanflow_loss,
+    "sgflow_reference": sgflow.sgflow_loss,
+    "sgflow_fused": sgflow.fused_loss,
+    "lagrangian": sgflow.lagrangian_loss,
+    "eulerian": sgflow.eulerian_loss,
+    "progressive": sgflow.progressive_loss,
+}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_method(name, model, opt, x1, args, device):
+    fn = METHODS[name]
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def step():
+        loss, _ = fn(model, x1, generator=gen)
+        return loss
+
+    row = {"method": name}
+    if device.type == "cpu":
+        row["saved_bytes"] = saved_tensor_bytes(step)["bytes"]
+    times = []
+    for i in range(args.warmup + args.steps):
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        _sync(device)
+        t0 = time.perf_counter()
+        loss = step()
+        loss.backward()
+        opt.step()
+        _sync(device)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+            if device.type == "cuda":
+                row["peak_bytes"] = max(row.get("peak_bytes", 0), torch.cuda.max_memory_allocated())
+                row["peak_over_base_bytes"] = max(row.get("peak_over_base_bytes", 0), torch.cuda.max_memory_allocated() - base)
+    row["step_ms"] = 1e3 * statistics.median(times)
+    return row
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--config", default=None, help="network config (default: cifar10 on GPU, tiny on CPU)")
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--backend", default=None, help="SGFLOW_BACKEND for the fused ops (torch|triton|cuda)")
+    p.add_argument("--out", default="benchmarks/results/memory")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if args.backend:
+        import os
+
+        os.environ["SGFLOW_BACKEND"] = args.backend
+    config = args.config or ("cifar10" if device.type == "cuda" else "tiny")
+    size = args.image_size or (32 if config == "cifar10" else 16)
+    batch = args.batch or (128 if device.type == "cuda" else 8)
+    torch.manual_seed(0)
+    model = build_model(config, (3, size, size)).to(device)
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    x1 = torch.randn(batch, 3, size, size, device=device)
+    rows = []
+    for name in args.methods.split(","):
+        try:
+            rows.append(run_method(name, model, opt, x1, args, device))
+        except torch.OutOfMemoryError:
+            rows.append({"method": name, "error": "out of memory"})
+            torch.cuda.empty_cache()
+        print(rows[-1], file=sys.stderr, flush=True)
+    ref = next((r for r in rows if r["method"] == "flow_matching" and "error" not in r), None)
+    key = "peak_bytes" if device.type == "cuda" else "saved_bytes"
+    for r in rows:
+        if ref and "error" not in r:
+            r[f"{key}_ratio"] = r[key] / ref[key]
+            r["step_ratio"] = r["step_ms"] / ref["step_ms"]
+    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "config": config, "params": n_params,
+            "batch": batch, "image_size": size, "torch": torch.__version__, "backend": args.backend or "auto"}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    fields = sorted({k for r in rows for k in r}, key=lambda k: (k != "method", k))
+    with out.with_suffix(".csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    unit = "peak GiB" if device.type == "cuda" else "saved MiB"
+    scale = 2**30 if device.type == "cuda" else 2**20
+    print(f"# {meta['device']}  config={config} ({n_params / 1e6:.1f}M params)  batch={batch}  {size}x{size}  torch {torch.__version__}")
+    print(f"{'method':<18} {unit:>10} {'x FM':>7} {'step ms':>9} {'x FM':>7}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['method']:<18} {r['error']}")
+            continue
+        print(f"{r['method']:<18} {r[key] / scale:>10.2f} {r.get(key + '_ratio', float('nan')):>7.2f} {r['step_ms']:>9.1f} {r.get('step_ratio', float('nan')):>7.2f}")
+
+
+if __name__ == "__main__":
+    main()
