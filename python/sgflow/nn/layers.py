@@ -1,0 +1,202 @@
+r"""Layers with a plain ``forward`` and an explicit-tangent ``dual`` on the same weights.
+
+Every layer here computes ``y = layer(x)`` in ``forward`` (plain PyTorch, so ``torch.func.jvp`` of a
+network built from them is the reference) and ``(y, y_dot) = layer.dual(x, x_dot)`` with the dual ops
+of :mod:`sgflow.ops` (tangents are ordinary tensors, never forward-AD). Parameters carry no tangent:
+``y_dot`` is the derivative in the input direction only.
+
+Dropout is the one stochastic piece: :class:`GNSiLUConv` draws its keep-mask with
+:func:`dropout_mask` in both paths, so with the same RNG state ``forward`` and ``dual`` drop the same
+units, and inside ``dual`` one mask is shared by the primal and the tangent.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sgflow.ops.activation import silu_dual
+from sgflow.ops.conv import conv2d_dual
+from sgflow.ops.groupnorm import groupnorm_dual
+from sgflow.ops.groupnorm_silu import gn_silu_conv_dual
+from sgflow.ops.linear import linear_dual
+
+__all__ = [
+    "dropout_mask",
+    "DualLinear",
+    "DualConv2d",
+    "DualSiLU",
+    "DualGroupNorm",
+    "GNSiLUConv",
+    "Downsample",
+    "Upsample",
+    "set_backend",
+]
+
+
+def dropout_mask(shape, p: float, device=None) -> torch.Tensor:
+    """Bool keep-mask of ``shape``, each entry True with probability ``1 - p`` (global RNG).
+
+    The same draw as ``sgflow.ops.groupnorm_silu.make_dropout_mask``; drawing it here in both the plain
+    and the dual path keeps the two paths on identical masks for identical RNG states.
+    """
+    return torch.empty(tuple(shape), dtype=torch.bool, device=device).bernoulli_(1.0 - p)
+
+
+def variance_scaling_(weight: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """DDPM's ``default_init``: uniform with variance ``scale / fan_avg`` (zero for scale 0)."""
+    fan_in = weight.shape[1] * math.prod(weight.shape[2:])
+    fan_out = weight.shape[0] * math.prod(weight.shape[2:])
+    if scale == 0:
+        return nn.init.zeros_(weight)
+    bound = math.sqrt(3.0 * scale / ((fan_in + fan_out) / 2))
+    return nn.init.uniform_(weight, -bound, bound)
+
+
+class DualLinear(nn.Linear):
+    """``nn.Linear`` with ``dual(x, x_dot) -> (x W^T + b, x_dot W^T)``; x: [N, ..., in_features]."""
+
+    def dual(self, x, x_dot):
+        return linear_dual(x, x_dot, self.weight, self.bias)
+
+
+class DualConv2d(nn.Conv2d):
+    """``nn.Conv2d`` (groups=1, dilation=1, zero padding) with ``dual(x, x_dot)`` via ``conv2d_dual``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.groups != 1 or self.dilation != (1, 1) or self.padding_mode != "zeros" or isinstance(self.padding, str):
+            raise ValueError("DualConv2d supports groups=1, dilation=1, numeric zero padding only")
+
+    def dual(self, x, x_dot):
+        return conv2d_dual(x, x_dot, self.weight, self.bias, self.stride, self.padding)
+
+
+class DualSiLU(nn.SiLU):
+    """``nn.SiLU`` with ``dual(x, x_dot) -> (silu(x), silu'(x) x_dot)``."""
+
+    def dual(self, x, x_dot):
+        return silu_dual(x, x_dot)
+
+
+class DualGroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` (no activation) with ``dual(x, x_dot)`` via ``groupnorm_dual``; x: [B, C, *sp]."""
+
+    def dual(self, x, x_dot):
+        return groupnorm_dual(x, x_dot, self.weight, self.bias, self.num_groups, self.eps)
+
+
+class GNSiLUConv(nn.Module):
+    r"""One stage ``Conv(Dropout(SiLU(GroupNorm(x))))``: [B, Cin, H, W] -> [B, Cout, H, W].
+
+    ``forward`` uses plain PyTorch ops; ``dual`` calls ``gn_silu_conv_dual`` (one autograd Function
+    for the whole stage, saving only its input, tangent, the group statistics and the bool dropout
+    mask). Dropout (active in training mode when ``dropout > 0``) multiplies kept activations by
+    ``1 / (1 - p)``; the mask is drawn with :func:`dropout_mask` on the activation's shape in both
+    paths, and shared by the primal and tangent inside ``dual``.
+
+    Args:
+        in_channels, out_channels: channel counts; ``in_channels`` divisible by ``num_groups``.
+        num_groups: GroupNorm groups. kernel_size: odd conv kernel (padding keeps H, W).
+        dropout: drop probability p. eps: GroupNorm epsilon. init_scale: conv weight variance scale
+            (0: zero init, as DDPM++ does for the last conv of a residual branch).
+    """
+
+    def __init__(self, in_channels, out_channels, num_groups, kernel_size=3, dropout=0.0, eps=1e-6, init_scale=1.0):
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        if in_channels % num_groups:
+            raise ValueError(f"GroupNorm: {in_channels} channels are not divisible into {num_groups} groups")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.norm = nn.GroupNorm(num_groups, in_channels, eps=eps)
+        self.conv = DualConv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
+        variance_scaling_(self.conv.weight, init_scale)
+        nn.init.zeros_(self.conv.bias)
+        self.dropout = float(dropout)
+        self.backend: str | None = None
+
+    def _mask(self, x):
+        if self.training and self.dropout > 0:
+            return dropout_mask(x.shape, self.dropout, x.device)
+        return None
+
+    def forward(self, x):
+        h = F.silu(self.norm(x))
+        mask = self._mask(h)
+        if mask is not None:
+            h = h * (mask.to(h.dtype) * (1.0 / (1.0 - self.dropout)))
+        return self.conv(h)
+
+    def dual(self, x, x_dot):
+        mask = self._mask(x)
+        return gn_silu_conv_dual(
+            x, x_dot, self.norm.weight, self.norm.bias, self.norm.num_groups,
+            self.conv.weight, self.conv.bias, self.conv.padding, eps=self.norm.eps,
+            dropout_p=self.dropout, training=mask is not None, backend=self.backend, dropout_mask=mask,
+        )
+
+    def extra_repr(self):
+        return f"dropout={self.dropout}"
+
+
+class Downsample(nn.Module):
+    """Halve H and W (rounding up, so odd sizes work): stride-2 3x3 conv or 2x2 average pooling.
+
+    [B, C, H, W] -> [B, C, ceil(H/2), ceil(W/2)]. Both variants are linear in x, so the tangent
+    goes through the same map (without the conv bias).
+    """
+
+    def __init__(self, channels, mode="conv"):
+        super().__init__()
+        if mode not in ("conv", "avgpool"):
+            raise ValueError(f"downsampling mode must be 'conv' or 'avgpool', got {mode!r}")
+        self.mode = mode
+        if mode == "conv":
+            self.conv = DualConv2d(channels, channels, 3, stride=2, padding=1)
+            variance_scaling_(self.conv.weight)
+            nn.init.zeros_(self.conv.bias)
+
+    @staticmethod
+    def _pool(x):
+        return F.avg_pool2d(x, 2, ceil_mode=True)
+
+    def forward(self, x):
+        return self.conv(x) if self.mode == "conv" else self._pool(x)
+
+    def dual(self, x, x_dot):
+        if self.mode == "conv":
+            return self.conv.dual(x, x_dot)
+        return self._pool(x), self._pool(x_dot)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour upsampling to a given size, then a 3x3 conv: [B, C, h, w] -> [B, C, H, W].
+
+    The target size is the skip connection's (2h or 2h - 1 for odd sizes), so the decoder matches
+    every encoder resolution exactly. Nearest upsampling is linear: both streams take it.
+    """
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = DualConv2d(channels, channels, 3, padding=1)
+        variance_scaling_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x, size):
+        return self.conv(F.interpolate(x, size=tuple(size), mode="nearest"))
+
+    def dual(self, x, x_dot, size):
+        size = tuple(size)
+        return self.conv.dual(F.interpolate(x, size=size, mode="nearest"), F.interpolate(x_dot, size=size, mode="nearest"))
+
+
+def set_backend(module: nn.Module, backend: str | None) -> nn.Module:
+    """Set the dual-op backend (``"torch"``, ``"triton"``, ``"cuda"`` or None = automatic) everywhere."""
+    for m in module.modules():
+        if "backend" in vars(m):
+            m.backend = backend
+    return module

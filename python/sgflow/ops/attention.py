@@ -1,0 +1,324 @@
+r"""Dual (primal + tangent) softmax attention with a backward through both outputs.
+
+Shapes: ``q, q_dot: [B, H, Nq, D]``, ``k, k_dot: [B, H, Nk, D]``, ``v, v_dot: [B, H, Nk, Dv]``
+(self-attention is ``Nq == Nk``, ``Dv == D``); outputs ``o, o_dot: [B, H, Nq, Dv]``.
+Per (batch, head), with ``s`` the softmax scale (default ``D ** -0.5``) and row index i, column j:
+
+Forward
+-------
+    S    = s Q K^T                                   [Nq, Nk]
+    P    = softmax_rows(S),  lse_i = log sum_j exp(S_ij)
+    O    = P V
+    Sd   = s (Qd K^T + Q Kd^T)                       (tangent of S)
+    mu_i = sum_j P_ij Sd_ij                          (P-weighted row mean of Sd)
+    Pd   = P * (Sd - mu 1^T)                         (tangent of the softmax)
+    Od   = Pd V + P Vd
+
+The flash-style forward never forms P: with running row max m, l = sum_j exp(S_ij - m),
+acc = sum_j exp(S_ij - m) v_j, acc_mu = sum_j exp(S_ij - m) Sd_ij and
+acc_t = sum_j exp(S_ij - m) (Sd_ij v_j + vd_j) (all rescaled when m grows) one gets
+O = acc / l, mu = acc_mu / l and Od = acc_t / l - mu O, because sum_j P_ij (Sd_ij - mu_i) v_j =
+sum_j P_ij Sd_ij v_j - mu_i o_i.
+
+Backward (derivation)
+---------------------
+Let L = <G, O> + <Gd, Od> for cotangents G, Gd of shape [Nq, Dv] (a missing one is zero).
+Collect what L sees of P, Pd and Sd:
+
+    L = <G, P V> + <Gd, Pd V> + <Gd, P Vd>.
+
+Value gradients (P and Pd enter linearly):
+
+    dV  = P^T G + Pd^T Gd,        dVd = P^T Gd.
+
+Write A = Gd V^T (so A_ij = gd_i . v_j, the cotangent of Pd) and B = G V^T + Gd Vd^T (the direct
+cotangent of P). Then L = <B, P> + <A, Pd> + const, and with Pd_ij = P_ij Sd_ij - P_ij mu_i:
+
+    <A, Pd> = sum_ij A_ij P_ij Sd_ij - sum_i mu_i alpha_i,     alpha_i := sum_j P_ij A_ij = gd_i . o_i.
+
+* Through Sd (P fixed), using d mu_i / d Sd_ij = P_ij:
+      dSd_ij = P_ij A_ij - alpha_i P_ij = P_ij (A_ij - alpha_i).
+* Through P (Sd fixed), using d mu_i / d P_ij = Sd_ij and d alpha_i / d P_ij = A_ij:
+      dP_ij = B_ij + A_ij Sd_ij - alpha_i Sd_ij - mu_i A_ij
+            = B_ij + (A_ij - alpha_i)(Sd_ij - mu_i) - alpha_i mu_i.
+  A per-row constant in dP is annihilated by the softmax backward (P sums to one), so drop the
+  last term and use dP'_ij = B_ij + (A_ij - alpha_i)(Sd_ij - mu_i).
+* Softmax backward: dS_ij = P_ij (dP'_ij - delta_i), delta_i = sum_j P_ij dP'_ij. Expanding with
+  sum_j P_ij (A_ij - alpha_i) = 0, sum_j P_ij B_ij = g_i . o_i + gd_i . (P Vd)_i and
+  sum_j P_ij A_ij (Sd_ij - mu_i) = gd_i . (Pd V)_i, the row scalar collapses to
+
+      delta_i = g_i . o_i + gd_i . od_i,
+
+  the dual analogue of flash-attention's rowsum(dO * O). So
+
+      dS_ij  = P_ij (B_ij + (A_ij - alpha_i)(Sd_ij - mu_i) - delta_i)
+      dSd_ij = P_ij (A_ij - alpha_i).
+
+Finally S = s Q K^T and Sd = s (Qd K^T + Q Kd^T) are bilinear:
+
+    dQ  = s (dS K + dSd Kd),      dK  = s (dS^T Q + dSd^T Qd),
+    dQd = s dSd K,                dKd = s dSd^T Q.
+
+Everything is a blockwise function of (q_i, qd_i, g_i, gd_i, lse_i, mu_i, alpha_i, delta_i) and
+(k_j, kd_j, v_j, vd_j), so the backward only needs the saved inputs, the outputs (for alpha, delta)
+and the two per-row statistics lse and mu: O(N) memory per row instead of the O(N^2) of P.
+If Gd is missing, A = alpha = dSd = 0 and the tangent inputs get no gradient; if G is missing the
+G terms drop out of B and delta.
+
+Module layout (see docs/DESIGN.md): :func:`attention_dual_ref` (explicit formulas, materialises P),
+the torch backend (:func:`_torch_forward`, :func:`_torch_backward`, chunked over query rows),
+:class:`AttentionDual` and the functional API :func:`attention_dual`. Triton kernels live in
+``sgflow_kernels/attention.py``.
+"""
+from __future__ import annotations
+
+import torch
+
+from sgflow.ops.backend import resolve_backend
+
+__all__ = ["attention_dual_ref", "AttentionDual", "attention_dual"]
+
+# Upper bound on the elements of one [B, H, rows, Nk] score block in the torch backend; a handful
+# of such temporaries are alive at once, so this caps its memory at a few hundred MB in fp32.
+_TORCH_CHUNK_ELEMS = 1 << 24
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. Reference
+# --------------------------------------------------------------------------------------------------
+def attention_dual_ref(q, k, v, q_dot, k_dot, v_dot, scale=None):
+    """Dual attention by the explicit formulas, materialising P (reference; differentiable).
+
+    Args:
+        q, q_dot: [B, H, Nq, D]; k, k_dot: [B, H, Nk, D]; v, v_dot: [B, H, Nk, Dv].
+        scale: softmax scale, default ``D ** -0.5``.
+
+    Returns:
+        ``(o, o_dot)``, each [B, H, Nq, Dv]: ``o = P v`` and
+        ``o_dot = P * (Sd - mu) v + P v_dot`` with ``Sd = scale (q_dot k^T + q k_dot^T)``,
+        ``mu = rowsum(P * Sd)``.
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    s = scale * (q @ k.transpose(-1, -2))
+    p = torch.softmax(s, dim=-1)
+    s_dot = scale * (q_dot @ k.transpose(-1, -2) + q @ k_dot.transpose(-1, -2))
+    mu = (p * s_dot).sum(-1, keepdim=True)
+    p_dot = p * (s_dot - mu)
+    return p @ v, p_dot @ v + p @ v_dot
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Torch backend (explicit formulas, query rows processed in chunks)
+# --------------------------------------------------------------------------------------------------
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Softmax statistics and accumulations in half precision lose too much; match the kernels.
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _row_chunk(q: torch.Tensor, k: torch.Tensor) -> int:
+    b, h, n_q = q.shape[:3]
+    n_k = k.shape[2]
+    return max(1, min(n_q, _TORCH_CHUNK_ELEMS // max(1, b * h * n_k)))
+
+
+def _torch_forward(q, k, v, q_dot, k_dot, v_dot, scale):
+    """Torch-backend forward. Returns ``(o, o_dot, lse, mu)``; lse, mu: [B, H, Nq] (fp32/fp64)."""
+    cdt = _compute_dtype(q.dtype)
+    qc, kc, vc, qdc, kdc, vdc = (t.to(cdt) for t in (q, k, v, q_dot, k_dot, v_dot))
+    kt, kdt = kc.transpose(-1, -2), kdc.transpose(-1, -2)
+    b, h, n_q, _ = q.shape
+    dv = v.shape[-1]
+    o = q.new_empty((b, h, n_q, dv))
+    o_dot = q.new_empty((b, h, n_q, dv))
+    lse = q.new_empty((b, h, n_q), dtype=cdt)
+    mu = q.new_empty((b, h, n_q), dtype=cdt)
+    step = _row_chunk(q, k)
+    for r0 in range(0, n_q, step):
+        rows = slice(r0, min(n_q, r0 + step))
+        qi, qdi = qc[:, :, rows], qdc[:, :, rows]
+        s = scale * (qi @ kt)
+        lse_i = torch.logsumexp(s, dim=-1, keepdim=True)
+        p = torch.exp(s - lse_i)
+        s_dot = scale * (qdi @ kt + qi @ kdt)
+        mu_i = (p * s_dot).sum(-1, keepdim=True)
+        p_dot = p * (s_dot - mu_i)
+        o[:, :, rows] = p @ vc
+        o_dot[:, :, rows] = p_dot @ vc + p @ vdc
+        lse[:, :, rows] = lse_i.squeeze(-1)
+        mu[:, :, rows] = mu_i.squeeze(-1)
+    return o, o_dot, lse, mu
+
+
+def _torch_backward(q, k, v, q_dot, k_dot, v_dot, o, o_dot, lse, mu, g, g_dot, scale):
+    """Torch-backend backward by the formulas in the module docstring.
+
+    ``g``/``g_dot`` ([B, H, Nq, Dv]) may be None. Returns ``(dq, dk, dv, dq_dot, dk_dot, dv_dot)``;
+    the tangent gradients are None when ``g_dot`` is None (they would be exactly zero).
+    """
+    cdt = _compute_dtype(q.dtype)
+    qc, kc, vc, qdc, kdc, vdc = (t.to(cdt) for t in (q, k, v, q_dot, k_dot, v_dot))
+    oc, odc = o.to(cdt), o_dot.to(cdt)
+    gc = None if g is None else g.to(cdt)
+    gdc = None if g_dot is None else g_dot.to(cdt)
+    kt, kdt = kc.transpose(-1, -2), kdc.transpose(-1, -2)
+    has_gd = gdc is not None
+
+    # Per-row scalars: delta_i = g_i.o_i + gd_i.od_i, alpha_i = gd_i.o_i.
+    delta = torch.zeros_like(lse)
+    if gc is not None:
+        delta = delta + (gc * oc).sum(-1)
+    if has_gd:
+        alpha = (gdc * oc).sum(-1)
+        delta = delta + (gdc * odc).sum(-1)
+
+    dq = torch.empty_like(qc)
+    dk = torch.zeros_like(kc)
+    dv = torch.zeros_like(vc)
+    dq_dot = torch.empty_like(qc) if has_gd else None
+    dk_dot = torch.zeros_like(kc) if has_gd else None
+    dv_dot = torch.zeros_like(vc) if has_gd else None
+
+    n_q = q.shape[2]
+    step = _row_chunk(q, k)
+    for r0 in range(0, n_q, step):
+        rows = slice(r0, min(n_q, r0 + step))
+        qi, qdi = qc[:, :, rows], qdc[:, :, rows]
+        p = torch.exp(scale * (qi @ kt) - lse[:, :, rows, None])
+        t = -delta[:, :, rows, None]  # becomes dP' - delta
+        if gc is not None:
+            gi = gc[:, :, rows]
+            t = t + gi @ vc.transpose(-1, -2)
+            dv += p.transpose(-1, -2) @ gi
+        if has_gd:
+            gdi = gdc[:, :, rows]
+            c = scale * (qdi @ kt + qi @ kdt) - mu[:, :, rows, None]  # Sd - mu
+            a = gdi @ vc.transpose(-1, -2) - alpha[:, :, rows, None]  # A - alpha
+            t = t + gdi @ vdc.transpose(-1, -2) + a * c
+            ds_dot = p * a
+            dv += (p * c).transpose(-1, -2) @ gdi
+            dv_dot += p.transpose(-1, -2) @ gdi
+        ds = p * t
+        dq_i = ds @ kc
+        dk += ds.transpose(-1, -2) @ qi
+        if has_gd:
+            dq_i = dq_i + ds_dot @ kdc
+            dk += ds_dot.transpose(-1, -2) @ qdi
+            dq_dot[:, :, rows] = scale * (ds_dot @ kc)
+            dk_dot += ds_dot.transpose(-1, -2) @ qi
+        dq[:, :, rows] = scale * dq_i
+
+    dk = dk * scale
+    if has_gd:
+        dk_dot = dk_dot * scale
+    out = (dq, dk, dv, dq_dot, dk_dot, dv_dot)
+    like = (q, k, v, q_dot, k_dot, v_dot)
+    return tuple(None if x is None else x.to(ref.dtype) for x, ref in zip(out, like))
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. autograd.Function
+# --------------------------------------------------------------------------------------------------
+class AttentionDual(torch.autograd.Function):
+    """``(o, o_dot) = AttentionDual.apply(q, k, v, q_dot, k_dot, v_dot, scale, backend)``.
+
+    Saves the six inputs, the two outputs ([B, H, Nq, Dv], needed for the row scalars alpha and
+    delta) and the per-row statistics lse and mu ([B, H, Nq]); P ([Nq, Nk] per head) is recomputed
+    blockwise in backward. ``backend`` is ``"torch"`` or ``"triton"``. Either output gradient may
+    be None; the tangent inputs then get None when ``o_dot`` has no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, q_dot, k_dot, v_dot, scale, backend):
+        if backend == "triton":
+            from sgflow_kernels.attention import attention_dual_fwd
+
+            o, o_dot, lse, mu = attention_dual_fwd(q, k, v, q_dot, k_dot, v_dot, scale)
+        else:
+            o, o_dot, lse, mu = _torch_forward(q, k, v, q_dot, k_dot, v_dot, scale)
+        ctx.save_for_backward(q, k, v, q_dot, k_dot, v_dot, o, o_dot, lse, mu)
+        ctx.scale = scale
+        ctx.backend = backend
+        # None gradients let backward skip the work for an unused output.
+        ctx.set_materialize_grads(False)
+        return o, o_dot
+
+    @staticmethod
+    def backward(ctx, g_o, g_o_dot):
+        if g_o is None and g_o_dot is None:
+            return (None,) * 8
+        q, k, v, q_dot, k_dot, v_dot, o, o_dot, lse, mu = ctx.saved_tensors
+        if ctx.backend == "triton":
+            from sgflow_kernels.attention import attention_dual_bwd
+
+            grads = attention_dual_bwd(
+                q, k, v, q_dot, k_dot, v_dot, o, o_dot, lse, mu, g_o, g_o_dot, ctx.scale
+            )
+        else:
+            grads = _torch_backward(
+                q, k, v, q_dot, k_dot, v_dot, o, o_dot, lse, mu, g_o, g_o_dot, ctx.scale
+            )
+        return (*grads, None, None)
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. Functional API
+# --------------------------------------------------------------------------------------------------
+def _check_inputs(q, k, v, q_dot, k_dot, v_dot):
+    names = ("q", "k", "v", "q_dot", "k_dot", "v_dot")
+    tensors = (q, k, v, q_dot, k_dot, v_dot)
+    for name, t in zip(names, tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"attention_dual: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"attention_dual: {name} must be 4-D [B, H, N, D], got shape {tuple(t.shape)}")
+    for name, p, t in (("q", q, q_dot), ("k", k, k_dot), ("v", v, v_dot)):
+        if t.shape != p.shape:
+            raise ValueError(
+                f"attention_dual: {name}_dot shape {tuple(t.shape)} must equal {name} shape {tuple(p.shape)}"
+            )
+    if q.shape[:2] != k.shape[:2] or q.shape[:2] != v.shape[:2]:
+        raise ValueError(
+            "attention_dual: q, k, v must share batch and head dims [B, H]; got "
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"attention_dual: q and k head dims differ: {q.shape[3]} vs {k.shape[3]}")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"attention_dual: k and v sequence lengths differ: {k.shape[2]} vs {v.shape[2]}")
+    if q.shape[2] == 0 or k.shape[2] == 0 or q.shape[3] == 0 or v.shape[3] == 0:
+        raise ValueError(
+            f"attention_dual: empty sequence or head dim: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if not q.is_floating_point():
+        raise TypeError(f"attention_dual: inputs must be floating point, got {q.dtype}")
+    for name, t in zip(names[1:], tensors[1:]):
+        if t.dtype != q.dtype:
+            raise TypeError(f"attention_dual: dtype mismatch: q is {q.dtype} but {name} is {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"attention_dual: device mismatch: q is on {q.device} but {name} is on {t.device}")
+
+
+def attention_dual(q, k, v, q_dot, k_dot, v_dot, scale=None, backend=None):
+    """Softmax attention and its JVP in one pass: ``(o, o_dot)``.
+
+    Args:
+        q, q_dot: [B, H, Nq, D]; k, k_dot: [B, H, Nk, D]; v, v_dot: [B, H, Nk, Dv]
+            (all the same dtype and device; primal and tangent shapes equal).
+        scale: softmax scale, default ``D ** -0.5``.
+        backend: ``"torch"`` | ``"triton"`` | None (see :func:`sgflow.ops.backend.resolve_backend`);
+            ``"cuda"`` has no dedicated attention kernel and uses Triton.
+
+    Returns:
+        ``o = softmax(scale q k^T) v`` and ``o_dot`` = its JVP in direction (q_dot, k_dot, v_dot),
+        both [B, H, Nq, Dv]. Differentiable w.r.t. all six inputs (gradients of both outputs, incl.
+        the second-order terms of o_dot in q and k), with O(N) saved memory per row.
+    """
+    _check_inputs(q, k, v, q_dot, k_dot, v_dot)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    scale = float(scale)
+    chosen = resolve_backend(q, backend)
+    if chosen == "cuda":
+        chosen = "triton"
+    return AttentionDual.apply(q, k, v, q_dot, k_dot, v_dot, scale, chosen)

@@ -1,0 +1,150 @@
+r"""Dual (primal + tangent) GroupNorm without activation (the attention pre-norm).
+
+Shapes: ``x, x_dot: [B, C, *spatial]``, ``weight, bias: [C]`` (or None), ``C % num_groups == 0``;
+outputs ``y, y_dot`` of x's shape. Within one (sample, group) of n elements, means over the group:
+
+Forward
+-------
+    mu = mean(x),  r = (mean((x - mu)^2) + eps)^(-1/2),   xh = r (x - mu)
+    y  = w xh + b
+    m  = mean(xh x_dot)
+    dh = r (x_dot - mean(x_dot)) - r m xh          (= J x_dot, J = d xh / dx, symmetric)
+    y_dot = w dh
+
+Backward
+--------
+Cotangents ``G``, ``Gd``; write a = w G (cotangent of xh) and c = w Gd (cotangent of dh), and
+J^T v = r (v - mean(v) - mean(v xh) xh) (the ordinary GroupNorm backward). Then
+
+    dx_dot = J^T c
+    dx     = J^T a - r mean(c dh) xh - r m J^T c - r mean(c xh) dh
+    dw     = sum_{b, spatial} (G xh + Gd dh),       db = sum_{b, spatial} G
+
+The three extra terms of dx are the second-order part d/dx <c, J(x) x_dot>: perturbing x by delta
+changes r by -r^2 mean(xh delta), xh by J delta and m by mean((J delta) x_dot), which gives
+<c, d dh> = -r mean(xh delta) <c, dh> - r m <c, J delta> - r mean(c xh) <x_dot, J delta>; J is
+symmetric and J x_dot = dh.
+
+Saved: x, x_dot, weight and the per-(sample, group) statistics mu, r ([B, G] each).
+
+Module layout (see docs/DESIGN.md): :func:`groupnorm_dual_ref`, :class:`GroupNormDual`,
+:func:`groupnorm_dual`.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["groupnorm_dual_ref", "GroupNormDual", "groupnorm_dual"]
+
+
+def _grouped(x: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """[B, C, *sp] -> [B, G, C/G, prod(sp)] (a view when x is contiguous)."""
+    b, c = x.shape[:2]
+    return x.reshape(b, num_groups, c // num_groups, -1)
+
+
+def _affine(p: torch.Tensor | None, num_groups: int) -> torch.Tensor | None:
+    return None if p is None else p.reshape(1, num_groups, -1, 1)
+
+
+def _mean(x: torch.Tensor) -> torch.Tensor:
+    return x.mean((2, 3), keepdim=True)
+
+
+def groupnorm_dual_ref(x, x_dot, weight, bias, num_groups, eps=1e-5):
+    """Reference with explicit formulas (see module doc); returns ``(y, y_dot)``."""
+    xg, dg = _grouped(x, num_groups), _grouped(x_dot, num_groups)
+    mu = _mean(xg)
+    r = torch.rsqrt(_mean((xg - mu) ** 2) + eps)
+    xh = (xg - mu) * r
+    dh = r * (dg - _mean(dg)) - r * _mean(xh * dg) * xh
+    w, b = _affine(weight, num_groups), _affine(bias, num_groups)
+    y = xh if w is None else xh * w
+    y_dot = dh if w is None else dh * w
+    if b is not None:
+        y = y + b
+    return y.reshape(x.shape), y_dot.reshape(x.shape)
+
+
+class GroupNormDual(torch.autograd.Function):
+    """``(x, x_dot, w, b) -> (group_norm(x), its JVP along x_dot)``; see module doc."""
+
+    @staticmethod
+    def forward(ctx, x, x_dot, weight, bias, num_groups, eps):
+        xg, dg = _grouped(x, num_groups), _grouped(x_dot, num_groups)
+        mu = _mean(xg)
+        r = torch.rsqrt(_mean((xg - mu) ** 2) + eps)
+        xh = (xg - mu) * r
+        dh = r * (dg - _mean(dg)) - r * _mean(xh * dg) * xh
+        w, b = _affine(weight, num_groups), _affine(bias, num_groups)
+        y = xh if w is None else xh * w
+        y_dot = dh if w is None else dh * w
+        if b is not None:
+            y = y + b
+        ctx.save_for_backward(x, x_dot, weight, mu, r)
+        ctx.num_groups, ctx.has_bias = num_groups, bias is not None
+        ctx.set_materialize_grads(False)
+        return y.reshape(x.shape), y_dot.reshape(x.shape)
+
+    @staticmethod
+    def backward(ctx, g, g_dot):
+        x, x_dot, weight, mu, r = ctx.saved_tensors
+        ng = ctx.num_groups
+        xg, dg = _grouped(x, ng), _grouped(x_dot, ng)
+        xh = (xg - mu) * r
+        m = _mean(xh * dg)
+        dh = r * (dg - _mean(dg)) - r * m * xh
+        w = _affine(weight, ng)
+        gg = None if g is None else _grouped(g, ng)
+        gd = None if g_dot is None else _grouped(g_dot, ng)
+
+        def jt(v):
+            return r * (v - _mean(v) - _mean(v * xh) * xh)
+
+        dx = dxd = dw = db = None
+        jtc = None
+        if gd is not None:
+            c = gd if w is None else gd * w
+            jtc = jt(c)
+        if ctx.needs_input_grad[0] and (gg is not None or gd is not None):
+            dx = torch.zeros_like(xg)
+            if gg is not None:
+                dx = dx + jt(gg if w is None else gg * w)
+            if gd is not None:
+                dx = dx - r * _mean(c * dh) * xh - r * m * jtc - r * _mean(c * xh) * dh
+            dx = dx.reshape(x.shape)
+        if ctx.needs_input_grad[1] and jtc is not None:
+            dxd = jtc.reshape(x.shape)
+        if weight is not None and ctx.needs_input_grad[2]:
+            acc = torch.zeros_like(xg)
+            if gg is not None:
+                acc = acc + gg * xh
+            if gd is not None:
+                acc = acc + gd * dh
+            dw = acc.sum((0, 3)).reshape(-1)
+        if ctx.has_bias and ctx.needs_input_grad[3] and gg is not None:
+            db = gg.sum((0, 3)).reshape(-1)
+        return dx, dxd, dw, db, None, None
+
+
+def groupnorm_dual(x, x_dot, weight, bias, num_groups, eps=1e-5):
+    """Dual GroupNorm (no activation): ``(group_norm(x), J x_dot)``.
+
+    Args:
+        x, x_dot: [B, C, *spatial], C divisible by ``num_groups``.
+        weight, bias: [C] affine parameters (either may be None).
+        num_groups: number of channel groups; eps: variance floor.
+
+    Returns:
+        ``(y, y_dot)`` of x's shape; differentiable in x, x_dot, weight and bias.
+    """
+    if x.dim() < 2:
+        raise ValueError(f"groupnorm_dual expects x of shape [B, C, *spatial], got {tuple(x.shape)}")
+    if x.shape[1] % num_groups:
+        raise ValueError(f"{x.shape[1]} channels are not divisible into {num_groups} groups")
+    if x_dot.shape != x.shape or x_dot.dtype != x.dtype or x_dot.device != x.device:
+        raise ValueError(f"x_dot must match x in shape, dtype and device; got {tuple(x_dot.shape)} vs {tuple(x.shape)}")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and p.shape != (x.shape[1],):
+            raise ValueError(f"{name} must have shape [{x.shape[1]}], got {tuple(p.shape)}")
+    return GroupNormDual.apply(x.contiguous(), x_dot.contiguous(), weight, bias, int(num_groups), float(eps))

@@ -1,0 +1,556 @@
+"""Dual (primal + tangent) GroupNorm -> SiLU, and the fused GroupNorm -> SiLU -> Dropout -> Conv2d stage.
+
+Math, per sample and group of ``n = (C / G) * prod(spatial)`` elements; ``x_dot`` is the tangent
+direction and the affine parameters ``gamma`` (weight), ``beta`` (bias) carry no tangent::
+
+    mu = mean(x),  var = mean((x - mu)^2),  r = (var + eps)^-1/2,  xh = (x - mu) r
+    h = gamma xh + beta (per channel),  y = silu(h) = h sigmoid(h)
+    mu_dot = mean(x_dot),  r_dot = -r^3 mean((x - mu)(x_dot - mu_dot))
+    xh_dot = r (x_dot - mu_dot) + r_dot (x - mu)
+           = r (x_dot - mu_dot) - xh mean(xh r (x_dot - mu_dot))
+    h_dot = gamma xh_dot,  y_dot = silu'(h) h_dot,  silu'(h) = s (1 + h (1 - s)),  s = sigmoid(h)
+
+Backward for cotangents ``(g_y, g_ydot)`` (with ``<.>`` the group mean, ``dd = x_dot - mu_dot``)::
+
+    silu''(h) = s (1 - s) (2 + h (1 - 2 s))
+    g_h = g_y silu'(h) + g_ydot silu''(h) h_dot,   g_hdot = g_ydot silu'(h)
+    g_gamma = sum_{batch, spatial}(g_h xh + g_hdot xh_dot),   g_beta = sum_{batch, spatial} g_h
+    a = gamma g_h,  c = gamma g_hdot
+    g_xdot = r (c - <c> - xh <c xh>)
+    g_x    = r (a - <a> - xh <a xh>)                                    # plain GroupNorm backward
+           + r_dot (c - <c>) - xh (r^2 <c dd> + 3 r_dot <c xh>) - r^2 <c xh> dd   # second order
+
+(the last line is the derivative of ``<c, xh_dot>`` with respect to ``x`` through ``r``, ``r_dot`` and
+the centring).
+
+Layout of this file (see docs/DESIGN.md): reference ``groupnorm_silu_dual_ref`` -> torch-backend
+helpers -> ``GroupNormSiLUDual`` / ``GNSiLUConvDual`` autograd Functions -> functional API
+``groupnorm_silu_dual`` / ``gn_silu_conv_dual``. Triton kernels live in ``sgflow_kernels/groupnorm_silu.py``
+and are imported lazily, so ``sgflow`` imports without triton.
+
+Group statistics (``stats``) are one ``[4, B, G]`` tensor: ``mean, rstd, mean_dot, rstd_dot``, in fp32
+for fp16/bf16/fp32 inputs and fp64 for fp64 inputs; all arithmetic runs in that dtype.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from sgflow.ops.backend import resolve_backend
+
+__all__ = [
+    "groupnorm_silu_dual_ref",
+    "GroupNormSiLUDual",
+    "GNSiLUConvDual",
+    "groupnorm_silu_dual",
+    "gn_silu_conv_dual",
+    "make_dropout_mask",
+]
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. reference
+# ----------------------------------------------------------------------------------------------------
+def groupnorm_silu_dual_ref(
+    x: torch.Tensor,
+    x_dot: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    num_groups: int,
+    eps: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference dual GroupNorm -> SiLU by the explicit formulas of the module docstring.
+
+    Plain differentiable PyTorch (no forward-AD), used as the readable specification.
+
+    Args:
+        x, x_dot: [B, C, *spatial]. weight, bias: [C] or None. ``C % num_groups == 0``.
+
+    Returns:
+        (y, y_dot), each [B, C, *spatial] in x's dtype (computed in fp32 for fp16/bf16).
+    """
+    B, C = x.shape[:2]
+    G = num_groups
+    acc = _acc_dtype(x.dtype)
+    xg = x.to(acc).reshape(B, G, -1)
+    xdg = x_dot.to(acc).reshape(B, G, -1)
+    mu = xg.mean(-1, keepdim=True)
+    d = xg - mu
+    r = torch.rsqrt(d.square().mean(-1, keepdim=True) + eps)
+    xh = (d * r).reshape(B, C, -1)
+    mu_dot = xdg.mean(-1, keepdim=True)
+    u = r * (xdg - mu_dot)  # r (x_dot - mu_dot)
+    xh_dot = (u - (d * r) * (d * r * u).mean(-1, keepdim=True)).reshape(B, C, -1)
+    gamma = weight.to(acc).view(1, C, 1) if weight is not None else torch.ones((), dtype=acc, device=x.device)
+    beta = bias.to(acc).view(1, C, 1) if bias is not None else torch.zeros((), dtype=acc, device=x.device)
+    h = gamma * xh + beta
+    h_dot = gamma * xh_dot
+    s = torch.sigmoid(h)
+    y = h * s
+    y_dot = s * (1 + h * (1 - s)) * h_dot
+    return y.to(x.dtype).reshape(x.shape), y_dot.to(x.dtype).reshape(x.shape)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. torch backend
+# ----------------------------------------------------------------------------------------------------
+def _affine_cols(weight, bias, G, CG, acc, device):
+    """gamma, beta as [1, G, CG, 1] in the accumulation dtype (1 / 0 when absent)."""
+    w = weight.to(acc).view(1, G, CG, 1) if weight is not None else torch.ones((), dtype=acc, device=device)
+    b = bias.to(acc).view(1, G, CG, 1) if bias is not None else torch.zeros((), dtype=acc, device=device)
+    return w, b
+
+
+def _gn_silu_dual_fwd_torch(
+    x: torch.Tensor,
+    x_dot: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    num_groups: int,
+    eps: float,
+    mask: torch.Tensor | None = None,
+    drop_scale: float = 1.0,
+    out: torch.Tensor | None = None,
+):
+    """Torch-backend forward.
+
+    Args:
+        x, x_dot: [B, C, *spatial]; weight, bias: [C] or None.
+        mask: optional bool [B, C, *spatial] dropout keep-mask shared by both streams (times drop_scale).
+        out: optional [2B, C, *spatial] buffer; y goes to ``out[:B]``, y_dot to ``out[B:]``.
+
+    Returns:
+        (y, y_dot, stats): y, y_dot [B, C, *spatial] in x's dtype; stats [4, B, G] (see module doc).
+    """
+    B, C = x.shape[:2]
+    G = num_groups
+    CG = C // G
+    acc = _acc_dtype(x.dtype)
+    xg = x.to(acc).reshape(B, G, CG, -1)
+    xdg = x_dot.to(acc).reshape(B, G, CG, -1)
+    mean = xg.mean((2, 3), keepdim=True)
+    d = xg - mean
+    rstd = torch.rsqrt(d.square().mean((2, 3), keepdim=True) + eps)
+    mean_dot = xdg.mean((2, 3), keepdim=True)
+    dd = xdg - mean_dot
+    rstd_dot = -rstd.pow(3) * (d * dd).mean((2, 3), keepdim=True)
+    xh = d * rstd
+    xh_dot = dd * rstd + d * rstd_dot
+    w, b = _affine_cols(weight, bias, G, CG, acc, x.device)
+    h = xh * w + b
+    s = torch.sigmoid(h)
+    y = h * s
+    y_dot = s * (1 + h * (1 - s)) * (w * xh_dot)
+    if mask is not None:
+        m = mask.reshape(B, G, CG, -1).to(acc) * drop_scale
+        y = y * m
+        y_dot = y_dot * m
+    stats = torch.stack([mean, rstd, mean_dot, rstd_dot]).reshape(4, B, G)
+    # Copy into fresh x-shaped buffers (or the halves of `out`) rather than returning reshaped views of
+    # the [B, G, CG, S] temporaries: views returned by a custom Function may not be modified in place.
+    if out is None:
+        y_buf = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        yd_buf = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    else:
+        y_buf, yd_buf = out[:B], out[B:]
+    y_buf.view(y.shape).copy_(y)
+    yd_buf.view(y_dot.shape).copy_(y_dot)
+    return y_buf, yd_buf, stats
+
+
+def _gn_silu_dual_bwd_torch(
+    x: torch.Tensor,
+    x_dot: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    stats: torch.Tensor,
+    g_y: torch.Tensor | None,
+    g_ydot: torch.Tensor | None,
+    num_groups: int,
+    mask: torch.Tensor | None = None,
+    drop_scale: float = 1.0,
+):
+    """Torch-backend backward by explicit formulas (module docstring); recomputes xh etc. from stats.
+
+    Args:
+        x, x_dot, weight, bias, mask, drop_scale: as given to the forward; stats: [4, B, G].
+        g_y, g_ydot: [B, C, *spatial] cotangents of y, y_dot, either may be None.
+
+    Returns:
+        (g_x, g_xdot, g_weight, g_bias): g_x [B, C, *spatial] in x's dtype (zeros if both cotangents
+        are None); g_xdot likewise or None when g_ydot is None; g_weight / g_bias [C] in the
+        accumulation dtype (the caller casts them and drops them for absent parameters).
+    """
+    B, C = x.shape[:2]
+    G = num_groups
+    CG = C // G
+    acc = _acc_dtype(x.dtype)
+    mean, rstd, mean_dot, rstd_dot = stats.to(acc).reshape(4, B, G, 1, 1).unbind(0)
+    xg = x.to(acc).reshape(B, G, CG, -1)
+    xdg = x_dot.to(acc).reshape(B, G, CG, -1)
+    d = xg - mean
+    dd = xdg - mean_dot
+    xh = d * rstd
+    xh_dot = dd * rstd + d * rstd_dot
+    w, b = _affine_cols(weight, bias, G, CG, acc, x.device)
+    h = xh * w + b
+    s = torch.sigmoid(h)
+    sp = s * (1 + h * (1 - s))  # silu'(h)
+    m = mask.reshape(B, G, CG, -1).to(acc) * drop_scale if mask is not None else None
+
+    def _cot(g):
+        g = g.to(acc).reshape(B, G, CG, -1)
+        return g * m if m is not None else g
+
+    g_h = torch.zeros_like(xh)
+    g_hd = None
+    if g_y is not None:
+        g_h = g_h + _cot(g_y) * sp
+    if g_ydot is not None:
+        gyd = _cot(g_ydot)
+        spp = s * (1 - s) * (2 + h * (1 - 2 * s))  # silu''(h)
+        g_h = g_h + gyd * spp * (w * xh_dot)
+        g_hd = gyd * sp
+
+    def gmean(t):
+        return t.mean((2, 3), keepdim=True)
+
+    g_w = g_h * xh
+    if g_hd is not None:
+        g_w = g_w + g_hd * xh_dot
+    g_w = g_w.sum((0, 3)).reshape(C)
+    g_b = g_h.sum((0, 3)).reshape(C)
+
+    a = w * g_h
+    g_x = rstd * (a - gmean(a) - xh * gmean(a * xh))
+    g_xd = None
+    if g_hd is not None:
+        c = w * g_hd
+        mc, mcx, mcd = gmean(c), gmean(c * xh), gmean(c * dd)
+        g_xd = (rstd * (c - mc - xh * mcx)).to(x.dtype).reshape(x.shape)
+        r2 = rstd * rstd
+        g_x = g_x + rstd_dot * (c - mc) - xh * (r2 * mcd + 3 * rstd_dot * mcx) - (r2 * mcx) * dd
+    return g_x.to(x.dtype).reshape(x.shape), g_xd, g_w, g_b
+
+
+# ----------------------------------------------------------------------------------------------------
+# backend dispatch (the Triton module is imported only here, lazily)
+# ----------------------------------------------------------------------------------------------------
+def _fwd(backend, x, x_dot, weight, bias, num_groups, eps, mask=None, drop_scale=1.0, out=None):
+    if backend == "triton":
+        from sgflow_kernels.groupnorm_silu import groupnorm_silu_dual_fwd
+
+        return groupnorm_silu_dual_fwd(x, x_dot, weight, bias, num_groups, eps, mask=mask,
+                                       drop_scale=drop_scale, out=out)
+    return _gn_silu_dual_fwd_torch(x, x_dot, weight, bias, num_groups, eps, mask=mask,
+                                   drop_scale=drop_scale, out=out)
+
+
+def _bwd(backend, x, x_dot, weight, bias, stats, g_y, g_ydot, num_groups, mask=None, drop_scale=1.0):
+    if backend == "triton":
+        from sgflow_kernels.groupnorm_silu import groupnorm_silu_dual_bwd
+
+        return groupnorm_silu_dual_bwd(x, x_dot, weight, bias, stats, g_y, g_ydot, num_groups,
+                                       mask=mask, drop_scale=drop_scale)
+    return _gn_silu_dual_bwd_torch(x, x_dot, weight, bias, stats, g_y, g_ydot, num_groups,
+                                   mask=mask, drop_scale=drop_scale)
+
+
+def _param_grad(g: torch.Tensor, p: torch.Tensor | None, needed: bool):
+    return g.to(p.dtype) if (p is not None and needed) else None
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. GroupNorm -> SiLU Function
+# ----------------------------------------------------------------------------------------------------
+class GroupNormSiLUDual(torch.autograd.Function):
+    """(x, x_dot, weight, bias) -> (y, y_dot) = dual silu(group_norm(x)), y and y_dot [B, C, *spatial].
+
+    Saves x, x_dot, weight, bias and the [4, B, G] statistics; backward recomputes everything else.
+    Both outputs are fresh tensors (not views), so they may be modified in place downstream.
+    """
+
+    @staticmethod
+    def forward(ctx, x, x_dot, weight, bias, num_groups: int, eps: float, backend: str):
+        y, y_dot, stats = _fwd(backend, x, x_dot, weight, bias, num_groups, eps)
+        ctx.save_for_backward(x, x_dot, weight, bias, stats)
+        ctx.num_groups = num_groups
+        ctx.backend = backend
+        # Let backward see which output actually received a gradient (skip the tangent terms if not).
+        ctx.set_materialize_grads(False)
+        return y, y_dot
+
+    @staticmethod
+    def backward(ctx, g_y, g_ydot):
+        x, x_dot, weight, bias, stats = ctx.saved_tensors
+        if g_y is None and g_ydot is None:
+            return (None,) * 7
+        g_x, g_xd, g_w, g_b = _bwd(ctx.backend, x, x_dot, weight, bias, stats, g_y, g_ydot, ctx.num_groups)
+        need = ctx.needs_input_grad
+        return (
+            g_x if need[0] else None,
+            g_xd if need[1] else None,
+            _param_grad(g_w, weight, need[2]),
+            _param_grad(g_b, bias, need[3]),
+            None, None, None,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. GroupNorm -> SiLU -> Dropout -> Conv2d stage Function
+# ----------------------------------------------------------------------------------------------------
+class GNSiLUConvDual(torch.autograd.Function):
+    """The stage conv2d(dropout(silu(group_norm(x)))) in primal + tangent form, as one Function.
+
+    forward(x, x_dot, gn_weight, gn_bias, conv_weight, conv_bias, num_groups, eps, padding,
+    dropout_mask, drop_scale, backend) -> (y, y_dot)
+
+    - x, x_dot: [B, C, H, W]; gn_weight, gn_bias: [C] or None; conv_weight [Cout, C, k, k];
+      conv_bias [Cout] or None; padding: (ph, pw); dropout_mask: bool [B, C, H, W] or None (shared
+      by both streams, kept values scaled by drop_scale = 1/(1-p)).
+    - The activation is built as ONE stacked [2B, C, H, W] tensor (primal first) so the convolution
+      runs once; conv bias is added to the primal half only (the tangent of a bias is zero).
+    - Returns y, y_dot [B, Cout, H', W'] as the two halves (views) of one [2B, Cout, H', W'] buffer:
+      no copy, but autograd forbids modifying them in place (views created in a custom Function).
+    - Saves only x, x_dot, the parameters, the [4, B, G] statistics and the bool mask; backward
+      recomputes the stacked activation, gets the conv input/weight gradients in one
+      ``aten.convolution_backward`` call and runs the GroupNorm-SiLU dual backward on its halves.
+    """
+
+    @staticmethod
+    def forward(ctx, x, x_dot, gn_weight, gn_bias, conv_weight, conv_bias, num_groups: int, eps: float,
+                padding: tuple[int, int], dropout_mask, drop_scale: float, backend: str):
+        B = x.shape[0]
+        act = x.new_empty((2 * B, *x.shape[1:]))
+        _, _, stats = _fwd(backend, x, x_dot, gn_weight, gn_bias, num_groups, eps,
+                           mask=dropout_mask, drop_scale=drop_scale, out=act)
+        # Autocast off: the backward's convolution_backward runs on tensors of the input dtype, so the
+        # forward must too (callers cast inputs themselves).
+        with torch.autocast(x.device.type, enabled=False):
+            out = F.conv2d(act, conv_weight, None, 1, padding)
+        del act
+        if conv_bias is not None:
+            out[:B] += conv_bias.view(1, -1, 1, 1)
+        ctx.save_for_backward(x, x_dot, gn_weight, gn_bias, conv_weight, conv_bias, stats, dropout_mask)
+        ctx.num_groups = num_groups
+        ctx.eps = eps
+        ctx.padding = padding
+        ctx.drop_scale = drop_scale
+        ctx.backend = backend
+        ctx.set_materialize_grads(False)
+        return out[:B], out[B:]
+
+    @staticmethod
+    def backward(ctx, g_y, g_ydot):
+        x, x_dot, gn_w, gn_b, conv_w, conv_b, stats, mask = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if g_y is None and g_ydot is None:
+            return (None,) * 12
+        B = x.shape[0]
+        act = x.new_empty((2 * B, *x.shape[1:]))
+        # Recompute instead of storing: the activation is as large as x and x_dot together.
+        _fwd(ctx.backend, x, x_dot, gn_w, gn_b, ctx.num_groups, ctx.eps, mask=mask,
+             drop_scale=ctx.drop_scale, out=act)
+        # Only run the convolution backward on the halves that received a gradient.
+        if g_y is not None and g_ydot is not None:
+            g_out, act_in = torch.cat([g_y, g_ydot]), act
+        elif g_y is not None:
+            g_out, act_in = g_y, act[:B]
+        else:
+            g_out, act_in = g_ydot, act[B:]
+        need_act = any(need[:4])
+        g_act, g_cw, _ = torch.ops.aten.convolution_backward(
+            g_out.contiguous(), act_in, conv_w, None, [1, 1], list(ctx.padding), [1, 1], False, [0, 0], 1,
+            [need_act, need[4], False],
+        )
+        del act, act_in, g_out
+        g_cb = None
+        if conv_b is not None and need[5]:
+            g_cb = (g_y.sum((0, 2, 3)) if g_y is not None else torch.zeros_like(conv_b)).to(conv_b.dtype)
+        g_x = g_xd = g_gw = g_gb = None
+        if need_act:
+            if g_y is not None and g_ydot is not None:
+                ga_y, ga_yd = g_act[:B], g_act[B:]
+            elif g_y is not None:
+                ga_y, ga_yd = g_act, None
+            else:
+                ga_y, ga_yd = None, g_act
+            g_x, g_xd, g_w, g_b = _bwd(ctx.backend, x, x_dot, gn_w, gn_b, stats, ga_y, ga_yd,
+                                       ctx.num_groups, mask=mask, drop_scale=ctx.drop_scale)
+            g_x = g_x if need[0] else None
+            g_xd = g_xd if need[1] else None
+            g_gw = _param_grad(g_w, gn_w, need[2])
+            g_gb = _param_grad(g_b, gn_b, need[3])
+        return (g_x, g_xd, g_gw, g_gb, g_cw if need[4] else None, g_cb) + (None,) * 6
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. functional API
+# ----------------------------------------------------------------------------------------------------
+def _check_param(name: str, p: torch.Tensor | None, shape: tuple, x: torch.Tensor, same_dtype: bool):
+    if p is None:
+        return
+    if not isinstance(p, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor or None, got {type(p).__name__}")
+    if tuple(p.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(p.shape)}")
+    if p.device != x.device:
+        raise ValueError(f"{name} is on {p.device} but x is on {x.device}")
+    if same_dtype:
+        if p.dtype != x.dtype:
+            raise TypeError(f"{name} dtype {p.dtype} does not match x dtype {x.dtype}")
+    elif p.dtype != x.dtype and not (p.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)):
+        raise TypeError(
+            f"{name} dtype {p.dtype} does not match x dtype {x.dtype} "
+            "(float32 parameters are allowed with float16/bfloat16 inputs)"
+        )
+
+
+def _validate(x, x_dot, weight, bias, num_groups):
+    for name, t in (("x", x), ("x_dot", x_dot)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if x.dim() < 2:
+        raise ValueError(f"x must have shape [B, C, *spatial], got {tuple(x.shape)}")
+    if x_dot.shape != x.shape:
+        raise ValueError(f"x_dot shape {tuple(x_dot.shape)} does not match x shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if x_dot.dtype != x.dtype:
+        raise TypeError(f"x_dot dtype {x_dot.dtype} does not match x dtype {x.dtype}")
+    if x_dot.device != x.device:
+        raise ValueError(f"x_dot is on {x_dot.device} but x is on {x.device}")
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
+        raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
+    C = x.shape[1]
+    if C % num_groups != 0:
+        raise ValueError(f"number of channels C={C} is not divisible by num_groups={num_groups}")
+    _check_param("weight", weight, (C,), x, same_dtype=False)
+    _check_param("bias", bias, (C,), x, same_dtype=False)
+
+
+def _op_backend(x: torch.Tensor, backend: str | None) -> str:
+    be = resolve_backend(x, backend)
+    # No CUDA C++ kernel for this op: the Triton kernel serves the "cuda" choice.
+    return "triton" if be == "cuda" else be
+
+
+def groupnorm_silu_dual(
+    x: torch.Tensor,
+    x_dot: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    num_groups: int,
+    eps: float = 1e-5,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """y = silu(group_norm(x, num_groups, weight, bias, eps)) and its JVP y_dot in direction x_dot.
+
+    Args:
+        x, x_dot: [B, C, *spatial] (any number of spatial dims, including none), same dtype/device.
+        weight, bias: [C] or None; x's dtype, or float32 with float16/bfloat16 x. No tangent.
+        num_groups: G, must divide C.
+        backend: "torch" | "triton" | "cuda" (= triton here) | None (see sgflow.ops.backend).
+
+    Returns:
+        (y, y_dot), each [B, C, *spatial] in x's dtype; differentiable w.r.t. x, x_dot, weight, bias.
+    """
+    _validate(x, x_dot, weight, bias, num_groups)
+    be = _op_backend(x, backend)
+    return GroupNormSiLUDual.apply(x, x_dot, weight, bias, num_groups, float(eps), be)
+
+
+def make_dropout_mask(shape: Sequence[int], p: float, device=None,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """Bool keep-mask of ``shape``: each entry kept (True) with probability ``1 - p``."""
+    return torch.empty(tuple(shape), dtype=torch.bool, device=device).bernoulli_(1.0 - p, generator=generator)
+
+
+def _conv_padding(padding, k: tuple[int, int]) -> tuple[int, int]:
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0)
+        if padding == "same":
+            if k[0] % 2 == 0 or k[1] % 2 == 0:
+                raise ValueError("padding='same' needs an odd kernel size here")
+            return (k[0] // 2, k[1] // 2)
+        raise ValueError(f"padding must be an int, a pair of ints, 'same' or 'valid', got {padding!r}")
+    if isinstance(padding, int):
+        return (padding, padding)
+    pad = tuple(int(p) for p in padding)
+    if len(pad) != 2 or min(pad) < 0:
+        raise ValueError(f"padding must be an int or a pair of non-negative ints, got {padding!r}")
+    return pad
+
+
+def gn_silu_conv_dual(
+    x: torch.Tensor,
+    x_dot: torch.Tensor,
+    gn_weight: torch.Tensor | None,
+    gn_bias: torch.Tensor | None,
+    num_groups: int,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor | None,
+    padding,
+    eps: float = 1e-5,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    backend: str | None = None,
+    *,
+    dropout_mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dual conv2d(dropout(silu(group_norm(x)))) as one autograd Function (:class:`GNSiLUConvDual`).
+
+    Args:
+        x, x_dot: [B, C, H, W]. gn_weight, gn_bias: [C] or None. num_groups: divides C.
+        conv_weight: [Cout, C, k, k] (x's dtype); conv_bias: [Cout] or None (primal only).
+        padding: int, (ph, pw), "same" (odd k) or "valid"; stride 1, dilation 1, groups 1.
+        dropout_p, training: dropout is active when ``training and dropout_p > 0``; one bool mask is
+            drawn (from ``generator`` if given) and shared by primal and tangent, kept values are
+            scaled by 1/(1-p).
+        dropout_mask: optional bool [B, C, H, W] keep-mask to use instead of drawing one (tests,
+            reproducibility); only allowed when dropout is active.
+
+    Returns:
+        (y, y_dot), each [B, Cout, H', W']: the two halves (views) of one stacked buffer, not to be
+        modified in place.
+    """
+    _validate(x, x_dot, gn_weight, gn_bias, num_groups)
+    if x.dim() != 4:
+        raise ValueError(f"gn_silu_conv_dual needs x of shape [B, C, H, W], got {tuple(x.shape)}")
+    C = x.shape[1]
+    if not isinstance(conv_weight, torch.Tensor) or conv_weight.dim() != 4 or conv_weight.shape[1] != C:
+        shape = tuple(conv_weight.shape) if isinstance(conv_weight, torch.Tensor) else type(conv_weight).__name__
+        raise ValueError(f"conv_weight must have shape [Cout, {C}, kh, kw], got {shape}")
+    _check_param("conv_weight", conv_weight, tuple(conv_weight.shape), x, same_dtype=True)
+    _check_param("conv_bias", conv_bias, (conv_weight.shape[0],), x, same_dtype=True)
+    pad = _conv_padding(padding, tuple(conv_weight.shape[2:]))
+    if not 0.0 <= float(dropout_p) <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
+    active = bool(training) and dropout_p > 0
+    mask = None
+    drop_scale = 1.0
+    if dropout_mask is not None:
+        if not active:
+            raise ValueError("dropout_mask given but dropout is inactive (needs training=True and dropout_p > 0)")
+        if dropout_mask.dtype != torch.bool or dropout_mask.shape != x.shape:
+            raise ValueError(
+                f"dropout_mask must be a bool tensor of shape {tuple(x.shape)}, "
+                f"got {dropout_mask.dtype} {tuple(dropout_mask.shape)}"
+            )
+        if dropout_mask.device != x.device:
+            raise ValueError(f"dropout_mask is on {dropout_mask.device} but x is on {x.device}")
+    if active:
+        mask = dropout_mask if dropout_mask is not None else make_dropout_mask(x.shape, dropout_p, x.device, generator)
+        mask = mask.contiguous()
+        drop_scale = 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
+    be = _op_backend(x, backend)
+    return GNSiLUConvDual.apply(x, x_dot, gn_weight, gn_bias, conv_weight, conv_bias, num_groups, float(eps),
+                                pad, mask, drop_scale, be)

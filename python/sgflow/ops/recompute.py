@@ -1,0 +1,81 @@
+"""Recompute a whole dual block in backward instead of keeping its intermediates.
+
+``recompute_dual(fn, x, x_dot, params, extra)`` runs ``(y, y_dot) = fn(x, x_dot, *extra)`` without a
+graph and keeps only ``x``, ``x_dot`` and ``extra``; backward runs ``fn`` again with a graph (its dual
+ops then save what their own backward needs, for this block only) and differentiates it. This is
+activation checkpointing applied to a primal + tangent block: peak memory of the step holds one
+block's intermediates at a time, at the price of one more forward of the block.
+
+Random draws inside ``fn`` (dropout masks) are replayed: the RNG state of x's device is saved before
+the forward and restored for the recomputation, so both passes draw the same masks.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+
+def _recompute_backward(ctx, g_y, g_ydot):
+    x, x_dot, *extra = ctx.saved_tensors
+    inputs = [x.detach().requires_grad_(ctx.needs_input_grad[2]), x_dot.detach().requires_grad_(ctx.needs_input_grad[3])]
+    extra = [e.detach().requires_grad_(ctx.needs_input_grad[4 + i]) for i, e in enumerate(extra)]
+    params = ctx.params
+    devices = [ctx.device] if ctx.cuda_rng is not None else []
+    with torch.random.fork_rng(devices=devices, enabled=True):
+        torch.set_rng_state(ctx.cpu_rng)
+        if ctx.cuda_rng is not None:
+            torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
+        with torch.enable_grad():
+            y, y_dot = ctx.fn(inputs[0], inputs[1], *extra)
+    wrt = [t for t in (*inputs, *extra, *params) if t.requires_grad]
+    outs, grads_out = [], []
+    for out, g in ((y, g_y), (y_dot, g_ydot)):
+        if g is not None and out.requires_grad:
+            outs.append(out)
+            grads_out.append(g)
+    grads = torch.autograd.grad(outs, wrt, grads_out, allow_unused=True) if outs and wrt else [None] * len(wrt)
+    it = iter(grads)
+    result = [next(it) if t.requires_grad else None for t in (*inputs, *extra, *params)]
+    return (None, None, *result)
+
+
+class RecomputeDual(torch.autograd.Function):
+    """forward(fn, n_extra, x, x_dot, *extra, *params) -> (y, y_dot) keeping only x, x_dot and extra."""
+
+    @staticmethod
+    def forward(ctx, fn, n_extra, x, x_dot, *rest):
+        extra, params = rest[:n_extra], rest[n_extra:]
+        ctx.fn = fn
+        ctx.params = params
+        ctx.device = x.device
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        ctx.save_for_backward(x, x_dot, *extra)
+        with torch.no_grad():
+            y, y_dot = fn(x, x_dot, *extra)
+        return y, y_dot
+
+    backward = staticmethod(_recompute_backward)
+
+
+def recompute_dual(
+    fn: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    x: torch.Tensor,
+    x_dot: torch.Tensor,
+    params: Sequence[torch.Tensor],
+    extra: Sequence[torch.Tensor] = (),
+):
+    """``fn(x, x_dot, *extra) -> (y, y_dot)`` with its intermediates recomputed in backward.
+
+    Args:
+        fn: a dual block built from sgflow dual ops; it must only depend on ``x``, ``x_dot``,
+            ``extra`` and ``params`` (the parameters it reads, so their gradients are returned).
+        x, x_dot: [B, ...] block input and its tangent. extra: other tensor inputs (e.g. the time
+            embedding and its tangent).
+
+    Without grad mode (sampling, the stop-gradient forward) ``fn`` is simply called.
+    """
+    if not torch.is_grad_enabled():
+        return fn(x, x_dot, *extra)
+    return RecomputeDual.apply(fn, len(extra), x, x_dot, *extra, *params)

@@ -1,0 +1,381 @@
+"""Dual attention: reference, torch backend and Triton backend against torch.func.jvp + autograd.
+
+Triton runs on CPU tensors through the interpreter (TRITON_INTERPRET=1, set by tests/conftest.py);
+shapes stay small because the interpreter executes programs one by one.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import sgflow.ops.attention as attn_mod
+from sgflow.ops.attention import AttentionDual, attention_dual, attention_dual_ref
+from sgflow.ops.backend import triton_available, triton_interpreting
+from sgflow.testing import dual_grads, jvp_reference, rel_err
+
+HAS_CUDA = torch.cuda.is_available()
+TRITON_CPU = triton_available() and triton_interpreting() and importlib.util.find_spec("triton") is not None
+needs_triton_cpu = pytest.mark.skipif(not TRITON_CPU, reason="needs triton with TRITON_INTERPRET=1")
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
+GRAD_NAMES = ("q", "k", "v", "q_dot", "k_dot", "v_dot")
+
+# (B, H, Nq, Nk, D, Dv)
+CASES = {
+    "b2h3n37d16": (2, 3, 37, 37, 16, 16),
+    "b1h2n64d32": (1, 2, 64, 64, 32, 32),
+    "n1": (1, 2, 1, 1, 16, 16),
+    "cross_nq20_nk33_dv24": (1, 2, 20, 33, 16, 24),
+    "d8_n19": (2, 1, 19, 19, 8, 8),
+}
+CASE_IDS = list(CASES)
+
+
+def plain_attention(q, k, v, scale=None):
+    """softmax(scale q k^T) v with an explicit (max-shifted) softmax; forward-AD friendly."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = scale * (q @ k.transpose(-1, -2))
+    e = torch.exp(s - s.amax(-1, keepdim=True))
+    return (e / e.sum(-1, keepdim=True)) @ v
+
+
+def make_inputs(shape, seed=0, logit_gain=1.0):
+    b, h, n_q, n_k, d, dv = shape
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*s):
+        return torch.randn(*s, generator=gen, dtype=torch.float64)
+
+    primals = [rnd(b, h, n_q, d) * logit_gain, rnd(b, h, n_k, d), rnd(b, h, n_k, dv)]
+    tangents = [rnd(b, h, n_q, d), rnd(b, h, n_k, d), rnd(b, h, n_k, dv)]
+    return primals, tangents
+
+
+def reference(primals, tangents, scale=None, seed=1, cotangents=None):
+    return jvp_reference(
+        lambda q, k, v: plain_attention(q, k, v, scale), primals, tangents, cotangents=cotangents, seed=seed
+    )
+
+
+def as_zero(g, like):
+    return torch.zeros_like(like) if g is None else g
+
+
+def assert_close_all(out, ref_out, grads, ref_grads, tol, label=""):
+    errs = {"o": rel_err(out[0], ref_out[0]), "o_dot": rel_err(out[1], ref_out[1])}
+    for name, g, r in zip(GRAD_NAMES, grads, ref_grads):
+        errs["d" + name] = rel_err(as_zero(g, r), r)
+    worst = max(errs.values())
+    assert worst < tol, f"{label}: {errs}"
+    return worst
+
+
+def run_dual(backend, dtype, primals, tangents, cotangents, scale=None):
+    def fn(q, k, v, qd, kd, vd):
+        return attention_dual(q, k, v, qd, kd, vd, scale=scale, backend=backend)
+
+    cast = [t.to(dtype) for t in (*primals, *tangents)]
+    o, od, grads = dual_grads(fn, cast[:3], cast[3:], [], tuple(c.to(dtype) for c in cotangents))
+    return (o, od), grads
+
+
+# --------------------------------------------------------------------------------------------------
+# reference
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", CASE_IDS)
+def test_ref_matches_jvp(case):
+    primals, tangents = make_inputs(CASES[case])
+    y, y_dot, cot, ref_grads = reference(primals, tangents)
+    out = dual_grads(attention_dual_ref, primals, tangents, [], cot)
+    assert_close_all(out[:2], (y, y_dot), out[2], ref_grads, TOL[torch.float64], case)
+
+
+# --------------------------------------------------------------------------------------------------
+# torch and triton backends vs jvp reference
+# --------------------------------------------------------------------------------------------------
+BACKEND_CASES = [
+    pytest.param("torch", dt, c, id=f"torch-{str(dt)[6:]}-{c}")
+    for dt in (torch.float64, torch.float32)
+    for c in CASE_IDS
+] + [
+    pytest.param("triton", torch.float64, c, id=f"triton-float64-{c}", marks=needs_triton_cpu) for c in CASE_IDS
+] + [
+    pytest.param("triton", torch.float32, c, id=f"triton-float32-{c}", marks=needs_triton_cpu)
+    for c in ("b2h3n37d16", "cross_nq20_nk33_dv24")
+]
+
+
+@pytest.mark.parametrize("backend,dtype,case", BACKEND_CASES)
+def test_dual_matches_jvp(backend, dtype, case):
+    primals, tangents = make_inputs(CASES[case], seed=3)
+    y, y_dot, cot, ref_grads = reference(primals, tangents, seed=4)
+    out, grads = run_dual(backend, dtype, primals, tangents, cot)
+    assert out[0].dtype == dtype and out[1].dtype == dtype
+    assert all(g.dtype == dtype for g in grads)
+    assert_close_all(out, (y, y_dot), grads, ref_grads, TOL[dtype], f"{backend} {dtype} {case}")
+
+
+SINGLE_CASES = [
+    pytest.param(be, which, id=f"{be}-only_{which}", marks=[needs_triton_cpu] if be == "triton" else [])
+    for be in ("torch", "triton")
+    for which in ("o", "o_dot")
+]
+
+
+@pytest.mark.parametrize("backend,which", SINGLE_CASES)
+def test_single_output_used(backend, which):
+    """Only one output reaches the loss, so backward gets None for the other gradient."""
+    primals, tangents = make_inputs(CASES["b2h3n37d16"], seed=5)
+    gen = torch.Generator().manual_seed(6)
+    g = torch.randn(2, 3, 37, 16, generator=gen, dtype=torch.float64)
+    zero = torch.zeros_like(g)
+    cot = (g, zero) if which == "o" else (zero, g)
+    _, _, _, ref_grads = reference(primals, tangents, cotangents=cot)
+
+    leaves = [t.clone().requires_grad_(True) for t in (*primals, *tangents)]
+    o, o_dot = attention_dual(*leaves, backend=backend)
+    used = o if which == "o" else o_dot
+    grads = torch.autograd.grad((used * g).sum(), leaves, allow_unused=True)
+    if which == "o":
+        # o does not depend on the tangents at all
+        assert all(x is None or x.abs().max() == 0 for x in grads[3:])
+    for name, x, r in zip(GRAD_NAMES, grads, ref_grads):
+        assert rel_err(as_zero(x, r), r) < 1e-10, name
+
+
+@pytest.mark.parametrize(
+    "backend",
+    ["torch", pytest.param("triton", marks=needs_triton_cpu)],
+)
+@pytest.mark.parametrize("scale,gain", [(0.3, 1.0), (None, 12.0)], ids=["scale0.3", "peaky_logits"])
+def test_scale_and_peaky_softmax(backend, scale, gain):
+    """Explicit scale; large logits (near one-hot softmax) stay finite and accurate."""
+    primals, tangents = make_inputs((1, 2, 23, 23, 16, 16), seed=7, logit_gain=gain)
+    y, y_dot, cot, ref_grads = reference(primals, tangents, scale=scale, seed=8)
+    out, grads = run_dual(backend, torch.float64, primals, tangents, cot, scale=scale)
+    assert all(torch.isfinite(t).all() for t in (*out, *grads))
+    assert_close_all(out, (y, y_dot), grads, ref_grads, 1e-10, f"{backend} scale={scale} gain={gain}")
+
+
+def test_torch_backend_row_chunks(monkeypatch):
+    """Forcing several query-row chunks gives the same result as one chunk."""
+    primals, tangents = make_inputs(CASES["cross_nq20_nk33_dv24"], seed=9)
+    y, y_dot, cot, ref_grads = reference(primals, tangents, seed=10)
+    monkeypatch.setattr(attn_mod, "_TORCH_CHUNK_ELEMS", 2 * 33 * 7)  # 7 rows per chunk
+    assert attn_mod._row_chunk(primals[0], primals[1]) == 7
+    out, grads = run_dual("torch", torch.float64, primals, tangents, cot)
+    assert_close_all(out, (y, y_dot), grads, ref_grads, 1e-10, "chunked")
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton_cpu)])
+def test_non_contiguous_inputs(backend):
+    """q, k, v sliced out of a fused [B, N, 3, H, D] projection (the usual layout) work as is."""
+    b, h, n, d = 1, 2, 21, 16
+    gen = torch.Generator().manual_seed(11)
+    qkv = torch.randn(b, n, 3, h, d, generator=gen, dtype=torch.float64)
+    qkv_dot = torch.randn(b, n, 3, h, d, generator=gen, dtype=torch.float64)
+    primals = [qkv[:, :, i].transpose(1, 2) for i in range(3)]
+    tangents = [qkv_dot[:, :, i].transpose(1, 2) for i in range(3)]
+    assert not primals[0].is_contiguous()
+    y, y_dot, cot, ref_grads = reference(primals, tangents, seed=12)
+    out, grads = run_dual(backend, torch.float64, primals, tangents, cot)
+    assert_close_all(out, (y, y_dot), grads, ref_grads, 1e-10, f"{backend} non-contiguous")
+
+
+@needs_triton_cpu
+@pytest.mark.parametrize("block_m,block_n", [(32, 16), (16, 64)], ids=["bm32_bn16", "bm16_bn64"])
+def test_triton_launchers_block_sizes(block_m, block_n):
+    """Launchers with non-default tiles (uneven M/N tiles, one tile larger than N) match the torch path."""
+    from sgflow_kernels.attention import attention_dual_bwd, attention_dual_fwd
+
+    primals, tangents = make_inputs((1, 2, 37, 29, 32, 16), seed=13)
+    args = (*primals, *tangents)
+    scale = 32 ** -0.5
+    gen = torch.Generator().manual_seed(14)
+    g = torch.randn(1, 2, 37, 16, generator=gen, dtype=torch.float64)
+    gd = torch.randn(1, 2, 37, 16, generator=gen, dtype=torch.float64)
+    ref_fwd = attn_mod._torch_forward(*args, scale)
+    fwd = attention_dual_fwd(*args, scale, block_m=block_m, block_n=block_n)
+    for a, r in zip(fwd, ref_fwd):
+        assert rel_err(a, r) < 1e-12
+    ref_bwd = attn_mod._torch_backward(*args, *ref_fwd, g, gd, scale)
+    bwd = attention_dual_bwd(*args, *fwd, g, gd, scale, block_m=block_m, block_n=block_n)
+    for name, a, r in zip(GRAD_NAMES, bwd, ref_bwd):
+        assert rel_err(a, r) < 1e-12, name
+
+
+# --------------------------------------------------------------------------------------------------
+# gradcheck, memory, API
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "backend,shape",
+    [
+        ("torch", (1, 2, 5, 4, 3, 2)),
+        ("torch", (2, 1, 3, 3, 4, 4)),
+        pytest.param("triton", (1, 1, 3, 4, 3, 2), marks=needs_triton_cpu),
+    ],
+    ids=["torch-cross", "torch-self", "triton-cross"],
+)
+def test_gradcheck(backend, shape):
+    primals, tangents = make_inputs(shape, seed=15)
+    leaves = [t.clone().requires_grad_(True) for t in (*primals, *tangents)]
+    assert torch.autograd.gradcheck(
+        lambda *xs: AttentionDual.apply(*xs, 0.7, backend), leaves, eps=1e-6, atol=1e-7, rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton_cpu)])
+def test_saved_memory_is_linear_in_n(backend):
+    """The Function saves inputs, outputs and two [B, H, N] statistics, never an N x N tensor."""
+    b, h, n, d = 1, 2, 48, 16
+    primals, tangents = make_inputs((b, h, n, n, d, d), seed=16)
+    leaves = [t.float().requires_grad_(True) for t in (*primals, *tangents)]
+
+    def saved_bytes(fn):
+        sizes = []
+
+        def pack(t):
+            sizes.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = fn()
+        return sum(sizes), max(sizes), out
+
+    total, biggest, (o, o_dot) = saved_bytes(lambda: attention_dual(*leaves, backend=backend))
+    elem = 4
+    expected = 8 * b * h * n * d * elem + 2 * b * h * n * elem
+    assert total == expected
+    assert biggest == b * h * n * d * elem
+    # For contrast, differentiating through torch.func.jvp of the plain op stores N x N tensors.
+    plain_total, plain_biggest, _ = saved_bytes(
+        lambda: torch.func.jvp(plain_attention, tuple(leaves[:3]), tuple(leaves[3:]))
+    )
+    assert plain_biggest >= b * h * n * n * elem
+    assert plain_total > total
+    (o.sum() + o_dot.sum()).backward()  # the saved tensors suffice
+
+
+def test_default_backend_on_cpu_is_torch(monkeypatch):
+    monkeypatch.delenv("SGFLOW_BACKEND", raising=False)
+    primals, tangents = make_inputs((1, 1, 5, 5, 4, 4))
+    o, o_dot = attention_dual(*primals, *tangents)
+    r, r_dot = attention_dual_ref(*primals, *tangents)
+    assert rel_err(o, r) < 1e-12 and rel_err(o_dot, r_dot) < 1e-12
+
+
+def test_no_grad_forward_matches_ref():
+    primals, tangents = make_inputs(CASES["cross_nq20_nk33_dv24"])
+    with torch.no_grad():
+        o, o_dot = attention_dual(*primals, *tangents, backend="torch")
+    r, r_dot = attention_dual_ref(*primals, *tangents)
+    assert rel_err(o, r) < 1e-12 and rel_err(o_dot, r_dot) < 1e-12
+
+
+def _good():
+    return make_inputs((2, 2, 6, 7, 4, 5))
+
+
+def _set(*pairs):
+    """Mutation replacing argument i (0..5 = q, k, v, q_dot, k_dot, v_dot) by f(old)."""
+
+    def mutate(args):
+        for i, f in pairs:
+            args[i] = f(args[i])
+
+    return mutate
+
+
+def _both(i, f):
+    return _set((i, f), (i + 3, f))
+
+
+BAD_INPUTS = {
+    "non4d": (_both(0, lambda t: t[0]), ValueError, "4-D"),
+    "tangent_q_shape": (_set((3, lambda t: t[..., :3])), ValueError, "q_dot shape"),
+    "tangent_v_shape": (_set((5, lambda t: t[:, :, :6])), ValueError, "v_dot shape"),
+    "qk_head_dim": (_both(1, lambda t: t[..., :3]), ValueError, "head dims differ"),
+    "kv_len": (_both(2, lambda t: t[:, :, :6]), ValueError, "sequence lengths differ"),
+    "batch_head": (_both(1, lambda t: t[:1]), ValueError, "batch and head"),
+    "empty": (_both(0, lambda t: t[:, :, :0]), ValueError, "empty"),
+    "dtype": (_set((4, lambda t: t.float())), TypeError, "dtype mismatch"),
+    "integer": (_set(*[(i, lambda t: t.long()) for i in range(6)]), TypeError, "floating point"),
+    "device": (_set((2, lambda t: t.to("meta"))), ValueError, "device mismatch"),
+    "not_tensor": (_set((1, lambda t: t.tolist())), TypeError, "torch.Tensor"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_inputs_raise(name):
+    mutate, exc, match = BAD_INPUTS[name]
+    primals, tangents = _good()
+    args = [*primals, *tangents]
+    mutate(args)
+    with pytest.raises(exc, match=match):
+        attention_dual(*args, backend="torch")
+
+
+def test_unknown_backend_raises():
+    primals, tangents = _good()
+    with pytest.raises(ValueError, match="unknown sgflow backend"):
+        attention_dual(*primals, *tangents, backend="bogus")
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU
+# --------------------------------------------------------------------------------------------------
+GPU_TOL = {torch.float32: 1e-4, torch.float16: 1.5e-2, torch.bfloat16: 6e-2}
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("n", [256, 1024])
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_triton_matches_fp64(dtype, n, d):
+    primals, tangents = make_inputs((2, 2, n, n, d, d), seed=20)
+    primals = [t.cuda() for t in primals]
+    tangents = [t.cuda() for t in tangents]
+    gen = torch.Generator().manual_seed(21)
+    cot = tuple(torch.randn(2, 2, n, d, generator=gen, dtype=torch.float64).cuda() for _ in range(2))
+    ref_out, ref_grads = run_dual("torch", torch.float64, primals, tangents, cot)
+    out, grads = run_dual("triton", dtype, primals, tangents, cot)
+    assert_close_all(out, ref_out, grads, ref_grads, GPU_TOL[dtype], f"gpu {dtype} n={n} d={d}")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize(
+    "shape", [(2, 1, 256, 256, 256, 256), (2, 3, 200, 77, 96, 40)], ids=["d256", "cross_odd"]
+)
+def test_gpu_triton_large_and_odd_dims(dtype, shape):
+    primals, tangents = make_inputs(shape, seed=22)
+    primals = [t.cuda() for t in primals]
+    tangents = [t.cuda() for t in tangents]
+    gen = torch.Generator().manual_seed(23)
+    cot = tuple(torch.randn(*shape[:3], shape[5], generator=gen, dtype=torch.float64).cuda() for _ in range(2))
+    ref_out, ref_grads = run_dual("torch", torch.float64, primals, tangents, cot)
+    out, grads = run_dual("triton", dtype, primals, tangents, cot)
+    assert_close_all(out, ref_out, grads, ref_grads, GPU_TOL[dtype], f"gpu {dtype} {shape}")
+
+
+@needs_cuda
+@pytest.mark.parametrize("which", ["o", "o_dot"])
+def test_gpu_triton_single_output(which):
+    primals, tangents = make_inputs((2, 2, 256, 256, 64, 64), seed=24)
+    leaves = [t.cuda().half().requires_grad_(True) for t in (*primals, *tangents)]
+    ref_leaves = [t.detach().double().requires_grad_(True) for t in leaves]
+    g = torch.randn(2, 2, 256, 64, device="cuda", dtype=torch.float64)
+    grads = torch.autograd.grad(
+        (attention_dual(*leaves, backend="triton")[int(which == "o_dot")].double() * g).sum(), leaves, allow_unused=True
+    )
+    ref = torch.autograd.grad(
+        (attention_dual(*ref_leaves, backend="torch")[int(which == "o_dot")] * g).sum(), ref_leaves, allow_unused=True
+    )
+    for name, x, r in zip(GRAD_NAMES, grads, ref):
+        if r is None:
+            assert x is None or x.abs().max() == 0, name
+        else:
+            assert rel_err(as_zero(x, r), r) < GPU_TOL[torch.float16], name

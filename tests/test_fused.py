@@ -1,0 +1,119 @@
+"""fused_loss (dual path) against sgflow_loss (torch.func.jvp): same loss, same gradients, less memory."""
+import pytest
+import torch
+
+import sgflow
+from sgflow.analytic import GaussianAffineFlowMap
+from sgflow.memory import saved_tensor_bytes
+from sgflow.testing import rel_err
+
+
+def _inputs(shape, seed, diag_every=4):
+    g = torch.Generator().manual_seed(seed)
+    n = shape[0]
+    x1 = torch.randn(shape, dtype=torch.float64, generator=g)
+    noise = torch.randn(shape, dtype=torch.float64, generator=g)
+    t = torch.rand(n, dtype=torch.float64, generator=g) * 0.7
+    u = torch.clamp(t + torch.rand(n, dtype=torch.float64, generator=g) * 0.6, max=1.0)
+    u[::diag_every] = t[::diag_every]
+    split = torch.rand(n, generator=g) < 0.5
+    split[0], split[1] = True, False
+    return x1, dict(noise=noise, t=t, u=u, split=split)
+
+
+def _grads(loss, model):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.autograd.grad(loss, params, allow_unused=True)
+
+
+def _compare(model, dual_model, x1, kw, tol=1e-10):
+    loss_ref, info_ref = sgflow.sgflow_loss(model, x1, **kw)
+    g_ref = _grads(loss_ref, model)
+    loss_fused, info_fused = sgflow.fused_loss(dual_model, x1, **kw)
+    g_fused = _grads(loss_fused, model)
+    assert rel_err(loss_fused, loss_ref) < tol
+    for key in ("term1", "term2", "diag_fm"):
+        assert rel_err(info_fused[key], info_ref[key]) < tol, key
+    worst = 0.0
+    for a, b in zip(g_fused, g_ref):
+        assert (a is None) == (b is None)
+        if a is not None:
+            worst = max(worst, rel_err(a, b))
+    assert worst < tol, worst
+    return worst
+
+
+@pytest.mark.parametrize("both_terms", [False, True], ids=["split", "both"])
+def test_fused_equals_reference_through_jvp_wrapper(both_terms):
+    model = GaussianAffineFlowMap(3, mean=torch.tensor([0.3, -0.2, 0.5]), std=0.7, gain=0.8)
+    x1, kw = _inputs((19, 3), seed=1)
+    if both_terms:
+        kw.pop("split")
+        kw["both_terms"] = True
+    _compare(model, sgflow.JVPDual(model), x1, kw)
+
+
+NETWORKS = [
+    pytest.param("mlp", (21, 5), id="mlp-d5"),
+    pytest.param("tiny", (3, 3, 8, 8), id="tiny-unet-3x8x8"),
+]
+
+
+@pytest.mark.parametrize("config,shape", NETWORKS)
+@pytest.mark.parametrize("both_terms", [False, True], ids=["split", "both"])
+def test_fused_gradients_equal_reference_float64(config, shape, both_terms):
+    from sgflow.nn import build_model
+
+    torch.manual_seed(0)
+    model = build_model(config, shape[1:]).double().eval()
+    x1, kw = _inputs(shape, seed=2)
+    if both_terms:
+        kw.pop("split")
+        kw["both_terms"] = True
+    worst = _compare(model, model, x1, kw)
+    print(f"{config}: fused vs reference max relative gradient error {worst:.2e}")
+
+
+def test_fused_meanflow_equals_reference():
+    from sgflow.nn import build_model
+
+    torch.manual_seed(0)
+    model = build_model("mlp", (4,)).double()
+    x1, kw = _inputs((17, 4), seed=3)
+    kw.pop("split")
+    loss_ref, _ = sgflow.meanflow_loss(model, x1, **kw)
+    g_ref = _grads(loss_ref, model)
+    loss_f, _ = sgflow.fused_meanflow_loss(model, x1, **kw)
+    g_f = _grads(loss_f, model)
+    assert rel_err(loss_f, loss_ref) < 1e-10
+    for a, b in zip(g_f, g_ref):
+        assert rel_err(a, b) < 1e-10
+
+
+def test_fused_saves_less_than_reference_on_unet():
+    """Bytes kept for backward (deduplicated by storage): the fused path must stay well under the reference."""
+    from sgflow.nn import build_model
+
+    torch.manual_seed(0)
+    model = build_model("tiny", (3, 16, 16))
+    x1, kw = _inputs((8, 3, 16, 16), seed=4)
+    x1 = x1.float()
+    kw = {k: (v.float() if v.is_floating_point() else v) for k, v in kw.items()}
+    ref = saved_tensor_bytes(lambda: sgflow.sgflow_loss(model, x1, **kw)[0])["bytes"]
+    fused = saved_tensor_bytes(lambda: sgflow.fused_loss(model, x1, **kw)[0])["bytes"]
+    fm = saved_tensor_bytes(lambda: sgflow.flow_matching_loss(model, x1, noise=kw["noise"], t=kw["t"])[0])["bytes"]
+    print(f"saved bytes: reference {ref}, fused {fused}, flow matching {fm}; fused/ref {fused / ref:.3f}, fused/fm {fused / fm:.3f}")
+    assert fused < 0.5 * ref
+    assert fused <= 1.0 * fm
+
+
+def test_model_without_dual_forward_is_a_clear_error():
+    model = lambda t, u, x: x  # noqa: E731
+    with pytest.raises(TypeError, match="JVPDual"):
+        sgflow.fused_loss(model, torch.randn(4, 2))
+
+
+def test_fused_checks_inputs_like_reference():
+    model = sgflow.JVPDual(GaussianAffineFlowMap(2))
+    with pytest.raises(ValueError, match="t <= u"):
+        sgflow.fused_loss(model, torch.randn(4, 2, dtype=torch.float64), t=torch.full((4,), 0.9, dtype=torch.float64), u=torch.full((4,), 0.1, dtype=torch.float64))
