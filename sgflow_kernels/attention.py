@@ -595,7 +595,8 @@ def attention_dual_bwd(
     block_d, block_dv = _pad_dim(d), _pad_dim(dv)
     dot_prec = _dot_precision(q.dtype)
 
-    pre_bm = 16 if _interpreting() else 64
+    # Elementwise only: keep four [BLOCK_M, BLOCK_DV] tiles within registers.
+    pre_bm = 16 if _interpreting() else max(16, min(64, 4096 // block_dv))
     _attention_dual_bwd_preprocess_kernel[(triton.cdiv(n_q, pre_bm), b * h)](
         of, odf, gf_arg, gdf_arg, alpha, delta, n_q, dv,
         BLOCK_M=pre_bm, BLOCK_DV=block_dv, HAS_G=has_g, HAS_GD=has_gd, ACC_DTYPE=acc_tl,

@@ -5,8 +5,6 @@ shapes stay small because the interpreter executes programs one by one.
 """
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
@@ -16,7 +14,7 @@ from sgflow.ops.backend import triton_available, triton_interpreting
 from sgflow.testing import dual_grads, jvp_reference, rel_err
 
 HAS_CUDA = torch.cuda.is_available()
-TRITON_CPU = triton_available() and triton_interpreting() and importlib.util.find_spec("triton") is not None
+TRITON_CPU = triton_available() and triton_interpreting()
 needs_triton_cpu = pytest.mark.skipif(not TRITON_CPU, reason="needs triton with TRITON_INTERPRET=1")
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 
@@ -257,6 +255,16 @@ def test_saved_memory_is_linear_in_n(backend):
     assert plain_biggest >= b * h * n * n * elem
     assert plain_total > total
     (o.sum() + o_dot.sum()).backward()  # the saved tensors suffice
+
+
+def test_double_backward_raises():
+    """lse/mu are saved without a graph, so differentiating the backward must fail loudly."""
+    primals, tangents = make_inputs((1, 1, 5, 5, 4, 4))
+    leaves = [t.clone().requires_grad_(True) for t in (*primals, *tangents)]
+    o, o_dot = attention_dual(*leaves, backend="torch")
+    grads = torch.autograd.grad(o.square().sum() + o_dot.square().sum(), leaves, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grads[0].sum().backward()
 
 
 def test_default_backend_on_cpu_is_torch(monkeypatch):

@@ -44,8 +44,9 @@ cotangent of P). Then L = <B, P> + <A, Pd> + const, and with Pd_ij = P_ij Sd_ij 
   A per-row constant in dP is annihilated by the softmax backward (P sums to one), so drop the
   last term and use dP'_ij = B_ij + (A_ij - alpha_i)(Sd_ij - mu_i).
 * Softmax backward: dS_ij = P_ij (dP'_ij - delta_i), delta_i = sum_j P_ij dP'_ij. Expanding with
-  sum_j P_ij (A_ij - alpha_i) = 0, sum_j P_ij B_ij = g_i . o_i + gd_i . (P Vd)_i and
-  sum_j P_ij A_ij (Sd_ij - mu_i) = gd_i . (Pd V)_i, the row scalar collapses to
+  sum_j P_ij (Sd_ij - mu_i) = 0 (kills the alpha part), sum_j P_ij B_ij = g_i . o_i + gd_i . (P Vd)_i
+  and sum_j P_ij A_ij (Sd_ij - mu_i) = gd_i . (Pd V)_i, and using Od = Pd V + P Vd, the row scalar
+  collapses to
 
       delta_i = g_i . o_i + gd_i . od_i,
 
@@ -73,6 +74,7 @@ the torch backend (:func:`_torch_forward`, :func:`_torch_backward`, chunked over
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from sgflow.ops.backend import resolve_backend
 
@@ -225,7 +227,8 @@ class AttentionDual(torch.autograd.Function):
     Saves the six inputs, the two outputs ([B, H, Nq, Dv], needed for the row scalars alpha and
     delta) and the per-row statistics lse and mu ([B, H, Nq]); P ([Nq, Nk] per head) is recomputed
     blockwise in backward. ``backend`` is ``"torch"`` or ``"triton"``. Either output gradient may
-    be None; the tangent inputs then get None when ``o_dot`` has no gradient.
+    be None; the tangent inputs then get None when ``o_dot`` has no gradient. Not twice
+    differentiable (double backward raises).
     """
 
     @staticmethod
@@ -244,6 +247,7 @@ class AttentionDual(torch.autograd.Function):
         return o, o_dot
 
     @staticmethod
+    @once_differentiable  # lse/mu are saved without a graph, so a double backward would be wrong
     def backward(ctx, g_o, g_o_dot):
         if g_o is None and g_o_dot is None:
             return (None,) * 8
