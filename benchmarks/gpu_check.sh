@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One device run for a lent H100/H200 (no network there): install offline, run the GPU tests, the kernel
+# microbenchmarks and the end-to-end memory/time table, write everything under $OUT, print a short table.
+#   run: bash benchmarks/gpu_check.sh        (OUT defaults to ./gpu_results)
+set -uo pipefail
+OUT=${OUT:-gpu_results}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+
+# 1. GPU tests: kernels (fp32/fp16/bf16) and the cifar10 U-Net's fused gradients vs the reference.
+timeout 240 python3 -m pytest -q -p no:cacheprovider -rs tests/kernels tests/ops tests/test_fused.py -k "gpu or cuda or cifar10" \
+  2>&1 | tee "$OUT/pytest_gpu.log" | tail -n 25
+
+# 2. Kernel microbenchmarks (do_bench medians, achieved bandwidth vs measured copy bandwidth).
+timeout 120 python3 benchmarks/bench_groupnorm_silu.py --stage --out "$OUT/bench_groupnorm_silu.json" 2>&1 | tail -n 20
+timeout 120 python3 benchmarks/bench_attention.py --out "$OUT/bench_attention" 2>&1 | tail -n 20
+
+# 3. The paper's memory table on the cifar10 U-Net at batch 128, fused path on both backends.
+for backend in triton torch; do
+  timeout 150 python3 benchmarks/memory.py --device cuda --config cifar10 --batch 128 --steps 5 --warmup 2 \
+    --backend "$backend" --out "$OUT/memory_$backend" 2>"$OUT/memory_$backend.err" | tee "$OUT/memory_$backend.txt"
+done
