@@ -164,8 +164,10 @@ def test_sinusoidal_embedding_convention():
     emb = sinusoidal_embedding(s, 8)
     assert emb.shape == (2, 8)
     assert torch.allclose(emb[0], torch.tensor([1.0] * 4 + [0.0] * 4, dtype=D))
-    # Lowest column: omega_0 = 1000 rad per unit time.
-    assert torch.allclose(emb[1, 0], torch.cos(torch.tensor(500.0, dtype=D)))
+    # Lowest column: omega_0 = scale rad per unit time (default scale 1).
+    assert torch.allclose(emb[1, 0], torch.cos(torch.tensor(0.5, dtype=D)))
+    emb1000 = sinusoidal_embedding(s, 8, scale=1000.0)
+    assert torch.allclose(emb1000[1, 0], torch.cos(torch.tensor(500.0, dtype=D)))
 
 
 GN_CASES = [

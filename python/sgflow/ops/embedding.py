@@ -9,8 +9,8 @@ Convention (DDPM / "Attention is all you need" style, cos first): with ``half = 
     emb     = [cos(a), sin(a)]          (plus one zero column when dim is odd)
     emb_dot = s_dot * d emb/ds = s_dot * omega * [-sin(a), cos(a)]
 
-``scale`` (default 1000) stretches times in [0, 1] to the DDPM step range [0, 1000] so the fastest
-frequencies resolve small time differences.
+``scale`` (default 1, see DEFAULT_SCALE) multiplies the times in [0, 1] before the sinusoids; the
+fastest frequency, and so the size of d emb / ds, grows with it.
 
 Backward with cotangents ``G``, ``Gd`` ([B, dim], either may be missing), using
 d^2 emb / ds^2 = -omega^2 emb:
@@ -37,7 +37,11 @@ __all__ = [
     "sinusoidal_embedding_dual",
 ]
 
-DEFAULT_SCALE = 1000.0
+# Times live in [0, 1]. A large scale (DDPM's 1000) makes d ftilde / dt three orders of magnitude
+# larger than the x-derivatives, and the t-direction JVPs of SGFlow / MeanFlow with it; on the 2-D
+# ring mixture (MLP 128x3, 1500 steps, fused SGFlow) the 1-step energy distance was 0.054 with scale
+# 1, 0.061 with 10 and 100, and 0.146 with 1000, so the default keeps times unscaled.
+DEFAULT_SCALE = 1.0
 
 
 def _omega(dim: int, max_period: float, scale: float, ref: torch.Tensor) -> torch.Tensor:
