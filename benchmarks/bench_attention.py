@@ -31,14 +31,13 @@ import argparse
 import csv
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.join(_ROOT, "python"), _ROOT]  # this checkout, even without an install
+from _timing import peak_mib, time_ms  # noqa: E402
 from sgflow.ops.attention import attention_dual  # noqa: E402
 
 
@@ -77,28 +76,8 @@ def _closures(impl, ins, cot):
     return run_fwd, run_fwd_bwd
 
 
-def _peak_mib(fn, device):
-    if device != "cuda":
-        return float("nan")
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def _time_ms(fn, device, reps):
-    if device == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(fn, return_mode="median")
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
 
 
 def _measure(sweep, impl, b, h, n, d, dtype, device, reps):
@@ -112,8 +91,8 @@ def _measure(sweep, impl, b, h, n, d, dtype, device, reps):
         status, ms, peak = "ok", float("nan"), float("nan")
         try:
             fn()  # compile (and autotune) outside the measurements
-            peak = _peak_mib(fn, device)
-            ms = _time_ms(fn, device, reps)
+            peak = peak_mib(fn, device)
+            ms = time_ms(fn, device, reps)
         except torch.cuda.OutOfMemoryError:  # pragma: no cover - GPU only
             status = "oom"
         if device == "cuda":

@@ -32,15 +32,14 @@ import argparse
 import csv
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.join(_ROOT, "python"), _ROOT]  # this checkout, even without an install
+from _timing import copy_bandwidth_gbs, peak_mib, time_ms  # noqa: E402
 from sgflow.ops.groupnorm_silu import gn_silu_conv_dual, groupnorm_silu_dual  # noqa: E402
 
 GPU_SHAPES = [(128, c, hw, 32) for c in (128, 256) for hw in (32, 16, 8)]  # (B, C, H=W, G), CIFAR U-Net
@@ -96,41 +95,10 @@ def _closures(fwd, x, xd, w, b, gy, gyd, extra_params=()):
     return run_fwd, run_fwd_bwd
 
 
-def _peak_mib(fn, device):
-    if device != "cuda":
-        return float("nan")
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def _time_ms(fn, device, reps):
-    if device == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(fn, return_mode="median")
-    fn()  # warm-up
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
 
 
-def copy_bandwidth_gbs(device) -> float:
-    """Device copy bandwidth (GB/s) from timing clone() of a 1 GiB tensor (bytes read + written)."""
-    if device != "cuda":
-        return float("nan")
-    import triton.testing
-
-    x = torch.empty(2**28, dtype=torch.float32, device=device)  # 1 GiB
-    ms = triton.testing.do_bench(lambda: x.clone(), return_mode="median")
-    del x
-    return 2 * 2**30 / (ms * 1e-3) / 1e9
 
 
 def main(argv=None):
@@ -167,14 +135,14 @@ def main(argv=None):
         for op, impl, fwd, extra in ops:
             run_fwd, run_fwd_bwd = _closures(fwd, x, xd, w, b, gy, gyd, extra)
             for mode, fn, tensors in (("fwd", run_fwd, 4), ("fwd+bwd", run_fwd_bwd, 10)):
-                ms = _time_ms(fn, device, args.reps)
+                ms = time_ms(fn, device, args.reps)
                 gbs = tensors * n_bytes / (ms * 1e-3) / 1e9 if op == "gn_silu" else float("nan")
                 rows.append(dict(op=op, impl=impl, mode=mode, B=B, C=C, H=HW, W=HW, G=G,
                                  dtype=str(dtype).split(".")[-1], device=device, ms=ms,
                                  counted_bytes=tensors * n_bytes if op == "gn_silu" else 0,
                                  achieved_gbs=gbs, copy_gbs=copy_bw,
                                  frac_of_copy=gbs / copy_bw if copy_bw == copy_bw else float("nan"),
-                                 peak_mib=_peak_mib(fn, device)))
+                                 peak_mib=peak_mib(fn, device)))
         del x, xd, gy, gyd
 
     hdr = (f"{'op':8} {'impl':7} {'mode':8} {'B':>4} {'C':>4} {'HxW':>6} {'ms':>9} {'GB/s':>8} {'%copy':>6} "
