@@ -18,4 +18,5 @@ test: install
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests
 
 bench-cpu: install
-	$(PYTHON) benchmarks/memory.py --device cpu
+	$(PYTHON) -m pytest -q -p no:cacheprovider benchmarks/test_cpu_benchmarks.py --benchmark-json=benchmarks/results/cpu.json
+	$(PYTHON) benchmarks/memory.py --device cpu --config tiny --batch 8 --out benchmarks/results/memory_cpu
