@@ -1,0 +1,651 @@
+"""Training loop: :class:`TrainConfig`, :class:`Trainer` and :func:`train`.
+
+One optimisation step with global batch size B over W processes (W = 1 without torchrun):
+
+1. Draw the *global* batch on every rank from one CPU ``torch.Generator`` (the "stream"): data
+   x1 [B, *D], noise x0 [B, *D], times (t, u) [B] from a :class:`~sgflow.TimeSampler`, and for SGFlow
+   a paired term split (rows 2i and 2i+1 take different JVP directions, the order a coin flip).
+   Each rank keeps rows [r B/W, (r+1) B/W). Because every random number comes from this stream,
+   the run depends only on (seed, config), a checkpoint of the stream's state resumes exactly, and a
+   W-process run sees the same batches as a 1-process run.
+2. ``loss, info = loss_fn(model, x1, noise=x0, t=t, u=u, split=..., generator=loss_gen)``.
+3. backward; average gradients over ranks (:mod:`sgflow.distributed`); clip the global grad norm;
+   Adam(W) step at the scheduled learning rate; EMA update
+   ema <- d ema + (1 - d) theta with d = min(ema_decay, (1 + step) / (10 + step)) (a short warm-up
+   so the EMA is useful in short runs).
+
+The paired split gives every rank exactly half first-term and half second-term rows, so averaging
+the per-rank SGFlow losses equals the loss of one process on the concatenated batch (and the batch
+never lacks one of the two terms).
+
+Outputs in ``out_dir``: ``config.json``, ``log.jsonl`` (one JSON object per logged step),
+``checkpoint.pt`` (model, EMA, optimizer, step, every RNG state; written atomically) and
+``samples/step_XXXXXXX.png`` figures.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import json
+import math
+import os
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import sgflow
+from sgflow import distributed as D
+from sgflow.data import DatasetError, get_dataset
+from sgflow.times import TimeSampler
+
+CHECKPOINT_FORMAT = "sgflow-checkpoint"
+CHECKPOINT_VERSION = 1
+
+# Options that may differ between a checkpoint and the run that resumes it; everything else
+# (method, data, network, batch size, optimiser...) must match or the resumed run is a different run.
+RESUMABLE_OVERRIDES = ("steps", "out_dir", "log_every", "sample_every", "ckpt_every", "device", "progress", "sample_steps",
+                       "figures", "divergence_threshold")
+
+
+class ConfigError(ValueError):
+    """An invalid training configuration (bad method, batch size, learning rate...)."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, is not an sgflow checkpoint, or does not fit the config."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def available_methods() -> dict:
+    """Method name -> loss function: :data:`sgflow.LOSSES`, plus ``sgflow_fused`` when
+    :func:`sgflow.fused_loss` exists and ``meanflow_fused`` when :func:`sgflow.fused_meanflow_loss`
+    does (checked at call time, so an install without the fused path still trains)."""
+    methods = dict(sgflow.LOSSES)
+    if hasattr(sgflow, "fused_loss"):
+        methods["sgflow_fused"] = sgflow.fused_loss
+    if hasattr(sgflow, "fused_meanflow_loss"):
+        methods["meanflow_fused"] = sgflow.fused_meanflow_loss
+    return methods
+
+
+def default_sampler(method: str) -> str:
+    """Flow-map jumps for flow-map methods; Euler for flow matching, whose f~(t, u, x) is only
+    trained on the diagonal u = t."""
+    return "euler" if method == "flow_matching" else "flow_map"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (stored in every checkpoint).
+
+    batch_size is the *global* batch (split over processes under torchrun). ``model=None`` picks
+    the data set's default network config. ``grad_clip`` <= 0 or None disables clipping.
+    ``lr_schedule``: "constant" or "cosine" (to 0 at ``steps``), after ``warmup`` linear steps.
+    ``diagonal_fraction`` (share of t = u samples, where f~(t, t, .) learns the velocity that SGFlow's
+    stop-gradient substitutes) defaults to 0.5: with 0.25 SGFlow diverged on ``moons`` (the velocity
+    estimate lagged and the second term, which is maximised, blew up).
+    ``sample_every`` / ``ckpt_every`` = 0: only at the end (``figures=False``: no PNGs at all).
+    ``loss_kwargs`` go to the loss (e.g. ``{"both_terms": True}`` for SGFlow); ``sample_steps``: step
+    counts in the figures. ``divergence_threshold``: stop when |loss| or the gradient norm exceeds it
+    (0: only on NaN/inf).
+    """
+
+    method: str = "sgflow"
+    data: str = "ring8"
+    data_kwargs: dict = field(default_factory=dict)
+    model: str | None = None
+    model_kwargs: dict = field(default_factory=dict)
+    steps: int = 2000
+    batch_size: int = 256
+    lr: float = 1e-3
+    betas: tuple = (0.9, 0.999)
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
+    warmup: int = 0
+    lr_schedule: str = "constant"
+    ema_decay: float = 0.999
+    seed: int = 0
+    interpolant: str = "linear"
+    time_dist: str = "uniform"
+    diagonal_fraction: float = 0.5
+    loss_kwargs: dict = field(default_factory=dict)
+    out_dir: str | None = "runs/sgflow"
+    log_every: int = 10
+    sample_every: int = 0
+    ckpt_every: int = 0
+    sample_steps: tuple = (1, 2, 4, 8)
+    device: str = "auto"
+    progress: bool = True
+    figures: bool = True
+    divergence_threshold: float = 1e6
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(d["betas"])
+        d["sample_steps"] = list(d["sample_steps"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown training options: {', '.join(unknown)}")
+        d = dict(d)
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        if "sample_steps" in d:
+            d["sample_steps"] = tuple(d["sample_steps"])
+        return cls(**d)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
+    """Raise :class:`ConfigError` with a one-line explanation for any invalid option."""
+    methods = available_methods()
+    if cfg.method not in methods:
+        hint = " (the fused path is not available in this install)" if cfg.method == "sgflow_fused" else ""
+        raise ConfigError(f"unknown method {cfg.method!r}{hint}; expected one of: {', '.join(methods)}")
+    if not _is_int(cfg.steps) or cfg.steps < 0:
+        raise ConfigError(f"steps must be a non-negative integer, got {cfg.steps!r}")
+    if not _is_int(cfg.batch_size) or cfg.batch_size < 1:
+        raise ConfigError(f"batch size must be a positive integer, got {cfg.batch_size!r}")
+    if cfg.batch_size % world_size:
+        raise ConfigError(f"batch size {cfg.batch_size} is not divisible by the number of processes {world_size}")
+    local = cfg.batch_size // world_size
+    if cfg.method.startswith("sgflow") and local < 2 and not cfg.loss_kwargs.get("both_terms", False):
+        raise ConfigError(
+            f"method {cfg.method!r} splits each batch between its two terms and needs at least 2 samples per "
+            f"process; got batch size {cfg.batch_size} over {world_size} process(es)"
+        )
+    if not (isinstance(cfg.lr, (int, float)) and math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise ConfigError(f"learning rate must be a positive number, got {cfg.lr!r}")
+    if len(cfg.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.betas):
+        raise ConfigError(f"Adam betas must be two numbers in [0, 1), got {cfg.betas!r}")
+    if cfg.weight_decay < 0:
+        raise ConfigError(f"weight decay must be >= 0, got {cfg.weight_decay}")
+    if cfg.divergence_threshold < 0:
+        raise ConfigError(f"divergence threshold must be >= 0 (0 disables it), got {cfg.divergence_threshold}")
+    if cfg.grad_clip is not None and cfg.grad_clip < 0:
+        raise ConfigError(f"grad clip must be >= 0 (0 disables it), got {cfg.grad_clip}")
+    if not 0.0 <= cfg.ema_decay < 1.0:
+        raise ConfigError(f"EMA decay must lie in [0, 1), got {cfg.ema_decay}")
+    if not _is_int(cfg.warmup) or cfg.warmup < 0:
+        raise ConfigError(f"warmup must be a non-negative integer, got {cfg.warmup!r}")
+    if cfg.lr_schedule not in ("constant", "cosine"):
+        raise ConfigError(f"unknown lr schedule {cfg.lr_schedule!r}; expected 'constant' or 'cosine'")
+    if cfg.time_dist not in TimeSampler.KINDS:
+        raise ConfigError(f"unknown time distribution {cfg.time_dist!r}; expected one of {', '.join(TimeSampler.KINDS)}")
+    if not 0.0 <= cfg.diagonal_fraction <= 1.0:
+        raise ConfigError(f"diagonal fraction must lie in [0, 1], got {cfg.diagonal_fraction}")
+    try:
+        sgflow.get_interpolant(cfg.interpolant)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
+    for name in ("log_every", "sample_every", "ckpt_every"):
+        v = getattr(cfg, name)
+        if not _is_int(v) or v < (1 if name == "log_every" else 0):
+            raise ConfigError(f"{name.replace('_', ' ')} must be an integer >= {1 if name == 'log_every' else 0}, got {v!r}")
+    if not cfg.sample_steps or not all(_is_int(k) and k >= 1 for k in cfg.sample_steps):
+        raise ConfigError(f"sample steps must be positive integers, got {cfg.sample_steps!r}")
+    if not _is_int(cfg.seed):
+        raise ConfigError(f"seed must be an integer, got {cfg.seed!r}")
+    fn = methods[cfg.method]
+    params = inspect.signature(fn).parameters
+    has_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    reserved = {"noise", "t", "u", "split", "generator", "interpolant", "time_sampler"}
+    for k in cfg.loss_kwargs:
+        if k in reserved:
+            raise ConfigError(f"loss option {k!r} is set by the trainer; use the training options instead")
+        if k not in params and not has_var_kw:
+            raise ConfigError(f"method {cfg.method!r} has no option {k!r}")
+
+
+def build_network(name: str | None, data_shape: tuple, dataset=None, **overrides) -> tuple[torch.nn.Module, str]:
+    """``sgflow.nn.build_model(name, data_shape, **overrides)`` with user-facing errors.
+
+    ``name=None`` takes the data set's ``default_model``. Returns ``(module, resolved name)``.
+    """
+    try:
+        from sgflow.nn import MODEL_CONFIGS, build_model
+    except ImportError as e:
+        raise ConfigError(f"the networks module sgflow.nn is not available: {e}") from None
+    if name is None:
+        name = getattr(dataset, "default_model", None) or ("mlp" if len(data_shape) == 1 else "tiny")
+    if name not in MODEL_CONFIGS:
+        raise ConfigError(f"unknown network config {name!r}; expected one of: {', '.join(MODEL_CONFIGS)}")
+    try:
+        net = build_model(name, tuple(data_shape), **overrides)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"cannot build network {name!r} for data shape {tuple(data_shape)}: {e}") from None
+    return net, name
+
+
+def paired_split(n: int, generator: torch.Generator) -> torch.Tensor:
+    """bool [n]: rows (2i, 2i+1) get opposite SGFlow terms, which one first is a fair coin.
+
+    Any slice of even length at an even offset holds exactly half first-term rows.
+    """
+    coin = torch.rand((n + 1) // 2, generator=generator) < 0.5
+    return torch.stack([coin, ~coin], 1).flatten()[:n]
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Learning rate for optimisation step ``step`` (0-based): linear warm-up, then constant/cosine."""
+    scale = 1.0
+    if cfg.warmup > 0:
+        scale = min(1.0, (step + 1) / cfg.warmup)
+    if cfg.lr_schedule == "cosine" and cfg.steps > 0:
+        progress = min(max(step - cfg.warmup, 0) / max(cfg.steps - cfg.warmup, 1), 1.0)
+        scale *= 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr * scale
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path, map_location="cpu") -> dict:
+    """Load and sanity-check an sgflow checkpoint file (weights-only unpickling: no code runs)."""
+    path = Path(os.path.expanduser(str(path)))
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        cand = path / "checkpoint.pt"
+        if not cand.exists():
+            raise FileNotFoundError(f"no checkpoint.pt in directory {path}")
+        path = cand
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"cannot read checkpoint {path}: not a valid PyTorch file (torch.save zip archive)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises assorted types for truncated/garbage files
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights only" in msg.lower():
+            raise CheckpointError(f"{path} is not an sgflow checkpoint (it holds arbitrary Python objects)") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: not a valid PyTorch file ({msg[:160]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not an sgflow checkpoint")
+    if ckpt.get("version", 0) > CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {ckpt.get('version')}; this sgflow reads up to {CHECKPOINT_VERSION}")
+    for key in ("config", "model", "ema", "step"):
+        if key not in ckpt:
+            raise CheckpointError(f"{path} is incomplete: no {key!r} entry")
+    try:
+        ckpt["config"] = TrainConfig.from_dict(ckpt["config"])
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{path} holds an invalid training config: {e}") from None
+    ckpt["path"] = str(path)
+    return ckpt
+
+
+def _load_state(module: torch.nn.Module, state: dict, what: str, path: str, cfg: TrainConfig) -> None:
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[:3])[:240]
+        raise CheckpointError(
+            f"checkpoint {path} does not fit network {cfg.model!r} for data {cfg.data!r} ({what}: {detail})"
+        ) from None
+
+
+def load_model(path, device="cpu", use_ema: bool = True):
+    """Rebuild the network from a checkpoint. Returns ``(model in eval mode, TrainConfig, checkpoint dict)``."""
+    ckpt = read_checkpoint(path)
+    cfg = ckpt["config"]
+    shape = tuple(ckpt.get("data_shape") or ())
+    if not shape:
+        raise CheckpointError(f"{ckpt['path']} is incomplete: no data shape")
+    net, _ = build_network(cfg.model, shape, **cfg.model_kwargs)
+    _load_state(net, ckpt["ema" if use_ema else "model"], "EMA weights" if use_ema else "weights", ckpt["path"], cfg)
+    return net.to(device).eval(), cfg, ckpt
+
+
+class Trainer:
+    """Holds the run's state; :meth:`run` trains up to ``config.steps``.
+
+    Args:
+        config: a :class:`TrainConfig`.
+        resume: a checkpoint path (file or run directory) to continue from; its config must agree
+            with ``config`` except for :data:`RESUMABLE_OVERRIDES`.
+        model: optional prebuilt network (then ``config.model`` is only recorded, not built).
+    """
+
+    def __init__(self, config: TrainConfig, resume=None, model: torch.nn.Module | None = None):
+        self.config = cfg = copy.deepcopy(config)
+        world = D.env_world_size()
+        validate_config(cfg, world)
+        ckpt = None
+        if resume is not None:
+            ckpt = read_checkpoint(resume)
+            self._check_resume(ckpt["config"], cfg, ckpt["path"])
+        self.dist = D.init_distributed(cfg.device)
+        try:
+            self._setup(cfg, ckpt, model)
+        except BaseException:
+            D.cleanup(self.dist)
+            raise
+
+    # ------------------------------------------------------------------ setup
+    def _setup(self, cfg, ckpt, model):
+        info = self.dist
+        self.device = D.resolve_device(cfg.device, info)
+        self.loss_fn = available_methods()[cfg.method]
+        data_kwargs = dict(cfg.data_kwargs)
+        self.dataset = get_dataset(cfg.data, **data_kwargs)
+        self.data_shape = tuple(self.dataset.shape)
+
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank (and broadcast below anyway)
+        if model is None:
+            model, cfg.model = build_network(cfg.model, self.data_shape, self.dataset, **cfg.model_kwargs)
+        if cfg.method.endswith("_fused") and not hasattr(model, "dual_forward"):
+            raise ConfigError(f"method {cfg.method!r} needs a network with dual_forward; {cfg.model!r} has none")
+        self.model = model.to(self.device)
+        if info.enabled:
+            D.broadcast_module(self.model)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ConfigError("the network has no trainable parameters")
+        opt_kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.params, **opt_kw) if cfg.weight_decay > 0 else torch.optim.Adam(self.params, **opt_kw)
+
+        diag = 1.0 if cfg.method == "flow_matching" else cfg.diagonal_fraction  # FM: t uniform, u = t
+        self.time_sampler = TimeSampler(cfg.time_dist, diagonal_fraction=diag)
+        params = inspect.signature(self.loss_fn).parameters
+        self.use_paired_split = (
+            "split" in params and "split_fraction" not in cfg.loss_kwargs and not cfg.loss_kwargs.get("both_terms", False)
+        )
+        # One CPU stream for data, noise, times and the split (same on every rank, device-independent);
+        # a per-rank generator on the training device for draws inside the loss (e.g. progressive's s).
+        self.stream = torch.Generator().manual_seed(cfg.seed)
+        self.loss_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 7919 * (info.rank + 1))
+        torch.manual_seed(cfg.seed + 104729 * info.rank)  # dropout etc.: different per rank
+        self.step = 0
+        self.history: list[dict] = []
+        self.out_dir = Path(os.path.expanduser(cfg.out_dir)) if cfg.out_dir else None
+        if ckpt is not None:
+            self._restore(ckpt)
+
+    @staticmethod
+    def _check_resume(saved: TrainConfig, cfg: TrainConfig, path: str) -> None:
+        a, b = saved.to_dict(), cfg.to_dict()
+        if b.get("model") is None:
+            b["model"] = a.get("model")
+        diffs = [k for k in a if k not in RESUMABLE_OVERRIDES and a[k] != b[k]]
+        if diffs:
+            k = diffs[0]
+            raise CheckpointError(
+                f"checkpoint {path} was trained with {k}={a[k]!r} but this run asks for {k}={b[k]!r}"
+                + (f" (and {len(diffs) - 1} more differences)" if len(diffs) > 1 else "")
+            )
+
+    def _restore(self, ckpt: dict) -> None:
+        cfg, path = self.config, ckpt["path"]
+        if tuple(ckpt.get("data_shape") or ()) != self.data_shape:
+            raise CheckpointError(f"checkpoint {path} is for data of shape {ckpt.get('data_shape')}, not {self.data_shape}")
+        _load_state(self.model, ckpt["model"], "weights", path, cfg)
+        _load_state(self.ema, ckpt["ema"], "EMA weights", path, cfg)
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            rng = ckpt["rng"]
+            self.stream.set_state(rng["stream"])
+            per_rank = rng["ranks"]
+        except (KeyError, ValueError, RuntimeError, TypeError) as e:
+            raise CheckpointError(f"checkpoint {path} has a broken optimizer or RNG state: {e}") from None
+        self.step = int(ckpt["step"])
+        # Per-rank generators resume exactly when the process count is unchanged; otherwise re-seed
+        # them deterministically from (seed, step) (the shared data stream is exact either way).
+        if len(per_rank) == self.dist.world_size:
+            mine = per_rank[self.dist.rank]
+            self.loss_gen.set_state(mine["loss"])
+            torch.set_rng_state(mine["torch"])
+            if mine.get("cuda") is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(mine["cuda"], self.device)
+        else:
+            self.loss_gen.manual_seed(cfg.seed + 7919 * (self.dist.rank + 1) + self.step)
+            torch.manual_seed(cfg.seed + 104729 * self.dist.rank + self.step)
+        self.history = [r for r in ckpt.get("history", []) if r.get("step", 0) <= self.step]
+
+    # ------------------------------------------------------------------ one step
+    def draw_batch(self):
+        """The global batch from the stream, sliced to this rank and moved to the device.
+
+        Returns ``(x1, kwargs for the loss)``.
+        """
+        cfg, B = self.config, self.config.batch_size
+        g = self.stream
+        x1 = self.dataset.sample(B, generator=g)
+        noise = torch.randn(x1.shape, generator=g, dtype=x1.dtype)
+        t, u = self.time_sampler(B, dtype=x1.dtype, generator=g)
+        split = paired_split(B, g) if self.use_paired_split else None
+        W, r = self.dist.world_size, self.dist.rank
+        lo, hi = r * B // W, (r + 1) * B // W
+        dev = self.device
+        nb = dev.type == "cuda"
+        x1 = x1[lo:hi].to(dev, non_blocking=nb)
+        kw = dict(noise=noise[lo:hi].to(dev, non_blocking=nb), t=t[lo:hi].to(dev), u=u[lo:hi].to(dev),
+                  interpolant=cfg.interpolant, generator=self.loss_gen, **cfg.loss_kwargs)
+        if split is not None:
+            kw["split"] = split[lo:hi].to(dev)
+        return x1, kw
+
+    def train_step(self) -> dict:
+        """One optimisation step; returns the loss's (detached, on-device) info dict plus grad_norm and lr."""
+        cfg = self.config
+        self.model.train()
+        x1, kw = self.draw_batch()
+        loss, info = self.loss_fn(self.model, x1, **kw)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        D.allreduce_gradients(self.params, self.dist.world_size)
+        clip = cfg.grad_clip if cfg.grad_clip else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        lr = lr_at(cfg, self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self._update_ema()
+        self.step += 1
+        out = dict(info)
+        out["loss"] = loss.detach()
+        out["grad_norm"] = grad_norm.detach()
+        out["lr"] = lr
+        return out
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        d = min(self.config.ema_decay, (1 + self.step) / (10 + self.step))
+        ema_p = [p for p in self.ema.parameters()]
+        src_p = [p for p in self.model.parameters()]
+        torch._foreach_lerp_(ema_p, src_p, 1.0 - d)
+        for be, bm in zip(self.ema.buffers(), self.model.buffers()):
+            be.copy_(bm)
+
+    # ------------------------------------------------------------------ outputs
+    def state_dict(self) -> dict:
+        """Checkpoint contents. Collective under torchrun (gathers every rank's RNG states)."""
+        mine = {
+            "loss": self.loss_gen.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+        }
+        ranks = D.gather_objects(mine, self.dist)
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "sgflow_version": sgflow.__version__,
+            "config": self.config.to_dict(),
+            "data_shape": list(self.data_shape),
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": {"stream": self.stream.get_state(), "ranks": ranks},
+            "world_size": self.dist.world_size,
+            "history": self.history,
+        }
+
+    def save_checkpoint(self, path=None) -> Path | None:
+        """Write ``checkpoint.pt`` (rank 0 only; every rank must call it). Returns the path on rank 0."""
+        state = self.state_dict()
+        if not self.dist.is_main or self.out_dir is None and path is None:
+            return None
+        path = Path(path) if path is not None else self.out_dir / "checkpoint.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_save(state, path)
+        return path
+
+    @torch.no_grad()
+    def sample_figure(self, path=None, n_points: int = 2000, n_images: int = 64):
+        """Samples of the EMA model at ``config.sample_steps`` beside the data, saved as a PNG.
+
+        Uses its own fixed-seed generator so figures never disturb the training RNG.
+        """
+        from sgflow.plotting import samples_figure, save_png
+
+        g = torch.Generator().manual_seed(self.config.seed + 1)
+        n = n_images if self.dataset.is_image else n_points
+        data = self.dataset.sample(n, generator=g)
+        x0 = torch.randn((n, *self.data_shape), generator=g)
+        samples = generate(self.ema, x0.to(self.device), self.config.sample_steps, default_sampler(self.config.method))
+        footers = None
+        if not self.dataset.is_image:
+            from sgflow.metrics import energy_distance
+
+            ref = self.dataset.sample(n, generator=g)
+            footers = [f"ED {energy_distance(data, ref).item():.4f}"] + [
+                f"ED {energy_distance(s.cpu(), ref).item():.4f}" for s in samples.values()
+            ]
+        img = samples_figure(data, {k: v.cpu() for k, v in samples.items()},
+                             title=f"{self.config.method} on {self.config.data}, step {self.step}", footers=footers)
+        if path is None:
+            path = self.out_dir / "samples" / f"step_{self.step:07d}.png"
+        return save_png(img, path)
+
+    def _write_log(self, record: dict) -> None:
+        self.history.append(record)
+        if self.out_dir is not None and self.dist.is_main:
+            with open(self.out_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _prepare_out_dir(self) -> None:
+        if self.out_dir is None or not self.dist.is_main:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        # The log mirrors the checkpoint: drop lines past the resumed step (written after the last save).
+        log = self.out_dir / "log.jsonl"
+        with open(log, "w") as f:
+            for rec in self.history:
+                f.write(json.dumps(rec) + "\n")
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> "Trainer":
+        """Train from the current step to ``config.steps``; writes logs, figures and checkpoints."""
+        from tqdm.auto import tqdm
+
+        cfg, info = self.config, self.dist
+        self._prepare_out_dir()
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and info.is_main),
+                   unit="step", dynamic_ncols=True, desc=f"{cfg.method}/{cfg.data}")
+        t_start = t_last = time.perf_counter()
+        step_last = self.step
+        try:
+            while self.step < cfg.steps:
+                out = self.train_step()
+                last = self.step == cfg.steps
+                if self.step % cfg.log_every == 0 or last:
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    now = time.perf_counter()
+                    sps = (self.step - step_last) * cfg.batch_size / max(now - t_last, 1e-9)
+                    t_last, step_last = now, self.step
+                    vals = {k: float(v) for k, v in out.items() if isinstance(v, (float, int)) or (torch.is_tensor(v) and v.numel() == 1)}
+                    vals = D.allreduce_mean(vals, info.world_size, self.device)
+                    self._check_divergence(vals)
+                    rec = {"step": self.step, **{k: vals[k] for k in sorted(vals)},
+                           "samples_per_s": round(sps, 1), "time": round(now - t_start, 3)}
+                    self._write_log(rec)
+                    bar.set_postfix(loss=f"{vals['loss']:.4g}", samples_s=f"{sps:,.0f}", refresh=False)
+                bar.update(1)
+                if self.out_dir is not None:
+                    if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and not last:
+                        self.save_checkpoint()
+                    if cfg.figures and cfg.sample_every and self.step % cfg.sample_every == 0 and not last and info.is_main:
+                        self.sample_figure()
+        finally:
+            bar.close()
+        if self.out_dir is not None:
+            self.save_checkpoint()
+            if info.is_main and cfg.figures:
+                self.sample_figure()
+        self.wall_time = time.perf_counter() - t_start
+        return self
+
+    def _check_divergence(self, vals: dict) -> None:
+        """Stop on a non-finite loss or gradient norm, or (``divergence_threshold`` > 0) on one whose
+        magnitude exceeds it: SGFlow's second term is maximised, so a run whose velocity estimate
+        lags can run off to -1e20 with finite numbers and never produce a NaN."""
+        cfg, lim = self.config, self.config.divergence_threshold
+        for key, name in (("loss", "loss"), ("grad_norm", "gradient norm")):
+            v = vals[key]
+            if not math.isfinite(v) or (lim and abs(v) > lim):
+                raise TrainingDiverged(
+                    f"training diverged: the {name} reached {v:.3g} at step {self.step}; lower the learning rate "
+                    f"(now {cfg.lr}), add warm-up steps, or raise the diagonal fraction (now {cfg.diagonal_fraction})"
+                )
+
+    def close(self) -> None:
+        """Leave the process group if this trainer created it."""
+        D.cleanup(self.dist)
+
+
+@torch.no_grad()
+def generate(model, x0: torch.Tensor, steps_list, sampler: str = "flow_map", grid_fn=None) -> dict:
+    """Samples for each step count: ``{k: sample(model, x0, k, sampler)}`` (model put in eval mode,
+    restored afterwards). x0: noise [n, *D]."""
+    was_training = model.training
+    model.eval()
+    try:
+        return {int(k): sgflow.sample(model, x0, steps=int(k), method=sampler) for k in steps_list}
+    finally:
+        model.train(was_training)
+
+
+def train(config: TrainConfig | dict | None = None, resume=None, model=None, **overrides) -> Trainer:
+    """Build a :class:`Trainer`, run it, release the process group; returns the trainer.
+
+    ``train(TrainConfig(...))``, ``train({"method": "sgflow", ...})`` or ``train(steps=100, ...)``.
+    """
+    if config is None:
+        config = TrainConfig()
+    elif isinstance(config, dict):
+        config = TrainConfig.from_dict(config)
+    if overrides:
+        config = dataclasses.replace(config, **overrides)
+    trainer = Trainer(config, resume=resume, model=model)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
+
+
+__all__ = [
+    "TrainConfig", "Trainer", "train", "validate_config", "available_methods", "default_sampler",
+    "build_network", "read_checkpoint", "load_model", "generate", "paired_split", "lr_at",
+    "ConfigError", "CheckpointError", "TrainingDiverged", "DatasetError", "RESUMABLE_OVERRIDES",
+]
