@@ -113,7 +113,7 @@ def sgflow_loss(
         model: callable ``model(t, u, x) -> f~`` with t, u: [B] and f~ of x's shape.
         x1: data batch [B, *D].
         interpolant: ``"linear"``, ``"trig"`` or an :class:`~sgflow.interpolants.Interpolant`.
-        time_sampler: a :class:`~sgflow.times.TimeSampler` (default: uniform, 25% on the diagonal).
+        time_sampler: a :class:`~sgflow.times.TimeSampler` (default: uniform, half of the samples on the diagonal).
         noise, t, u: optional explicit X_0 [B, *D] and times [B] (t <= u).
         split: optional bool mask [B]: True where a sample takes the first term (direction
             (1, 0, Xdot_t)), False for the second (direction (0, 0, Xdot_t - sg[f~(t,t,X_t)])).
