@@ -12,17 +12,17 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 
 # 1. GPU tests: kernels (fp32/fp16/bf16) and the cifar10 U-Net's fused gradients vs the reference.
-timeout 240 python3 -m pytest -q -p no:cacheprovider -rs tests/kernels tests/ops tests/test_fused.py -k "gpu or cuda or cifar10" \
+timeout 200 python3 -m pytest -q -p no:cacheprovider -rs tests/kernels tests/ops tests/test_fused.py -k "gpu or cuda or cifar10" \
   2>&1 | tee "$OUT/pytest_gpu.log" | tail -n 25
 
 # 2. Kernel microbenchmarks (do_bench medians, achieved bandwidth vs measured copy bandwidth).
-timeout 120 python3 benchmarks/bench_groupnorm_silu.py --stage --out "$OUT/bench_groupnorm_silu.json" 2>&1 | tail -n 20
-timeout 120 python3 benchmarks/bench_attention.py --out "$OUT/bench_attention" 2>&1 | tail -n 20
+timeout 80 python3 benchmarks/bench_groupnorm_silu.py --stage --out "$OUT/bench_groupnorm_silu.json" 2>&1 | tail -n 20
+timeout 80 python3 benchmarks/bench_attention.py --quick --out "$OUT/bench_attention" 2>&1 | tail -n 20
 
 # 3. The paper's memory table on the cifar10 U-Net at batch 128 (all methods, triton backend), then the
 #    fused path on the torch backend for comparison.
-timeout 180 python3 benchmarks/memory.py --device cuda --config cifar10 --batch 128 --steps 5 --warmup 2 \
+timeout 150 python3 benchmarks/memory.py --device cuda --config cifar10 --batch 128 --steps 5 --warmup 2 \
   --backend triton --out "$OUT/memory_triton" 2>"$OUT/memory_triton.err" | tee "$OUT/memory_triton.txt"
-timeout 90 python3 benchmarks/memory.py --device cuda --config cifar10 --batch 128 --steps 5 --warmup 2 \
+timeout 60 python3 benchmarks/memory.py --device cuda --config cifar10 --batch 128 --steps 5 --warmup 2 \
   --backend torch --methods flow_matching,sgflow_fused --out "$OUT/memory_torch" 2>"$OUT/memory_torch.err" \
   | tee "$OUT/memory_torch.txt"
