@@ -67,6 +67,16 @@ def test_train_resume_continues(run_dir, tmp_path, capsys):
     assert torch.load(fresh / "checkpoint.pt", weights_only=True)["step"] == 2
 
 
+def test_fresh_run_does_not_overwrite_a_run_silently(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *SMALL, "--steps", "2", "--out", str(out), "--no-figures", "--no-progress"]) == 0
+    capsys.readouterr()
+    _user_error(capsys, ["train", *SMALL, "--steps", "3", "--out", str(out), "--no-figures"], "already holds a run", "--overwrite")
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert main(["train", *SMALL, "--steps", "3", "--out", str(out), "--no-figures", "--no-progress", "--overwrite"]) == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3
+
+
 def test_sample(run_dir, tmp_path, capsys):
     out = tmp_path / "s"
     assert main(["sample", str(run_dir), "--steps", "1", "3", "--n", "50", "--out", str(out), "--format", "both"]) == 0

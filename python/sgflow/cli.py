@@ -134,6 +134,7 @@ def _add_train(sub):
       f"(0: only on NaN/inf; default {d.divergence_threshold:g})")
     a("--resume", default=None, metavar="CKPT", help="continue from a checkpoint file or run directory; 'auto': "
       "from OUT/checkpoint.pt when it exists")
+    a("--overwrite", action="store_true", help="start a fresh run even where OUT already holds one")
     a("--no-progress", action="store_true", help="no progress bar")
     a("--no-figures", action="store_true", help="no PNG figures")
     a("--threads", type=int, default=None, help="CPU threads for torch")
@@ -170,6 +171,10 @@ def build_train_config(args):
         out = Path(given.get("out_dir") or TrainConfig().out_dir)
         resume = str(out / "checkpoint.pt") if (out / "checkpoint.pt").exists() else None
     if resume is None:
+        out = Path(given.get("out_dir") or TrainConfig().out_dir)
+        if (out / "checkpoint.pt").exists() and not args.overwrite:
+            raise CLIError(f"{out} already holds a run (checkpoint.pt): pass --resume auto to continue it, "
+                           "--overwrite to start over, or another --out")
         return TrainConfig(**given), None
     ckpt = read_checkpoint(resume)
     base = ckpt["config"]
