@@ -182,3 +182,29 @@ def test_recompute_all_saves_least():
         model = build_model("tiny", (3, 16, 16), recompute=mode).double()
         saved[mode] = saved_tensor_bytes(lambda: sgflow.fused_loss(model, x1, **kw)[0])["bytes"]
     assert saved["all"] < saved["attention"] < saved["none"], saved
+
+
+@pytest.mark.parametrize("config,shape,recompute", [
+    pytest.param("mlp", (9, 5), None, id="mlp"),
+    pytest.param("tiny", (3, 3, 8, 8), "all", id="tiny-recompute-all"),
+])
+def test_fused_under_bf16_autocast_tracks_float32(config, shape, recompute):
+    """Under torch.autocast(bfloat16) the dual ops run in bf16 (recomputed blocks too); gradients stay
+    within bf16 accuracy of the fp32 ones and come back in fp32."""
+    from sgflow.nn import build_model
+
+    torch.manual_seed(0)
+    overrides = {} if config == "mlp" else {"zero_init": False, "recompute": recompute}
+    model = build_model(config, shape[1:], **overrides)
+    x1, kw = _inputs(shape, seed=8)
+    x1 = x1.float()
+    kw = {k: (v.float() if v.is_floating_point() else v) for k, v in kw.items()}
+    g32 = _grads(sgflow.fused_loss(model, x1, **kw)[0], model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss16, _ = sgflow.fused_loss(model, x1, **kw)
+    g16 = _grads(loss16, model)
+    assert loss16.dtype == torch.float32 and torch.isfinite(loss16)
+    flat32 = torch.cat([g.flatten() for g in g32])
+    flat16 = torch.cat([g.flatten() for g in g16])
+    assert all(g.dtype == torch.float32 for g in g16)
+    assert rel_err(flat16, flat32) < 5e-2, rel_err(flat16, flat32)

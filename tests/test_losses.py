@@ -200,3 +200,16 @@ def test_split_errors():
         sgflow.sgflow_loss(_Linear(), x1, split=torch.ones(4, dtype=torch.bool), both_terms=True)
     with pytest.raises(ValueError, match="split_fraction"):
         sgflow.sgflow_loss(_Linear(), x1, split_fraction=1.0)
+
+
+def test_model_output_dtype_under_autocast():
+    """Under autocast a bf16 output is expected and cast back to the data's dtype; outside, a dtype
+    other than the data's is an error."""
+    model = _Linear()
+    x1 = torch.randn(6, DIM)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for name in ("flow_matching", "sgflow", "meanflow"):
+            loss, _ = sgflow.LOSSES[name](model, x1)
+            assert loss.dtype == torch.float32 and torch.isfinite(loss), name
+    with pytest.raises(TypeError, match="dtype"):
+        sgflow.flow_matching_loss(lambda t, u, x: model(t, u, x).double(), x1)

@@ -56,12 +56,18 @@ def check_time_pair(t: torch.Tensor, u: torch.Tensor, batch: int, ref: torch.Ten
 
 
 def check_model_output(out: torch.Tensor, x: torch.Tensor, what: str = "model(t, u, x)") -> torch.Tensor:
-    """The network must return f~ with exactly x's shape and dtype."""
+    """The network must return f~ with exactly x's shape, floating point.
+
+    Under autocast a lower-precision output is expected: it is cast back to x's dtype, so the loss is
+    accumulated in x's precision. Outside autocast a dtype other than x's is an error.
+    """
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{what} must return a tensor, got {type(out).__name__}")
     if out.shape != x.shape:
         raise ValueError(f"{what} returned shape {tuple(out.shape)}; expected x's shape {tuple(x.shape)}")
     if out.dtype != x.dtype:
+        if out.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+            return out.to(x.dtype)
         raise TypeError(f"{what} returned dtype {out.dtype}; expected {x.dtype}")
     return out
 

@@ -54,6 +54,6 @@ def dual_forward(model, t, u, x, t_dot, u_dot, x_dot):
             "or wrap it: sgflow.JVPDual(model) (JVP via torch.func.jvp, no fused memory savings)"
         )
     out, out_dot = inner.dual_forward(t, u, x, t_dot, u_dot, x_dot)
-    check_model_output(out, x, "model.dual_forward(...)[0]")
-    check_model_output(out_dot, x, "model.dual_forward(...)[1]")
+    out = check_model_output(out, x, "model.dual_forward(...)[0]")
+    out_dot = check_model_output(out_dot, x, "model.dual_forward(...)[1]")
     return out, out_dot

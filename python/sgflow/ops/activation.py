@@ -20,6 +20,7 @@ Module layout (see docs/DESIGN.md): :func:`silu_dual_ref`, :class:`SiLUDual`, :f
 from __future__ import annotations
 
 import torch
+from sgflow.ops.backend import autocast_dual
 
 __all__ = ["silu_dual_ref", "SiLUDual", "silu_dual"]
 
@@ -63,6 +64,7 @@ class SiLUDual(torch.autograd.Function):
         return dx, dxd
 
 
+@autocast_dual
 def silu_dual(x, x_dot):
     """Dual SiLU: returns ``(silu(x), silu'(x) * x_dot)``, both of x's shape."""
     if x_dot.shape != x.shape:

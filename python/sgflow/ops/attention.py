@@ -76,7 +76,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from sgflow.ops.backend import resolve_backend
+from sgflow.ops.backend import autocast_dual, resolve_backend
 
 __all__ = ["attention_dual_ref", "AttentionDual", "attention_dual"]
 
@@ -303,6 +303,7 @@ def _check_inputs(q, k, v, q_dot, k_dot, v_dot):
             raise ValueError(f"attention_dual: device mismatch: q is on {q.device} but {name} is on {t.device}")
 
 
+@autocast_dual
 def attention_dual(q, k, v, q_dot, k_dot, v_dot, scale=None, backend=None):
     """Softmax attention and its JVP in one pass: ``(o, o_dot)``.
 

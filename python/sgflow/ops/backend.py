@@ -58,3 +58,28 @@ def resolve_backend(tensor: torch.Tensor, backend: str | None = None) -> str:
         if not tensor.is_cuda or not cuda_ext.available():
             raise RuntimeError("backend 'cuda' needs CUDA tensors and the compiled sgflow._C extension")
     return choice
+
+
+def autocast_dual(fn):
+    """Give a dual op autocast semantics: under ``torch.autocast`` its floating tensor arguments
+    (activations, tangents, parameters) are cast to the autocast dtype and the op runs with
+    autocast off, so primal, tangent and their backward all use one dtype (the ops keep group
+    statistics and softmax accumulators in fp32 themselves). Outside autocast nothing changes.
+    Parameter casts are ordinary differentiable ``.to``: their gradients come back in fp32.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if first is None or not torch.is_autocast_enabled(first.device.type):
+            return fn(*args, **kwargs)
+        device_type = first.device.type
+        dtype = torch.get_autocast_dtype(device_type)
+
+        def cast(a):
+            return a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+
+        with torch.autocast(device_type, enabled=False):
+            return fn(*[cast(a) for a in args], **{k: cast(v) for k, v in kwargs.items()})
+
+    return wrapper

@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.nn.grad import conv2d_input, conv2d_weight
+from sgflow.ops.backend import autocast_dual
 
 __all__ = ["conv2d_dual_ref", "Conv2dDual", "conv2d_dual"]
 
@@ -98,6 +99,7 @@ def _check(x, x_dot, weight, bias):
         raise ValueError(f"bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
 
 
+@autocast_dual
 def conv2d_dual(x, x_dot, weight, bias=None, stride=1, padding=0):
     """Dual 2-d convolution: returns ``(conv2d(x, W, b), conv2d(x_dot, W))``.
 

@@ -33,6 +33,7 @@ Module layout (see docs/DESIGN.md): :func:`groupnorm_dual_ref`, :class:`GroupNor
 from __future__ import annotations
 
 import torch
+from sgflow.ops.backend import autocast_dual
 
 __all__ = ["groupnorm_dual_ref", "GroupNormDual", "groupnorm_dual"]
 
@@ -127,6 +128,7 @@ class GroupNormDual(torch.autograd.Function):
         return dx, dxd, dw, db, None, None
 
 
+@autocast_dual
 def groupnorm_dual(x, x_dot, weight, bias, num_groups, eps=1e-5):
     """Dual GroupNorm (no activation): ``(group_norm(x), J x_dot)``.
 

@@ -38,7 +38,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from sgflow.ops.backend import resolve_backend
+from sgflow.ops.backend import autocast_dual, resolve_backend
 
 __all__ = [
     "groupnorm_silu_dual_ref",
@@ -441,6 +441,7 @@ def _op_backend(x: torch.Tensor, backend: str | None) -> str:
     return "triton" if be == "cuda" else be
 
 
+@autocast_dual
 def groupnorm_silu_dual(
     x: torch.Tensor,
     x_dot: torch.Tensor,
@@ -489,6 +490,7 @@ def _conv_padding(padding, k: tuple[int, int]) -> tuple[int, int]:
     return pad
 
 
+@autocast_dual
 def gn_silu_conv_dual(
     x: torch.Tensor,
     x_dot: torch.Tensor,

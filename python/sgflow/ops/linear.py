@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from sgflow.ops.backend import autocast_dual
 
 __all__ = ["linear_dual_ref", "LinearDual", "linear_dual"]
 
@@ -69,6 +70,7 @@ class LinearDual(torch.autograd.Function):
         return dx, dxd, dw, db
 
 
+@autocast_dual
 def linear_dual(x, x_dot, weight, bias=None):
     """Dual linear layer: returns ``(x W^T + b, x_dot W^T)``.
 

@@ -7,7 +7,8 @@ activation checkpointing applied to a primal + tangent block: peak memory of the
 block's intermediates at a time, at the price of one more forward of the block.
 
 Random draws inside ``fn`` (dropout masks) are replayed: the RNG state of x's device is saved before
-the forward and restored for the recomputation, so both passes draw the same masks.
+the forward and restored for the recomputation, so both passes draw the same masks. The autocast
+state of the forward is restored for the recomputation too (backward usually runs outside it).
 """
 from __future__ import annotations
 
@@ -22,11 +23,12 @@ def _recompute_backward(ctx, g_y, g_ydot):
     extra = [e.detach().requires_grad_(ctx.needs_input_grad[4 + i]) for i, e in enumerate(extra)]
     params = ctx.params
     devices = [ctx.device] if ctx.cuda_rng is not None else []
+    device_type, autocast_on, autocast_dtype = ctx.autocast
     with torch.random.fork_rng(devices=devices, enabled=True):
         torch.set_rng_state(ctx.cpu_rng)
         if ctx.cuda_rng is not None:
             torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
-        with torch.enable_grad():
+        with torch.enable_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
             y, y_dot = ctx.fn(inputs[0], inputs[1], *extra)
     wrt = [t for t in (*inputs, *extra, *params) if t.requires_grad]
     outs, grads_out = [], []
@@ -51,6 +53,8 @@ class RecomputeDual(torch.autograd.Function):
         ctx.device = x.device
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        dt = x.device.type
+        ctx.autocast = (dt, torch.is_autocast_enabled(dt), torch.get_autocast_dtype(dt))
         ctx.save_for_backward(x, x_dot, *extra)
         with torch.no_grad():
             y, y_dot = fn(x, x_dot, *extra)
