@@ -213,3 +213,37 @@ def test_model_output_dtype_under_autocast():
             assert loss.dtype == torch.float32 and torch.isfinite(loss), name
     with pytest.raises(TypeError, match="dtype"):
         sgflow.flow_matching_loss(lambda t, u, x: model(t, u, x).double(), x1)
+
+
+@pytest.mark.parametrize("name", ["eulerian", "lagrangian", "progressive", "meanflow", "sgflow"])
+@pytest.mark.parametrize("where", ["all_off_diagonal", "all_diagonal"])
+def test_baselines_with_one_kind_of_row_only(name, where):
+    """A batch with no diagonal (or only diagonal) samples is valid; a network rejecting empty batches must not be called with one."""
+    from sgflow.nn import build_model
+
+    torch.manual_seed(0)
+    model = build_model("mlp", (DIM,))
+    n = 6
+    t = torch.full((n,), 0.2)
+    u = torch.full((n,), 0.7) if where == "all_off_diagonal" else t.clone()
+    loss, _ = sgflow.LOSSES[name](model, torch.randn(n, DIM), t=t, u=u)
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def test_flow_matching_times_follow_the_base_distribution():
+    """Flow matching draws t from the sampler's base law (uniform), not the min of a pair."""
+    seen = []
+    model = lambda t, u, x: (seen.append(t.clone()), torch.zeros_like(x))[1]  # noqa: E731
+    sgflow.flow_matching_loss(model, torch.randn(20000, DIM), generator=torch.Generator().manual_seed(0))
+    t = seen[0]
+    assert abs(t.mean().item() - 0.5) < 0.01 and abs((t < 0.5).float().mean().item() - 0.5) < 0.015
+
+
+def test_given_u_with_drawn_t_keeps_t_below_u():
+    u = torch.full((50,), 0.3)
+    seen = []
+    model = lambda t, uu, x: (seen.append((t.clone(), uu.clone())), torch.zeros_like(x))[1]  # noqa: E731
+    sgflow.meanflow_loss(model, torch.randn(50, DIM), u=u)
+    t_seen, u_seen = seen[-1]
+    assert bool((t_seen <= u_seen).all()) and bool((u_seen == 0.3).all())

@@ -227,3 +227,13 @@ def test_divergence_is_caught(tmp_path):
     with pytest.raises(TrainingDiverged, match="training diverged"):
         train(_cfg(tmp_path, method="sgflow", steps=40, lr=1e3, grad_clip=0, figures=False, divergence_threshold=1e3))
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_multiprocess_sgflow_needs_even_batch_per_process():
+    from sgflow.train import ConfigError, TrainConfig, validate_config
+
+    validate_config(TrainConfig(method="sgflow", batch_size=8), world_size=2)
+    with pytest.raises(ConfigError, match="even batch per process"):
+        validate_config(TrainConfig(method="sgflow", batch_size=6), world_size=2)
+    validate_config(TrainConfig(method="sgflow", batch_size=6, loss_kwargs={"both_terms": True}), world_size=2)
+    validate_config(TrainConfig(method="flow_matching", batch_size=6), world_size=2)

@@ -315,9 +315,11 @@ def cmd_eval(args) -> int:
     if args.baseline:
         torch.manual_seed(cfg.seed)
         base, _ = build_network(cfg.model, tuple(ckpt["data_shape"]), **cfg.model_kwargs)
-        results["untrained"] = evaluate(base.to(device), dataset, steps, args.n, args.seed, sampler, device, args.cache_dir)
+        results["untrained"] = evaluate(base.to(device), dataset, steps, args.n, args.seed, sampler, device, args.cache_dir,
+                                        interpolant=cfg.interpolant)
     label = f"step {ckpt['step']}"
-    results[label] = evaluate(model, dataset, steps, args.n, args.seed, sampler, device, args.cache_dir)
+    results[label] = evaluate(model, dataset, steps, args.n, args.seed, sampler, device, args.cache_dir,
+                              interpolant=cfg.interpolant)
     print(f"{cfg.method} on {cfg.data}, {'raw' if args.raw else 'EMA'} weights, sampler {sampler}, n={args.n}")
     print(format_table(results))
     if args.json:

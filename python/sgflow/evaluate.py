@@ -17,6 +17,7 @@ classifier trained on digits by this module (once; cached under ``~/.cache/sgflo
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sgflow
+from sgflow.interpolants import get_interpolant
 from sgflow.metrics import energy_distance, frechet_distance, sliced_wasserstein
 
 STEP_COUNTS = (1, 2, 4, 8, 16)
@@ -55,7 +57,8 @@ def _draw(model, x0, steps, sampler, batch=4096):
 # ---------------------------------------------------------------------- point data
 @torch.no_grad()
 def evaluate_points(model, dataset, steps=STEP_COUNTS, n: int = 2000, seed: int = 0, sampler: str = "flow_map",
-                    pairs=DEFAULT_PAIRS, device="cpu", projections: int = 256, cache: dict | None = None) -> dict:
+                    pairs=DEFAULT_PAIRS, device="cpu", projections: int = 256, cache: dict | None = None,
+                    interpolant="linear") -> dict:
     """Quality of ``model`` on point data at each step count (see module doc).
 
     Returns ``{"rows": [{"steps", "energy", "sliced_w", "map_mse"}...], "pairs": [{"t", "u", "mse"}...],
@@ -63,7 +66,8 @@ def evaluate_points(model, dataset, steps=STEP_COUNTS, n: int = 2000, seed: int 
     ``map_mse``, ``pairs`` and ``exact_energy`` only for Gaussian mixtures (else None / []).
     The same noise, data and projections are used for every model evaluated with one ``seed``, so
     rows of different models are directly comparable; pass one ``cache`` dict to such calls to solve
-    the exact flow-map ODEs (the slow part) only once.
+    the exact flow-map ODEs (the slow part) only once. ``interpolant``: the path the model was trained
+    on; the exact maps f(t, u, .) between intermediate times depend on it.
     """
     if n < 2:
         raise EvalError(f"evaluation needs at least 2 samples, got {n}")
@@ -74,6 +78,9 @@ def evaluate_points(model, dataset, steps=STEP_COUNTS, n: int = 2000, seed: int 
     x0 = torch.randn((n, *dataset.shape), generator=g)
     proj_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
     mix = dataset.mixture
+    if mix is not None:
+        mix = copy.copy(mix)
+        mix.interpolant = get_interpolant(interpolant)
 
     def sw(x):
         return sliced_wasserstein(x, ref, projections=projections, generator=torch.Generator().manual_seed(proj_seed)).item()
@@ -81,7 +88,7 @@ def evaluate_points(model, dataset, steps=STEP_COUNTS, n: int = 2000, seed: int 
     cache = {} if cache is None else cache
 
     def exact_map(tag, t, u, x):
-        key = (tag, seed, n, float(t), float(u), tuple(dataset.shape), id(mix))
+        key = (tag, seed, n, float(t), float(u), tuple(dataset.shape), id(dataset.mixture), mix.interpolant.name)
         if key not in cache:
             cache[key] = mix.flow_map(float(t), float(u), x)
         return cache[key]
@@ -249,7 +256,7 @@ def evaluate_digits(model, dataset, steps=STEP_COUNTS, n: int = 2000, seed: int 
 
 
 def evaluate(model, dataset, steps=STEP_COUNTS, n: int = 2000, seed: int = 0, sampler: str = "flow_map", device="cpu",
-             cache_dir=None, verbose: bool = True, cache: dict | None = None) -> dict:
+             cache_dir=None, verbose: bool = True, cache: dict | None = None, interpolant="linear") -> dict:
     """Dispatch on the data: point data -> :func:`evaluate_points`, digits -> :func:`evaluate_digits`.
 
     ``cache``: share one dict between calls with the same seed and n (exact flow maps are reused).
@@ -258,7 +265,8 @@ def evaluate(model, dataset, steps=STEP_COUNTS, n: int = 2000, seed: int = 0, sa
         raise EvalError(f"step counts must be positive integers, got {steps!r}")
     if dataset.is_image:
         return {"kind": "images", **evaluate_digits(model, dataset, steps, n, seed, sampler, device, cache_dir, verbose)}
-    return {"kind": "points", **evaluate_points(model, dataset, steps, n, seed, sampler, device=device, cache=cache)}
+    return {"kind": "points", **evaluate_points(model, dataset, steps, n, seed, sampler, device=device, cache=cache,
+                                                interpolant=interpolant)}
 
 
 # ---------------------------------------------------------------------- tables

@@ -8,6 +8,18 @@ from __future__ import annotations
 import torch
 
 
+def random_tensor(kind: str, shape, device=None, dtype=torch.float32, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``torch.rand`` (kind "rand") or ``torch.randn`` ("randn") of ``shape`` on ``device``.
+
+    Draws on the generator's own device and moves the result, so a CPU generator (reproducible
+    across machines) works with CUDA data instead of raising.
+    """
+    draw = {"rand": torch.rand, "randn": torch.randn}[kind]
+    if generator is None or torch.device(generator.device) == torch.device(device or "cpu"):
+        return draw(shape, device=device, dtype=dtype, generator=generator)
+    return draw(shape, device=generator.device, dtype=dtype, generator=generator).to(device)
+
+
 class TimeSampler:
     """Draw ``(t, u)`` of shape [B] each, 0 <= t <= u <= 1.
 
@@ -30,16 +42,20 @@ class TimeSampler:
             raise ValueError(f"std must be positive, got {std}")
         self.kind, self.diagonal_fraction, self.mean, self.std = kind, diagonal_fraction, mean, std
 
-    def _draw(self, n, device, dtype, generator):
+    def _draw(self, n, device, dtype, generator, k=2):
         if self.kind == "uniform":
-            return torch.rand(n, 2, device=device, dtype=dtype, generator=generator)
-        z = torch.randn(n, 2, device=device, dtype=dtype, generator=generator)
+            return random_tensor("rand", (n, k), device, dtype, generator)
+        z = random_tensor("randn", (n, k), device, dtype, generator)
         return torch.sigmoid(self.mean + self.std * z)
+
+    def sample_diagonal(self, batch_size: int, device=None, dtype=torch.float32, generator=None) -> torch.Tensor:
+        """Times t [B] for the diagonal only (flow matching): one draw of the base distribution each."""
+        return self._draw(batch_size, device, dtype, generator, k=1)[:, 0]
 
     def __call__(self, batch_size: int, device=None, dtype=torch.float32, generator=None):
         pair = self._draw(batch_size, device, dtype, generator)
         t, u = pair.min(dim=1).values, pair.max(dim=1).values
-        on_diag = torch.rand(batch_size, device=device, dtype=dtype, generator=generator) < self.diagonal_fraction
+        on_diag = random_tensor("rand", (batch_size,), device, dtype, generator) < self.diagonal_fraction
         # For the diagonal draw t from the marginal of one time, not the min, so it stays uniform.
         u = torch.where(on_diag, pair[:, 0], u)
         t = torch.where(on_diag, pair[:, 0], t)

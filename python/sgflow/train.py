@@ -168,6 +168,13 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
             f"method {cfg.method!r} splits each batch between its two terms and needs at least 2 samples per "
             f"process; got batch size {cfg.batch_size} over {world_size} process(es)"
         )
+    if cfg.method.startswith("sgflow") and world_size > 1 and local % 2 and not cfg.loss_kwargs.get("both_terms", False):
+        # Each process averages each term over its own rows; only with an even per-process batch does
+        # every process hold exactly half first-term rows, so that the averaged update equals one process's.
+        raise ConfigError(
+            f"method {cfg.method!r} over {world_size} processes needs an even batch per process (each gets exactly "
+            f"half of each SGFlow term); got {local} per process from batch size {cfg.batch_size}"
+        )
     if not (isinstance(cfg.lr, (int, float)) and math.isfinite(cfg.lr) and cfg.lr > 0):
         raise ConfigError(f"learning rate must be a positive number, got {cfg.lr!r}")
     if len(cfg.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.betas):

@@ -461,3 +461,27 @@ def test_imports_and_runs_without_triton():
     env = {k: v for k, v in __import__("os").environ.items() if k != "SGFLOW_BACKEND"}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr
+
+
+def test_double_backward_raises_instead_of_being_wrong():
+    """The group statistics are saved without a graph: a second derivative must raise, not be wrong."""
+    from sgflow.ops.groupnorm import groupnorm_dual
+    from sgflow.ops.recompute import recompute_dual
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    xd = torch.randn_like(x)
+    w = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    cw = torch.randn(3, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    ops = {
+        "groupnorm_dual": lambda: groupnorm_dual(x, xd, w, b, 2),
+        "groupnorm_silu_dual": lambda: groupnorm_silu_dual(x, xd, w, b, 2, backend="torch"),
+        "gn_silu_conv_dual": lambda: gn_silu_conv_dual(x, xd, w, b, 2, cw, None, 1, backend="torch"),
+        "recompute_dual": lambda: recompute_dual(lambda a, a_dot: (a * w[None, :, None, None], a_dot * w[None, :, None, None]), x, xd, [w]),
+    }
+    for name, op in ops.items():
+        y, y_dot = op()
+        (g,) = torch.autograd.grad((y.square().sum() + y_dot.square().sum()), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="differentiate twice"):
+            g.sum().backward()

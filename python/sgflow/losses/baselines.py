@@ -10,6 +10,7 @@ import torch
 
 from sgflow.checks import check_model_output
 from sgflow.losses.common import bcast, draw_batch, flow_map, mean_sq
+from sgflow.times import random_tensor
 
 
 def _diag_and_off(b):
@@ -27,6 +28,9 @@ def _combine(fm_rows: torch.Tensor, off_rows: torch.Tensor, name: str):
 
 
 def _fm_rows(model, b, rows):
+    """Per-row flow-matching residuals ||f~(t,t,X_t) - Xdot_t||^2 of the selected rows ([0] if none)."""
+    if not bool(rows.any()):
+        return b.x1.new_zeros(0)
     t = b.t[rows]
     x = b.xt[rows]
     return mean_sq(check_model_output(model(t, t, x), x, "model(t, t, x)") - b.xdot[rows])
@@ -80,7 +84,7 @@ def lagrangian_loss(model, x1, *, interpolant="linear", time_sampler=None, noise
             lambda uu: flow_map(model, t_, uu, x_), (u_,), (torch.ones_like(u_),)
         )
         with torch.no_grad():
-            teacher = model(u_, u_, end.detach())
+            teacher = check_model_output(model(u_, u_, end.detach()), x_, "model(u, u, x)")
         res = mean_sq(du_f - teacher)
     else:
         res = fm.new_zeros(0)
@@ -100,7 +104,7 @@ def eulerian_loss(model, x1, *, interpolant="linear", time_sampler=None, noise=N
     if bool(off.any()):
         t_, u_, x_ = b.t[off], b.u[off], b.xt[off]
         with torch.no_grad():
-            v_hat = model(t_, t_, x_)
+            v_hat = check_model_output(model(t_, t_, x_), x_, "model(t, t, x)")
         _, jf = torch.func.jvp(
             lambda tt, uu, xx: flow_map(model, tt, uu, xx), (t_, u_, x_), (torch.ones_like(t_), torch.zeros_like(u_), v_hat)
         )
@@ -124,7 +128,7 @@ def progressive_loss(model, x1, *, interpolant="linear", time_sampler=None, nois
     if bool(off.any()):
         t_, u_, x_ = b.t[off], b.u[off], b.xt[off]
         if s is None:
-            w = torch.rand(t_.shape, device=t_.device, dtype=t_.dtype, generator=generator)
+            w = random_tensor("rand", t_.shape, t_.device, t_.dtype, generator)
             s_ = t_ + w * (u_ - t_)
         else:
             s_ = s[off]

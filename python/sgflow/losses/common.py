@@ -7,7 +7,7 @@ import torch
 
 from sgflow.checks import check_data, check_like, check_model_output, check_time_pair, check_times
 from sgflow.interpolants import Interpolant, get_interpolant
-from sgflow.times import TimeSampler
+from sgflow.times import TimeSampler, random_tensor
 
 
 def mean_sq(x: torch.Tensor) -> torch.Tensor:
@@ -58,20 +58,27 @@ def draw_batch(
     batch = x1.shape[0]
     interp = get_interpolant(interpolant)
     if noise is None:
-        noise = torch.randn(x1.shape, device=x1.device, dtype=x1.dtype, generator=generator)
+        noise = random_tensor("randn", x1.shape, x1.device, x1.dtype, generator)
     else:
         check_like(noise, x1, "noise")
     if t is not None:
         check_times(t, batch, x1, "t")
     if u is not None and not diagonal:
         check_times(u, batch, x1, "u")
-    if t is None or (u is None and not diagonal):
-        sampler = time_sampler or TimeSampler()
+    sampler = time_sampler or TimeSampler()
+    if diagonal:
+        # Flow matching: t from the sampler's base distribution, not the min of a pair.
+        if t is None:
+            t = sampler.sample_diagonal(batch, device=x1.device, dtype=x1.dtype, generator=generator)
+    elif t is None or u is None:
         t_draw, u_draw = sampler(batch, device=x1.device, dtype=x1.dtype, generator=generator)
-        t = t_draw if t is None else t
-        if u is None and not diagonal:
+        if t is None and u is None:
+            t, u = t_draw, u_draw
+        elif u is None:
             # A given t with a drawn u: keep u on or above t.
             u = torch.maximum(u_draw, t)
+        else:
+            t = torch.minimum(t_draw, u)
     if diagonal:
         u = t
     check_time_pair(t, u, batch, x1)

@@ -14,6 +14,7 @@ import torch
 
 from sgflow.checks import check_model_output, check_split
 from sgflow.losses.common import Batch, bcast, draw_batch, flow_map, mean_sq
+from sgflow.times import random_tensor
 
 
 @dataclass
@@ -44,7 +45,7 @@ def sgflow_rows(model, b: Batch, split: torch.Tensor | None, both_terms: bool, s
         if split is None:
             if not 0.0 < split_fraction < 1.0:
                 raise ValueError(f"split_fraction must lie in (0, 1), got {split_fraction}")
-            split = torch.rand(batch, device=b.x1.device, generator=generator) < split_fraction
+            split = random_tensor("rand", (batch,), b.x1.device, torch.float32, generator) < split_fraction
         check_split(split, batch, b.x1)
         index = torch.arange(batch, device=b.x1.device)
         first = split

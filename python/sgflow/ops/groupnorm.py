@@ -33,6 +33,7 @@ Module layout (see docs/DESIGN.md): :func:`groupnorm_dual_ref`, :class:`GroupNor
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 from sgflow.ops.backend import autocast_dual
 
 __all__ = ["groupnorm_dual_ref", "GroupNormDual", "groupnorm_dual"]
@@ -88,6 +89,7 @@ class GroupNormDual(torch.autograd.Function):
         return y.reshape(x.shape), y_dot.reshape(x.shape)
 
     @staticmethod
+    @once_differentiable  # the group statistics are saved without a graph
     def backward(ctx, g, g_dot):
         x, x_dot, weight, mu, r = ctx.saved_tensors
         ng = ctx.num_groups

@@ -36,6 +36,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from torch.autograd.function import once_differentiable
 import torch.nn.functional as F
 
 from sgflow.ops.backend import autocast_dual, resolve_backend
@@ -287,6 +288,7 @@ class GroupNormSiLUDual(torch.autograd.Function):
         return y, y_dot
 
     @staticmethod
+    @once_differentiable  # the group statistics are saved without a graph
     def backward(ctx, g_y, g_ydot):
         x, x_dot, weight, bias, stats = ctx.saved_tensors
         if g_y is None and g_ydot is None:
@@ -347,6 +349,7 @@ class GNSiLUConvDual(torch.autograd.Function):
         return out[:B], out[B:]
 
     @staticmethod
+    @once_differentiable  # the group statistics are saved without a graph
     def backward(ctx, g_y, g_ydot):
         x, x_dot, gn_w, gn_b, conv_w, conv_b, stats, mask = ctx.saved_tensors
         need = ctx.needs_input_grad

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
+from torch.autograd.function import once_differentiable
 
 
 def _recompute_backward(ctx, g_y, g_ydot):
@@ -60,7 +61,8 @@ class RecomputeDual(torch.autograd.Function):
             y, y_dot = fn(x, x_dot, *extra)
         return y, y_dot
 
-    backward = staticmethod(_recompute_backward)
+    # The recomputed graph is differentiated without create_graph: no double backward.
+    backward = staticmethod(once_differentiable(_recompute_backward))
 
 
 def recompute_dual(
