@@ -53,8 +53,8 @@ def _mean(x: torch.Tensor) -> torch.Tensor:
     return x.mean((2, 3), keepdim=True)
 
 
-def groupnorm_dual_ref(x, x_dot, weight, bias, num_groups, eps=1e-5):
-    """Reference with explicit formulas (see module doc); returns ``(y, y_dot)``."""
+def _groupnorm_dual_forward(x, x_dot, weight, bias, num_groups, eps):
+    """The formulas of the module doc: ``(y, y_dot, mu, r)`` with mu, r the per-group statistics."""
     xg, dg = _grouped(x, num_groups), _grouped(x_dot, num_groups)
     mu = _mean(xg)
     r = torch.rsqrt(_mean((xg - mu) ** 2) + eps)
@@ -65,7 +65,13 @@ def groupnorm_dual_ref(x, x_dot, weight, bias, num_groups, eps=1e-5):
     y_dot = dh if w is None else dh * w
     if b is not None:
         y = y + b
-    return y.reshape(x.shape), y_dot.reshape(x.shape)
+    return y.reshape(x.shape), y_dot.reshape(x.shape), mu, r
+
+
+def groupnorm_dual_ref(x, x_dot, weight, bias, num_groups, eps=1e-5):
+    """Reference with explicit formulas (see module doc); returns ``(y, y_dot)``."""
+    y, y_dot, _, _ = _groupnorm_dual_forward(x, x_dot, weight, bias, num_groups, eps)
+    return y, y_dot
 
 
 class GroupNormDual(torch.autograd.Function):
@@ -73,20 +79,11 @@ class GroupNormDual(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, x_dot, weight, bias, num_groups, eps):
-        xg, dg = _grouped(x, num_groups), _grouped(x_dot, num_groups)
-        mu = _mean(xg)
-        r = torch.rsqrt(_mean((xg - mu) ** 2) + eps)
-        xh = (xg - mu) * r
-        dh = r * (dg - _mean(dg)) - r * _mean(xh * dg) * xh
-        w, b = _affine(weight, num_groups), _affine(bias, num_groups)
-        y = xh if w is None else xh * w
-        y_dot = dh if w is None else dh * w
-        if b is not None:
-            y = y + b
+        y, y_dot, mu, r = _groupnorm_dual_forward(x, x_dot, weight, bias, num_groups, eps)
         ctx.save_for_backward(x, x_dot, weight, mu, r)
         ctx.num_groups, ctx.has_bias = num_groups, bias is not None
         ctx.set_materialize_grads(False)
-        return y.reshape(x.shape), y_dot.reshape(x.shape)
+        return y, y_dot
 
     @staticmethod
     @once_differentiable  # the group statistics are saved without a graph
