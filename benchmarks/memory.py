@@ -95,6 +95,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--backend", default=None, help="SGFLOW_BACKEND for the fused ops (torch|triton|cuda)")
+    p.add_argument("--recompute", default="attention", choices=("none", "attention", "all"),
+                   help="U-Net dual blocks recomputed in backward (fused methods only; default attention)")
     p.add_argument("--out", default="benchmarks/results/memory")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -106,7 +108,7 @@ def main(argv=None):
     size = args.image_size or (32 if config == "cifar10" else 16)
     batch = args.batch or (128 if device.type == "cuda" else 8)
     torch.manual_seed(0)
-    model = build_model(config, (3, size, size)).to(device)
+    model = build_model(config, (3, size, size), recompute=args.recompute).to(device)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -126,7 +128,8 @@ def main(argv=None):
             r[f"{key}_ratio"] = r[key] / ref[key]
             r["step_ratio"] = r["step_ms"] / ref["step_ms"]
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "config": config, "params": n_params,
-            "batch": batch, "image_size": size, "torch": torch.__version__, "backend": args.backend or "auto"}
+            "batch": batch, "image_size": size, "torch": torch.__version__, "backend": args.backend or "auto",
+            "recompute": args.recompute}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
@@ -137,7 +140,8 @@ def main(argv=None):
         w.writerows(rows)
     unit = "peak GiB" if device.type == "cuda" else "saved MiB"
     scale = 2**30 if device.type == "cuda" else 2**20
-    print(f"# {meta['device']}  config={config} ({n_params / 1e6:.1f}M params)  batch={batch}  {size}x{size}  torch {torch.__version__}")
+    print(f"# {meta['device']}  config={config} ({n_params / 1e6:.1f}M params)  batch={batch}  {size}x{size}  "
+          f"torch {torch.__version__}  recompute={args.recompute}")
     print(f"{'method':<18} {unit:>10} {'x FM':>7} {'step ms':>9} {'x FM':>7}")
     for r in rows:
         if "error" in r:
