@@ -77,3 +77,18 @@ def test_torchrun_cli_end_to_end(tmp_path, single_process_env):
     assert bad.returncode != 0
     assert "error: batch size 9 is not divisible by the number of processes 2" in bad.stderr
     assert "Traceback" not in bad.stderr.split("error: batch size")[0]
+
+
+@pytest.mark.parametrize("name", ["sgflow_loss", "fused_loss", "meanflow_loss", "eulerian_loss", "lagrangian_loss"])
+def test_jvp_losses_refuse_a_ddp_model(tmp_path, name):
+    """JVPs bypass DDP.forward, where its gradient all-reduce is armed: refuse instead of silently not syncing."""
+    import sgflow
+    from sgflow.nn import build_model
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(build_model("mlp", (2,)))
+        with pytest.raises(TypeError, match="DistributedDataParallel"):
+            getattr(sgflow, name)(ddp, torch.randn(4, 2))
+    finally:
+        dist.destroy_process_group()

@@ -80,3 +80,14 @@ def check_split(split: torch.Tensor, batch: int, ref: torch.Tensor) -> None:
         raise ValueError(f"split must have shape [{batch}], got {tuple(split.shape)}")
     if split.device != ref.device:
         raise ValueError(f"split is on {split.device} but the data is on {ref.device}")
+
+
+def check_not_ddp(model, loss_name: str) -> None:
+    """JVP-based losses cannot take a DistributedDataParallel model: its gradient all-reduce is armed
+    in DDP.forward, which torch.func.jvp and the dual forward bypass, so ranks would silently diverge."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        raise TypeError(
+            f"{loss_name} needs the plain module, not DistributedDataParallel (its JVP bypasses DDP's gradient "
+            "hooks): pass model.module and average gradients after backward, e.g. "
+            "sgflow.distributed.allreduce_gradients(model.module.parameters(), world_size), as `sgflow train` does"
+        )

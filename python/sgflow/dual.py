@@ -36,8 +36,11 @@ class JVPDual(nn.Module):
 
 
 def unwrap_parallel(model: nn.Module) -> nn.Module:
-    """The inner module of a DistributedDataParallel / DataParallel wrapper (JVPs bypass the wrapper)."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+    """The inner module of a DataParallel wrapper (the dual forward runs on the module's own device).
+
+    DistributedDataParallel is refused by the losses before this point (see checks.check_not_ddp).
+    """
+    while isinstance(model, nn.DataParallel):
         model = model.module
     return model
 

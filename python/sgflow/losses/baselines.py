@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from sgflow.checks import check_model_output
+from sgflow.checks import check_model_output, check_not_ddp
 from sgflow.losses.common import bcast, draw_batch, flow_map, mean_sq
 from sgflow.times import random_tensor
 
@@ -55,6 +55,7 @@ def meanflow_loss(model, x1, *, interpolant="linear", time_sampler=None, noise=N
     from the identity f~ = v + (u - t) (d_t f~ + (d_x f~) v). The JVP is computed under
     ``torch.no_grad`` (no graph through it), as the method detaches it anyway.
     """
+    check_not_ddp(model, "meanflow_loss")
     b = draw_batch(x1, interpolant=interpolant, time_sampler=time_sampler, noise=noise, t=t, u=u, generator=generator)
     with torch.no_grad():
         _, dfdt = torch.func.jvp(
@@ -75,6 +76,7 @@ def lagrangian_loss(model, x1, *, interpolant="linear", time_sampler=None, noise
     (the map's endpoint moves with the velocity at the endpoint); flow matching on the diagonal.
     d_u f is a JVP in direction (0, 1, 0) with the gradient flowing through it.
     """
+    check_not_ddp(model, "lagrangian_loss")
     b = draw_batch(x1, interpolant=interpolant, time_sampler=time_sampler, noise=noise, t=t, u=u, generator=generator)
     diag, off = _diag_and_off(b)
     fm = _fm_rows(model, b, diag)
@@ -98,6 +100,7 @@ def eulerian_loss(model, x1, *, interpolant="linear", time_sampler=None, noise=N
     (the flow-map PDE with the model's diagonal as the velocity); flow matching on the diagonal.
     A JVP in direction (1, 0, sg[f~(t,t,X_t)]) with the gradient flowing through it.
     """
+    check_not_ddp(model, "eulerian_loss")
     b = draw_batch(x1, interpolant=interpolant, time_sampler=time_sampler, noise=noise, t=t, u=u, generator=generator)
     diag, off = _diag_and_off(b)
     fm = _fm_rows(model, b, diag)

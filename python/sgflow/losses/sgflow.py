@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sgflow.checks import check_model_output, check_split
+from sgflow.checks import check_model_output, check_not_ddp, check_split
 from sgflow.losses.common import Batch, bcast, draw_batch, flow_map, mean_sq
 from sgflow.times import random_tensor
 
@@ -126,6 +126,7 @@ def sgflow_loss(
         norms averaged over feature dims) and detached diagnostics: ``term1``, ``term2``,
         ``diag_fm`` (||Xdot_t - f~(t,t,X_t)||^2 on the second-term samples), row counts.
     """
+    check_not_ddp(model, "sgflow_loss")
     b = draw_batch(x1, interpolant=interpolant, time_sampler=time_sampler, noise=noise, t=t, u=u, generator=generator)
     rows = sgflow_rows(model, b, split, both_terms, split_fraction, generator)
     tr, ur, xr = b.t[rows.index], b.u[rows.index], b.xt[rows.index]
