@@ -122,6 +122,44 @@ def _bwd_tile(x, xd, w, b, gy, gyd, mean, rstd, mean_dot, rstd_dot, mask,
     return dd, xh, xhd, g_h, g_hd
 
 
+@triton.jit
+def _bwd_load_tile(X_ptr, XD_ptr, W_ptr, BIAS_ptr, MASK_ptr, GY_ptr, GYD_ptr, base, g, c0, s0, CG, S, scale,
+                   mean, rstd, mean_dot, rstd_dot, acc_ty,
+                   BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+                   HAS_MASK: tl.constexpr, HAS_GY: tl.constexpr, HAS_GYD: tl.constexpr):
+    """Load one tile of x, x_dot and the output gradients (dropout mask applied) and return
+    (offs_c, offs, mask, w, dd, xh, xhd, g_h, g_hdot) for it."""
+    offs_c, offs, mask = _tile_offsets(c0, s0, CG, S, BLOCK_C, BLOCK_S)
+    x = _load_tile(X_ptr, base, offs, mask, acc_ty)
+    xd = _load_tile(XD_ptr, base, offs, mask, acc_ty)
+    w, b = _load_affine(W_ptr, BIAS_ptr, g, offs_c, CG, acc_ty)
+    gy = x  # placeholders so the names exist when a stream has no gradient
+    gyd = x
+    if HAS_GY:
+        gy = _load_tile(GY_ptr, base, offs, mask, acc_ty)
+    if HAS_GYD:
+        gyd = _load_tile(GYD_ptr, base, offs, mask, acc_ty)
+    if HAS_MASK:
+        m = _load_scaled_mask(MASK_ptr, base, offs, mask, scale, acc_ty)
+        gy = gy * m
+        gyd = gyd * m
+    dd, xh, xhd, g_h, g_hd = _bwd_tile(x, xd, w, b, gy, gyd, mean, rstd, mean_dot, rstd_dot, mask, HAS_GY, HAS_GYD)
+    return offs_c, offs, mask, w, dd, xh, xhd, g_h, g_hd
+
+
+@triton.jit
+def _input_grads(w, g_h, g_hd, xh, dd, rstd, rstd_dot, ma, max_, mc, mcx, mcd, HAS_GYD: tl.constexpr):
+    """(g_x, g_xdot) of a tile from the group means of the module docstring (g_xdot = g_x if no HAS_GYD)."""
+    a = w * g_h
+    gx = rstd * (a - ma - xh * max_)
+    gxd = gx
+    if HAS_GYD:
+        c = w * g_hd
+        gxd = rstd * (c - mc - xh * mcx)
+        gx += rstd_dot * (c - mc) - xh * (rstd * rstd * mcd + 3.0 * rstd_dot * mcx) - (rstd * rstd * mcx) * dd
+    return gx, gxd
+
+
 # ----------------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------------
@@ -264,36 +302,25 @@ def _groupnorm_silu_dual_bwd_kernel(
     rstd_dot = tl.load(STATS_ptr + 3 * BG + pid)
 
     if ONE_TILE:
-        offs_c, offs, mask = _tile_offsets(0, 0, CG, S, BLOCK_C, BLOCK_S)
-        x = _load_tile(X_ptr, base, offs, mask, acc_ty)
-        xd = _load_tile(XD_ptr, base, offs, mask, acc_ty)
-        w, b = _load_affine(W_ptr, BIAS_ptr, g, offs_c, CG, acc_ty)
-        gy = x  # placeholders so the names exist when a stream has no gradient
-        gyd = x
-        if HAS_GY:
-            gy = _load_tile(GY_ptr, base, offs, mask, acc_ty)
-        if HAS_GYD:
-            gyd = _load_tile(GYD_ptr, base, offs, mask, acc_ty)
-        if HAS_MASK:
-            m = _load_scaled_mask(MASK_ptr, base, offs, mask, scale, acc_ty)
-            gy = gy * m
-            gyd = gyd * m
-        dd, xh, xhd, g_h, g_hd = _bwd_tile(x, xd, w, b, gy, gyd, mean, rstd, mean_dot, rstd_dot, mask,
-                                           HAS_GY, HAS_GYD)
+        offs_c, offs, mask, w, dd, xh, xhd, g_h, g_hd = _bwd_load_tile(
+            X_ptr, XD_ptr, W_ptr, BIAS_ptr, MASK_ptr, GY_ptr, GYD_ptr, base, g, 0, 0, CG, S, scale,
+            mean, rstd, mean_dot, rstd_dot, acc_ty, BLOCK_C, BLOCK_S, HAS_MASK, HAS_GY, HAS_GYD)
         cmask = offs_c < CG
         tl.store(DW_ptr + pbase + offs_c, tl.sum(g_h * xh + g_hd * xhd, 1), mask=cmask)
         tl.store(DB_ptr + pbase + offs_c, tl.sum(g_h, 1), mask=cmask)
         a = w * g_h
         ma = tl.sum(a) / nf
         max_ = tl.sum(a * xh) / nf
-        gx = rstd * (a - ma - xh * max_)
+        mc = ma  # placeholders when the tangent output has no gradient
+        mcx = ma
+        mcd = ma
         if HAS_GYD:
             c = w * g_hd
             mc = tl.sum(c) / nf
             mcx = tl.sum(c * xh) / nf
             mcd = tl.sum(c * dd) / nf
-            gxd = rstd * (c - mc - xh * mcx)
-            gx += rstd_dot * (c - mc) - xh * (rstd * rstd * mcd + 3.0 * rstd_dot * mcx) - (rstd * rstd * mcx) * dd
+        gx, gxd = _input_grads(w, g_h, g_hd, xh, dd, rstd, rstd_dot, ma, max_, mc, mcx, mcd, HAS_GYD)
+        if HAS_GYD:
             tl.store(GXD_ptr + base + offs, gxd.to(GXD_ptr.dtype.element_ty), mask=mask)
         tl.store(GX_ptr + base + offs, gx.to(GX_ptr.dtype.element_ty), mask=mask)
     else:
@@ -307,22 +334,9 @@ def _groupnorm_silu_dual_bwd_kernel(
             acc_w = tl.zeros([BLOCK_C, BLOCK_S], acc_ty)
             acc_b = tl.zeros([BLOCK_C, BLOCK_S], acc_ty)
             for s0 in range(0, S, BLOCK_S):
-                offs_c, offs, mask = _tile_offsets(c0, s0, CG, S, BLOCK_C, BLOCK_S)
-                x = _load_tile(X_ptr, base, offs, mask, acc_ty)
-                xd = _load_tile(XD_ptr, base, offs, mask, acc_ty)
-                w, b = _load_affine(W_ptr, BIAS_ptr, g, offs_c, CG, acc_ty)
-                gy = x
-                gyd = x
-                if HAS_GY:
-                    gy = _load_tile(GY_ptr, base, offs, mask, acc_ty)
-                if HAS_GYD:
-                    gyd = _load_tile(GYD_ptr, base, offs, mask, acc_ty)
-                if HAS_MASK:
-                    m = _load_scaled_mask(MASK_ptr, base, offs, mask, scale, acc_ty)
-                    gy = gy * m
-                    gyd = gyd * m
-                dd, xh, xhd, g_h, g_hd = _bwd_tile(x, xd, w, b, gy, gyd, mean, rstd, mean_dot, rstd_dot,
-                                                   mask, HAS_GY, HAS_GYD)
+                offs_c, offs, mask, w, dd, xh, xhd, g_h, g_hd = _bwd_load_tile(
+                    X_ptr, XD_ptr, W_ptr, BIAS_ptr, MASK_ptr, GY_ptr, GYD_ptr, base, g, c0, s0, CG, S, scale,
+                    mean, rstd, mean_dot, rstd_dot, acc_ty, BLOCK_C, BLOCK_S, HAS_MASK, HAS_GY, HAS_GYD)
                 acc_w += g_h * xh + g_hd * xhd
                 acc_b += g_h
                 a = w * g_h
@@ -345,29 +359,11 @@ def _groupnorm_silu_dual_bwd_kernel(
         # sweep 2: input gradients
         for c0 in range(0, CG, BLOCK_C):
             for s0 in range(0, S, BLOCK_S):
-                offs_c, offs, mask = _tile_offsets(c0, s0, CG, S, BLOCK_C, BLOCK_S)
-                x = _load_tile(X_ptr, base, offs, mask, acc_ty)
-                xd = _load_tile(XD_ptr, base, offs, mask, acc_ty)
-                w, b = _load_affine(W_ptr, BIAS_ptr, g, offs_c, CG, acc_ty)
-                gy = x
-                gyd = x
-                if HAS_GY:
-                    gy = _load_tile(GY_ptr, base, offs, mask, acc_ty)
+                offs_c, offs, mask, w, dd, xh, xhd, g_h, g_hd = _bwd_load_tile(
+                    X_ptr, XD_ptr, W_ptr, BIAS_ptr, MASK_ptr, GY_ptr, GYD_ptr, base, g, c0, s0, CG, S, scale,
+                    mean, rstd, mean_dot, rstd_dot, acc_ty, BLOCK_C, BLOCK_S, HAS_MASK, HAS_GY, HAS_GYD)
+                gx, gxd = _input_grads(w, g_h, g_hd, xh, dd, rstd, rstd_dot, ma, max_, mc, mcx, mcd, HAS_GYD)
                 if HAS_GYD:
-                    gyd = _load_tile(GYD_ptr, base, offs, mask, acc_ty)
-                if HAS_MASK:
-                    m = _load_scaled_mask(MASK_ptr, base, offs, mask, scale, acc_ty)
-                    gy = gy * m
-                    gyd = gyd * m
-                dd, xh, xhd, g_h, g_hd = _bwd_tile(x, xd, w, b, gy, gyd, mean, rstd, mean_dot, rstd_dot,
-                                                   mask, HAS_GY, HAS_GYD)
-                a = w * g_h
-                gx = rstd * (a - ma - xh * max_)
-                if HAS_GYD:
-                    c = w * g_hd
-                    gxd = rstd * (c - mc - xh * mcx)
-                    gx += (rstd_dot * (c - mc) - xh * (rstd * rstd * mcd + 3.0 * rstd_dot * mcx)
-                           - (rstd * rstd * mcx) * dd)
                     tl.store(GXD_ptr + base + offs, gxd.to(GXD_ptr.dtype.element_ty), mask=mask)
                 tl.store(GX_ptr + base + offs, gx.to(GX_ptr.dtype.element_ty), mask=mask)
 
