@@ -173,6 +173,30 @@ def _attention_dual_bwd_preprocess_kernel(
 
 
 @triton.jit
+def _bwd_tile_scores(q, k, v, qd, kd, vd, g, gd, lse, delta, mu, alpha, m_mask, n_mask, scale,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_G: tl.constexpr, HAS_GD: tl.constexpr,
+                     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Recompute one [BLOCK_M, BLOCK_N] tile of the backward (module docstring): returns (P, T, C, A) with
+    dS = P T, C = S_dot - mu, A = Gd V^T - alpha and dS_dot = P A (C and A only meaningful with HAS_GD)."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
+    p = tl.exp(s - lse[:, None])
+    p = tl.where(m_mask[:, None] & n_mask[None, :], p, 0.0)
+    t = tl.zeros([BLOCK_M, BLOCK_N], ACC_DTYPE) - delta[:, None]  # dP' - delta
+    c = t  # placeholders when the tangent output has no cotangent
+    a = t
+    if HAS_G:
+        t += tl.dot(g, tl.trans(v), input_precision=DOT_PRECISION)
+    if HAS_GD:
+        c = (
+            tl.dot(qd, tl.trans(k), input_precision=DOT_PRECISION)
+            + tl.dot(q, tl.trans(kd), input_precision=DOT_PRECISION)
+        ) * scale - mu[:, None]  # Sd - mu
+        a = tl.dot(gd, tl.trans(v), input_precision=DOT_PRECISION) - alpha[:, None]  # A - alpha
+        t += tl.dot(gd, tl.trans(vd), input_precision=DOT_PRECISION) + a * c
+    return p, t, c, a
+
+
+@triton.jit
 def _attention_dual_bwd_dkv_kernel(
     Q_ptr,  # [BH, N_Q, D]
     K_ptr,  # [BH, N_K, D]
@@ -220,6 +244,8 @@ def _attention_dual_bwd_dkv_kernel(
     v_mask = n_mask[:, None] & dv_mask[None, :]
     k = tl.load(K_ptr + k_offs, mask=k_mask, other=0.0)
     v = tl.load(V_ptr + v_offs, mask=v_mask, other=0.0)
+    kd = k  # placeholders when the tangent output has no cotangent
+    vd = v
     if HAS_GD:
         kd = tl.load(Kd_ptr + k_offs, mask=k_mask, other=0.0)
         vd = tl.load(Vd_ptr + v_offs, mask=v_mask, other=0.0)
@@ -243,26 +269,23 @@ def _attention_dual_bwd_dkv_kernel(
         # +inf makes exp(s - lse) vanish on padded rows without overflow.
         lse = tl.load(Lse_ptr + bh * N_Q + rows, mask=m_mask, other=float("inf"))
         delta = tl.load(Delta_ptr + bh * N_Q + rows, mask=m_mask, other=0.0)
-
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
-        p = tl.exp(s - lse[:, None])
-        p = tl.where(m_mask[:, None] & n_mask[None, :], p, 0.0)
-        t = tl.zeros([BLOCK_M, BLOCK_N], ACC_DTYPE) - delta[:, None]  # dP' - delta
+        g = q  # placeholders for streams without a cotangent
+        qd = q
+        gd = q
+        mu = lse
+        alpha = lse
         if HAS_G:
             g = tl.load(G_ptr + g_offs, mask=g_mask, other=0.0)
-            t += tl.dot(g, tl.trans(v), input_precision=DOT_PRECISION)
-            dv += tl.dot(tl.trans(p.to(g.dtype)), g, input_precision=DOT_PRECISION)
         if HAS_GD:
             qd = tl.load(Qd_ptr + q_offs, mask=q_mask, other=0.0)
             gd = tl.load(Gd_ptr + g_offs, mask=g_mask, other=0.0)
             mu = tl.load(Mu_ptr + bh * N_Q + rows, mask=m_mask, other=0.0)
             alpha = tl.load(Alpha_ptr + bh * N_Q + rows, mask=m_mask, other=0.0)
-            c = (
-                tl.dot(qd, tl.trans(k), input_precision=DOT_PRECISION)
-                + tl.dot(q, tl.trans(kd), input_precision=DOT_PRECISION)
-            ) * scale - mu[:, None]  # Sd - mu
-            a = tl.dot(gd, tl.trans(v), input_precision=DOT_PRECISION) - alpha[:, None]  # A - alpha
-            t += tl.dot(gd, tl.trans(vd), input_precision=DOT_PRECISION) + a * c
+        p, t, c, a = _bwd_tile_scores(q, k, v, qd, kd, vd, g, gd, lse, delta, mu, alpha, m_mask, n_mask, scale,
+                                      BLOCK_M, BLOCK_N, HAS_G, HAS_GD, ACC_DTYPE, DOT_PRECISION)
+        if HAS_G:
+            dv += tl.dot(tl.trans(p.to(g.dtype)), g, input_precision=DOT_PRECISION)
+        if HAS_GD:
             dsd = p * a
             dv += tl.dot(tl.trans((p * c).to(gd.dtype)), gd, input_precision=DOT_PRECISION)
             dvd += tl.dot(tl.trans(p.to(gd.dtype)), gd, input_precision=DOT_PRECISION)
@@ -325,6 +348,11 @@ def _attention_dual_bwd_dq_kernel(
     q = tl.load(Q_ptr + q_offs, mask=q_mask, other=0.0)
     lse = tl.load(Lse_ptr + bh * N_Q + rows, mask=m_mask, other=float("inf"))
     delta = tl.load(Delta_ptr + bh * N_Q + rows, mask=m_mask, other=0.0)
+    g = q  # placeholders for streams without a cotangent
+    qd = q
+    gd = q
+    mu = lse
+    alpha = lse
     if HAS_G:
         g = tl.load(G_ptr + g_offs, mask=g_mask, other=0.0)
     if HAS_GD:
@@ -347,22 +375,14 @@ def _attention_dual_bwd_dq_kernel(
         v_mask = n_mask[:, None] & dv_mask[None, :]
         k = tl.load(K_ptr + k_offs, mask=k_mask, other=0.0)
         v = tl.load(V_ptr + v_offs, mask=v_mask, other=0.0)
-
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
-        p = tl.exp(s - lse[:, None])
-        p = tl.where(m_mask[:, None] & n_mask[None, :], p, 0.0)
-        t = tl.zeros([BLOCK_M, BLOCK_N], ACC_DTYPE) - delta[:, None]  # dP' - delta
-        if HAS_G:
-            t += tl.dot(g, tl.trans(v), input_precision=DOT_PRECISION)
+        kd = k
+        vd = v
         if HAS_GD:
             kd = tl.load(Kd_ptr + k_offs, mask=k_mask, other=0.0)
             vd = tl.load(Vd_ptr + v_offs, mask=v_mask, other=0.0)
-            c = (
-                tl.dot(qd, tl.trans(k), input_precision=DOT_PRECISION)
-                + tl.dot(q, tl.trans(kd), input_precision=DOT_PRECISION)
-            ) * scale - mu[:, None]  # Sd - mu
-            a = tl.dot(gd, tl.trans(v), input_precision=DOT_PRECISION) - alpha[:, None]  # A - alpha
-            t += tl.dot(gd, tl.trans(vd), input_precision=DOT_PRECISION) + a * c
+        p, t, c, a = _bwd_tile_scores(q, k, v, qd, kd, vd, g, gd, lse, delta, mu, alpha, m_mask, n_mask, scale,
+                                      BLOCK_M, BLOCK_N, HAS_G, HAS_GD, ACC_DTYPE, DOT_PRECISION)
+        if HAS_GD:
             dsd = (p * a).to(k.dtype)
             dq += tl.dot(dsd, kd, input_precision=DOT_PRECISION)
             dqd += tl.dot(dsd, k, input_precision=DOT_PRECISION)
