@@ -3,7 +3,8 @@ the GroupNorm+SiLU dual backward for every dtype and flag combination, and the d
 kernels at their default tile configs with register/spill counts from ptxas. Catches kernels that the CPU
 interpreter accepts but the GPU compiler rejects.
 
-    python benchmarks/compile_check_sm90.py
+    python benchmarks/compile_check_sm90.py            # all variants, with ptxas register/spill counts
+    python benchmarks/compile_check_sm90.py --quick    # a subset (the test suite runs this)
 """
 import itertools
 import os
@@ -39,7 +40,7 @@ def signature(fn, dtype, consts):
             sig[name] = "*u8"
         elif name.endswith("_ptr"):
             sig[name] = POINTER[dtype]
-        elif name.startswith("SCALE"):
+        elif name.startswith(("SCALE", "EPS")):
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
@@ -73,12 +74,14 @@ def attention_signature(fn, dtype, consts):
     return sig
 
 
-def check_attention(target):
+def check_attention(target, quick):
     torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}
-    for dtype, d, kind in itertools.product(["bf16", "fp32"], [64, 128], ["bwd_dkv", "bwd_dq"]):
+    dtypes, dims = (["bf16"], [64]) if quick else (["bf16", "fp32"], [64, 128])
+    flags = [(True, True)] if quick else [(True, True), (True, False), (False, True)]
+    for dtype, d, kind in itertools.product(dtypes, dims, ["bwd_dkv", "bwd_dq"]):
         fn = A._attention_dual_bwd_dkv_kernel if kind == "bwd_dkv" else A._attention_dual_bwd_dq_kernel
         bm, bn, warps, stages = A._configs(kind, d, d, torch_dtype[dtype])[0]
-        for has_g, has_gd in [(True, True), (True, False), (False, True)]:
+        for has_g, has_gd in flags:
             consts = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d, BLOCK_DV=d, HAS_G=has_g, HAS_GD=has_gd,
                           ACC_DTYPE=triton.language.float32, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
             k = triton.compile(ASTSource(fn, attention_signature(fn, dtype, consts), constexprs=consts), target=target,
@@ -86,22 +89,43 @@ def check_attention(target):
             print(f"{kind} {dtype} D={d} tile {bm}x{bn} G={has_g:d} Gd={has_gd:d}: {ptxas_report(k.asm['ptx'])}")
 
 
-def main():
-    target = GPUTarget("cuda", 90, 32)
-    check_attention(target)
-    fn = K._groupnorm_silu_dual_bwd_kernel
+def check_groupnorm(target, quick):
+    dtypes = ["bf16", "fp32"] if quick else ["bf16", "fp16", "fp32", "fp64"]
     count = 0
-    for dtype, one_tile, has_mask, has_gy, has_gyd in itertools.product(
-        ["bf16", "fp16", "fp32", "fp64"], [True, False], [True, False], [True, False], [True, False]
-    ):
-        if not (has_gy or has_gyd):
-            continue
-        consts = dict(BLOCK_C=8, BLOCK_S=256, ONE_TILE=one_tile, HAS_MASK=has_mask, HAS_GY=has_gy, HAS_GYD=has_gyd)
-        triton.compile(ASTSource(fn, signature(fn, dtype, consts), constexprs=consts), target=target,
-                       options={"num_warps": 4})
+    for dtype, one_tile, has_mask in itertools.product(dtypes, [True, False], [True, False]):
+        consts = dict(BLOCK_C=8, BLOCK_S=256, ONE_TILE=one_tile, HAS_MASK=has_mask)
+        fn = K._groupnorm_silu_dual_fwd_kernel
+        triton.compile(ASTSource(fn, signature(fn, dtype, consts), constexprs=consts), target=target, options={"num_warps": 4})
         count += 1
-    print(f"compiled {count} variants of {fn.__name__} for sm_90")
+        fn = K._groupnorm_silu_dual_bwd_kernel
+        for has_gy, has_gyd in [(True, True), (True, False), (False, True)]:
+            bwd = dict(consts, HAS_GY=has_gy, HAS_GYD=has_gyd)
+            triton.compile(ASTSource(fn, signature(fn, dtype, bwd), constexprs=bwd), target=target, options={"num_warps": 4})
+            count += 1
+    print(f"compiled {count} GroupNorm+SiLU dual kernel variants for sm_90")
 
+
+def check_attention_forward(target):
+    for dtype in ["bf16", "fp32"]:
+        torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+        bm, bn, warps, stages = A._configs("fwd", 64, 64, torch_dtype)[0]
+        consts = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=64, BLOCK_DV=64, ACC_DTYPE=triton.language.float32,
+                      DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+        fn = A._attention_dual_fwd_kernel
+        k = triton.compile(ASTSource(fn, attention_signature(fn, dtype, consts), constexprs=consts), target=target,
+                           options={"num_warps": warps, "num_stages": stages})
+        print(f"fwd {dtype} D=64 tile {bm}x{bn}: {ptxas_report(k.asm['ptx'])}")
+        fn = A._attention_dual_bwd_preprocess_kernel
+        pre = dict(BLOCK_M=64, BLOCK_DV=64, HAS_G=True, HAS_GD=True, ACC_DTYPE=triton.language.float32)
+        triton.compile(ASTSource(fn, attention_signature(fn, dtype, pre), constexprs=pre), target=target, options={"num_warps": 4})
+
+
+def main():
+    quick = "--quick" in sys.argv
+    target = GPUTarget("cuda", 90, 32)
+    check_groupnorm(target, quick)
+    check_attention_forward(target)
+    check_attention(target, quick)
 
 if __name__ == "__main__":
     main()
