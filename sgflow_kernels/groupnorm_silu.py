@@ -45,10 +45,15 @@ import torch
 import triton
 import triton.language as tl
 
-# Largest one-tile group (elements). Above it the kernels loop over the group. The backward keeps about
-# twice as many live tiles as the forward, hence the smaller limit (register pressure).
+# Largest one-tile group (elements). Above it the kernels loop over the group (the backward then reads
+# x, x_dot and both output gradients twice). Offline sm_90 compiles (benchmarks/compile_check_sm90.py
+# style): an 8192-element backward tile at 16 warps spills 8-16 B per thread for fp32/bf16 with the same
+# 128 registers as the looped kernel, so 8192 is the limit there and one-tile covers the cifar10 U-Net's
+# 256-channel 32x32 stages (CG * S = 8 * 1024); fp64 values need twice the registers (2.7 KB spilled at
+# 8192), hence its smaller backward limit.
 FWD_MAX_TILE = 8192
-BWD_MAX_TILE = 4096
+BWD_MAX_TILE = 8192
+BWD_MAX_TILE_FP64 = 4096
 # Elements per thread that a tile is spread over when picking num_warps.
 FWD_ELEMS_PER_THREAD = 16
 BWD_ELEMS_PER_THREAD = 8
@@ -505,7 +510,8 @@ def groupnorm_silu_dual_bwd(
     db = torch.empty((B, C), dtype=acc, device=x.device)
     w = _affine_or_default(weight, C, 1.0, x)
     b = _affine_or_default(bias, C, 0.0, x)
-    bc, bs, one_tile, num_warps = _pick_config(CG, S, BWD_MAX_TILE, BWD_ELEMS_PER_THREAD, block_c, block_s)
+    max_tile = BWD_MAX_TILE_FP64 if x.dtype == torch.float64 else BWD_MAX_TILE
+    bc, bs, one_tile, num_warps = _pick_config(CG, S, max_tile, BWD_ELEMS_PER_THREAD, block_c, block_s)
     sc_hi, sc_lo = _split_fp32(drop_scale)
     _groupnorm_silu_dual_bwd_kernel[(B * G,)](
         xc, xdc, w, b, _mask_arg(mask, xc), stats.contiguous(),
