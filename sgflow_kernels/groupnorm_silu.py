@@ -128,6 +128,21 @@ def _bwd_tile(x, xd, w, b, gy, gyd, mean, rstd, mean_dot, rstd_dot, mask,
 
 
 @triton.jit
+def _fwd_store_tile(Y_ptr, YD_ptr, MASK_ptr, base, offs, mask, x, xd, w, b, mean, rstd, mean_dot, rstd_dot,
+                    scale, acc_ty, HAS_MASK: tl.constexpr):
+    """y = silu(h) and y_dot = silu'(h) gamma xh_dot for one tile (dropout mask applied), stored."""
+    d, dd, xh, xhd, h, s, sp = _dual_tile(x, xd, w, b, mean, rstd, mean_dot, rstd_dot, mask)
+    y = h * s
+    yd = sp * (w * xhd)
+    if HAS_MASK:
+        m = _load_scaled_mask(MASK_ptr, base, offs, mask, scale, acc_ty)
+        y = y * m
+        yd = yd * m
+    tl.store(Y_ptr + base + offs, y.to(Y_ptr.dtype.element_ty), mask=mask)
+    tl.store(YD_ptr + base + offs, yd.to(YD_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _bwd_load_tile(X_ptr, XD_ptr, W_ptr, BIAS_ptr, MASK_ptr, GY_ptr, GYD_ptr, base, g, c0, s0, CG, S, scale,
                    mean, rstd, mean_dot, rstd_dot, acc_ty,
                    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -210,15 +225,8 @@ def _groupnorm_silu_dual_fwd_kernel(
         rstd = 1.0 / tl.sqrt(tl.sum(d * d) / nf + eps)
         rstd_dot = -rstd * rstd * rstd * (tl.sum(d * dd) / nf)
         w, b = _load_affine(W_ptr, BIAS_ptr, g, offs_c, CG, acc_ty)
-        d, dd, xh, xhd, h, s, sp = _dual_tile(x, xd, w, b, mean, rstd, mean_dot, rstd_dot, mask)
-        y = h * s
-        yd = sp * (w * xhd)
-        if HAS_MASK:
-            m = _load_scaled_mask(MASK_ptr, base, offs, mask, scale, acc_ty)
-            y = y * m
-            yd = yd * m
-        tl.store(Y_ptr + base + offs, y.to(Y_ptr.dtype.element_ty), mask=mask)
-        tl.store(YD_ptr + base + offs, yd.to(YD_ptr.dtype.element_ty), mask=mask)
+        _fwd_store_tile(Y_ptr, YD_ptr, MASK_ptr, base, offs, mask, x, xd, w, b, mean, rstd, mean_dot, rstd_dot,
+                        scale, acc_ty, HAS_MASK)
     else:
         # sweep 1: means
         acc_x = tl.zeros([BLOCK_C, BLOCK_S], acc_ty)
@@ -249,15 +257,8 @@ def _groupnorm_silu_dual_fwd_kernel(
                 x = _load_tile(X_ptr, base, offs, mask, acc_ty)
                 xd = _load_tile(XD_ptr, base, offs, mask, acc_ty)
                 w, b = _load_affine(W_ptr, BIAS_ptr, g, offs_c, CG, acc_ty)
-                d, dd, xh, xhd, h, s, sp = _dual_tile(x, xd, w, b, mean, rstd, mean_dot, rstd_dot, mask)
-                y = h * s
-                yd = sp * (w * xhd)
-                if HAS_MASK:
-                    m = _load_scaled_mask(MASK_ptr, base, offs, mask, scale, acc_ty)
-                    y = y * m
-                    yd = yd * m
-                tl.store(Y_ptr + base + offs, y.to(Y_ptr.dtype.element_ty), mask=mask)
-                tl.store(YD_ptr + base + offs, yd.to(YD_ptr.dtype.element_ty), mask=mask)
+                _fwd_store_tile(Y_ptr, YD_ptr, MASK_ptr, base, offs, mask, x, xd, w, b, mean, rstd, mean_dot,
+                                rstd_dot, scale, acc_ty, HAS_MASK)
 
     tl.store(STATS_ptr + pid, mean)
     tl.store(STATS_ptr + BG + pid, rstd)
