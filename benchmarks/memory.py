@@ -5,7 +5,10 @@
 
 GPU mode reports the peak CUDA memory of one training step (forward, backward, Adam step) and the
 median step time over ``--steps`` steps after a warm-up. CPU mode reports the bytes saved for backward
-(``saved_tensors_hooks``, deduplicated by storage: deterministic) and the median step time. Every
+(``saved_tensors_hooks``, deduplicated by storage: deterministic), the peak tensor bytes of one full
+step over what was held before it (``sgflow.memory.PeakTensorBytes``: every ATen op's outputs counted
+until freed, so gradients and temporaries too) and the median step time. ``--track-peak`` adds the
+tracked peak on GPU as well, next to the allocator's, as a check of one against the other. Every
 number is also given as a ratio to flow matching measured in the same run. Results go to
 ``--out`` (CSV and JSON).
 """
@@ -22,7 +25,7 @@ from pathlib import Path
 import torch
 
 import sgflow
-from sgflow.memory import saved_tensor_bytes
+from sgflow.memory import peak_tensor_bytes, saved_tensor_bytes
 from sgflow.nn import build_model
 
 
@@ -82,6 +85,16 @@ def run_method(name, model, opt, x1, args, device):
                 row["peak_bytes"] = max(row.get("peak_bytes", 0), torch.cuda.max_memory_allocated())
                 row["peak_over_base_bytes"] = max(row.get("peak_over_base_bytes", 0), torch.cuda.max_memory_allocated() - base)
     row["step_ms"] = 1e3 * statistics.median(times)
+    if args.track_peak or device.type == "cpu":
+        # After the timed steps, so Adam's state already exists (held before the step, as on GPU).
+        opt.zero_grad(set_to_none=True)
+
+        def train_step():
+            loss = step()
+            loss.backward()
+            opt.step()
+
+        row["tracked_peak_bytes"] = peak_tensor_bytes(train_step)["peak_bytes"]
     return row
 
 
@@ -97,6 +110,8 @@ def main(argv=None):
     p.add_argument("--backend", default=None, help="SGFLOW_BACKEND for the fused ops (torch|triton|cuda)")
     p.add_argument("--recompute", default="attention", choices=("none", "attention", "all"),
                    help="U-Net dual blocks recomputed in backward (fused methods only; default attention)")
+    p.add_argument("--track-peak", action="store_true",
+                   help="also count live tensor bytes per op on GPU (always on for CPU; slows that one step)")
     p.add_argument("--out", default="benchmarks/results/memory")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -122,11 +137,14 @@ def main(argv=None):
             torch.cuda.empty_cache()
         print(rows[-1], file=sys.stderr, flush=True)
     ref = next((r for r in rows if r["method"] == "flow_matching" and "error" not in r), None)
-    key = "peak_bytes" if device.type == "cuda" else "saved_bytes"
+    # (key, header, bytes per unit): GPU peak in GiB, CPU byte counts in MiB.
+    columns = [("peak_bytes", "peak GiB", 2**30), ("tracked_peak_bytes", "tracked peak " + ("GiB" if device.type == "cuda" else "MiB"),
+               2**30 if device.type == "cuda" else 2**20), ("saved_bytes", "saved MiB", 2**20), ("step_ms", "step ms", 1)]
+    columns = [c for c in columns if any(c[0] in r for r in rows)]
     for r in rows:
         if ref and "error" not in r:
-            r[f"{key}_ratio"] = r[key] / ref[key]
-            r["step_ratio"] = r["step_ms"] / ref["step_ms"]
+            for key, _, _ in columns:
+                r[f"{key}_ratio"] = r[key] / ref[key]
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "config": config, "params": n_params,
             "batch": batch, "image_size": size, "torch": torch.__version__, "backend": args.backend or "auto",
             "recompute": args.recompute}
@@ -138,16 +156,15 @@ def main(argv=None):
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
-    unit = "peak GiB" if device.type == "cuda" else "saved MiB"
-    scale = 2**30 if device.type == "cuda" else 2**20
     print(f"# {meta['device']}  config={config} ({n_params / 1e6:.1f}M params)  batch={batch}  {size}x{size}  "
           f"torch {torch.__version__}  recompute={args.recompute}")
-    print(f"{'method':<18} {unit:>10} {'x FM':>7} {'step ms':>9} {'x FM':>7}")
+    print(f"{'method':<18}" + "".join(f" {header:>{max(10, len(header))}} {'x FM':>6}" for _, header, _ in columns))
     for r in rows:
         if "error" in r:
             print(f"{r['method']:<18} {r['error']}")
             continue
-        print(f"{r['method']:<18} {r[key] / scale:>10.2f} {r.get(key + '_ratio', float('nan')):>7.2f} {r['step_ms']:>9.1f} {r.get('step_ratio', float('nan')):>7.2f}")
+        print(f"{r['method']:<18}" + "".join(f" {r[key] / unit:>{max(10, len(header))}.{1 if key == 'step_ms' else 2}f} "
+                                            f"{r.get(key + '_ratio', float('nan')):>6.2f}" for key, header, unit in columns))
 
 
 if __name__ == "__main__":

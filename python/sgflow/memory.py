@@ -1,9 +1,12 @@
-"""Measuring what a training step keeps for backward (deterministic, works on CPU) and its peak memory."""
+"""What a training step keeps for backward and its peak tensor memory, measured on any device (CPU included)."""
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 
 def saved_tensor_bytes(step: Callable[[], torch.Tensor]) -> dict:
@@ -35,3 +38,68 @@ def saved_tensor_bytes(step: Callable[[], torch.Tensor]) -> dict:
     act = sum(n for k, n in seen.items() if k not in param_ptrs)
     par = sum(n for k, n in seen.items() if k in param_ptrs)
     return {"bytes": act, "param_bytes": par, "tensors": len(seen), "loss": loss}
+
+
+class PeakTensorBytes(TorchDispatchMode):
+    """Live tensor bytes over time, on any device, as a dispatch mode: ``with PeakTensorBytes() as m: ...``.
+
+    After every ATen op, the storages of its outputs that are new are counted until they are freed;
+    ``m.peak`` is the largest total seen at an op boundary, ``m.current`` what is still live at exit.
+    Storages that existed before the mode was entered (parameters, optimizer state, the data batch,
+    tensors held by the caller) are never counted, even when an in-place op returns them. This is the
+    CPU counterpart of ``torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()`` taken
+    before the region, without the caching allocator's block rounding and library workspaces.
+
+    Ops run by autograd's backward and inside ``torch.func`` transforms are seen too. The mode adds a
+    Python call per op: time the region without it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._counted: dict[int, tuple[StorageWeakRef, int]] = {}  # storage impl -> (weak ref, bytes)
+        self._external: dict[int, StorageWeakRef] = {}  # storages first seen as inputs: made outside
+        self.current = 0
+        self.peak = 0
+        self.ops = 0
+
+    def _forget_freed(self) -> None:
+        for key in [k for k, (ref, _) in self._counted.items() if ref.expired()]:
+            self.current -= self._counted.pop(key)[1]
+        for key in [k for k, ref in self._external.items() if ref.expired()]:
+            del self._external[key]
+
+    def __exit__(self, *exc):
+        self._forget_freed()  # what the region's locals held is gone once it returned
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for t in tree_flatten((args, kwargs))[0]:
+            if isinstance(t, torch.Tensor):
+                ref = StorageWeakRef(t.untyped_storage())
+                if ref.cdata not in self._counted:
+                    self._external.setdefault(ref.cdata, ref)
+        out = func(*args, **(kwargs or {}))
+        self.ops += 1
+        self._forget_freed()  # what the caller dropped since the last op is gone before these outputs
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                ref = StorageWeakRef(storage)
+                if ref.cdata not in self._counted and ref.cdata not in self._external:
+                    self._counted[ref.cdata] = (ref, storage.nbytes())
+                    self.current += storage.nbytes()
+        self.peak = max(self.peak, self.current)
+        return out
+
+
+def peak_tensor_bytes(step: Callable[[], object]) -> dict:
+    """Run ``step()`` under :class:`PeakTensorBytes`; return ``{"peak_bytes", "end_bytes", "ops", "result"}``.
+
+    ``peak_bytes``: the most bytes of tensors created by ``step`` that were alive at once (activations,
+    gradients, temporaries); ``end_bytes``: those still alive when it returned (e.g. ``.grad`` buffers).
+    Pass a whole training step (forward, backward, optimizer step) to get its peak over the memory held
+    before it.
+    """
+    with PeakTensorBytes() as mode:
+        result = step()
+    return {"peak_bytes": mode.peak, "end_bytes": mode.current, "ops": mode.ops, "result": result}

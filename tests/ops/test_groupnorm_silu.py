@@ -120,6 +120,26 @@ def test_torch_backend_matches_jvp(shape, G, dtype):
                  x, xd, [w, b], dtype, TOL[dtype], ["x", "x_dot", "weight", "bias"])
 
 
+@pytest.mark.parametrize("samples_per_chunk", [1, 2], ids=["chunk1", "chunk2"])
+def test_torch_backend_chunked_over_samples_matches_jvp(monkeypatch, samples_per_chunk):
+    """The torch backend splits the batch into chunks of whole samples (bounded temporaries): forcing
+    one and two samples per chunk (the last chunk shorter, B=5) must not change any output or gradient."""
+    import sgflow.ops.groupnorm_silu as gns
+
+    shape, G = (5, 63, 7, 5), 7
+    per_sample = 63 * 7 * 5
+    monkeypatch.setitem(gns.CHUNK_ELEMENTS, "cpu", samples_per_chunk * per_sample + per_sample // 2)
+    x, xd, w, b = _inputs(shape, G)
+    assert len(gns._sample_chunks(x)) == -(-5 // samples_per_chunk)
+    compare_dual(_gn_ref(G), lambda w, b: (lambda x, xd: groupnorm_silu_dual(x, xd, w, b, G, EPS, backend="torch")),
+                 x, xd, [w, b], torch.float64, TOL[torch.float64], ["x", "x_dot", "weight", "bias"])
+    gen = torch.Generator().manual_seed(3)
+    mask = make_dropout_mask(shape, 0.3, generator=gen)
+    cw, cb = _conv_params(4, 63, 3)
+    compare_dual(_stage_ref(G, 1, mask=mask, p=0.3), _stage_dual(G, 1, "torch", dropout_mask=mask, dropout_p=0.3, training=True),
+                 x, xd, [w, b, cw, cb], torch.float64, TOL[torch.float64], STAGE_NAMES)
+
+
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("shape,G", GN_TRITON_CASES)
