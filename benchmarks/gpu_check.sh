@@ -20,9 +20,10 @@ timeout 80 python3 benchmarks/bench_groupnorm_silu.py --stage --out "$OUT/bench_
 timeout 80 python3 benchmarks/bench_attention.py --quick --out "$OUT/bench_attention" 2>&1 | tail -n 20
 
 # 3. The paper's memory table on the cifar10 U-Net at batch 128 (all methods, triton backend), then the
-#    fused path with every block recomputed (least memory).
+#    fused path with every block recomputed (least memory), with the per-op tensor-byte tracker next to
+#    the allocator's peak (checks sgflow.memory.PeakTensorBytes, the CPU measurement, against CUDA's).
 timeout 150 python3 benchmarks/memory.py --device cuda --config cifar10 --batch 128 --steps 5 --warmup 2 \
   --backend triton --out "$OUT/memory_triton" 2>"$OUT/memory_triton.err" | tee "$OUT/memory_triton.txt"
 timeout 60 python3 benchmarks/memory.py --device cuda --config cifar10 --batch 128 --steps 5 --warmup 2 \
-  --backend triton --recompute all --methods flow_matching,sgflow_fused --out "$OUT/memory_recompute_all" \
+  --backend triton --recompute all --methods flow_matching,sgflow_fused --track-peak --out "$OUT/memory_recompute_all" \
   2>"$OUT/memory_recompute_all.err" | tee "$OUT/memory_recompute_all.txt"

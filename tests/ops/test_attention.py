@@ -257,6 +257,32 @@ def test_saved_memory_is_linear_in_n(backend):
     (o.sum() + o_dot.sum()).backward()  # the saved tensors suffice
 
 
+@needs_triton_cpu
+def test_triton_peak_memory_of_forward_and_backward_is_linear_in_n():
+    """Whole forward + backward peak (every tensor made, temporaries included; sgflow.memory): doubling the
+    sequence doubles the Triton path's peak, while differentiating through torch.func.jvp quadruples."""
+    from sgflow.memory import peak_tensor_bytes
+
+    def peaks(n):
+        primals, tangents = make_inputs((1, 2, n, n, 16, 16), seed=17)
+        leaves = [t.float().requires_grad_(True) for t in (*primals, *tangents)]
+
+        def fused():
+            o, o_dot = attention_dual(*leaves, backend="triton")
+            (o.square().sum() + o_dot.square().sum()).backward()
+
+        def through_jvp():
+            o, o_dot = torch.func.jvp(plain_attention, tuple(leaves[:3]), tuple(leaves[3:]))
+            (o.square().sum() + o_dot.square().sum()).backward()
+
+        return peak_tensor_bytes(fused)["peak_bytes"], peak_tensor_bytes(through_jvp)["peak_bytes"]
+
+    (f64, j64), (f128, j128) = peaks(64), peaks(128)
+    assert f128 / f64 < 2.2, (f64, f128)
+    assert j128 / j64 > 3.0, (j64, j128)
+    assert f128 < j128 / 4
+
+
 def test_double_backward_raises():
     """lse/mu are saved without a graph, so differentiating the backward must fail loudly."""
     primals, tangents = make_inputs((1, 1, 5, 5, 4, 4))
