@@ -128,6 +128,9 @@ def main(argv=None):
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     x1 = torch.randn(batch, 3, size, size, device=device)
+    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "config": config, "params": n_params,
+            "batch": batch, "image_size": size, "torch": torch.__version__, "backend": args.backend or "auto",
+            "recompute": args.recompute}
     rows = []
     for name in args.methods.split(","):
         try:
@@ -136,6 +139,13 @@ def main(argv=None):
             rows.append({"method": name, "error": "out of memory"})
             torch.cuda.empty_cache()
         print(rows[-1], file=sys.stderr, flush=True)
+        columns = _add_ratios(rows, device)
+        _write(Path(args.out), meta, rows)  # after every method: a run cut short by a timeout keeps its rows
+    _print_table(meta, rows, columns, n_params)
+
+
+def _add_ratios(rows, device):
+    """Adds ``<key>_ratio`` (to flow matching of the same run) to every row; returns the table's columns."""
     ref = next((r for r in rows if r["method"] == "flow_matching" and "error" not in r), None)
     # (key, header, bytes per unit): GPU peak in GiB, CPU byte counts in MiB.
     columns = [("peak_bytes", "peak GiB", 2**30), ("tracked_peak_bytes", "tracked peak " + ("GiB" if device.type == "cuda" else "MiB"),
@@ -145,10 +155,10 @@ def main(argv=None):
         if ref and "error" not in r:
             for key, _, _ in columns:
                 r[f"{key}_ratio"] = r[key] / ref[key]
-    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "config": config, "params": n_params,
-            "batch": batch, "image_size": size, "torch": torch.__version__, "backend": args.backend or "auto",
-            "recompute": args.recompute}
-    out = Path(args.out)
+    return columns
+
+
+def _write(out: Path, meta, rows):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     fields = sorted({k for r in rows for k in r}, key=lambda k: (k != "method", k))
@@ -156,8 +166,11 @@ def main(argv=None):
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
-    print(f"# {meta['device']}  config={config} ({n_params / 1e6:.1f}M params)  batch={batch}  {size}x{size}  "
-          f"torch {torch.__version__}  recompute={args.recompute}")
+
+
+def _print_table(meta, rows, columns, n_params):
+    print(f"# {meta['device']}  config={meta['config']} ({n_params / 1e6:.1f}M params)  batch={meta['batch']}  "
+          f"{meta['image_size']}x{meta['image_size']}  torch {meta['torch']}  recompute={meta['recompute']}")
     print(f"{'method':<18}" + "".join(f" {header:>{max(10, len(header))}} {'x FM':>6}" for _, header, _ in columns))
     for r in rows:
         if "error" in r:

@@ -86,3 +86,27 @@ def test_fused_peak_memory_at_most_flow_matching_on_cifar10_unet(recompute):
           f"({fused / fm:.2f}x)")
     assert fm > 50 * 2**20  # the network really ran (activations of 4 images through 53.7M params)
     assert fused <= 1.0 * fm
+
+
+def test_memory_benchmark_script_writes_every_method_with_ratios(tmp_path, capsys):
+    """benchmarks/memory.py (the paper's memory table) on a small CPU case: rows, ratios to flow matching and
+    the printed table; the GPU check script relies on it."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "memory.py"
+    spec = importlib.util.spec_from_file_location("sgflow_memory_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "mem"
+    bench.main(["--device", "cpu", "--config", "tiny", "--image-size", "8", "--batch", "2", "--steps", "1",
+                "--warmup", "0", "--methods", "flow_matching,sgflow_reference,sgflow_fused", "--out", str(out)])
+    rows = {r["method"]: r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
+    assert set(rows) == {"flow_matching", "sgflow_reference", "sgflow_fused"}
+    assert rows["flow_matching"]["tracked_peak_bytes_ratio"] == 1.0
+    assert rows["sgflow_reference"]["saved_bytes_ratio"] > 2 * rows["sgflow_fused"]["saved_bytes_ratio"]
+    assert all(r["step_ms"] > 0 and r["tracked_peak_bytes"] > 0 for r in rows.values())
+    table = capsys.readouterr().out
+    assert "tracked peak MiB" in table and "sgflow_fused" in table
+    assert out.with_suffix(".csv").read_text().startswith("method,")
