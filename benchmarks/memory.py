@@ -94,7 +94,12 @@ def run_method(name, model, opt, x1, args, device):
             loss.backward()
             opt.step()
 
-        row["tracked_peak_bytes"] = peak_tensor_bytes(train_step)["peak_bytes"]
+        try:
+            row["tracked_peak_bytes"] = peak_tensor_bytes(train_step)["peak_bytes"]
+        except torch.OutOfMemoryError:  # keep the timed results of this method
+            row["tracked_peak_error"] = "out of memory"
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
     return row
 
 
@@ -154,7 +159,8 @@ def _add_ratios(rows, device):
     for r in rows:
         if ref and "error" not in r:
             for key, _, _ in columns:
-                r[f"{key}_ratio"] = r[key] / ref[key]
+                if key in r and key in ref:
+                    r[f"{key}_ratio"] = r[key] / ref[key]
     return columns
 
 
@@ -176,7 +182,7 @@ def _print_table(meta, rows, columns, n_params):
         if "error" in r:
             print(f"{r['method']:<18} {r['error']}")
             continue
-        print(f"{r['method']:<18}" + "".join(f" {r[key] / unit:>{max(10, len(header))}.{1 if key == 'step_ms' else 2}f} "
+        print(f"{r['method']:<18}" + "".join(f" {r.get(key, float('nan')) / unit:>{max(10, len(header))}.{1 if key == 'step_ms' else 2}f} "
                                             f"{r.get(key + '_ratio', float('nan')):>6.2f}" for key, header, unit in columns))
 
 

@@ -1,6 +1,7 @@
 """What a training step keeps for backward and its peak tensor memory, measured on any device (CPU included)."""
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 import torch
@@ -46,21 +47,37 @@ class PeakTensorBytes(TorchDispatchMode):
     After every ATen op, the storages of its outputs that are new are counted until they are freed;
     ``m.peak`` is the largest total seen at an op boundary, ``m.current`` what is still live at exit.
     Storages that existed before the mode was entered (parameters, optimizer state, the data batch,
-    tensors held by the caller) are never counted, even when an in-place op returns them. This is the
-    CPU counterpart of ``torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()`` taken
-    before the region, without the caching allocator's block rounding and library workspaces.
+    tensors held by the caller) are never counted, even when an in-place op returns them, and freeing
+    them inside the region does not lower the count: this measures what the region allocates, as
+    ``torch.cuda.max_memory_allocated() - memory_allocated()`` does for a region that frees nothing it
+    did not make, without the caching allocator's block rounding.
 
-    Ops run by autograd's backward and inside ``torch.func`` transforms are seen too. The mode adds a
-    Python call per op: time the region without it.
+    Not seen: memory an op allocates and frees inside its kernel (convolution scratch, library
+    workspaces) and tensors made without a dispatched op (``torch.tensor(list)``, ``from_numpy``,
+    another thread). Storages without data (sparse tensors, meta tensors) are skipped. Checked
+    against the CPU allocator's own peak (profiler memory events) on a cifar10 U-Net training step:
+    within 2% (benchmarks/NOTES.md). Ops run by autograd's backward and inside ``torch.func``
+    transforms are seen. One instance per region; the mode adds a Python call per op, so time the
+    region without it.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self._counted: dict[int, tuple[StorageWeakRef, int]] = {}  # storage impl -> (weak ref, bytes)
         self._external: dict[int, StorageWeakRef] = {}  # storages first seen as inputs: made outside
+        self._lock = threading.Lock()  # autograd may run backward ops on its device threads
         self.current = 0
         self.peak = 0
         self.ops = 0
+
+    @staticmethod
+    def _storage(t: torch.Tensor):
+        if t.device.type == "meta" or t.layout != torch.strided:
+            return None
+        try:
+            return t.untyped_storage()
+        except (NotImplementedError, RuntimeError):  # tensors without a storage
+            return None
 
     def _forget_freed(self) -> None:
         for key in [k for k, (ref, _) in self._counted.items() if ref.expired()]:
@@ -68,27 +85,38 @@ class PeakTensorBytes(TorchDispatchMode):
         for key in [k for k, ref in self._external.items() if ref.expired()]:
             del self._external[key]
 
+    def __enter__(self):
+        if self.ops:
+            raise RuntimeError("PeakTensorBytes measures one region: make a new instance for another")
+        return super().__enter__()
+
     def __exit__(self, *exc):
-        self._forget_freed()  # what the region's locals held is gone once it returned
+        with self._lock:
+            self._forget_freed()  # what the region's locals held is gone once it returned
         return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        for t in tree_flatten((args, kwargs))[0]:
-            if isinstance(t, torch.Tensor):
-                ref = StorageWeakRef(t.untyped_storage())
-                if ref.cdata not in self._counted:
-                    self._external.setdefault(ref.cdata, ref)
+        with self._lock:
+            for t in tree_flatten((args, kwargs))[0]:
+                if isinstance(t, torch.Tensor) and (storage := self._storage(t)) is not None:
+                    ref = StorageWeakRef(storage)
+                    if ref.cdata not in self._counted:
+                        self._external.setdefault(ref.cdata, ref)
         out = func(*args, **(kwargs or {}))
-        self.ops += 1
-        self._forget_freed()  # what the caller dropped since the last op is gone before these outputs
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
+        with self._lock:
+            self.ops += 1
+            self._forget_freed()  # what the caller dropped since the last op is gone before these outputs
+            for t in tree_flatten(out)[0]:
+                if not isinstance(t, torch.Tensor) or (storage := self._storage(t)) is None:
+                    continue
                 ref = StorageWeakRef(storage)
-                if ref.cdata not in self._counted and ref.cdata not in self._external:
-                    self._counted[ref.cdata] = (ref, storage.nbytes())
-                    self.current += storage.nbytes()
-        self.peak = max(self.peak, self.current)
+                if ref.cdata in self._external:
+                    continue
+                old = self._counted[ref.cdata][1] if ref.cdata in self._counted else 0
+                # Re-read the size of storages already counted too: resize_ and out= ops grow them.
+                self._counted[ref.cdata] = (ref, storage.nbytes())
+                self.current += storage.nbytes() - old
+            self.peak = max(self.peak, self.current)
         return out
 
 

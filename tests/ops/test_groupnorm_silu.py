@@ -140,6 +140,25 @@ def test_torch_backend_chunked_over_samples_matches_jvp(monkeypatch, samples_per
                  x, xd, [w, b, cw, cb], torch.float64, TOL[torch.float64], STAGE_NAMES)
 
 
+def test_torch_backend_temporaries_stay_within_a_few_chunks(monkeypatch):
+    """What chunking is for: with 8 chunks, the forward holds its two outputs plus about a chunk's worth of
+    temporaries per elementwise step, the backward likewise (the unchunked code held ~10 activations more)."""
+    import sgflow.ops.groupnorm_silu as gns
+    from sgflow.memory import peak_tensor_bytes
+
+    B, C, H, W, G = 16, 32, 8, 8, 8
+    monkeypatch.setitem(gns.CHUNK_ELEMENTS, "cpu", 2 * C * H * W)
+    gen = torch.Generator().manual_seed(5)
+    x, xd, gy, gyd = (torch.randn(B, C, H, W, generator=gen) for _ in range(4))
+    w, b = torch.randn(C, generator=gen), torch.randn(C, generator=gen)
+    activation = x.numel() * x.element_size()
+    fwd = peak_tensor_bytes(lambda: gns._gn_silu_dual_fwd_torch(x, xd, w, b, G, EPS))
+    stats = fwd["result"][2]
+    bwd = peak_tensor_bytes(lambda: gns._gn_silu_dual_bwd_torch(x, xd, w, b, stats, gy, gyd, G))
+    assert 2 * activation <= fwd["peak_bytes"] <= 3.5 * activation, fwd["peak_bytes"] / activation
+    assert 2 * activation <= bwd["peak_bytes"] <= 4.0 * activation, bwd["peak_bytes"] / activation
+
+
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("shape,G", GN_TRITON_CASES)

@@ -1,0 +1,62 @@
+"""Check sgflow.memory.PeakTensorBytes against the CPU allocator on a U-Net training step.
+
+The tracker counts op outputs at op boundaries; the allocator's own record (torch.profiler memory
+events: every allocation and free with its size) also sees scratch memory inside kernels. Both are
+run on the same step (gradient buffers made beforehand, so both peaks are activations + temporaries),
+for flow matching and fused SGFlow, and their ratios compared.
+
+    python benchmarks/peak_vs_allocator.py --config cifar10 --image-size 16 --batch 4
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import sgflow
+from sgflow.memory import peak_tensor_bytes
+from sgflow.nn import build_model
+
+
+def allocator_peak_bytes(step) -> int:
+    """Peak of the running sum of the profiler's allocation/free events during ``step()``."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()  # negative for frees
+        peak = max(peak, live)
+    return peak
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="cifar10")
+    p.add_argument("--image-size", type=int, default=16)
+    p.add_argument("--batch", type=int, default=4)
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    shape = (3, args.image_size, args.image_size)
+    model = build_model(args.config, shape)
+    for param in model.parameters():
+        param.grad = torch.zeros_like(param)
+    x1 = torch.randn(args.batch, *shape)
+    rows = {}
+    for name, loss_fn in [("flow_matching", sgflow.flow_matching_loss), ("sgflow_fused", sgflow.fused_loss)]:
+        def step():
+            loss, _ = loss_fn(model, x1, generator=torch.Generator().manual_seed(0))
+            loss.backward()
+
+        rows[name] = (peak_tensor_bytes(step)["peak_bytes"], allocator_peak_bytes(step))
+    print(f"# {args.config} U-Net, {args.image_size}x{args.image_size}, batch {args.batch}, CPU, torch {torch.__version__}")
+    print(f"{'method':<15} {'tracked MiB':>12} {'allocator MiB':>14} {'tracked/alloc':>14}")
+    for name, (tracked, alloc) in rows.items():
+        print(f"{name:<15} {tracked / 2**20:>12.2f} {alloc / 2**20:>14.2f} {tracked / alloc:>14.3f}")
+    (tf, af), (ts, as_) = rows["flow_matching"], rows["sgflow_fused"]
+    print(f"fused / flow matching: tracked {ts / tf:.3f}, allocator {as_ / af:.3f}")
+
+
+if __name__ == "__main__":
+    main()
