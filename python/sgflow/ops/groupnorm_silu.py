@@ -205,22 +205,29 @@ def _gn_silu_dual_bwd_torch(
     num_groups: int,
     mask: torch.Tensor | None = None,
     drop_scale: float = 1.0,
+    out: torch.Tensor | None = None,
 ):
     """Torch-backend backward by explicit formulas (module docstring); recomputes xh etc. from stats.
 
     Args:
         x, x_dot, weight, bias, mask, drop_scale: as given to the forward; stats: [4, B, G].
         g_y, g_ydot: [B, C, *spatial] cotangents of y, y_dot, either may be None.
+        out: optional contiguous [2B, C, *spatial] buffer in x's dtype; g_x is written to ``out[:B]`` and
+            g_xdot to ``out[B:]``. It may be the buffer holding g_y and g_ydot themselves (each chunk
+            of samples is read completely before its rows are written).
 
     Returns:
         (g_x, g_xdot, g_weight, g_bias): g_x [B, C, *spatial] in x's dtype (zeros if both cotangents
         are None); g_xdot likewise or None when g_ydot is None; g_weight / g_bias [C] in the
         accumulation dtype (the caller casts them and drops them for absent parameters).
     """
-    C = x.shape[1]
+    B, C = x.shape[:2]
     acc = _acc_dtype(x.dtype)
-    g_x = torch.empty_like(x, memory_format=torch.contiguous_format)
-    g_xd = torch.empty_like(g_x) if g_ydot is not None else None
+    if out is not None:
+        g_x, g_xd = out[:B], (out[B:] if g_ydot is not None else None)
+    else:
+        g_x = torch.empty_like(x, memory_format=torch.contiguous_format)
+        g_xd = torch.empty_like(g_x) if g_ydot is not None else None
     g_w = torch.zeros(C, dtype=acc, device=x.device)
     g_b = torch.zeros(C, dtype=acc, device=x.device)
     for lo, hi in _sample_chunks(x):
@@ -313,14 +320,16 @@ def _fwd(backend, x, x_dot, weight, bias, num_groups, eps, mask=None, drop_scale
                                    drop_scale=drop_scale, out=out)
 
 
-def _bwd(backend, x, x_dot, weight, bias, stats, g_y, g_ydot, num_groups, mask=None, drop_scale=1.0):
+def _bwd(backend, x, x_dot, weight, bias, stats, g_y, g_ydot, num_groups, mask=None, drop_scale=1.0, out=None):
+    """``out``: see :func:`_gn_silu_dual_bwd_torch`; honoured by the torch backend only (the Triton
+    kernels are not checked on a GPU for writing over their own inputs, so they always allocate)."""
     if backend == "triton":
         from sgflow_kernels.groupnorm_silu import groupnorm_silu_dual_bwd
 
         return groupnorm_silu_dual_bwd(x, x_dot, weight, bias, stats, g_y, g_ydot, num_groups,
                                        mask=mask, drop_scale=drop_scale)
     return _gn_silu_dual_bwd_torch(x, x_dot, weight, bias, stats, g_y, g_ydot, num_groups,
-                                   mask=mask, drop_scale=drop_scale)
+                                   mask=mask, drop_scale=drop_scale, out=out)
 
 
 def _param_grad(g: torch.Tensor, p: torch.Tensor | None, needed: bool):
@@ -444,8 +453,11 @@ class GNSiLUConvDual(torch.autograd.Function):
                 ga_y, ga_yd = g_act, None
             else:
                 ga_y, ga_yd = None, g_act
+            # The input gradients overwrite the conv's input gradient (ours, and dead after this):
+            # two activation-sized buffers fewer at the backward's peak.
             g_x, g_xd, g_w, g_b = _bwd(ctx.backend, x, x_dot, gn_w, gn_b, stats, ga_y, ga_yd,
-                                       ctx.num_groups, mask=mask, drop_scale=ctx.drop_scale)
+                                       ctx.num_groups, mask=mask, drop_scale=ctx.drop_scale,
+                                       out=g_act if ga_y is not None and ga_yd is not None and g_act.is_contiguous() else None)
             g_x = g_x if need[0] else None
             g_xd = g_xd if need[1] else None
             g_gw = _param_grad(g_w, gn_w, need[2])
