@@ -8,9 +8,12 @@ import torch
 
 
 def peak_mib(fn, device) -> float:
-    """Peak CUDA memory of one ``fn()`` above what was allocated before it, in MiB (nan on CPU)."""
+    """Peak memory of one ``fn()`` above what was allocated before it, in MiB: the CUDA allocator's on GPU,
+    on CPU the tensors ``fn`` makes, counted per op (sgflow.memory.PeakTensorBytes)."""
     if device != "cuda":
-        return float("nan")
+        from sgflow.memory import peak_tensor_bytes
+
+        return peak_tensor_bytes(fn)["peak_bytes"] / 2**20
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()

@@ -17,7 +17,8 @@ Sweeps (GPU):
 GPU: times are ``triton.testing.do_bench`` medians (ms); peak memory is
 ``torch.cuda.max_memory_allocated`` during one call minus what was allocated before it (inputs
 excluded). Out-of-memory cases are recorded as ``oom`` with NaN numbers.
-CPU (no CUDA): median of ``--reps`` ``time.perf_counter`` runs of the torch paths on small shapes.
+CPU (no CUDA): median of ``--reps`` ``time.perf_counter`` runs of the torch paths on small shapes;
+peak memory is the tensors one call makes, counted per op (``sgflow.memory.PeakTensorBytes``).
 ``SGFLOW_ATTENTION_AUTOTUNE=1`` makes the Triton launchers time their tile candidates first.
 
 Usage::

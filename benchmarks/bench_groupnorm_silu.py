@@ -18,7 +18,8 @@ the device copy bandwidth measured by timing ``clone()`` of a 1 GiB tensor (read
 is ``torch.cuda.max_memory_allocated`` during one call, minus what was allocated before it.
 
 CPU (no CUDA): a simple timing (median of ``--reps`` wall-clock runs with ``time.perf_counter``, after
-one warm-up) of the torch backend vs jvp on smaller shapes; no Triton, no bandwidth or memory columns.
+one warm-up) of the torch backend vs jvp on smaller shapes; no Triton and no bandwidth columns; peak
+memory is the tensors one call makes, counted per op (``sgflow.memory.PeakTensorBytes``).
 This is not a pytest-benchmark run.
 
 Usage::
