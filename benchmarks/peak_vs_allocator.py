@@ -1,7 +1,8 @@
 """Check sgflow.memory.PeakTensorBytes against the CPU allocator on a U-Net training step.
 
 The tracker counts op outputs at op boundaries; the allocator's own record (torch.profiler memory
-events: every allocation and free with its size) also sees scratch memory inside kernels. Both are
+events: every allocation and free with its size; sgflow.memory.cpu_allocator_peak_bytes) also sees
+scratch memory inside kernels. Both are
 run on the same step (gradient buffers made beforehand, so both peaks are activations + temporaries),
 for flow matching and fused SGFlow, and their ratios compared.
 
@@ -12,23 +13,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-from torch.profiler import ProfilerActivity, profile
-
 import sgflow
-from sgflow.memory import peak_tensor_bytes
+from sgflow.memory import cpu_allocator_peak_bytes, peak_tensor_bytes
 from sgflow.nn import build_model
-
-
-def allocator_peak_bytes(step) -> int:
-    """Peak of the running sum of the profiler's allocation/free events during ``step()``."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    live = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        live += e.nbytes()  # negative for frees
-        peak = max(peak, live)
-    return peak
 
 
 def main(argv=None):
@@ -49,7 +36,7 @@ def main(argv=None):
             loss, _ = loss_fn(model, x1, generator=torch.Generator().manual_seed(0))
             loss.backward()
 
-        rows[name] = (peak_tensor_bytes(step)["peak_bytes"], allocator_peak_bytes(step))
+        rows[name] = (peak_tensor_bytes(step)["peak_bytes"], cpu_allocator_peak_bytes(step)["peak_bytes"])
     print(f"# {args.config} U-Net, {args.image_size}x{args.image_size}, batch {args.batch}, CPU, torch {torch.__version__}")
     print(f"{'method':<15} {'tracked MiB':>12} {'allocator MiB':>14} {'tracked/alloc':>14}")
     for name, (tracked, alloc) in rows.items():

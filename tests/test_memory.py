@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import sgflow
-from sgflow.memory import PeakTensorBytes, peak_tensor_bytes
+from sgflow.memory import PeakTensorBytes, cpu_allocator_peak_bytes, peak_tensor_bytes
 
 F32 = 4
 
@@ -25,6 +25,19 @@ def test_counts_new_storages_until_freed():
     assert res["peak_bytes"] == 4000 * F32
     assert res["end_bytes"] == 500 * F32
     assert res["result"].shape == (500,)
+
+
+def test_cpu_allocator_peak_counts_every_allocation():
+    def step():
+        a = torch.ones(1000)
+        b = a * 2
+        del a
+        c = torch.zeros(3000)
+        return b, c
+
+    res = cpu_allocator_peak_bytes(step)
+    assert res["peak_bytes"] == 4000 * F32
+    assert res["result"][1].shape == (3000,)
 
 
 def test_views_count_once_and_preexisting_storages_never():
@@ -79,13 +92,15 @@ def test_fused_peak_memory_at_most_flow_matching_on_cifar10_unet(recompute):
             loss, _ = loss_fn(model, x1, generator=torch.Generator().manual_seed(0))
             loss.backward()
 
-        return peak_tensor_bytes(step)["peak_bytes"]
+        # Both meters: tensors per op, and the allocator itself (kernel scratch included).
+        return peak_tensor_bytes(step)["peak_bytes"], cpu_allocator_peak_bytes(step)["peak_bytes"]
 
-    fm, fused = peak(sgflow.flow_matching_loss), peak(sgflow.fused_loss)
-    print(f"peak tensor bytes ({recompute}): flow matching {fm / 2**20:.1f} MiB, fused SGFlow {fused / 2**20:.1f} MiB "
-          f"({fused / fm:.2f}x)")
+    (fm, fm_alloc), (fused, fused_alloc) = peak(sgflow.flow_matching_loss), peak(sgflow.fused_loss)
+    print(f"peak ({recompute}), tensors / allocator: flow matching {fm / 2**20:.1f} / {fm_alloc / 2**20:.1f} MiB, "
+          f"fused SGFlow {fused / 2**20:.1f} / {fused_alloc / 2**20:.1f} MiB ({fused / fm:.2f}x / {fused_alloc / fm_alloc:.2f}x)")
     assert fm > 50 * 2**20  # the network really ran (activations of 4 images through 53.7M params)
     assert fused <= 1.0 * fm
+    assert fused_alloc <= 1.0 * fm_alloc
 
 
 def test_memory_benchmark_script_writes_every_method_with_ratios(tmp_path, capsys):

@@ -111,7 +111,7 @@ def _affine_cols(weight, bias, G, CG, acc, device):
 # Statistics are per sample, so every sample is independent: the torch backend runs on chunks of whole
 # samples to keep its elementwise temporaries (a handful of chunk-sized tensors) small next to the
 # network's activations whatever the batch. Larger chunks on GPUs, where each op is a kernel launch.
-CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 23}
+CHUNK_ELEMENTS = {"cpu": 1 << 16, "cuda": 1 << 23}
 
 
 def _sample_chunks(x: torch.Tensor) -> list[tuple[int, int]]:
