@@ -55,9 +55,9 @@ class PeakTensorBytes(TorchDispatchMode):
     Not seen: memory an op allocates and frees inside its kernel (convolution scratch, library
     workspaces) and tensors made without a dispatched op (``torch.tensor(list)``, ``from_numpy``,
     another thread). Storages without data (sparse tensors, meta tensors) are skipped. Against the
-    CPU allocator's own peak (:func:`cpu_allocator_peak_bytes`) on a cifar10 U-Net training step it
-    reads 2% (flow matching) to 6% (fused SGFlow) lower: kernel scratch at the peak (benchmarks/NOTES.md). Ops run by autograd's backward and inside ``torch.func``
-    transforms are seen. One instance per region; the mode adds a Python call per op, so time the
+    CPU allocator's own peak (:func:`cpu_allocator_peak_bytes`) on the U-Net training steps measured
+    it reads 2-12% lower: kernel scratch at the peak (benchmarks/NOTES.md). Ops run by autograd's
+    backward and inside ``torch.func`` transforms are seen. One instance per region; the mode adds a Python call per op, so time the
     region without it.
     """
 
