@@ -67,3 +67,24 @@ def dual_grads(
     inputs = [*primals, *tangents, *params]
     grads = torch.autograd.grad(scalar, inputs, allow_unused=True)
     return y.detach(), y_dot.detach(), list(grads)
+
+
+def grad_errors(
+    got: Sequence[torch.Tensor | None],
+    want: Sequence[torch.Tensor | None],
+    like: Sequence[torch.Tensor],
+    names: Sequence[str] | None = None,
+) -> dict[str, float]:
+    """Relative error of each gradient in ``got`` against ``want`` (lists as returned by
+    :func:`dual_grads` / :func:`jvp_reference`), keyed by ``names`` (default: the index as a string).
+
+    ``None`` (an input without influence on the output) counts as zeros shaped like the matching
+    tensor of ``like``, so a gradient that is None on one side and non-zero on the other is an error.
+    """
+    names = [str(i) for i in range(len(like))] if names is None else names
+    errors = {}
+    for name, a, b, ref in zip(names, got, want, like):
+        a = torch.zeros_like(ref) if a is None else a
+        b = torch.zeros_like(ref) if b is None else b
+        errors[name] = rel_err(a, b)
+    return errors
