@@ -18,18 +18,15 @@ from sgflow.memory import cpu_allocator_peak_bytes, peak_tensor_bytes
 from sgflow.nn import build_model
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="cifar10")
-    p.add_argument("--image-size", type=int, default=16)
-    p.add_argument("--batch", type=int, default=4)
-    args = p.parse_args(argv)
+def measure_peaks(config: str, image_size: int, batch: int, recompute: str = "attention") -> dict:
+    """``{"flow_matching" | "sgflow_fused": (tracked peak bytes, allocator peak bytes)}`` of one step
+    (loss + backward) each on the same network and batch, gradient buffers made beforehand."""
     torch.manual_seed(0)
-    shape = (3, args.image_size, args.image_size)
-    model = build_model(args.config, shape)
+    shape = (3, image_size, image_size)
+    model = build_model(config, shape, recompute=recompute)
     for param in model.parameters():
         param.grad = torch.zeros_like(param)
-    x1 = torch.randn(args.batch, *shape)
+    x1 = torch.randn(batch, *shape)
     rows = {}
     for name, loss_fn in [("flow_matching", sgflow.flow_matching_loss), ("sgflow_fused", sgflow.fused_loss)]:
         def step():
@@ -37,7 +34,19 @@ def main(argv=None):
             loss.backward()
 
         rows[name] = (peak_tensor_bytes(step)["peak_bytes"], cpu_allocator_peak_bytes(step)["peak_bytes"])
-    print(f"# {args.config} U-Net, {args.image_size}x{args.image_size}, batch {args.batch}, CPU, torch {torch.__version__}")
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="cifar10")
+    p.add_argument("--image-size", type=int, default=16)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--recompute", default="attention", choices=("none", "attention", "all"))
+    args = p.parse_args(argv)
+    rows = measure_peaks(args.config, args.image_size, args.batch, args.recompute)
+    print(f"# {args.config} U-Net, {args.image_size}x{args.image_size}, batch {args.batch}, recompute={args.recompute}, "
+          f"CPU, torch {torch.__version__}")
     print(f"{'method':<15} {'tracked MiB':>12} {'allocator MiB':>14} {'tracked/alloc':>14}")
     for name, (tracked, alloc) in rows.items():
         print(f"{name:<15} {tracked / 2**20:>12.2f} {alloc / 2**20:>14.2f} {tracked / alloc:>14.3f}")

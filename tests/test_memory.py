@@ -2,13 +2,25 @@
 cifar10 U-Net (fused SGFlow at or below flow matching), measured on CPU."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
-import sgflow
 from sgflow.memory import PeakTensorBytes, cpu_allocator_peak_bytes, peak_tensor_bytes
 
 F32 = 4
+
+
+def _load_benchmark(name: str):
+    """A script of benchmarks/ as a module (the folder is not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"sgflow_benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_counts_new_storages_until_freed():
@@ -79,23 +91,9 @@ def test_fused_peak_memory_at_most_flow_matching_on_cifar10_unet(recompute):
     parameters; 16x16 images, batch 4 to keep it quick) holds at most the tensor bytes that flow matching's
     holds at its peak. Gradient buffers exist before the step (as after the first step of training), so
     both peaks are activations and temporaries only."""
-    from sgflow.nn import build_model
-
-    torch.manual_seed(0)
-    model = build_model("cifar10", (3, 16, 16), recompute=recompute)
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
-    x1 = torch.randn(4, 3, 16, 16)
-
-    def peak(loss_fn):
-        def step():
-            loss, _ = loss_fn(model, x1, generator=torch.Generator().manual_seed(0))
-            loss.backward()
-
-        # Both meters: tensors per op, and the allocator itself (kernel scratch included).
-        return peak_tensor_bytes(step)["peak_bytes"], cpu_allocator_peak_bytes(step)["peak_bytes"]
-
-    (fm, fm_alloc), (fused, fused_alloc) = peak(sgflow.flow_matching_loss), peak(sgflow.fused_loss)
+    # Both meters: tensors per op, and the allocator itself (kernel scratch included).
+    peaks = _load_benchmark("peak_vs_allocator").measure_peaks("cifar10", 16, 4, recompute)
+    (fm, fm_alloc), (fused, fused_alloc) = peaks["flow_matching"], peaks["sgflow_fused"]
     print(f"peak ({recompute}), tensors / allocator: flow matching {fm / 2**20:.1f} / {fm_alloc / 2**20:.1f} MiB, "
           f"fused SGFlow {fused / 2**20:.1f} / {fused_alloc / 2**20:.1f} MiB ({fused / fm:.2f}x / {fused_alloc / fm_alloc:.2f}x)")
     assert fm > 50 * 2**20  # the network really ran (activations of 4 images through 53.7M params)
@@ -106,14 +104,9 @@ def test_fused_peak_memory_at_most_flow_matching_on_cifar10_unet(recompute):
 def test_memory_benchmark_script_writes_every_method_with_ratios(tmp_path, capsys):
     """benchmarks/memory.py (the paper's memory table) on a small CPU case: rows, ratios to flow matching and
     the printed table; the GPU check script relies on it."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "memory.py"
-    spec = importlib.util.spec_from_file_location("sgflow_memory_benchmark", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load_benchmark("memory")
     out = tmp_path / "mem"
     bench.main(["--device", "cpu", "--config", "tiny", "--image-size", "8", "--batch", "2", "--steps", "1",
                 "--warmup", "0", "--methods", "flow_matching,sgflow_reference,sgflow_fused", "--out", str(out)])
