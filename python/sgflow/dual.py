@@ -36,27 +36,24 @@ class JVPDual(nn.Module):
 
 
 def unwrap_parallel(model: nn.Module) -> nn.Module:
-    """The inner module of a DataParallel wrapper (the dual forward runs on the module's own device).
-
-    DistributedDataParallel is refused by the losses before this point (see checks.check_not_ddp).
-    """
-    while isinstance(model, nn.DataParallel):
+    """The inner module of DataParallel / DistributedDataParallel wrappers."""
+    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
         model = model.module
     return model
 
 
 def dual_forward(model, t, u, x, t_dot, u_dot, x_dot):
-    """Call ``model.dual_forward`` with checks: returns (ftilde, ftilde_dot), both of x's shape.
+    """(f~, JVP f~) of any model, with checks: both of x's shape.
 
-    t, u, t_dot, u_dot: [B]; x, x_dot: [B, *D].
+    t, u, t_dot, u_dot: [B]; x, x_dot: [B, *D]. A model with its own ``dual_forward`` (a
+    :class:`sgflow.dualize.DualizedModel`, an ``sgflow.nn`` network) uses it; any other model —
+    and any model wrapped in (Distributed)DataParallel, whose forward must run for its gradient
+    sync — is dualized through its own forward (:func:`sgflow.dualize`, once per model).
     """
-    inner = unwrap_parallel(model)
-    if not hasattr(inner, "dual_forward"):
-        raise TypeError(
-            f"{type(inner).__name__} has no dual_forward(t, u, x, t_dot, u_dot, x_dot); use an sgflow.nn network, "
-            "or wrap it: sgflow.JVPDual(model) (JVP via torch.func.jvp, no fused memory savings)"
-        )
-    out, out_dot = inner.dual_forward(t, u, x, t_dot, u_dot, x_dot)
+    from sgflow.dualize import as_dual_model
+
+    dual = as_dual_model(model)
+    out, out_dot = dual.dual_forward(t, u, x, t_dot, u_dot, x_dot)
     out = check_model_output(out, x, "model.dual_forward(...)[0]")
     out_dot = check_model_output(out_dot, x, "model.dual_forward(...)[1]")
     return out, out_dot

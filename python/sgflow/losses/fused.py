@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from sgflow.checks import check_not_ddp
 from sgflow.dual import dual_forward
 from sgflow.losses.common import bcast, draw_batch, mean_sq
 from sgflow.losses.sgflow import flow_map_tangent, reduce_sgflow, sgflow_rows
@@ -38,7 +37,6 @@ def fused_loss(
     :func:`sgflow.sgflow_loss`. Models without ``dual_forward`` raise a TypeError naming
     :class:`sgflow.JVPDual`.
     """
-    check_not_ddp(model, "fused_loss")
     b = draw_batch(x1, interpolant=interpolant, time_sampler=time_sampler, noise=noise, t=t, u=u, generator=generator)
     rows = sgflow_rows(model, b, split, both_terms, split_fraction, generator)
     tr, ur, xr = b.t[rows.index], b.u[rows.index], b.xt[rows.index]
@@ -53,7 +51,6 @@ def fused_meanflow_loss(model, x1, *, interpolant="linear", time_sampler=None, n
 
         L = E || f~(t, u, X_t) - sg[ Xdot_t + (u - t) JVP(f~; (1, 0, Xdot_t)) ] ||^2
     """
-    check_not_ddp(model, "fused_meanflow_loss")
     b = draw_batch(x1, interpolant=interpolant, time_sampler=time_sampler, noise=noise, t=t, u=u, generator=generator)
     with torch.no_grad():
         ones, zeros = torch.ones_like(b.t), torch.zeros_like(b.u)

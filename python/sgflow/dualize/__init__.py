@@ -1,0 +1,300 @@
+r"""``sgflow.dualize(model)``: the fused SGFlow path for any network, through its own ``forward``.
+
+    dual = sgflow.dualize(model)                  # or just sgflow.fused_loss(model, x1)
+    f, f_dot = dual.dual_forward(t, u, x, t_dot, u_dot, x_dot)   # f~ and its JVP
+
+How: the inputs t, u, x become :class:`DualTensor`\ s (the primal, carrying its tangent) and the
+model is called as usual — through ``model.__call__``, so forward hooks, adapters living in
+``forward``, parameter wrappers and ``DistributedDataParallel.forward`` all run. Every torch op the
+forward makes on a DualTensor is routed to a dual rule (:mod:`sgflow.dualize.rules`) that returns
+the primal and the tangent as ordinary tensors, so autograd records both and the gradient flows
+through the tangent (reverse over forward), as the SGFlow loss needs.
+
+Memory: each *block* (by default the outermost submodules that are not plain containers, see
+:func:`select_blocks`) runs under ``torch.utils.checkpoint`` (non-reentrant): it keeps only its
+inputs (primal and tangent) and recomputes its dual forward in backward, with the RNG state (dropout
+masks) and autocast state of the forward replayed. Non-reentrant checkpointing finds every tensor
+the block reads through autograd itself, so parameters reached through hooks or module attributes
+get their gradients without being listed anywhere.
+
+Shapes: t, u, t_dot, u_dot: [B]; x, x_dot: [B, *D]; returns (f~, JVP f~), both [B, *D].
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from sgflow.dualize import rules as _rules  # noqa: F401 - installs the rule tables
+from sgflow.dualize.tensor import (
+    STATE,
+    DualizeError,
+    DualTensor,
+    is_dual,
+    make_dual,
+    primal,
+    recording,
+    register,
+    tangent,
+)
+
+__all__ = [
+    "dualize", "DualizedModel", "DualizeError", "DualTensor", "DualReport", "select_blocks", "dual_call",
+    "register_rule", "make_dual", "primal", "tangent", "is_dual", "as_dual_model",
+]
+
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
+_WRAPPERS = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+
+
+def register_rule(*funcs: Callable, kind: str = "rule:user"):
+    """Decorator registering ``rule(func, args, kwargs)`` as the dual rule of ``funcs``.
+
+    The rule receives the op's arguments (DualTensors among them; ``sgflow.dualize.primal`` /
+    ``tangent`` unwrap them) and returns the result with ``make_dual(y, y_dot)`` where it has a tangent.
+    """
+    return register(funcs, kind)
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    while isinstance(model, _WRAPPERS):
+        model = model.module
+    return model
+
+
+def _is_plain_container(m: nn.Module) -> bool:
+    return isinstance(m, _CONTAINERS) or type(m) is nn.Sequential
+
+
+def select_blocks(model: nn.Module, blocks="auto") -> list[str]:
+    """Module paths (relative to the unwrapped model) that are recomputed in backward.
+
+    ``blocks``:
+      - ``"auto"``: the outermost submodules with parameters that are not plain containers
+        (``nn.ModuleList``/``ModuleDict``/exact ``nn.Sequential`` are looked into): residual blocks,
+        attention blocks, transformer blocks, the time-embedding MLP, the in/out layers;
+      - ``"none"`` / ``None``: no recomputation (every intermediate is kept: fastest, most memory);
+      - a sequence of module types: the outermost submodules of those types;
+      - a sequence of module paths (``"blocks.0"``, ``"input_blocks.3"``);
+      - a callable ``(path, module) -> bool``: the outermost submodules it accepts.
+    """
+    model = _inner(model)
+    if blocks is None or blocks == "none":
+        return []
+    if blocks == "auto":
+
+        def accept(path, m):
+            return not _is_plain_container(m) and any(True for _ in m.parameters())
+
+    elif callable(blocks) and not isinstance(blocks, type):
+        accept = blocks
+    else:
+        items = list(blocks)
+        if all(isinstance(b, str) for b in items):
+            names = dict(model.named_modules())
+            missing = [b for b in items if b not in names or b == ""]
+            if missing:
+                raise ValueError(f"dualize: blocks {missing} are not submodule paths of {type(model).__name__}")
+            return items
+        if not all(isinstance(b, type) and issubclass(b, nn.Module) for b in items):
+            raise TypeError("dualize: blocks must be 'auto', 'none', a callable, module types or module paths")
+        types = tuple(items)
+
+        def accept(path, m):
+            return isinstance(m, types)
+
+    chosen: list[str] = []
+
+    def walk(m: nn.Module, prefix: str):
+        for name, child in m.named_children():
+            path = f"{prefix}.{name}" if prefix else name
+            if accept(path, child):
+                chosen.append(path)
+            else:
+                walk(child, path)
+
+    walk(model, "")
+    return chosen
+
+
+@dataclass
+class DualReport:
+    """Which rule each op of the last recorded dual forward took, per module path."""
+
+    rows: dict = field(default_factory=dict)  # (path, op) -> kind
+    blocks: list = field(default_factory=list)
+
+    def fallbacks(self) -> list[tuple[str, str]]:
+        """(path, op) of the ops that went through PyTorch's forward AD (no sgflow rule)."""
+        return sorted(k for k, v in self.rows.items() if v == "forward-ad")
+
+    def kinds(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for v in self.rows.values():
+            out[v] = out.get(v, 0) + 1
+        return dict(sorted(out.items()))
+
+    def __str__(self):
+        lines = [f"{'module':<40} {'op':<36} rule", "-" * 90]
+        for (path, op), kind in sorted(self.rows.items()):
+            lines.append(f"{path:<40} {op:<36} {kind}")
+        lines.append("-" * 90)
+        lines.append(f"{len(self.blocks)} recomputed blocks; rules: {self.kinds()}")
+        return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _patched(model: nn.Module, blocks: Sequence[str]):
+    """Route every submodule's forward through a wrapper that tracks the module path (for error
+    messages and the report) and runs the chosen blocks under non-reentrant checkpointing.
+
+    Patches live on the instances only for the duration of one dual forward: a model copied later
+    (EMA, deepcopy) never sees them, and the recomputation in backward calls the original forwards.
+    """
+    inner = _inner(model)
+    block_set = set(blocks)
+    saved = []
+    for path, mod in inner.named_modules():
+        had = "forward" in mod.__dict__
+        orig = mod.forward
+        saved.append((mod, had, mod.__dict__.get("forward")))
+        mod.forward = _wrap_forward(orig, path or "<model>", path in block_set)
+    try:
+        yield
+    finally:
+        for mod, had, prev in saved:
+            if had:
+                mod.forward = prev
+            else:
+                del mod.forward
+
+
+def _any_dual(args, kwargs) -> bool:
+    from torch.utils._pytree import tree_flatten
+
+    return any(isinstance(a, DualTensor) for a in tree_flatten((args, kwargs))[0])
+
+
+def _wrap_forward(orig, path: str, is_block: bool):
+    @functools.wraps(orig)
+    def forward(*args, **kwargs):
+        STATE.stack.append(path)
+        try:
+            if is_block and not getattr(STATE, "in_block", False) and torch.is_grad_enabled() and _any_dual(args, kwargs):
+                STATE.in_block = True
+                try:
+                    return checkpoint(orig, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
+                finally:
+                    STATE.in_block = False
+            return orig(*args, **kwargs)
+        finally:
+            STATE.stack.pop()
+
+    return forward
+
+
+def _zero_tangent(t: torch.Tensor | None) -> bool:
+    return t is None or (not t.requires_grad and not bool(t.any()))
+
+
+def dual_call(model: nn.Module, inputs: Sequence[torch.Tensor], tangents: Sequence[torch.Tensor | None],
+              blocks: Sequence[str] = (), report: dict | None = None):
+    """``model(*inputs)`` and its JVP along ``tangents`` through the model's own forward.
+
+    Inputs with a zero (or None) tangent are passed as plain tensors. Returns ``(out, out_dot)``;
+    ``out_dot`` is zeros when the output does not depend on the dual inputs.
+    """
+    args = [x if _zero_tangent(t) else make_dual(x, t.to(x.dtype)) for x, t in zip(inputs, tangents)]
+    with _patched(model, blocks), recording(report):
+        out = model(*args)
+    if isinstance(out, DualTensor):
+        return out._primal, out._tangent
+    if isinstance(out, torch.Tensor):
+        return out, torch.zeros_like(out)
+    raise DualizeError(f"dualize: the model must return one tensor, got {type(out).__name__}")
+
+
+class DualizedModel(nn.Module):
+    """A model with ``dual_forward`` through its own forward (see module doc). ``forward`` is the
+    model's own; the parameters, buffers and state_dict keys are the model's (under ``module.``).
+
+    Args:
+        model: any ``nn.Module`` called as ``model(t, u, x)`` (a ``DistributedDataParallel`` too:
+            its forward, and so its gradient sync, runs).
+        blocks: which submodules are recomputed in backward (see :func:`select_blocks`).
+    """
+
+    def __init__(self, model: nn.Module, blocks="auto"):
+        super().__init__()
+        if isinstance(model, DualizedModel):
+            model = model.module
+        self.module = model
+        self.blocks = select_blocks(model, blocks)
+        self.last_report: DualReport | None = None
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def dual_forward(self, t, u, x, t_dot, u_dot, x_dot):
+        """(f~(t,u,x), JVP of f~ in direction (t_dot, u_dot, x_dot)); t, u, t_dot, u_dot: [B], x, x_dot: [B, *D]."""
+        record = self.last_report is None
+        rows = {} if record else None
+        out = dual_call(self.module, (t, u, x), (t_dot, u_dot, x_dot), self.blocks, rows)
+        if record:
+            self.last_report = DualReport(rows, list(self.blocks))
+        return out
+
+    def report(self, t=None, u=None, x=None) -> DualReport:
+        """Per module path, which rule each op took (``forward-ad``: no sgflow rule, PyTorch's own
+        forward AD). With example inputs, runs one dual forward to record it; else the first one's."""
+        if x is not None:
+            self.last_report = None
+            t_dot = torch.ones_like(t)
+            with torch.no_grad():
+                self.dual_forward(t, u, x, t_dot, torch.zeros_like(u), torch.randn_like(x))
+        if self.last_report is None:
+            raise RuntimeError("no dual forward recorded yet: pass example (t, u, x) to report()")
+        return self.last_report
+
+
+def dualize(model: nn.Module, blocks="auto") -> DualizedModel:
+    """Give any network the fused dual path through its own forward (see :mod:`sgflow.dualize`).
+
+    Args:
+        model: an ``nn.Module`` called as ``model(t, u, x) -> f~`` (t, u: [B]; x and f~: [B, *D]),
+            built from ``torch.nn`` modules and ``torch.nn.functional`` / tensor ops.
+        blocks: recomputation granularity, see :func:`select_blocks` (default ``"auto"``).
+
+    Returns:
+        A :class:`DualizedModel` that ``sgflow.fused_loss``, ``fused_meanflow_loss`` and the trainer
+        accept. ``sgflow.fused_loss(model, x1)`` on a plain model does this once per model itself.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"dualize expects an nn.Module, got {type(model).__name__}")
+    return DualizedModel(model, blocks)
+
+
+_CACHE_ATTR = "_sgflow_dualized"
+
+
+def as_dual_model(model: nn.Module):
+    """What the fused losses call: ``model`` itself if it has ``dual_forward`` (a DualizedModel or
+    a hand-written dual network) and is not wrapped for data parallel; otherwise a DualizedModel with
+    default settings, built once per model and kept in the model's ``__dict__`` (not a submodule:
+    parameters and state_dict are unchanged)."""
+    if isinstance(model, DualizedModel):
+        return model
+    if not isinstance(model, _WRAPPERS) and hasattr(model, "dual_forward"):
+        return model
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"the fused losses need an nn.Module (called as model(t, u, x)), got {type(model).__name__}")
+    dual = model.__dict__.get(_CACHE_ATTR)
+    if dual is None or dual.module is not model:
+        dual = DualizedModel(model)
+        model.__dict__[_CACHE_ATTR] = dual
+    return dual

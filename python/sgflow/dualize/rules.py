@@ -1,0 +1,763 @@
+r"""Dual rules: for one op ``y = op(x, ...)`` on DualTensors, ``(y, y_dot = J_op x_dot)``.
+
+Each rule has the signature ``rule(func, args, kwargs) -> result`` (DualTensors where the result has
+a tangent) and is registered for the torch functions / tensor methods it covers. The tangents are
+computed with ordinary differentiable tensor ops, so autograd records both streams and the
+parameter gradient flows through the tangent (reverse over forward). See
+:mod:`sgflow.dualize.tensor` for the dispatch and the list of rule kinds.
+
+Why hand-written rules at all: PyTorch's forward AD is missing for the fused SDPA kernels, raises on
+strided tangents in group_norm, and its reverse-over-forward gradients of layer_norm, batch_norm
+and instance_norm are wrong in torch 2.13 (../shared/jvp-notes.md). So the normalisation layers are
+written here from their statistics, with the tangent formula
+
+    x̂ = (x - μ) r,  r = (var + eps)^(-1/2),  x̂_dot = r (x_dot - mean(x_dot) - x̂ mean(x̂ x_dot))
+
+(means over the normalised elements), computed in float32 for half/bf16 inputs; conv and linear
+run primal and tangent as one stacked call (one pass over the weights, one weight-gradient GEMM);
+SDPA goes to the dual attention op (O(N) memory per row) and dropout draws one mask for both.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from sgflow.dualize.tensor import (
+    DualTensor,
+    call_flat,
+    dual_leaves,
+    fail,
+    make_dual,
+    primal,
+    register,
+    tangent,
+    unwrap_primals,
+    wrap_outputs,
+)
+
+_T = torch.Tensor
+
+
+def _fns(names, *spaces):
+    out = []
+    for n in names:
+        for s in spaces:
+            f = getattr(s, n, None)
+            if f is not None:
+                out.append(f)
+    return out
+
+
+def _getters(names):
+    out = []
+    for n in names:
+        d = getattr(_T, n, None)
+        if d is not None and hasattr(d, "__get__"):
+            out.append(d.__get__)
+    return out
+
+
+def _bind(args, kwargs, names, defaults):
+    """Positional + keyword arguments of a functional call as one dict (defaults filled in)."""
+    bound = dict(defaults)
+    bound.update(zip(names, args))
+    bound.update(kwargs)
+    return bound
+
+
+def _zero_like_tangent(x):
+    return torch.zeros_like(x)
+
+
+def _tangent_or_zeros(x):
+    t = tangent(x)
+    return torch.zeros_like(primal(x)) if t is None else t
+
+
+def _low_precision(x):
+    return x.dtype in (torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metadata, errors, non-differentiable ops
+
+
+def meta(func, args, kwargs):
+    """Shape/dtype/device queries: answered by the primal, no tangent."""
+    return func(*unwrap_primals(args), **unwrap_primals(kwargs))
+
+
+def nondiff(func, args, kwargs):
+    """Ops whose output carries no tangent (constant in x): computed on the primals."""
+    return func(*unwrap_primals(args), **unwrap_primals(kwargs))
+
+
+def inplace_error(func, args, kwargs):
+    raise fail(
+        func,
+        "in-place op on a tensor that carries a tangent (the dual forward keeps primal and tangent as two "
+        "tensors and cannot update both in place)",
+        "Write it out of place (e.g. `x = x + y` instead of `x += y`, `F.silu(x)` instead of `inplace=True`)",
+    )
+
+
+def control_flow_error(func, args, kwargs):
+    raise fail(
+        func,
+        "Python control flow or a Python number taken from a tensor that carries a tangent (the value "
+        "would drop its tangent, and a branch on it can differ when the block is recomputed in backward)",
+        "Compute on tensors (torch.where, masks as weights) or move the check outside the model's forward",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear ops: the tangent is the same op applied to the tangents
+
+
+_METADATA_ARG_OPS = {"view_as", "expand_as", "reshape_as", "type_as"}
+
+
+def linear(func, args, kwargs):
+    """``y_dot = op(x_dot)`` for ops linear in their tensor data (zeros for data without tangent)."""
+    out = func(*unwrap_primals(args), **unwrap_primals(kwargs))
+    flat, spec, idx = dual_leaves(args, kwargs)
+    name = getattr(func, "__name__", "")
+    first_tensor = next((i for i, a in enumerate(flat) if isinstance(a, torch.Tensor)), None)
+    tflat = []
+    for i, a in enumerate(flat):
+        if isinstance(a, DualTensor):
+            tflat.append(a._tangent if (name not in _METADATA_ARG_OPS or i == first_tensor) else a._primal)
+        elif isinstance(a, torch.Tensor) and a.is_floating_point() and not (name in _METADATA_ARG_OPS and i != first_tensor):
+            tflat.append(torch.zeros_like(a))
+        else:
+            tflat.append(a)
+    if name == "view":
+        # The tangent can be strided differently from the primal (a product-rule sum, a transpose):
+        # reshape gives the same values where view would refuse.
+        a, k = _unflatten(tflat, spec)
+        if len(a) > 1 and isinstance(a[1], torch.dtype) or "dtype" in k:
+            return wrap_outputs(out, None)
+        t = a[0].reshape(*a[1:], **k) if a[1:] else a[0]
+    else:
+        t = call_flat(func, tflat, spec)
+    return wrap_outputs(out, t)
+
+
+def _unflatten(flat, spec):
+    from torch.utils._pytree import tree_unflatten
+
+    return tree_unflatten(flat, spec)
+
+
+def _fit(t, shape):
+    """A tangent broadcast to the output's shape, materialised (later views need real strides)."""
+    if t.shape == shape:
+        return t
+    return t.expand(shape).contiguous()
+
+
+def affine(positions):
+    """Rule for ops affine in the arguments at ``positions`` (add, sub, where, masked_fill, pad):
+    the tangent is the op with tangents there and zeros for every other data value."""
+
+    def rule(func, args, kwargs):
+        out = func(*unwrap_primals(args), **unwrap_primals(kwargs))
+        ref = next(a for a in list(args) + list(kwargs.values()) if isinstance(a, DualTensor))
+        zero = torch.zeros((), dtype=ref._tangent.dtype, device=ref._tangent.device)
+        targs = list(args)
+        tkw = dict(kwargs)
+        for pos in positions:
+            if isinstance(pos, int):
+                if pos < len(targs):
+                    a = targs[pos]
+                    targs[pos] = a._tangent if isinstance(a, DualTensor) else (zero if pos == 0 else 0)
+            elif pos in tkw:
+                a = tkw[pos]
+                tkw[pos] = a._tangent if isinstance(a, DualTensor) else 0
+        targs = [primal(a) for a in targs]
+        tkw = {k: primal(v) for k, v in tkw.items()}
+        t = func(*targs, **tkw)
+        return wrap_outputs(out, _fit(t, out.shape))
+
+    return rule
+
+
+# ---------------------------------------------------------------------------------------------
+# Multilinear ops: product rule
+
+
+def product(func, args, kwargs):
+    """``y_dot = sum_i op(x_1, .., x_i_dot, .., x_n)`` for ops linear in each tensor argument."""
+    flat, spec, idx = dual_leaves(args, kwargs)
+    pflat = [primal(a) for a in flat]
+    out = call_flat(func, pflat, spec)
+    t = None
+    for i in idx:
+        f = list(pflat)
+        f[i] = flat[i]._tangent
+        term = call_flat(func, f, spec)
+        t = term if t is None else t + term
+    return wrap_outputs(out, _fit(t, out.shape))
+
+
+def divide(func, args, kwargs):
+    """a / b: y_dot = (a_dot - y b_dot) / b (``__rtruediv__(b, a)`` is a / b with swapped roles)."""
+    if kwargs.get("rounding_mode") is not None:
+        return nondiff(func, args, kwargs)
+    swapped = func is _T.__rtruediv__
+    a, b = (args[1], args[0]) if swapped else (args[0], args[1])
+    out = func(*unwrap_primals(args), **unwrap_primals(kwargs))
+    pa, pb = primal(a), primal(b)
+    t = None
+    if isinstance(a, DualTensor):
+        t = a._tangent / pb
+    if isinstance(b, DualTensor):
+        term = -out * b._tangent / pb
+        t = term if t is None else t + term
+    return wrap_outputs(out, _fit(t, out.shape))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pointwise nonlinear ops with explicit derivatives
+
+
+def pointwise(deriv):
+    """``y_dot = deriv(x, y) * x_dot`` for a unary op y = op(x)."""
+
+    def rule(func, args, kwargs):
+        x = args[0]
+        if len(args) > 1 and any(isinstance(a, DualTensor) for a in args[1:]):
+            return forward_ad(func, args, kwargs)
+        out = func(*unwrap_primals(args), **unwrap_primals(kwargs))
+        return wrap_outputs(out, deriv(x._primal, out, args, kwargs) * x._tangent)
+
+    return rule
+
+
+def _silu_rule(func, args, kwargs):
+    from sgflow.ops.activation import SiLUDual
+
+    x = args[0]
+    if not isinstance(x, DualTensor):
+        return forward_ad(func, args, kwargs)
+    # The op's explicit backward saves x and x_dot only (not the sigmoid and its derivative).
+    y, y_dot = SiLUDual.apply(x._primal, x._tangent)
+    return make_dual(y, y_dot)
+
+
+def _pow_rule(func, args, kwargs):
+    base, expo = args[0], args[1] if len(args) > 1 else kwargs.get("exponent")
+    if func is _T.__rpow__ or isinstance(expo, DualTensor) or not isinstance(base, DualTensor):
+        return forward_ad(func, args, kwargs)
+    out = func(*unwrap_primals(args), **unwrap_primals(kwargs))
+    x = base._primal
+    e = primal(expo)
+    return wrap_outputs(out, e * x.pow(e - 1) * base._tangent)
+
+
+def _softmax_dim(args, kwargs):
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    return dim
+
+
+def _softmax_rule(func, args, kwargs):
+    dim = _softmax_dim(args, kwargs)
+    if dim is None or not isinstance(args[0], DualTensor):
+        return forward_ad(func, args, kwargs)
+    y = func(*unwrap_primals(args), **unwrap_primals(kwargs))
+    xd = args[0]._tangent.to(y.dtype)
+    return make_dual(y, y * (xd - (y * xd).sum(dim, keepdim=True)))
+
+
+def _log_softmax_rule(func, args, kwargs):
+    dim = _softmax_dim(args, kwargs)
+    if dim is None or not isinstance(args[0], DualTensor):
+        return forward_ad(func, args, kwargs)
+    y = func(*unwrap_primals(args), **unwrap_primals(kwargs))
+    xd = args[0]._tangent.to(y.dtype)
+    return make_dual(y, xd - (y.exp() * xd).sum(dim, keepdim=True))
+
+
+def _dropout_rule(func, args, kwargs):
+    """One Bernoulli mask for primal and tangent (the recomputation replays it: RNG state restored)."""
+    b = _bind(args, kwargs, ("input", "p", "training", "inplace"), {"p": 0.5, "training": True, "inplace": False})
+    x, p, training = b["input"], float(b["p"]), b["training"]
+    if b["inplace"]:
+        return inplace_error(func, args, kwargs)
+    if not training or p == 0.0:
+        return x
+    xp = x._primal
+    if p >= 1.0:
+        return make_dual(torch.zeros_like(xp), torch.zeros_like(x._tangent))
+    if func is F.dropout or func is torch.dropout:
+        shape = xp.shape
+    else:  # dropout1d/2d/3d: one draw per (sample, channel)
+        nsp = {F.dropout1d: 1, F.dropout2d: 2, F.dropout3d: 3}[func]
+        batched = xp.dim() == nsp + 2
+        shape = (xp.shape[: 2] if batched else xp.shape[:1]) + (1,) * nsp
+    mask = torch.empty(shape, dtype=xp.dtype, device=xp.device).bernoulli_(1.0 - p).div_(1.0 - p)
+    return make_dual(xp * mask, x._tangent * mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conv / linear: primal and tangent as one stacked call
+
+
+_CONV_NDIM = {}
+for _n, _d in (("conv1d", 1), ("conv2d", 2), ("conv3d", 3), ("conv_transpose1d", 1), ("conv_transpose2d", 2), ("conv_transpose3d", 3)):
+    _f = getattr(torch, _n, None) or getattr(F, _n)
+    _CONV_NDIM[_f] = _d
+    _CONV_NDIM[getattr(F, _n)] = _d
+
+
+def _stacked(func, x, rest_args, rest_kwargs, bias, batch_dim_ok):
+    """op([x; x_dot]) with the bias added to the primal half only."""
+    xp, xt = x._primal, x._tangent
+    if not batch_dim_ok:
+        y = func(xp, *rest_args, **rest_kwargs)
+        yt = func(xt, *rest_args, **rest_kwargs)
+    else:
+        n = xp.shape[0]
+        both = func(torch.cat([xp, xt.to(xp.dtype) if not torch.is_autocast_enabled(xp.device.type) else xt], 0), *rest_args, **rest_kwargs)
+        y, yt = both[:n], both[n:]
+    if bias is not None:
+        y = y + bias.to(y.dtype).reshape(bias.shape[0], *([1] * (y.dim() - 2))) if func in _CONV_NDIM else y + bias.to(y.dtype)
+    return make_dual(y, yt)
+
+
+def _conv_rule(func, args, kwargs):
+    names = ("input", "weight", "bias")
+    x = args[0] if args else kwargs["input"]
+    w = args[1] if len(args) > 1 else kwargs["weight"]
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    rest = list(args[3:])
+    kw = {k: v for k, v in kwargs.items() if k not in names}
+    if isinstance(x, DualTensor) and not isinstance(w, DualTensor) and not isinstance(bias, DualTensor):
+        batched = x._primal.dim() == _CONV_NDIM[func] + 2
+        return _stacked(func, x, [w, None, *rest], kw, bias, batched)
+    # A weight or bias computed from the inputs (hypernetworks): product rule over (x, w), bias tangent added.
+    out = func(primal(x), primal(w), primal(bias), *rest, **kw)
+    t = None
+    if isinstance(x, DualTensor):
+        t = func(x._tangent, primal(w), None, *rest, **kw)
+    if isinstance(w, DualTensor):
+        term = func(primal(x), w._tangent, None, *rest, **kw)
+        t = term if t is None else t + term
+    if isinstance(bias, DualTensor):
+        term = bias._tangent.reshape(-1, *([1] * _CONV_NDIM[func]))
+        t = term.expand(out.shape) if t is None else t + term
+    return wrap_outputs(out, _fit(t, out.shape))
+
+
+def _linear_rule(func, args, kwargs):
+    b = _bind(args, kwargs, ("input", "weight", "bias"), {"bias": None})
+    x, w, bias = b["input"], b["weight"], b["bias"]
+    if isinstance(x, DualTensor) and not isinstance(w, DualTensor) and not isinstance(bias, DualTensor):
+        return _stacked(func, x, [w], {}, bias, x._primal.dim() >= 2)
+    out = func(primal(x), primal(w), primal(bias))
+    t = None
+    if isinstance(x, DualTensor):
+        t = func(x._tangent, primal(w))
+    if isinstance(w, DualTensor):
+        term = func(primal(x), w._tangent)
+        t = term if t is None else t + term
+    if isinstance(bias, DualTensor):
+        t = bias._tangent.expand(out.shape) if t is None else t + bias._tangent
+    return wrap_outputs(out, _fit(t, out.shape))
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalisation layers: statistics and their tangents written out (see module doc)
+
+
+def _normalize(x, xd, dims, eps, rms=False):
+    """(x̂, x̂_dot) over ``dims`` (fp32 for half/bf16), per the module-doc formula."""
+    acc = torch.float32 if _low_precision(x) else x.dtype
+    x, xd = x.to(acc), xd.to(acc)
+    if rms:
+        r = torch.rsqrt(x.square().mean(dims, keepdim=True) + eps)
+        xh = x * r
+        xhd = r * (xd - xh * (xh * xd).mean(dims, keepdim=True))
+        return xh, xhd
+    mu = x.mean(dims, keepdim=True)
+    xc = x - mu
+    r = torch.rsqrt(xc.square().mean(dims, keepdim=True) + eps)
+    xh = xc * r
+    xhd = r * (xd - xd.mean(dims, keepdim=True) - xh * (xh * xd).mean(dims, keepdim=True))
+    return xh, xhd
+
+
+def _affine_out(xh, xhd, w, b, shape, out_dtype):
+    """y = x̂ w + b and its tangent (w, b broadcast by ``shape``), cast to ``out_dtype``."""
+    y, yd = xh, xhd
+    if w is not None:
+        wp = primal(w).to(xh.dtype).reshape(shape)
+        y, yd = y * wp, yd * wp
+        if isinstance(w, DualTensor):
+            yd = yd + xh * w._tangent.to(xh.dtype).reshape(shape)
+    if b is not None:
+        y = y + primal(b).to(xh.dtype).reshape(shape)
+        if isinstance(b, DualTensor):
+            yd = yd + b._tangent.to(xh.dtype).reshape(shape)
+    return make_dual(y.to(out_dtype), yd.to(out_dtype))
+
+
+def _norm_out_dtype(x):
+    # Under autocast PyTorch runs the norms in fp32 and returns fp32; otherwise the input dtype.
+    return torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
+def _require_dual_input(func, x, args, kwargs):
+    if not isinstance(x, DualTensor):
+        # Only the affine parameters carry a tangent: still linear/product in them; use the formulas
+        # with a zero input tangent.
+        return make_dual(x, torch.zeros_like(x))
+    return x
+
+
+def _group_norm_rule(func, args, kwargs):
+    b = _bind(args, kwargs, ("input", "num_groups", "weight", "bias", "eps"), {"weight": None, "bias": None, "eps": 1e-5})
+    x = _require_dual_input(func, b["input"], args, kwargs)
+    g, w, bias, eps = b["num_groups"], b["weight"], b["bias"], b["eps"]
+    xp, xt = x._primal, x._tangent
+    out_dtype = _norm_out_dtype(xp)
+    n, c = xp.shape[:2]
+    if c % g:
+        raise fail(func, f"{c} channels do not split into {g} groups")
+    if not isinstance(w, DualTensor) and not isinstance(bias, DualTensor):
+        # The GroupNormDual op: explicit backward that saves x, x_dot and the [B, G] statistics only.
+        from sgflow.ops.groupnorm import GroupNormDual
+
+        acc = torch.float32 if _low_precision(xp) or out_dtype == torch.float32 else xp.dtype
+        with torch.autocast(xp.device.type, enabled=False):
+            y, yd = GroupNormDual.apply(
+                xp.to(acc), xt.to(acc), None if w is None else w.to(acc), None if bias is None else bias.to(acc), g, eps
+            )
+        return make_dual(y.to(out_dtype), yd.to(out_dtype))
+    with torch.autocast(xp.device.type, enabled=False):
+        xg, xgd = xp.reshape(n, g, -1), xt.reshape(n, g, -1)
+        xh, xhd = _normalize(xg, xgd, (2,), eps)
+        xh, xhd = xh.reshape(xp.shape), xhd.reshape(xp.shape)
+        return _affine_out(xh, xhd, w, bias, (1, c) + (1,) * (xp.dim() - 2), out_dtype)
+
+
+def _layer_norm_rule(func, args, kwargs):
+    b = _bind(args, kwargs, ("input", "normalized_shape", "weight", "bias", "eps"), {"weight": None, "bias": None, "eps": 1e-5})
+    x = _require_dual_input(func, b["input"], args, kwargs)
+    shape = tuple(b["normalized_shape"]) if not isinstance(b["normalized_shape"], int) else (b["normalized_shape"],)
+    xp = x._primal
+    dims = tuple(range(xp.dim() - len(shape), xp.dim()))
+    out_dtype = _norm_out_dtype(xp)
+    with torch.autocast(xp.device.type, enabled=False):
+        xh, xhd = _normalize(xp, x._tangent, dims, b["eps"])
+        return _affine_out(xh, xhd, b["weight"], b["bias"], shape, out_dtype)
+
+
+def _rms_norm_rule(func, args, kwargs):
+    b = _bind(args, kwargs, ("input", "normalized_shape", "weight", "eps"), {"weight": None, "eps": None})
+    x = _require_dual_input(func, b["input"], args, kwargs)
+    shape = tuple(b["normalized_shape"]) if not isinstance(b["normalized_shape"], int) else (b["normalized_shape"],)
+    xp = x._primal
+    eps = b["eps"] if b["eps"] is not None else torch.finfo(xp.dtype).eps
+    dims = tuple(range(xp.dim() - len(shape), xp.dim()))
+    out_dtype = _norm_out_dtype(xp)
+    with torch.autocast(xp.device.type, enabled=False):
+        xh, xhd = _normalize(xp, x._tangent, dims, eps, rms=True)
+        return _affine_out(xh, xhd, b["weight"], None, shape, out_dtype)
+
+
+def _batch_norm_rule(func, args, kwargs):
+    b = _bind(
+        args, kwargs,
+        ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
+        {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5},
+    )
+    x = _require_dual_input(func, b["input"], args, kwargs)
+    xp, xt = x._primal, x._tangent
+    c = xp.shape[1]
+    shape = (1, c) + (1,) * (xp.dim() - 2)
+    out_dtype = _norm_out_dtype(xp)
+    rm, rv = b["running_mean"], b["running_var"]
+    with torch.autocast(xp.device.type, enabled=False):
+        if b["training"] or rm is None:
+            dims = (0,) + tuple(range(2, xp.dim()))
+            xh, xhd = _normalize(xp, xt, dims, b["eps"])
+            if b["training"] and rm is not None:
+                with torch.no_grad():
+                    m = b["momentum"] if b["momentum"] is not None else 0.1
+                    cnt = xp.numel() // c
+                    xs = xp.to(xh.dtype)
+                    rm.mul_(1 - m).add_(xs.mean(dims).to(rm.dtype), alpha=m)
+                    rv.mul_(1 - m).add_(xs.var(dims, unbiased=cnt > 1).to(rv.dtype), alpha=m)
+        else:  # eval: an affine map with the running statistics
+            acc = torch.float32 if _low_precision(xp) else xp.dtype
+            r = torch.rsqrt(rv.to(acc).reshape(shape) + b["eps"])
+            xh = (xp.to(acc) - rm.to(acc).reshape(shape)) * r
+            xhd = xt.to(acc) * r
+        return _affine_out(xh, xhd, b["weight"], b["bias"], shape, out_dtype)
+
+
+def _instance_norm_rule(func, args, kwargs):
+    b = _bind(
+        args, kwargs,
+        ("input", "running_mean", "running_var", "weight", "bias", "use_input_stats", "momentum", "eps"),
+        {"running_mean": None, "running_var": None, "weight": None, "bias": None, "use_input_stats": True,
+         "momentum": 0.1, "eps": 1e-5},
+    )
+    if not b["use_input_stats"] or b["running_mean"] is not None:
+        raise fail(func, "instance_norm with running statistics has no dual rule", "Use track_running_stats=False")
+    x = _require_dual_input(func, b["input"], args, kwargs)
+    xp = x._primal
+    c = xp.shape[1]
+    out_dtype = _norm_out_dtype(xp)
+    with torch.autocast(xp.device.type, enabled=False):
+        xh, xhd = _normalize(xp, x._tangent, tuple(range(2, xp.dim())), b["eps"])
+        return _affine_out(xh, xhd, b["weight"], b["bias"], (1, c) + (1,) * (xp.dim() - 2), out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+
+
+def _sdpa_rule(func, args, kwargs):
+    b = _bind(
+        args, kwargs,
+        ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"),
+        {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False},
+    )
+    q, k, v = b["query"], b["key"], b["value"]
+    plain = b["attn_mask"] is None and not b["dropout_p"] and not b["is_causal"]
+    same_heads = primal(q).shape[:-2] == primal(k).shape[:-2] == primal(v).shape[:-2]
+    if plain and same_heads and primal(q).dim() >= 3:
+        from sgflow.ops.attention import attention_dual
+
+        qp = primal(q)
+        lead = qp.shape[:-2]
+
+        def four(t):
+            return t.reshape(-1, 1, *t.shape[-2:]) if t.dim() != 4 else t
+
+        parts = [four(primal(a)) for a in (q, k, v)] + [four(_tangent_or_zeros(a)) for a in (q, k, v)]
+        o, od = attention_dual(*parts, scale=b["scale"])
+        return make_dual(o.reshape(*lead, *o.shape[-2:]), od.reshape(*lead, *od.shape[-2:]))
+    # Masks, causal, dropout or grouped heads: the math form, each op through its own rule.
+    from sgflow.decompose import scaled_dot_product_attention as sdpa_math
+
+    return sdpa_math(q, k, v, attn_mask=b["attn_mask"], dropout_p=b["dropout_p"], is_causal=b["is_causal"],
+                     scale=b["scale"], enable_gqa=b["enable_gqa"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Fallback: PyTorch's forward AD for this one op
+
+
+def forward_ad(func, args, kwargs):
+    """``torch.func.jvp`` of this op alone, with the norms and SDPA decomposed inside it."""
+    flat, spec, idx = dual_leaves(args, kwargs)
+    pflat = [primal(a) for a in flat]
+
+    def f(*ps):
+        fl = list(pflat)
+        for i, p in zip(idx, ps):
+            fl[i] = p
+        return call_flat(func, fl, spec)
+
+    try:
+        from sgflow.decompose import decomposed
+    except ImportError:  # pragma: no cover - decompose ships with sgflow
+        import contextlib
+
+        decomposed = contextlib.nullcontext
+    try:
+        with decomposed():
+            out, t = torch.func.jvp(f, tuple(pflat[i] for i in idx), tuple(flat[i]._tangent for i in idx))
+    except (RuntimeError, NotImplementedError) as e:
+        msg = str(e)
+        if "return only tensors" in msg:
+            return _no_tensor_result(func, pflat, spec)
+        if "forward AD" in msg or "forward-mode" in msg or "jvp" in msg.lower() or "not implemented" in msg.lower():
+            raise fail(
+                func,
+                f"no sgflow dual rule, and PyTorch's forward AD fails on it ({msg.splitlines()[0]})",
+                "Register one with sgflow.dualize.register_rule, or compute this op outside the model",
+            ) from e
+        raise
+    return wrap_outputs(out, t)
+
+
+def _no_tensor_result(func, pflat, spec):
+    """An op whose result holds no floating tensor (a Python number, a device): nothing to carry."""
+    res = call_flat(func, pflat, spec)
+    if any(isinstance(r, torch.Tensor) and r.is_floating_point() for r in _leaves(res)):
+        raise fail(func, "returns tensors inside a structure forward AD cannot follow")
+    return res
+
+
+def _leaves(x):
+    from torch.utils._pytree import tree_flatten
+
+    return tree_flatten(x)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+
+_META_NAMES = [
+    "size", "dim", "numel", "nelement", "ndimension", "stride", "is_contiguous", "is_floating_point", "is_complex",
+    "element_size", "data_ptr", "storage_offset", "get_device", "__len__", "__format__", "untyped_storage",
+    "is_signed", "is_inference", "__dir__", "__sizeof__", "__reduce_ex__", "is_pinned", "is_shared", "dim_order",
+    "has_names", "__contains__", "equal", "register_hook", "retain_grad",
+]
+_META_GETTERS = [
+    "shape", "dtype", "device", "ndim", "is_cuda", "is_cpu", "is_meta", "layout", "requires_grad", "is_leaf", "grad_fn",
+    "names", "is_sparse", "is_quantized", "is_mps", "is_xpu", "itemsize", "nbytes", "grad", "_version", "output_nr",
+    "is_nested", "_base", "is_mkldnn", "is_xla",
+]
+_CONTROL_FLOW = ["__bool__", "item", "tolist", "__int__", "__float__", "__index__", "__complex__", "numpy", "__array__", "__nonzero__"]
+_NONDIFF_NAMES = [
+    "zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "randint_like",
+    "new_zeros", "new_ones", "new_empty", "new_full", "new_tensor", "detach", "sign", "sgn", "floor", "ceil", "round",
+    "trunc", "fix", "argmax", "argmin", "argsort", "eq", "ne", "lt", "gt", "le", "ge", "greater", "less",
+    "greater_equal", "less_equal", "not_equal", "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "isnan",
+    "isinf", "isfinite", "isposinf", "isneginf", "isclose", "allclose", "logical_not", "logical_and", "logical_or",
+    "logical_xor", "bernoulli", "multinomial", "nonzero", "any", "all", "bucketize", "searchsorted", "floor_divide",
+    "__floordiv__", "__rfloordiv__", "long", "int", "bool", "byte", "short", "char", "count_nonzero", "signbit",
+    "__and__", "__or__", "__xor__", "__invert__", "bitwise_and", "bitwise_or", "bitwise_not", "__hash__",
+]
+_LINEAR_NAMES = [
+    "view", "reshape", "permute", "transpose", "t", "flatten", "unflatten", "squeeze", "unsqueeze", "expand", "repeat",
+    "repeat_interleave", "narrow", "select", "__getitem__", "chunk", "split", "tensor_split", "hsplit", "vsplit",
+    "unbind", "movedim", "moveaxis", "swapaxes", "swapdims", "contiguous", "clone", "flip", "fliplr", "flipud", "roll",
+    "rot90", "diagonal", "diag", "diag_embed", "sum", "mean", "nansum", "neg", "negative", "__neg__", "__pos__",
+    "positive", "cumsum", "to", "float", "double", "half", "bfloat16", "cpu", "cuda", "tile", "triu", "tril",
+    "index_select", "gather", "take_along_dim", "cat", "concat", "concatenate", "stack", "hstack", "vstack", "dstack",
+    "column_stack", "atleast_1d", "atleast_2d", "atleast_3d", "unfold", "trace", "ravel", "view_as", "expand_as",
+    "reshape_as", "type_as", "real", "resolve_conj", "resolve_neg", "broadcast_to", "alias", "as_strided",
+    "unsafe_chunk", "unsafe_split", "split_with_sizes", "narrow_copy", "pixel_shuffle", "pixel_unshuffle",
+    "channel_shuffle", "type",
+]
+_F_LINEAR = [
+    "interpolate", "upsample", "upsample_nearest", "upsample_bilinear", "avg_pool1d", "avg_pool2d", "avg_pool3d",
+    "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "pixel_shuffle", "pixel_unshuffle", "fold",
+    "unfold", "channel_shuffle",
+]
+_PRODUCT_NAMES = [
+    "mul", "multiply", "__mul__", "__rmul__", "matmul", "__matmul__", "__rmatmul__", "bmm", "mm", "mv", "einsum",
+    "outer", "ger", "dot", "vdot", "inner", "kron", "tensordot", "cross", "vecdot",
+]
+_ADD_NAMES = ["add", "__add__", "__radd__", "sub", "subtract", "__sub__", "__rsub__", "rsub"]
+_DIV_NAMES = ["div", "divide", "true_divide", "__truediv__", "__rtruediv__", "__div__"]
+
+
+def _d_exp(x, y, a, k):
+    return y
+
+
+def _d_log(x, y, a, k):
+    return 1.0 / x
+
+
+def _d_sin(x, y, a, k):
+    return torch.cos(x)
+
+
+def _d_cos(x, y, a, k):
+    return -torch.sin(x)
+
+
+def _d_tanh(x, y, a, k):
+    return 1.0 - y * y
+
+
+def _d_sigmoid(x, y, a, k):
+    return y * (1.0 - y)
+
+
+def _d_sqrt(x, y, a, k):
+    return 0.5 / y
+
+
+def _d_rsqrt(x, y, a, k):
+    return -0.5 * y * y * y
+
+
+def _d_relu(x, y, a, k):
+    return (x > 0).to(x.dtype)
+
+
+def _d_square(x, y, a, k):
+    return 2.0 * x
+
+
+def _d_gelu(x, y, a, k):
+    approx = k.get("approximate", a[1] if len(a) > 1 else "none")
+    if approx == "tanh":
+        c = math.sqrt(2.0 / math.pi)
+        inner = c * (x + 0.044715 * x.pow(3))
+        th = torch.tanh(inner)
+        return 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * c * (1.0 + 3 * 0.044715 * x * x)
+    cdf = 0.5 * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
+    pdf = torch.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
+    return cdf + x * pdf
+
+
+_POINTWISE = {
+    ("exp",): _d_exp, ("log",): _d_log, ("sin",): _d_sin, ("cos",): _d_cos, ("tanh",): _d_tanh,
+    ("sigmoid",): _d_sigmoid, ("sqrt",): _d_sqrt, ("rsqrt",): _d_rsqrt, ("relu",): _d_relu, ("square",): _d_square,
+    ("gelu",): _d_gelu,
+}
+
+
+def _install():
+    spaces = (torch, _T, torch.special, torch.linalg)
+    register(_fns(_META_NAMES, torch, _T) + _getters(_META_GETTERS) + [torch.is_tensor, torch.numel], "meta")(meta)
+    register(_fns(_CONTROL_FLOW, _T), "error")(control_flow_error)
+    register(_fns(_NONDIFF_NAMES, torch, _T) + _getters(["data"]), "nondiff")(nondiff)
+    register(_fns(_LINEAR_NAMES, torch, _T) + _fns(_F_LINEAR, F) + _getters(["T", "mT", "H", "mH"]), "linear")(linear)
+    register(_fns(_PRODUCT_NAMES, *spaces), "product")(product)
+    register(_fns(_ADD_NAMES, torch, _T), "affine")(affine((0, 1, "other", "input")))
+    register(_fns(["where"], torch, _T), "affine")(affine((1, 2, "input", "other")))
+    register(_fns(["masked_fill"], torch, _T), "affine")(affine((0, 2, "value")))
+    register([F.pad, getattr(torch._C._nn, "pad", None)], "affine")(affine((0, 3, "value")))
+    register(_fns(_DIV_NAMES, torch, _T), "divide")(divide)
+    for names, d in _POINTWISE.items():
+        register(_fns(names, torch, _T, torch.special) + _fns(names, F), "pointwise")(pointwise(d))
+    register([F.silu, getattr(torch._C._nn, "silu", None)], "rule:silu")(_silu_rule)
+    register(_fns(["pow", "__pow__", "__rpow__", "float_power"], torch, _T), "pointwise")(_pow_rule)
+    register([F.softmax, torch.softmax, _T.softmax, torch.special.softmax], "rule:softmax")(_softmax_rule)
+    register([F.log_softmax, torch.log_softmax, _T.log_softmax, torch.special.log_softmax], "rule:softmax")(_log_softmax_rule)
+    register([F.dropout, F.dropout1d, F.dropout2d, F.dropout3d], "rule:dropout")(_dropout_rule)
+    register(list(_CONV_NDIM), "rule:conv-stacked")(_conv_rule)
+    register([F.linear, torch._C._nn.linear], "rule:linear-stacked")(_linear_rule)
+    register([F.group_norm, torch.group_norm], "rule:group_norm")(_group_norm_rule)
+    register([F.layer_norm, torch.layer_norm], "rule:layer_norm")(_layer_norm_rule)
+    register([getattr(F, "rms_norm", None), getattr(torch, "rms_norm", None)], "rule:rms_norm")(_rms_norm_rule)
+    register([F.batch_norm, torch.batch_norm], "rule:batch_norm")(_batch_norm_rule)
+    register([F.instance_norm, torch.instance_norm], "rule:instance_norm")(_instance_norm_rule)
+    register([F.scaled_dot_product_attention], "rule:attention")(_sdpa_rule)
+
+
+def _inplace_name(name: str) -> bool:
+    if name.startswith("__i") and name.endswith("__") and name not in ("__index__", "__init__", "__iter__"):
+        return True
+    return name.endswith("_") and not name.endswith("__") and not name.startswith("_")
+
+
+def _iter_rule(func, args, kwargs):
+    x = args[0]
+    return iter([make_dual(p, t) for p, t in zip(x._primal.unbind(0), x._tangent.unbind(0))])
+
+
+def classify(func):
+    """(rule, kind) for a function without a registered rule."""
+    name = getattr(func, "__name__", "")
+    if name == "__setitem__" or _inplace_name(name):
+        return inplace_error, "error"
+    if func is _T.__iter__:
+        return _iter_rule, "linear"
+    return forward_ad, "forward-ad"
+
+
+_install()

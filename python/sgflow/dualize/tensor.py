@@ -1,0 +1,207 @@
+r"""The tangent-carrying tensor behind :func:`sgflow.dualize`, and the per-op dispatch.
+
+A :class:`DualTensor` *is* its primal (an alias of the primal's storage, so ``.shape``, ``.dtype``,
+``.device`` and every metadata query behave as usual) and carries the tangent in ``_tangent``. It
+overrides ``__torch_function__``: every ``torch.*`` function, ``torch.nn.functional`` call and tensor
+method that receives a DualTensor is routed to :func:`dispatch`, which computes
+
+    (y, y_dot) = (op(x), J_op(x) x_dot)
+
+from the unwrapped primals and tangents with ordinary tensor ops, so reverse-mode autograd records
+both streams and the gradient flows *through* the tangent (reverse over forward), as SGFlow needs.
+The rule an op takes (see :mod:`sgflow.dualize.rules`):
+
+- a hand-written rule (conv/linear as one stacked call, the normalisation layers from explicit
+  formulas, SDPA through the dual attention op, dropout with one mask for both streams, ...);
+- ``linear``: ops linear in their tensor data (views, reshapes, cat, sums, pooling, interpolation):
+  the tangent is the same op applied to the tangents;
+- ``product``: multilinear ops (mul, matmul, einsum, ...): the product rule;
+- ``pointwise``: explicit derivatives of common activations;
+- ``nondiff``: outputs that carry no tangent (comparisons, ``*_like`` constructors, ``detach``);
+- ``forward-ad``: anything else, through ``torch.func.jvp`` of that one op (PyTorch's own forward AD)
+  with the normalisation layers and SDPA decomposed first (their PyTorch formulas are wrong or missing).
+
+In-place ops on a DualTensor, Python control flow on its values (``bool``, ``item``) and ops with
+neither a rule nor forward AD raise :class:`DualizeError` naming the op and the module path.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any, Callable
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+__all__ = ["DualTensor", "DualizeError", "make_dual", "primal", "tangent", "is_dual", "dispatch", "op_name"]
+
+
+class DualizeError(RuntimeError):
+    """A network cannot be dualized as written (the message names the op and the module path)."""
+
+
+class _State(threading.local):
+    def __init__(self):
+        self.stack: list[str] = []  # module paths of the dual forward in progress
+        self.report: dict | None = None  # (path, op) -> rule, while a dual forward records
+
+
+STATE = _State()
+
+
+def current_path() -> str:
+    return STATE.stack[-1] if STATE.stack else "<model>"
+
+
+class DualTensor(torch.Tensor):
+    """A primal tensor (this object aliases it) with its tangent in ``_tangent``; see module doc."""
+
+    _primal: torch.Tensor
+    _tangent: torch.Tensor
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        return dispatch(func, args, kwargs or {})
+
+    def __repr__(self):  # noqa: D105 - printing a dual tensor must not go through dispatch
+        return f"DualTensor(primal={self._primal!r}, tangent={self._tangent!r})"
+
+
+def make_dual(p: torch.Tensor, t: torch.Tensor) -> DualTensor:
+    """Wrap primal ``p`` and tangent ``t`` (same shape) as a DualTensor."""
+    if isinstance(p, DualTensor) or isinstance(t, DualTensor):
+        raise DualizeError("nested dual tensors (a dual forward inside another) are not supported")
+    if t.shape != p.shape:
+        raise DualizeError(f"tangent of shape {tuple(t.shape)} for a primal of shape {tuple(p.shape)}")
+    d = p.as_subclass(DualTensor)
+    d._primal = p
+    d._tangent = t
+    return d
+
+
+def is_dual(x: Any) -> bool:
+    return isinstance(x, DualTensor)
+
+
+def primal(x: Any) -> Any:
+    """The primal of a DualTensor (anything else unchanged)."""
+    return x._primal if isinstance(x, DualTensor) else x
+
+
+def tangent(x: Any) -> torch.Tensor | None:
+    """The tangent of a DualTensor, None for anything else (a zero tangent)."""
+    return x._tangent if isinstance(x, DualTensor) else None
+
+
+def op_name(func: Callable) -> str:
+    """A readable name: ``torch.nn.functional.conv2d``, ``Tensor.view``, ``Tensor.shape.__get__``."""
+    self_obj = getattr(func, "__self__", None)
+    if func.__name__ == "__get__" and self_obj is not None:  # property getters of Tensor
+        return f"Tensor.{getattr(self_obj, '__name__', '?')}"
+    qual = getattr(func, "__qualname__", func.__name__)
+    mod = getattr(func, "__module__", None) or ""
+    if qual.startswith(("Tensor.", "TensorBase.", "_TensorBase.")):
+        return "Tensor." + qual.split(".", 1)[1]
+    if mod.startswith("torch._C._nn") or mod == "torch.nn.functional":
+        return f"F.{func.__name__}"
+    if mod.startswith("torch._C._linalg") or mod == "torch.linalg":
+        return f"torch.linalg.{func.__name__}"
+    if mod.startswith("torch._C._special") or mod == "torch.special":
+        return f"torch.special.{func.__name__}"
+    return f"torch.{func.__name__}" if mod.startswith("torch") else f"{mod}.{qual}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch
+
+
+_RULES: dict[Callable, Callable] = {}
+_KIND: dict[Callable, str] = {}
+
+
+def register(funcs, kind: str):
+    """Decorator: ``rule(func, args, kwargs) -> result`` for each function in ``funcs``."""
+
+    def deco(rule):
+        for f in funcs:
+            if f is not None:
+                _RULES[f] = rule
+                _KIND[f] = kind
+        return rule
+
+    return deco
+
+
+def rule_for(func) -> tuple[Callable, str]:
+    """The rule an op takes and its kind (classified once per function, then cached)."""
+    rule = _RULES.get(func)
+    if rule is None:
+        from sgflow.dualize import rules as _r  # noqa: F401 - importing installs the rule tables
+
+        rule = _RULES.get(func)
+        if rule is None:
+            rule, kind = _r.classify(func)
+            _RULES[func], _KIND[func] = rule, kind
+    return rule, _KIND[func]
+
+
+def dispatch(func, args, kwargs):
+    """Route one op on DualTensors to its rule; record (module path, op) -> rule while recording."""
+    rule, kind = rule_for(func)
+    if kwargs.get("inplace") is True or kwargs.get("out") is not None:
+        from sgflow.dualize import rules as _r
+
+        rule, kind = _r.inplace_error, "error"
+    report = STATE.report
+    if report is not None and kind != "meta":
+        report.setdefault((current_path(), op_name(func)), kind)
+    return rule(func, args, kwargs)
+
+
+def fail(func, why: str, hint: str = "") -> DualizeError:
+    msg = f"sgflow.dualize: op {op_name(func)} in module '{current_path()}': {why}"
+    return DualizeError(msg + (f". {hint}" if hint else ""))
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers shared by the rules
+
+
+def unwrap_primals(tree):
+    return tree_map(primal, tree)
+
+
+def wrap_outputs(out, out_tangent):
+    """Pair primal outputs with their tangents (a pytree of the same structure, None = no tangent)."""
+    if isinstance(out, torch.Tensor):
+        if out_tangent is None or not (out.is_floating_point() or out.is_complex()):
+            return out
+        return make_dual(out, out_tangent)
+    flat_o, spec = tree_flatten(out)
+    flat_t, _ = tree_flatten(out_tangent, is_leaf=lambda x: x is None)
+    if len(flat_t) != len(flat_o):
+        return out
+    wrapped = [wrap_outputs(o, t) if isinstance(o, torch.Tensor) else o for o, t in zip(flat_o, flat_t)]
+    return tree_unflatten(wrapped, spec)
+
+
+def dual_leaves(args, kwargs):
+    """(flat leaves, spec, indices of the DualTensor leaves)."""
+    flat, spec = tree_flatten((args, kwargs))
+    idx = [i for i, a in enumerate(flat) if isinstance(a, DualTensor)]
+    return flat, spec, idx
+
+
+def call_flat(func, flat, spec):
+    a, k = tree_unflatten(flat, spec)
+    return func(*a, **k)
+
+
+@contextlib.contextmanager
+def recording(report: dict | None):
+    prev = STATE.report
+    STATE.report = report
+    try:
+        yield
+    finally:
+        STATE.report = prev
