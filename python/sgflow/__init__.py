@@ -4,6 +4,8 @@ Main entry points: :func:`sgflow_loss` (reference, torch.func.jvp), :func:`fused
 baselines (:func:`flow_matching_loss`, :func:`meanflow_loss`, :func:`lagrangian_loss`,
 :func:`eulerian_loss`, :func:`progressive_loss`), samplers and interpolants.
 """
+from sgflow.audit import GradientReport, check_gradients
+from sgflow.autodual import DualizedModel, DualizeError, dualize
 from sgflow.dual import JVPDual
 from sgflow.interpolants import Interpolant, LinearInterpolant, TrigInterpolant, get_interpolant
 from sgflow.losses.baselines import (
@@ -38,4 +40,5 @@ __all__ = [
     "sgflow_loss", "flow_matching_loss", "meanflow_loss", "lagrangian_loss", "eulerian_loss",
     "progressive_loss", "flow_map", "sample", "sample_flow_map", "sample_euler", "sample_heun",
     "time_grid", "LOSSES", "FUSED_LOSSES", "fused_loss", "fused_meanflow_loss", "JVPDual",
+    "dualize", "DualizedModel", "DualizeError", "check_gradients", "GradientReport",
 ]

@@ -6,7 +6,7 @@ r"""``sgflow.dualize(model)``: the fused SGFlow path for any network, through it
 How: the inputs t, u, x become :class:`DualTensor`\ s (the primal, carrying its tangent) and the
 model is called as usual — through ``model.__call__``, so forward hooks, adapters living in
 ``forward``, parameter wrappers and ``DistributedDataParallel.forward`` all run. Every torch op the
-forward makes on a DualTensor is routed to a dual rule (:mod:`sgflow.dualize.rules`) that returns
+forward makes on a DualTensor is routed to a dual rule (:mod:`sgflow.autodual.rules`) that returns
 the primal and the tangent as ordinary tensors, so autograd records both and the gradient flows
 through the tangent (reverse over forward), as the SGFlow loss needs.
 
@@ -30,8 +30,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from sgflow.dualize import rules as _rules  # noqa: F401 - installs the rule tables
-from sgflow.dualize.tensor import (
+from sgflow.autodual import rules as _rules  # noqa: F401 - installs the rule tables
+from sgflow.autodual.tensor import (
     STATE,
     DualizeError,
     DualTensor,
@@ -55,7 +55,7 @@ _WRAPPERS = (nn.parallel.DistributedDataParallel, nn.DataParallel)
 def register_rule(*funcs: Callable, kind: str = "rule:user"):
     """Decorator registering ``rule(func, args, kwargs)`` as the dual rule of ``funcs``.
 
-    The rule receives the op's arguments (DualTensors among them; ``sgflow.dualize.primal`` /
+    The rule receives the op's arguments (DualTensors among them; ``sgflow.autodual.primal`` /
     ``tangent`` unwrap them) and returns the result with ``make_dual(y, y_dot)`` where it has a tangent.
     """
     return register(funcs, kind)
@@ -156,10 +156,10 @@ def _patched(model: nn.Module, blocks: Sequence[str]):
     Patches live on the instances only for the duration of one dual forward: a model copied later
     (EMA, deepcopy) never sees them, and the recomputation in backward calls the original forwards.
     """
-    inner = _inner(model)
+    inner = _inner(model) if isinstance(model, nn.Module) else None
     block_set = set(blocks)
     saved = []
-    for path, mod in inner.named_modules():
+    for path, mod in (inner.named_modules() if inner is not None else ()):
         had = "forward" in mod.__dict__
         orig = mod.forward
         saved.append((mod, had, mod.__dict__.get("forward")))
@@ -263,7 +263,7 @@ class DualizedModel(nn.Module):
 
 
 def dualize(model: nn.Module, blocks="auto") -> DualizedModel:
-    """Give any network the fused dual path through its own forward (see :mod:`sgflow.dualize`).
+    """Give any network the fused dual path through its own forward (see :mod:`sgflow.autodual`).
 
     Args:
         model: an ``nn.Module`` called as ``model(t, u, x) -> f~`` (t, u: [B]; x and f~: [B, *D]),

@@ -4,7 +4,7 @@ Each rule has the signature ``rule(func, args, kwargs) -> result`` (DualTensors 
 a tangent) and is registered for the torch functions / tensor methods it covers. The tangents are
 computed with ordinary differentiable tensor ops, so autograd records both streams and the
 parameter gradient flows through the tangent (reverse over forward). See
-:mod:`sgflow.dualize.tensor` for the dispatch and the list of rule kinds.
+:mod:`sgflow.autodual.tensor` for the dispatch and the list of rule kinds.
 
 Why hand-written rules at all: PyTorch's forward AD is missing for the fused SDPA kernels, raises on
 strided tangents in group_norm, and its reverse-over-forward gradients of layer_norm, batch_norm
@@ -19,12 +19,13 @@ SDPA goes to the dual attention op (O(N) memory per row) and dropout draws one m
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 
-from sgflow.dualize.tensor import (
+from sgflow.autodual.tensor import (
     DualTensor,
     call_flat,
     dual_leaves,
@@ -38,6 +39,9 @@ from sgflow.dualize.tensor import (
 )
 
 _T = torch.Tensor
+
+
+_nullctx = contextlib.nullcontext
 
 
 def _fns(names, *spaces):
@@ -78,6 +82,49 @@ def _tangent_or_zeros(x):
 
 def _low_precision(x):
     return x.dtype in (torch.float16, torch.bfloat16)
+
+
+class _RecomputeOp(torch.autograd.Function):
+    """``fn(*tensors)`` run without a graph; backward recomputes it with one and differentiates.
+
+    Op-level recomputation for the dual formulas of elementwise and normalisation ops: autograd of
+    the written-out formula would keep every intermediate (a dozen activation-sized tensors for a
+    tanh-GELU tangent or a layer norm); this keeps only the op's inputs, as the primal op does.
+    Second derivatives (the gradient through the tangent) come from autograd of the formula.
+    """
+
+    @staticmethod
+    def forward(ctx, fn, n_out, *tensors):
+        ctx.fn = fn
+        dt = next(t for t in tensors if isinstance(t, torch.Tensor)).device.type
+        ctx.autocast = (dt, torch.is_autocast_enabled(dt), torch.get_autocast_dtype(dt))
+        ctx.save_for_backward(*[t if isinstance(t, torch.Tensor) else None for t in tensors])
+        ctx.others = [None if isinstance(t, torch.Tensor) else t for t in tensors]
+        with torch.no_grad():
+            outs = fn(*tensors)
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        saved = ctx.saved_tensors
+        inputs = [o if s is None else s.detach().requires_grad_(ctx.needs_input_grad[2 + i])
+                  for i, (s, o) in enumerate(zip(saved, ctx.others))]
+        device_type, on, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=on):
+            outs = ctx.fn(*inputs)
+        wrt = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        got = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
+                   if pairs and wrt else [None] * len(wrt))
+        res = [next(got) if isinstance(x, torch.Tensor) and x.requires_grad else None for x in inputs]
+        return (None, None, *res)
+
+
+def recompute_op(fn, *inputs):
+    """``fn(*inputs) -> tuple of tensors`` keeping only ``inputs`` for backward (see _RecomputeOp)."""
+    if not torch.is_grad_enabled() or not any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
+        return fn(*inputs)
+    return _RecomputeOp.apply(fn, 0, *inputs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,14 +271,25 @@ def divide(func, args, kwargs):
 
 
 def pointwise(deriv):
-    """``y_dot = deriv(x, y) * x_dot`` for a unary op y = op(x)."""
+    """``y_dot = deriv(x, y, extra_args, kwargs) * x_dot`` for a unary op y = op(x, *extra_args).
+
+    The closure handed to the recomputed op holds only the non-tensor arguments: anything it holds
+    stays alive until backward, past the block checkpoint that is meant to free it.
+    """
 
     def rule(func, args, kwargs):
         x = args[0]
-        if len(args) > 1 and any(isinstance(a, DualTensor) for a in args[1:]):
+        rest = args[1:]
+        if any(isinstance(a, torch.Tensor) for a in rest) or any(isinstance(v, torch.Tensor) for v in kwargs.values()):
             return forward_ad(func, args, kwargs)
-        out = func(*unwrap_primals(args), **unwrap_primals(kwargs))
-        return wrap_outputs(out, deriv(x._primal, out, args, kwargs) * x._tangent)
+        kw = dict(kwargs)
+
+        def both(xp, xt):
+            y = func(xp, *rest, **kw)
+            return y, deriv(xp, y, rest, kw) * xt
+
+        y, yt = recompute_op(both, x._primal, x._tangent)
+        return wrap_outputs(y, yt)
 
     return rule
 
@@ -266,18 +324,28 @@ def _softmax_rule(func, args, kwargs):
     dim = _softmax_dim(args, kwargs)
     if dim is None or not isinstance(args[0], DualTensor):
         return forward_ad(func, args, kwargs)
-    y = func(*unwrap_primals(args), **unwrap_primals(kwargs))
-    xd = args[0]._tangent.to(y.dtype)
-    return make_dual(y, y * (xd - (y * xd).sum(dim, keepdim=True)))
+    pa, pk = tuple(args[1:]), dict(kwargs)  # dims and dtypes only: the closure must hold no tensor
+
+    def both(xp, xt):
+        y = func(xp, *pa, **pk)
+        xd = xt.to(y.dtype)
+        return y, y * (xd - (y * xd).sum(dim, keepdim=True))
+
+    return make_dual(*recompute_op(both, args[0]._primal, args[0]._tangent))
 
 
 def _log_softmax_rule(func, args, kwargs):
     dim = _softmax_dim(args, kwargs)
     if dim is None or not isinstance(args[0], DualTensor):
         return forward_ad(func, args, kwargs)
-    y = func(*unwrap_primals(args), **unwrap_primals(kwargs))
-    xd = args[0]._tangent.to(y.dtype)
-    return make_dual(y, xd - (y.exp() * xd).sum(dim, keepdim=True))
+    pa, pk = tuple(args[1:]), dict(kwargs)  # dims and dtypes only: the closure must hold no tensor
+
+    def both(xp, xt):
+        y = func(xp, *pa, **pk)
+        xd = xt.to(y.dtype)
+        return y, xd - (y.exp() * xd).sum(dim, keepdim=True)
+
+    return make_dual(*recompute_op(both, args[0]._primal, args[0]._tangent))
 
 
 def _dropout_rule(func, args, kwargs):
@@ -312,19 +380,122 @@ for _n, _d in (("conv1d", 1), ("conv2d", 2), ("conv3d", 3), ("conv_transpose1d",
     _CONV_NDIM[getattr(F, _n)] = _d
 
 
-def _stacked(func, x, rest_args, rest_kwargs, bias, batch_dim_ok):
-    """op([x; x_dot]) with the bias added to the primal half only."""
-    xp, xt = x._primal, x._tangent
-    if not batch_dim_ok:
-        y = func(xp, *rest_args, **rest_kwargs)
-        yt = func(xt, *rest_args, **rest_kwargs)
-    else:
-        n = xp.shape[0]
-        both = func(torch.cat([xp, xt.to(xp.dtype) if not torch.is_autocast_enabled(xp.device.type) else xt], 0), *rest_args, **rest_kwargs)
-        y, yt = both[:n], both[n:]
-    if bias is not None:
-        y = y + bias.to(y.dtype).reshape(bias.shape[0], *([1] * (y.dim() - 2))) if func in _CONV_NDIM else y + bias.to(y.dtype)
-    return make_dual(y, yt)
+class _StackedConv(torch.autograd.Function):
+    r"""``(x, x_dot, W, b) -> (conv(x, W) + b, conv(x_dot, W))`` as ONE convolution over ``[x; x_dot]``.
+
+    Saves x and x_dot (usually alive anyway as the previous op's outputs), not the stacked copy;
+    backward stacks the two cotangents and makes one ``convolution_backward`` call for the input
+    gradients of both streams and the weight gradient ``dW = conv_w([g; g_dot], [x; x_dot])``.
+    Both outputs are views of one stacked result: they must not be modified in place (the dual
+    forward forbids in-place ops on dual tensors anyway). ``conf``: (stride, padding, dilation,
+    transposed, output_padding, groups), normalised to lists.
+    """
+
+    @staticmethod
+    def forward(ctx, x, x_dot, weight, bias, conf):
+        ctx.conf = conf
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, x_dot, weight)
+        ctx.set_materialize_grads(False)
+        n = x.shape[0]
+        both = torch.ops.aten.convolution(torch.cat([x, x_dot]), weight, None, *conf)
+        y, y_dot = both.split(n)
+        if bias is not None:
+            y.add_(bias.reshape(-1, *([1] * (y.dim() - 2))))
+        return y, y_dot
+
+    @staticmethod
+    def backward(ctx, g, g_dot):
+        x, x_dot, weight = ctx.saved_tensors
+        need_x, need_xd, need_w, need_b = ctx.needs_input_grad[:4]
+        n = x.shape[0]
+        if g is None and g_dot is None:
+            return None, None, None, None, None
+        if g_dot is None:  # only the primal stream was used downstream
+            gx, gw, _ = torch.ops.aten.convolution_backward(g, x, weight, None, *ctx.conf, [need_x, need_w, False])
+            gxd = None
+        else:
+            gg = torch.cat([torch.zeros_like(g_dot) if g is None else g, g_dot])
+            gin, gw, _ = torch.ops.aten.convolution_backward(
+                gg, torch.cat([x, x_dot]), weight, None, *ctx.conf, [need_x or need_xd, need_w, False])
+            gx, gxd = (None, None) if gin is None else gin.split(n)
+        gb = None
+        if ctx.has_bias and need_b and g is not None:
+            gb = g.sum([0] + list(range(2, g.dim())))
+        return gx, gxd, gw, gb, None
+
+
+class _StackedLinear(torch.autograd.Function):
+    """``(x, x_dot, W, b) -> (x W^T + b, x_dot W^T)`` as ONE matmul over the stacked rows; saves x and
+    x_dot (not the stacked copy); backward: ``[dx; dx_dot] = [g; g_dot] W`` and ``dW = [g; g_dot]^T [x;
+    x_dot]``, one GEMM each. Outputs are views of one stacked result (see _StackedConv)."""
+
+    @staticmethod
+    def forward(ctx, x, x_dot, weight, bias):
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, x_dot, weight)
+        ctx.set_materialize_grads(False)
+        n = x.shape[0]
+        both = F.linear(torch.cat([x, x_dot]), weight)
+        y, y_dot = both.split(n)
+        if bias is not None:
+            y.add_(bias)
+        return y, y_dot
+
+    @staticmethod
+    def backward(ctx, g, g_dot):
+        x, x_dot, weight = ctx.saved_tensors
+        need_x, need_xd, need_w, need_b = ctx.needs_input_grad
+        if g is None and g_dot is None:
+            return None, None, None, None
+        n = x.shape[0]
+        dout, din = weight.shape
+        if g_dot is None:
+            gs, xs = g, x
+        else:
+            gs = torch.cat([torch.zeros_like(g_dot) if g is None else g, g_dot])
+            xs = torch.cat([x, x_dot]) if need_w else None
+        gx = gxd = gw = gb = None
+        if need_x or need_xd:
+            gin = gs @ weight
+            gx, gxd = (gin, None) if g_dot is None else gin.split(n)
+        if need_w:
+            gw = gs.reshape(-1, dout).t() @ xs.reshape(-1, din)
+        if ctx.has_bias and need_b and g is not None:
+            gb = g.reshape(-1, dout).sum(0)
+        return gx, gxd, gw, gb
+
+
+def _autocast_args(device_type, *tensors):
+    """Autocast semantics for the stacked conv/linear: cast to the autocast dtype, run with it off."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors, False
+    dt = torch.get_autocast_dtype(device_type)
+    return tuple(None if t is None else t.to(dt) for t in tensors), True
+
+
+def _ntuple(v, n):
+    return list(v) if isinstance(v, (tuple, list)) else [v] * n
+
+
+def _conv_conf(func, w, rest, kw):
+    """(stride, padding, dilation, transposed, output_padding, groups) for aten.convolution, or None
+    where the call uses string padding that is not symmetric ('same' with an even kernel)."""
+    nd = _CONV_NDIM[func]
+    transposed = "transpose" in func.__name__
+    names = ("stride", "padding", "output_padding", "groups", "dilation") if transposed else ("stride", "padding", "dilation", "groups")
+    b = _bind(rest, kw, names, {"stride": 1, "padding": 0, "dilation": 1, "groups": 1, "output_padding": 0})
+    stride, dilation = _ntuple(b["stride"], nd), _ntuple(b["dilation"], nd)
+    pad = b["padding"]
+    if isinstance(pad, str):
+        if pad == "valid":
+            pad = 0
+        else:  # 'same' (stride 1): total padding d (k - 1) per dim, symmetric only when even
+            total = [d * (k - 1) for d, k in zip(dilation, w.shape[2:])]
+            if any(t % 2 for t in total):
+                return None
+            pad = [t // 2 for t in total]
+    return (stride, _ntuple(pad, nd), dilation, transposed, _ntuple(b["output_padding"], nd), int(b["groups"]))
 
 
 def _conv_rule(func, args, kwargs):
@@ -335,8 +506,12 @@ def _conv_rule(func, args, kwargs):
     rest = list(args[3:])
     kw = {k: v for k, v in kwargs.items() if k not in names}
     if isinstance(x, DualTensor) and not isinstance(w, DualTensor) and not isinstance(bias, DualTensor):
-        batched = x._primal.dim() == _CONV_NDIM[func] + 2
-        return _stacked(func, x, [w, None, *rest], kw, bias, batched)
+        conf = _conv_conf(func, w, rest, kw)
+        if conf is not None and x._primal.dim() == _CONV_NDIM[func] + 2:
+            xp = x._primal
+            (xp, xt, w, bias), autocast = _autocast_args(xp.device.type, xp, x._tangent.to(xp.dtype), w, bias)
+            with torch.autocast(xp.device.type, enabled=False) if autocast else _nullctx():
+                return make_dual(*_StackedConv.apply(xp, xt, w, bias, conf))
     # A weight or bias computed from the inputs (hypernetworks): product rule over (x, w), bias tangent added.
     out = func(primal(x), primal(w), primal(bias), *rest, **kw)
     t = None
@@ -354,8 +529,11 @@ def _conv_rule(func, args, kwargs):
 def _linear_rule(func, args, kwargs):
     b = _bind(args, kwargs, ("input", "weight", "bias"), {"bias": None})
     x, w, bias = b["input"], b["weight"], b["bias"]
-    if isinstance(x, DualTensor) and not isinstance(w, DualTensor) and not isinstance(bias, DualTensor):
-        return _stacked(func, x, [w], {}, bias, x._primal.dim() >= 2)
+    if isinstance(x, DualTensor) and not isinstance(w, DualTensor) and not isinstance(bias, DualTensor) and x._primal.dim() >= 2:
+        xp = x._primal
+        (xp, xt, w, bias), autocast = _autocast_args(xp.device.type, xp, x._tangent.to(xp.dtype), w, bias)
+        with torch.autocast(xp.device.type, enabled=False) if autocast else _nullctx():
+            return make_dual(*_StackedLinear.apply(xp, xt, w, bias))
     out = func(primal(x), primal(w), primal(bias))
     t = None
     if isinstance(x, DualTensor):
@@ -389,30 +567,40 @@ def _normalize(x, xd, dims, eps, rms=False):
     return xh, xhd
 
 
-def _affine_out(xh, xhd, w, b, shape, out_dtype):
-    """y = x̂ w + b and its tangent (w, b broadcast by ``shape``), cast to ``out_dtype``."""
-    y, yd = xh, xhd
-    if w is not None:
-        wp = primal(w).to(xh.dtype).reshape(shape)
-        y, yd = y * wp, yd * wp
-        if isinstance(w, DualTensor):
-            yd = yd + xh * w._tangent.to(xh.dtype).reshape(shape)
-    if b is not None:
-        y = y + primal(b).to(xh.dtype).reshape(shape)
-        if isinstance(b, DualTensor):
-            yd = yd + b._tangent.to(xh.dtype).reshape(shape)
-    return make_dual(y.to(out_dtype), yd.to(out_dtype))
+def _norm_dual(x, w, b, affine_shape, normalize):
+    """y = x̂ w + b and its tangent, x̂ from ``normalize(xp, xt) -> (x̂, x̂_dot)`` (fp32 for half/bf16),
+    as one recomputed op (only x, x_dot, w, b and their tangents are kept for backward).
 
+    ``w``, ``b`` may be None, plain tensors or DualTensors (adaptive norms that compute their affine
+    parameters from the inputs); they broadcast through ``affine_shape``. Under autocast the output is
+    fp32, as PyTorch's autocast runs the norms; otherwise it has x's dtype.
+    """
+    xp = x._primal
+    out_dtype = torch.float32 if torch.is_autocast_enabled(xp.device.type) else xp.dtype
+    wt, bt = tangent(w), tangent(b)
 
-def _norm_out_dtype(x):
-    # Under autocast PyTorch runs the norms in fp32 and returns fp32; otherwise the input dtype.
-    return torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
+    def both(xp, xt, wp, wt, bp, bt):
+        with torch.autocast(xp.device.type, enabled=False):
+            xh, xhd = normalize(xp, xt)
+            y, yd = xh, xhd
+            if wp is not None:
+                wr = wp.to(xh.dtype).reshape(affine_shape)
+                y, yd = y * wr, yd * wr
+                if wt is not None:
+                    yd = yd + xh * wt.to(xh.dtype).reshape(affine_shape)
+            if bp is not None:
+                y = y + bp.to(xh.dtype).reshape(affine_shape)
+                if bt is not None:
+                    yd = yd + bt.to(xh.dtype).reshape(affine_shape)
+            return y.to(out_dtype), yd.to(out_dtype)
+
+    y, yd = recompute_op(both, xp, x._tangent, primal(w), wt, primal(b), bt)
+    return make_dual(y, yd)
 
 
 def _require_dual_input(func, x, args, kwargs):
     if not isinstance(x, DualTensor):
-        # Only the affine parameters carry a tangent: still linear/product in them; use the formulas
-        # with a zero input tangent.
+        # Only the affine parameters carry a tangent: the same formulas with a zero input tangent.
         return make_dual(x, torch.zeros_like(x))
     return x
 
@@ -422,7 +610,6 @@ def _group_norm_rule(func, args, kwargs):
     x = _require_dual_input(func, b["input"], args, kwargs)
     g, w, bias, eps = b["num_groups"], b["weight"], b["bias"], b["eps"]
     xp, xt = x._primal, x._tangent
-    out_dtype = _norm_out_dtype(xp)
     n, c = xp.shape[:2]
     if c % g:
         raise fail(func, f"{c} channels do not split into {g} groups")
@@ -430,42 +617,43 @@ def _group_norm_rule(func, args, kwargs):
         # The GroupNormDual op: explicit backward that saves x, x_dot and the [B, G] statistics only.
         from sgflow.ops.groupnorm import GroupNormDual
 
-        acc = torch.float32 if _low_precision(xp) or out_dtype == torch.float32 else xp.dtype
+        autocast = torch.is_autocast_enabled(xp.device.type)
+        acc = torch.float32 if _low_precision(xp) or autocast else xp.dtype
         with torch.autocast(xp.device.type, enabled=False):
             y, yd = GroupNormDual.apply(
                 xp.to(acc), xt.to(acc), None if w is None else w.to(acc), None if bias is None else bias.to(acc), g, eps
             )
+        out_dtype = torch.float32 if autocast else xp.dtype
         return make_dual(y.to(out_dtype), yd.to(out_dtype))
-    with torch.autocast(xp.device.type, enabled=False):
-        xg, xgd = xp.reshape(n, g, -1), xt.reshape(n, g, -1)
-        xh, xhd = _normalize(xg, xgd, (2,), eps)
-        xh, xhd = xh.reshape(xp.shape), xhd.reshape(xp.shape)
-        return _affine_out(xh, xhd, w, bias, (1, c) + (1,) * (xp.dim() - 2), out_dtype)
+
+    def normalize(xp, xt):
+        xh, xhd = _normalize(xp.reshape(n, g, -1), xt.reshape(n, g, -1), (2,), eps)
+        return xh.reshape(xp.shape), xhd.reshape(xp.shape)
+
+    return _norm_dual(x, w, bias, (1, c) + (1,) * (xp.dim() - 2), normalize)
+
+
+def _normalized_shape(ns):
+    return (ns,) if isinstance(ns, int) else tuple(ns)
 
 
 def _layer_norm_rule(func, args, kwargs):
     b = _bind(args, kwargs, ("input", "normalized_shape", "weight", "bias", "eps"), {"weight": None, "bias": None, "eps": 1e-5})
     x = _require_dual_input(func, b["input"], args, kwargs)
-    shape = tuple(b["normalized_shape"]) if not isinstance(b["normalized_shape"], int) else (b["normalized_shape"],)
-    xp = x._primal
-    dims = tuple(range(xp.dim() - len(shape), xp.dim()))
-    out_dtype = _norm_out_dtype(xp)
-    with torch.autocast(xp.device.type, enabled=False):
-        xh, xhd = _normalize(xp, x._tangent, dims, b["eps"])
-        return _affine_out(xh, xhd, b["weight"], b["bias"], shape, out_dtype)
+    shape = _normalized_shape(b["normalized_shape"])
+    dims = tuple(range(x._primal.dim() - len(shape), x._primal.dim()))
+    eps = b["eps"]
+    return _norm_dual(x, b["weight"], b["bias"], shape, lambda xp, xt: _normalize(xp, xt, dims, eps))
 
 
 def _rms_norm_rule(func, args, kwargs):
     b = _bind(args, kwargs, ("input", "normalized_shape", "weight", "eps"), {"weight": None, "eps": None})
     x = _require_dual_input(func, b["input"], args, kwargs)
-    shape = tuple(b["normalized_shape"]) if not isinstance(b["normalized_shape"], int) else (b["normalized_shape"],)
+    shape = _normalized_shape(b["normalized_shape"])
     xp = x._primal
     eps = b["eps"] if b["eps"] is not None else torch.finfo(xp.dtype).eps
     dims = tuple(range(xp.dim() - len(shape), xp.dim()))
-    out_dtype = _norm_out_dtype(xp)
-    with torch.autocast(xp.device.type, enabled=False):
-        xh, xhd = _normalize(xp, x._tangent, dims, eps, rms=True)
-        return _affine_out(xh, xhd, b["weight"], None, shape, out_dtype)
+    return _norm_dual(x, b["weight"], None, shape, lambda xp, xt: _normalize(xp, xt, dims, eps, rms=True))
 
 
 def _batch_norm_rule(func, args, kwargs):
@@ -475,28 +663,26 @@ def _batch_norm_rule(func, args, kwargs):
         {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5},
     )
     x = _require_dual_input(func, b["input"], args, kwargs)
-    xp, xt = x._primal, x._tangent
+    xp = x._primal
     c = xp.shape[1]
     shape = (1, c) + (1,) * (xp.dim() - 2)
-    out_dtype = _norm_out_dtype(xp)
-    rm, rv = b["running_mean"], b["running_var"]
-    with torch.autocast(xp.device.type, enabled=False):
-        if b["training"] or rm is None:
-            dims = (0,) + tuple(range(2, xp.dim()))
-            xh, xhd = _normalize(xp, xt, dims, b["eps"])
-            if b["training"] and rm is not None:
-                with torch.no_grad():
-                    m = b["momentum"] if b["momentum"] is not None else 0.1
-                    cnt = xp.numel() // c
-                    xs = xp.to(xh.dtype)
-                    rm.mul_(1 - m).add_(xs.mean(dims).to(rm.dtype), alpha=m)
-                    rv.mul_(1 - m).add_(xs.var(dims, unbiased=cnt > 1).to(rv.dtype), alpha=m)
-        else:  # eval: an affine map with the running statistics
-            acc = torch.float32 if _low_precision(xp) else xp.dtype
-            r = torch.rsqrt(rv.to(acc).reshape(shape) + b["eps"])
-            xh = (xp.to(acc) - rm.to(acc).reshape(shape)) * r
-            xhd = xt.to(acc) * r
-        return _affine_out(xh, xhd, b["weight"], b["bias"], shape, out_dtype)
+    rm, rv, eps = b["running_mean"], b["running_var"], b["eps"]
+    dims = (0,) + tuple(range(2, xp.dim()))
+    if b["training"] or rm is None:
+        if b["training"] and rm is not None:
+            with torch.no_grad():  # running statistics from the primal, as PyTorch updates them
+                m = b["momentum"] if b["momentum"] is not None else 0.1
+                xs = xp.float() if _low_precision(xp) else xp
+                rm.mul_(1 - m).add_(xs.mean(dims).to(rm.dtype), alpha=m)
+                rv.mul_(1 - m).add_(xs.var(dims, unbiased=xp.numel() // c > 1).to(rv.dtype), alpha=m)
+        return _norm_dual(x, b["weight"], b["bias"], shape, lambda xp, xt: _normalize(xp, xt, dims, eps))
+
+    def normalize(xp, xt):  # eval: an affine map with the running statistics
+        acc = torch.float32 if _low_precision(xp) else xp.dtype
+        r = torch.rsqrt(rv.to(acc).reshape(shape) + eps)
+        return (xp.to(acc) - rm.to(acc).reshape(shape)) * r, xt.to(acc) * r
+
+    return _norm_dual(x, b["weight"], b["bias"], shape, normalize)
 
 
 def _instance_norm_rule(func, args, kwargs):
@@ -510,11 +696,9 @@ def _instance_norm_rule(func, args, kwargs):
         raise fail(func, "instance_norm with running statistics has no dual rule", "Use track_running_stats=False")
     x = _require_dual_input(func, b["input"], args, kwargs)
     xp = x._primal
-    c = xp.shape[1]
-    out_dtype = _norm_out_dtype(xp)
-    with torch.autocast(xp.device.type, enabled=False):
-        xh, xhd = _normalize(xp, x._tangent, tuple(range(2, xp.dim())), b["eps"])
-        return _affine_out(xh, xhd, b["weight"], b["bias"], (1, c) + (1,) * (xp.dim() - 2), out_dtype)
+    dims, eps = tuple(range(2, xp.dim())), b["eps"]
+    return _norm_dual(x, b["weight"], b["bias"], (1, xp.shape[1]) + (1,) * (xp.dim() - 2),
+                      lambda xp, xt: _normalize(xp, xt, dims, eps))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -581,7 +765,7 @@ def forward_ad(func, args, kwargs):
             raise fail(
                 func,
                 f"no sgflow dual rule, and PyTorch's forward AD fails on it ({msg.splitlines()[0]})",
-                "Register one with sgflow.dualize.register_rule, or compute this op outside the model",
+                "Register one with sgflow.autodual.register_rule, or compute this op outside the model",
             ) from e
         raise
     return wrap_outputs(out, t)
@@ -651,63 +835,139 @@ _ADD_NAMES = ["add", "__add__", "__radd__", "sub", "subtract", "__sub__", "__rsu
 _DIV_NAMES = ["div", "divide", "true_divide", "__truediv__", "__rtruediv__", "__div__"]
 
 
-def _d_exp(x, y, a, k):
-    return y
+# Elements per chunk of the pointwise duals' elementwise work: the derivative formulas' temporaries
+# (half a dozen for tanh-GELU) then cost a chunk each instead of an activation each (on a DiT MLP they
+# set the training step's peak). Large on CUDA, where one pass per op is what matters.
+POINTWISE_CHUNK = {"cpu": 1 << 16, "cuda": 1 << 24}
 
 
-def _d_log(x, y, a, k):
-    return 1.0 / x
+def _chunks(x):
+    n = x.numel()
+    step = POINTWISE_CHUNK.get(x.device.type, POINTWISE_CHUNK["cuda"])
+    return [(i, min(n, i + step)) for i in range(0, n, step)] or [(0, 0)]
 
 
-def _d_sin(x, y, a, k):
-    return torch.cos(x)
+def _flat(t):
+    return t.reshape(-1)
 
 
-def _d_cos(x, y, a, k):
-    return -torch.sin(x)
+class _PointwiseDual(torch.autograd.Function):
+    """``(x, x_dot) -> (f(x), f'(x) x_dot)`` for an elementwise f, saving only x and x_dot.
+
+    Backward with cotangents (g, g_dot): ``dx = g f'(x) + g_dot x_dot f''(x)``, ``dx_dot = g_dot f'(x)``,
+    with f' and f'' recomputed from x chunk by chunk (see POINTWISE_CHUNK), never as the autograd
+    graph of the derivative formula.
+    """
+
+    @staticmethod
+    def forward(ctx, x, x_dot, spec, extra):
+        ctx.spec, ctx.extra = spec, extra
+        ctx.save_for_backward(x, x_dot)
+        ctx.set_materialize_grads(False)
+        y = spec.f(x, extra)
+        yf = _flat(y) if y.is_contiguous() else _flat(y.contiguous())
+        xf, xdf = _flat(x), _flat(x_dot)
+        y_dot = torch.empty(x.shape, dtype=y.dtype, device=x.device)
+        ydf = y_dot.view(-1)
+        for lo, hi in _chunks(x):
+            torch.mul(spec.d1(xf[lo:hi], yf[lo:hi], extra), xdf[lo:hi], out=ydf[lo:hi])
+        return y, y_dot
+
+    @staticmethod
+    def backward(ctx, g, g_dot):
+        x, x_dot = ctx.saved_tensors
+        spec, extra = ctx.spec, ctx.extra
+        need_x, need_xd = ctx.needs_input_grad[:2]
+        xf, xdf = _flat(x), _flat(x_dot)
+        gf = None if g is None else _flat(g)
+        gdf = None if g_dot is None else _flat(g_dot)
+        dx = torch.zeros(x.shape, dtype=x.dtype, device=x.device) if need_x and (g is not None or g_dot is not None) else None
+        dxd = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_xd and g_dot is not None else None
+        for lo, hi in _chunks(x):
+            xs = xf[lo:hi]
+            ys = spec.f(xs, extra) if spec.needs_y else None
+            d1 = spec.d1(xs, ys, extra)
+            if dx is not None:
+                out = dx.view(-1)[lo:hi]
+                if gf is not None:
+                    out.add_(gf[lo:hi] * d1)
+                if gdf is not None:
+                    out.add_(spec.d2(xs, ys, extra).mul_(gdf[lo:hi]).mul_(xdf[lo:hi]))
+            if dxd is not None:
+                torch.mul(gdf[lo:hi], d1, out=dxd.view(-1)[lo:hi])
+        return dx, dxd, None, None
 
 
-def _d_tanh(x, y, a, k):
-    return 1.0 - y * y
+class _Spec:
+    """f, f', f'' of an elementwise op (``extra``: its non-tensor arguments)."""
+
+    def __init__(self, f, d1, d2, needs_y=False):
+        self.f, self.d1, self.d2, self.needs_y = f, d1, d2, needs_y
 
 
-def _d_sigmoid(x, y, a, k):
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_GELU_A = 0.044715
+
+
+def _gelu_tanh_parts(x):
+    u1 = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_A * x * x)
+    th = torch.tanh(_SQRT_2_OVER_PI * (x + _GELU_A * x * x * x))
+    return th, u1
+
+
+def _gelu_d1(x, y, approx):
+    if approx == "tanh":
+        th, u1 = _gelu_tanh_parts(x)
+        return 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * u1
+    return 0.5 * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0)))) + x * torch.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
+
+
+def _gelu_d2(x, y, approx):
+    if approx == "tanh":
+        # f'' = (1 - th^2) (u' - x th u'^2 + x u''/2),  u = c (x + a x^3)
+        th, u1 = _gelu_tanh_parts(x)
+        return (1.0 - th * th) * (u1 - x * th * u1 * u1 + 3.0 * _SQRT_2_OVER_PI * _GELU_A * x * x)
+    return torch.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi)) * (2.0 - x * x)
+
+
+def _sig_d1(x, y, e):
     return y * (1.0 - y)
 
 
-def _d_sqrt(x, y, a, k):
-    return 0.5 / y
-
-
-def _d_rsqrt(x, y, a, k):
-    return -0.5 * y * y * y
-
-
-def _d_relu(x, y, a, k):
-    return (x > 0).to(x.dtype)
-
-
-def _d_square(x, y, a, k):
-    return 2.0 * x
-
-
-def _d_gelu(x, y, a, k):
-    approx = k.get("approximate", a[1] if len(a) > 1 else "none")
-    if approx == "tanh":
-        c = math.sqrt(2.0 / math.pi)
-        inner = c * (x + 0.044715 * x.pow(3))
-        th = torch.tanh(inner)
-        return 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * c * (1.0 + 3 * 0.044715 * x * x)
-    cdf = 0.5 * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
-    pdf = torch.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
-    return cdf + x * pdf
-
-
-_POINTWISE = {
-    ("exp",): _d_exp, ("log",): _d_log, ("sin",): _d_sin, ("cos",): _d_cos, ("tanh",): _d_tanh,
-    ("sigmoid",): _d_sigmoid, ("sqrt",): _d_sqrt, ("rsqrt",): _d_rsqrt, ("relu",): _d_relu, ("square",): _d_square,
-    ("gelu",): _d_gelu,
+_SPECS = {
+    "exp": _Spec(lambda x, e: torch.exp(x), lambda x, y, e: torch.exp(x), lambda x, y, e: torch.exp(x)),
+    "log": _Spec(lambda x, e: torch.log(x), lambda x, y, e: 1.0 / x, lambda x, y, e: -1.0 / (x * x)),
+    "sin": _Spec(lambda x, e: torch.sin(x), lambda x, y, e: torch.cos(x), lambda x, y, e: -torch.sin(x)),
+    "cos": _Spec(lambda x, e: torch.cos(x), lambda x, y, e: -torch.sin(x), lambda x, y, e: -torch.cos(x)),
+    "tanh": _Spec(lambda x, e: torch.tanh(x), lambda x, y, e: 1.0 - y * y, lambda x, y, e: -2.0 * y * (1.0 - y * y), True),
+    "sigmoid": _Spec(lambda x, e: torch.sigmoid(x), _sig_d1, lambda x, y, e: y * (1.0 - y) * (1.0 - 2.0 * y), True),
+    "sqrt": _Spec(lambda x, e: torch.sqrt(x), lambda x, y, e: 0.5 / y, lambda x, y, e: -0.25 / (y * y * y), True),
+    "rsqrt": _Spec(lambda x, e: torch.rsqrt(x), lambda x, y, e: -0.5 * y * y * y, lambda x, y, e: 0.75 * y.pow(5), True),
+    "relu": _Spec(lambda x, e: torch.relu(x), lambda x, y, e: (x > 0).to(x.dtype), lambda x, y, e: torch.zeros_like(x)),
+    "square": _Spec(lambda x, e: x * x, lambda x, y, e: 2.0 * x, lambda x, y, e: torch.full_like(x, 2.0)),
+    "gelu": _Spec(lambda x, approx: F.gelu(x, approximate=approx), _gelu_d1, _gelu_d2),
 }
+
+
+def _pointwise_rule(spec_name):
+    spec = _SPECS[spec_name]
+
+    def rule(func, args, kwargs):
+        x = args[0]
+        if not isinstance(x, DualTensor) or any(isinstance(a, torch.Tensor) for a in list(args[1:]) + list(kwargs.values())):
+            return forward_ad(func, args, kwargs)
+        extra = None
+        if spec_name == "gelu":
+            extra = kwargs.get("approximate", args[1] if len(args) > 1 else "none")
+        elif len(args) > 1 or kwargs:
+            return forward_ad(func, args, kwargs)
+        xp, xt = x._primal, x._tangent
+        if torch.is_autocast_enabled(xp.device.type):
+            return forward_ad(func, args, kwargs)
+        y, yt = _PointwiseDual.apply(xp, xt.to(xp.dtype), spec, extra)
+        return make_dual(y, yt)
+
+    return rule
 
 
 def _install():
@@ -722,8 +982,8 @@ def _install():
     register(_fns(["masked_fill"], torch, _T), "affine")(affine((0, 2, "value")))
     register([F.pad, getattr(torch._C._nn, "pad", None)], "affine")(affine((0, 3, "value")))
     register(_fns(_DIV_NAMES, torch, _T), "divide")(divide)
-    for names, d in _POINTWISE.items():
-        register(_fns(names, torch, _T, torch.special) + _fns(names, F), "pointwise")(pointwise(d))
+    for name in _SPECS:
+        register(_fns([name], torch, _T, torch.special) + _fns([name], F), "pointwise")(_pointwise_rule(name))
     register([F.silu, getattr(torch._C._nn, "silu", None)], "rule:silu")(_silu_rule)
     register(_fns(["pow", "__pow__", "__rpow__", "float_power"], torch, _T), "pointwise")(_pow_rule)
     register([F.softmax, torch.softmax, _T.softmax, torch.special.softmax], "rule:softmax")(_softmax_rule)

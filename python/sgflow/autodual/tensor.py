@@ -9,7 +9,7 @@ method that receives a DualTensor is routed to :func:`dispatch`, which computes
 
 from the unwrapped primals and tangents with ordinary tensor ops, so reverse-mode autograd records
 both streams and the gradient flows *through* the tangent (reverse over forward), as SGFlow needs.
-The rule an op takes (see :mod:`sgflow.dualize.rules`):
+The rule an op takes (see :mod:`sgflow.autodual.rules`):
 
 - a hand-written rule (conv/linear as one stacked call, the normalisation layers from explicit
   formulas, SDPA through the dual attention op, dropout with one mask for both streams, ...);
@@ -136,7 +136,7 @@ def rule_for(func) -> tuple[Callable, str]:
     """The rule an op takes and its kind (classified once per function, then cached)."""
     rule = _RULES.get(func)
     if rule is None:
-        from sgflow.dualize import rules as _r  # noqa: F401 - importing installs the rule tables
+        from sgflow.autodual import rules as _r  # noqa: F401 - importing installs the rule tables
 
         rule = _RULES.get(func)
         if rule is None:
@@ -149,7 +149,7 @@ def dispatch(func, args, kwargs):
     """Route one op on DualTensors to its rule; record (module path, op) -> rule while recording."""
     rule, kind = rule_for(func)
     if kwargs.get("inplace") is True or kwargs.get("out") is not None:
-        from sgflow.dualize import rules as _r
+        from sgflow.autodual import rules as _r
 
         rule, kind = _r.inplace_error, "error"
     report = STATE.report

@@ -1,20 +1,36 @@
-"""The SGFlow loss (reference implementation with ``torch.func.jvp``).
+"""The SGFlow loss, reference implementation (any network).
 
     L_sg = E[ ||d_t f + (d_x f) Xdot_t||^2 - ||(d_x f)(Xdot_t - sg[f~(t, t, X_t)])||^2 ]
 
 with f(t, u, x) = x + (u - t) f~(t, u, x). Both terms are squared Jacobian-vector products of f at
 (t, u, X_t): the first in direction (1, 0, Xdot_t), the second in direction
 (0, 0, Xdot_t - sg[f~(t, t, X_t)]). The gradient flows *through* the JVP (reverse over forward).
+
+The JVP comes from ``torch.func.jvp`` (``jvp="forward"``) or from reverse mode alone
+(``jvp="double_vjp"``: the JVP is the gradient, with respect to a dummy cotangent w, of
+<(df/dp)^T w, v>), and ``jvp="auto"`` switches to the latter when an op has no forward-AD formula.
+The network runs under :func:`sgflow.decompose.decomposed` by default, because PyTorch's
+higher-order formulas for layer / batch / instance norm are silently wrong (pytorch#196700, #196699).
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import sys
+import warnings
+import weakref
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 
 from sgflow.checks import check_model_output, check_not_ddp, check_split
+from sgflow.decompose import decomposed
 from sgflow.losses.common import Batch, bcast, draw_batch, flow_map, mean_sq
 from sgflow.times import random_tensor
+
+JVP_METHODS = ("auto", "forward", "double_vjp")
 
 
 @dataclass
@@ -94,6 +110,235 @@ def flow_map_tangent(x_dot, t_dot, u_dot, t, u, ftilde, ftilde_dot):
     return x_dot + bcast(u_dot - t_dot, ftilde) * ftilde + bcast(u - t, ftilde) * ftilde_dot
 
 
+def check_jvp_method(jvp: str) -> str:
+    """Validate the ``jvp=`` choice of the reference loss; returns it unchanged."""
+    if jvp not in JVP_METHODS:
+        raise ValueError(f"jvp must be one of {', '.join(repr(m) for m in JVP_METHODS)}; got {jvp!r}")
+    return jvp
+
+
+def double_vjp_jvp(
+    fn: Callable[..., torch.Tensor],
+    primals: Sequence[torch.Tensor],
+    tangents: Sequence[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""JVP by reverse mode only ("double VJP"); same contract as ``torch.func.jvp`` for one output.
+
+    With y = fn(p) for the primals p (made to require grad), g(w) = (dy/dp)^T w is computed with
+    ``autograd.grad(y, p, w, create_graph=True)`` at a dummy cotangent w = 0 (requiring grad). g is
+    linear in w, so
+
+        J v = d<g(w), v>/dw = autograd.grad(g, w, v, create_graph=True),
+
+    exact at any w. Both calls keep their graphs, so the gradient of a function of (y, J v) with
+    respect to parameters closed over by ``fn`` (and to the tangents) flows through the result.
+
+    Args:
+        fn: function of the primals returning one tensor y.
+        primals: tensors p_i. tangents: v_i, shaped like p_i.
+
+    Returns:
+        ``(y, y_dot)`` with y_dot = sum_i (dy/dp_i) v_i, of y's shape.
+    """
+    if len(primals) != len(tangents):
+        raise ValueError(f"got {len(primals)} primals but {len(tangents)} tangents")
+    with torch.enable_grad():
+        # A primal that already requires grad keeps its history (gradients then reach its sources).
+        inputs = [p if p.requires_grad else p.detach().requires_grad_(True) for p in primals]
+        out = fn(*inputs)
+        if not out.requires_grad:  # constant in the primals (and parameters): the JVP is zero
+            return out, torch.zeros_like(out)
+        w = torch.zeros_like(out, requires_grad=True)
+        grads = torch.autograd.grad(out, inputs, w, create_graph=True, allow_unused=True)
+        # An unused input, or one whose vector-Jacobian product does not depend on w, adds nothing.
+        pairs = [(g, v) for g, v in zip(grads, tangents) if g is not None and g.requires_grad]
+        out_dot = None
+        if pairs:
+            (out_dot,) = torch.autograd.grad(
+                [g for g, _ in pairs], w, [v.to(g.dtype) for g, v in pairs], create_graph=True, allow_unused=True
+            )
+    return out, torch.zeros_like(out) if out_dot is None else out_dot
+
+
+# Messages of torch errors that mean "torch.func.jvp cannot run this": an op (or autograd.Function)
+# without a forward-mode rule, or an in-place update of a captured tensor (BatchNorm's running
+# statistics in training mode), which torch.func transforms refuse and plain autograd allows.
+# Anything else raised under jvp="auto" is a genuine error and propagates.
+_NO_FORWARD_AD = (
+    re.compile(r"Trying to use forward AD with (?P<op>[\w.:]+) that does not support it"),
+    re.compile(r"transform, the function provided attempted to call in-place operation \((?P<inplace>[\w.:]+)\) "
+               r"that would mutate a captured Tensor"),
+    re.compile(r"autograd\.Function with functorch transforms.*must override the setup_context", re.S),
+    re.compile(r"must implement the jvp function for custom autograd\.Function"),
+    re.compile(r"forward[- ]mode AD (is )?not (yet )?(implemented|supported)", re.I),
+)
+
+# model -> {decompose flag: "ok" after forward AD worked, or the failure message after it did not}.
+# Weak keys: a model that goes away takes its entry with it.
+_FORWARD_AD_STATUS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _status_entry(model) -> dict | None:
+    try:
+        return _FORWARD_AD_STATUS.setdefault(model, {})
+    except TypeError:  # not weak-referenceable: nothing is remembered
+        return None
+
+
+def forward_ad_failure(model, decompose: bool = True) -> str | None:
+    """The message that made ``sgflow_loss(model, ..., jvp="auto", decompose=decompose)`` switch to
+    the double-VJP JVP (it then keeps using it for this model), or None if it has not switched."""
+    entry = _status_entry(model)
+    status = None if entry is None else entry.get(bool(decompose))
+    return None if status in (None, "ok") else status
+
+
+def _missing_forward_ad(err: BaseException) -> str | None:
+    """A short description when ``err`` says forward AD is missing for some op, else None."""
+    text = str(err)
+    for pattern in _NO_FORWARD_AD:
+        m = pattern.search(text)
+        if m:
+            groups = m.groupdict()
+            if groups.get("op"):
+                return f"{groups['op']} has no forward-mode AD formula"
+            if groups.get("inplace"):
+                return (f"torch.func.jvp refuses the in-place {groups['inplace']} on a captured tensor "
+                        "(e.g. a BatchNorm running statistic in training mode)")
+            return text.strip().splitlines()[0]
+    return None
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def _caller_stacklevel() -> int:
+    """``stacklevel`` for a warning raised by this function's caller that points at the first frame
+    outside the sgflow package (the user's call), however deep inside sgflow it was raised."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _snapshot(model, device: torch.device, with_buffers: bool):
+    """RNG states (and module buffers) to undo a failed forward-AD attempt: the fallback then draws
+    the same dropout masks and updates running statistics once, as a direct double_vjp call would."""
+    rng = [torch.get_rng_state()]
+    if device.type == "cuda":
+        rng.append(torch.cuda.get_rng_state(device))
+    buffers = []
+    if with_buffers and isinstance(model, torch.nn.Module):
+        buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    return rng, buffers
+
+
+@torch.no_grad()
+def _restore(state, device: torch.device) -> None:
+    rng, buffers = state
+    torch.set_rng_state(rng[0])
+    if len(rng) > 1:
+        torch.cuda.set_rng_state(rng[1], device)
+    for buf, saved in buffers:
+        buf.copy_(saved)
+
+
+def flow_map_jvp(
+    model,
+    t: torch.Tensor,
+    u: torch.Tensor,
+    x: torch.Tensor,
+    t_dot: torch.Tensor,
+    u_dot: torch.Tensor,
+    x_dot: torch.Tensor,
+    *,
+    jvp: str = "auto",
+    decompose: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""f(t, u, x) = x + (u - t) model(t, u, x) and its JVP in direction (t_dot, u_dot, x_dot).
+
+        JVP f = x_dot + (u_dot - t_dot) f~ + (u - t) [(d_t f~) t_dot + (d_u f~) u_dot + (d_x f~) x_dot]
+
+    Args:
+        model: ``model(t, u, x) -> f~``. t, u, t_dot, u_dot: [R]; x, x_dot: [R, *D].
+        jvp: ``"forward"`` (``torch.func.jvp``), ``"double_vjp"`` (:func:`double_vjp_jvp`) or
+            ``"auto"``: forward, switching to double_vjp, with a warning once per model, when torch
+            reports an op (or an ``autograd.Function``) without a forward-mode rule. After a switch
+            the failed attempt's RNG draws and buffer updates are undone.
+        decompose: run the model under :func:`sgflow.decompose.decomposed` (normalisation and
+            attention from primitive ops: their higher-order derivatives are right).
+
+    Returns:
+        ``(f, jvp_f)``, both [R, *D], with the graph for reverse mode through both.
+    """
+    check_jvp_method(jvp)
+    fn = lambda t_, u_, x_: flow_map(model, t_, u_, x_)  # noqa: E731
+    primals, tangents = (t, u, x), (t_dot, u_dot, x_dot)
+    mode = decomposed() if decompose else contextlib.nullcontext()
+    with mode:
+        if jvp == "forward":
+            return torch.func.jvp(fn, primals, tangents)
+        if jvp == "double_vjp":
+            return double_vjp_jvp(fn, primals, tangents)
+        entry = _status_entry(model)
+        status = None if entry is None else entry.get(bool(decompose))
+        reason = None
+        if status in (None, "ok"):
+            # Buffers are saved only until forward AD has worked once for this model (cheap after).
+            state = _snapshot(model, x.device, with_buffers=status is None)
+            try:
+                out = torch.func.jvp(fn, primals, tangents)
+            except (RuntimeError, NotImplementedError) as err:
+                reason = _missing_forward_ad(err)
+                if reason is None:
+                    raise
+            else:
+                if entry is not None:
+                    entry[bool(decompose)] = "ok"
+                return out
+            # Outside the except block: the failed attempt's frames (and tensors) are released.
+            _restore(state, x.device)
+            if entry is not None:
+                entry[bool(decompose)] = reason
+            warnings.warn(
+                f"sgflow_loss(jvp='auto'): {reason}; computing the JVP by reverse mode (double VJP) for "
+                f"this model from now on. Pass jvp='double_vjp' to choose it explicitly and silence this warning.",
+                stacklevel=_caller_stacklevel(),
+            )
+        else:
+            reason = status
+        try:
+            return double_vjp_jvp(fn, primals, tangents)
+        except (RuntimeError, NotImplementedError) as err:
+            hint = "" if decompose else " (decompose=True replaces fused attention / normalisation kernels)"
+            raise RuntimeError(
+                f"sgflow_loss(jvp='auto'): forward-mode AD failed ({reason}) and the double-VJP fallback failed "
+                f"too: {err}{hint}"
+            ) from err
+
+
+def sgflow_loss_on_rows(model, b: Batch, rows: SGFlowRows, *, jvp: str = "auto", decompose: bool = True):
+    """The SGFlow loss for given rows: their JVP directions and stop-gradient targets held fixed.
+
+        loss = mean_first ||JVP_(1,0,Xdot) f||^2 - mean_second ||JVP_(0,0,Xdot - v_hat) f||^2
+
+    at (t, u, X_t) of the rows ``rows.index`` of ``b``, with ``v_hat = rows.v_hat`` as given
+    (computed once, e.g. by :func:`sgflow_rows`). Because nothing is redrawn or recomputed outside the
+    JVP, this is a deterministic function of the model's parameters: the scalar whose gradient
+    :func:`sgflow_loss` returns and whose finite differences :func:`sgflow.audit.check_gradients` takes.
+
+    Args:
+        model: ``model(t, u, x) -> f~``. b: the batch (:func:`~sgflow.losses.common.draw_batch`).
+        rows: :class:`SGFlowRows`. jvp, decompose: as in :func:`flow_map_jvp`.
+
+    Returns:
+        ``(loss, info)`` as :func:`sgflow_loss`.
+    """
+    tr, ur, xr = b.t[rows.index], b.u[rows.index], b.xt[rows.index]
+    _, jvp_f = flow_map_jvp(model, tr, ur, xr, rows.t_dot, torch.zeros_like(ur), rows.x_dot, jvp=jvp, decompose=decompose)
+    return reduce_sgflow(jvp_f, rows, b)
+
+
 def sgflow_loss(
     model,
     x1: torch.Tensor,
@@ -107,8 +352,10 @@ def sgflow_loss(
     split_fraction: float = 0.5,
     both_terms: bool = False,
     generator: torch.Generator | None = None,
+    jvp: str = "auto",
+    decompose: bool = True,
 ):
-    """Reference SGFlow loss via ``torch.func.jvp``; its gradient is the SGFlow update.
+    """Reference SGFlow loss for any network; its gradient is the SGFlow update.
 
     Args:
         model: callable ``model(t, u, x) -> f~`` with t, u: [B] and f~ of x's shape.
@@ -120,6 +367,13 @@ def sgflow_loss(
             (1, 0, Xdot_t)), False for the second (direction (0, 0, Xdot_t - sg[f~(t,t,X_t)])).
             Drawn with probability ``split_fraction`` when omitted.
         both_terms: compute both JVPs for every sample instead of splitting the batch.
+        jvp: ``"auto"`` (default: ``torch.func.jvp``, switching with a one-time warning to the
+            double-VJP JVP when an op has no forward-AD formula), ``"forward"`` or ``"double_vjp"``
+            (reverse mode only; more memory and time, works wherever double backward does).
+        decompose: run the network under :func:`sgflow.decompose.decomposed` (default True):
+            layer / group / batch / instance / RMS norm and scaled-dot-product attention from
+            primitive ops, because torch 2.13's higher-order gradients of layer, batch and instance
+            norm are silently wrong. ``False`` runs the network's ops as they are (for audits).
 
     Returns:
         ``(loss, info)``: the scalar mean_first ||JVP_1 f||^2 - mean_second ||JVP_2 f||^2 (squared
@@ -127,12 +381,8 @@ def sgflow_loss(
         ``diag_fm`` (||Xdot_t - f~(t,t,X_t)||^2 on the second-term samples), row counts.
     """
     check_not_ddp(model, "sgflow_loss")
+    check_jvp_method(jvp)
     b = draw_batch(x1, interpolant=interpolant, time_sampler=time_sampler, noise=noise, t=t, u=u, generator=generator)
-    rows = sgflow_rows(model, b, split, both_terms, split_fraction, generator)
-    tr, ur, xr = b.t[rows.index], b.u[rows.index], b.xt[rows.index]
-    _, jvp_f = torch.func.jvp(
-        lambda t_, u_, x_: flow_map(model, t_, u_, x_),
-        (tr, ur, xr),
-        (rows.t_dot, torch.zeros_like(ur), rows.x_dot),
-    )
-    return reduce_sgflow(jvp_f, rows, b)
+    with decomposed() if decompose else contextlib.nullcontext():
+        rows = sgflow_rows(model, b, split, both_terms, split_fraction, generator)
+    return sgflow_loss_on_rows(model, b, rows, jvp=jvp, decompose=decompose)

@@ -118,10 +118,19 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+# Lower bound on a score block's elements, so small inputs run in one chunk (Python overhead per chunk).
+_TORCH_CHUNK_MIN_ELEMS = 1 << 18
+
+
 def _row_chunk(q: torch.Tensor, k: torch.Tensor) -> int:
+    """Query rows per chunk: a [B, H, rows, Nk] score block holds at most as many elements as q itself
+    (and at least 2^18, at most 2^24), so the handful of block temporaries alive at once stay linear in
+    the sequence length, like the saved tensors (measured: on a DiT at 256 tokens the backward's
+    whole-matrix temporaries set the training step's peak)."""
     b, h, n_q = q.shape[:3]
     n_k = k.shape[2]
-    return max(1, min(n_q, _TORCH_CHUNK_ELEMS // max(1, b * h * n_k)))
+    cap = min(_TORCH_CHUNK_ELEMS, max(_TORCH_CHUNK_MIN_ELEMS, q.numel()))
+    return max(1, min(n_q, cap // max(1, b * h * n_k)))
 
 
 def _torch_forward(q, k, v, q_dot, k_dot, v_dot, scale):
