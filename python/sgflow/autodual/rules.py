@@ -235,8 +235,68 @@ def affine(positions):
 # Multilinear ops: product rule
 
 
-def product(func, args, kwargs):
+_MATMULS = {torch.bmm, torch.matmul, _T.bmm, _T.matmul, _T.__matmul__}
+_SCALE_OPS = {torch.mul, _T.mul, _T.__mul__, _T.__rmul__}
+
+
+def _einsum_form(eq: str):
+    """'scores' for '<b>id,<b>jd-><b>ij', 'apply' for '<b>ij,<b>jd-><b>id', else None."""
+    eq = eq.replace(" ", "")
+    if "->" not in eq or "." in eq:
+        return None
+    ins, out = eq.split("->")
+    ops = ins.split(",")
+    if len(ops) != 2 or len(ops[0]) != len(ops[1]) or len(ops[0]) < 3 or len(set(ops[0])) != len(ops[0]):
+        return None
+    a, b = ops
+    batch = a[:-2]
+    if b[:-2] != batch or out[:-2] != batch or len(out) != len(a):
+        return None
+    i, x = a[-2], a[-1]
+    if b[-1] == x and b[-2] not in (i, x) and out[-2:] == i + b[-2]:
+        return "scores"
+    if b[-2] == x and b[-1] not in (i, x) and out[-2:] == i + b[-1]:
+        return "apply"
+    return None
+
+
+def _lazy_attention(func, args, kwargs):
+    """The hand-written attention pattern (see sgflow.autodual.attention), or None."""
+    from sgflow.autodual import attention as la
+
+    if kwargs:
+        return None
+    if func in _SCALE_OPS and len(args) == 2:
+        a, b = args
+        if la._is_lazy(a, "scores") and isinstance(b, (int, float)):
+            return la.scale_node(a, float(b))
+        if la._is_lazy(b, "scores") and isinstance(a, (int, float)):
+            return la.scale_node(b, float(a))
+        return None
+    if func is torch.einsum:
+        eq, ops = args[0], list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
+        form = _einsum_form(eq) if isinstance(eq, str) and len(ops) == 2 else None
+        if form == "apply" and la._is_lazy(ops[0], "probs"):
+            return la.probs_matmul(ops[0], ops[1])
+        if form == "scores" and all(isinstance(o, torch.Tensor) for o in ops):
+            return la.scores_node(func, args, kwargs, ops[0], ops[1], lambda: product(func, args, kwargs, lazy=False))
+        return None
+    if func in _MATMULS and len(args) == 2:
+        a, b = args
+        if la._is_lazy(a, "probs") and isinstance(b, torch.Tensor):
+            return la.probs_matmul(a, b)
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and primal(b).dim() >= 3:
+            k = b.mT  # the transposed operand as keys (a linear op on the dual, a view)
+            return la.scores_node(func, args, kwargs, a, k, lambda: product(func, args, kwargs, lazy=False))
+    return None
+
+
+def product(func, args, kwargs, lazy=True):
     """``y_dot = sum_i op(x_1, .., x_i_dot, .., x_n)`` for ops linear in each tensor argument."""
+    if lazy:
+        r = _lazy_attention(func, args, kwargs)
+        if r is not None:
+            return r
     flat, spec, idx = dual_leaves(args, kwargs)
     pflat = [primal(a) for a in flat]
     out = call_flat(func, pflat, spec)
@@ -253,6 +313,11 @@ def divide(func, args, kwargs):
     """a / b: y_dot = (a_dot - y b_dot) / b (``__rtruediv__(b, a)`` is a / b with swapped roles)."""
     if kwargs.get("rounding_mode") is not None:
         return nondiff(func, args, kwargs)
+    if func is not _T.__rtruediv__ and len(args) == 2 and isinstance(args[1], (int, float)) and not kwargs:
+        from sgflow.autodual import attention as la
+
+        if la._is_lazy(args[0], "scores"):
+            return la.scale_node(args[0], 1.0 / float(args[1]))
     swapped = func is _T.__rtruediv__
     a, b = (args[1], args[0]) if swapped else (args[0], args[1])
     out = func(*unwrap_primals(args), **unwrap_primals(kwargs))
@@ -324,6 +389,12 @@ def _softmax_rule(func, args, kwargs):
     dim = _softmax_dim(args, kwargs)
     if dim is None or not isinstance(args[0], DualTensor):
         return forward_ad(func, args, kwargs)
+    from sgflow.autodual import attention as la
+
+    x = args[0]
+    if la._is_lazy(x, "scores") and dim in (-1, len(x._lazy_shape) - 1) and kwargs.get("dtype") is None and (
+            func is _T.softmax or len(args) <= 2 or args[2] is None or func is F.softmax and (len(args) < 4 or args[3] is None)):
+        return la.softmax_node(x, lambda: _softmax_rule(func, args, kwargs))
     pa, pk = tuple(args[1:]), dict(kwargs)  # dims and dtypes only: the closure must hold no tensor
 
     def both(xp, xt):
