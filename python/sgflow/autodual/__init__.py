@@ -68,7 +68,11 @@ def _inner(model: nn.Module) -> nn.Module:
 
 
 def _is_plain_container(m: nn.Module) -> bool:
-    return isinstance(m, _CONTAINERS) or type(m) is nn.Sequential
+    """ModuleList/ModuleDict, and an exact nn.Sequential of composite modules (a trunk of blocks); a
+    Sequential of leaf layers (Linear -> SiLU -> Linear) is one block."""
+    if isinstance(m, _CONTAINERS):
+        return True
+    return type(m) is nn.Sequential and any(any(True for _ in c.children()) for c in m.children())
 
 
 def select_blocks(model: nn.Module, blocks="auto") -> list[str]:
@@ -76,8 +80,9 @@ def select_blocks(model: nn.Module, blocks="auto") -> list[str]:
 
     ``blocks``:
       - ``"auto"``: the outermost submodules with parameters that are not plain containers
-        (``nn.ModuleList``/``ModuleDict``/exact ``nn.Sequential`` are looked into): residual blocks,
-        attention blocks, transformer blocks, the time-embedding MLP, the in/out layers;
+        (``nn.ModuleList``/``ModuleDict`` and exact ``nn.Sequential`` trunks of composite modules
+        are looked into): residual blocks, attention blocks, transformer blocks, the time-embedding
+        MLP, the in/out layers;
       - ``"none"`` / ``None``: no recomputation (every intermediate is kept: fastest, most memory);
       - a sequence of module types: the outermost submodules of those types;
       - a sequence of module paths (``"blocks.0"``, ``"input_blocks.3"``);

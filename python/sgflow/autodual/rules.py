@@ -309,6 +309,21 @@ def product(func, args, kwargs, lazy=True):
     return wrap_outputs(out, _fit(t, out.shape))
 
 
+def _addcmul_rule(func, args, kwargs):
+    """input + value * t1 * t2: affine in input, bilinear in (t1, t2)."""
+    b = _bind(args, kwargs, ("input", "tensor1", "tensor2"), {"value": 1})
+    x, t1, t2, value = b["input"], b["tensor1"], b["tensor2"], b["value"]
+    if isinstance(value, torch.Tensor):
+        return forward_ad(func, args, kwargs)
+    out = torch.addcmul(primal(x), primal(t1), primal(t2), value=value)
+    t = tangent(x)
+    for a, other in ((t1, t2), (t2, t1)):
+        if isinstance(a, DualTensor):
+            term = a._tangent * primal(other) * value
+            t = term if t is None else t + term
+    return wrap_outputs(out, _fit(t, out.shape))
+
+
 def divide(func, args, kwargs):
     """a / b: y_dot = (a_dot - y b_dot) / b (``__rtruediv__(b, a)`` is a / b with swapped roles)."""
     if kwargs.get("rounding_mode") is not None:
@@ -357,17 +372,6 @@ def pointwise(deriv):
         return wrap_outputs(y, yt)
 
     return rule
-
-
-def _silu_rule(func, args, kwargs):
-    from sgflow.ops.activation import SiLUDual
-
-    x = args[0]
-    if not isinstance(x, DualTensor):
-        return forward_ad(func, args, kwargs)
-    # The op's explicit backward saves x and x_dot only (not the sigmoid and its derivative).
-    y, y_dot = SiLUDual.apply(x._primal, x._tangent)
-    return make_dual(y, y_dot)
 
 
 def _pow_rule(func, args, kwargs):
@@ -1005,7 +1009,18 @@ def _sig_d1(x, y, e):
     return y * (1.0 - y)
 
 
+def _silu_d1(x, y, e):
+    s = torch.sigmoid(x)
+    return s * (1.0 + x * (1.0 - s))
+
+
+def _silu_d2(x, y, e):
+    s = torch.sigmoid(x)
+    return s * (1.0 - s) * (2.0 + x * (1.0 - 2.0 * s))
+
+
 _SPECS = {
+    "silu": _Spec(lambda x, e: F.silu(x), _silu_d1, _silu_d2),
     "exp": _Spec(lambda x, e: torch.exp(x), lambda x, y, e: torch.exp(x), lambda x, y, e: torch.exp(x)),
     "log": _Spec(lambda x, e: torch.log(x), lambda x, y, e: 1.0 / x, lambda x, y, e: -1.0 / (x * x)),
     "sin": _Spec(lambda x, e: torch.sin(x), lambda x, y, e: torch.cos(x), lambda x, y, e: -torch.sin(x)),
@@ -1025,12 +1040,13 @@ def _pointwise_rule(spec_name):
 
     def rule(func, args, kwargs):
         x = args[0]
+        kwargs = {k: v for k, v in kwargs.items() if not (k == "inplace" and v is False)}  # nn.SiLU passes it
         if not isinstance(x, DualTensor) or any(isinstance(a, torch.Tensor) for a in list(args[1:]) + list(kwargs.values())):
             return forward_ad(func, args, kwargs)
         extra = None
         if spec_name == "gelu":
             extra = kwargs.get("approximate", args[1] if len(args) > 1 else "none")
-        elif len(args) > 1 or kwargs:
+        elif len(args) > 1 and not (len(args) == 2 and args[1] is False and spec_name in ("silu", "relu")) or kwargs:
             return forward_ad(func, args, kwargs)
         xp, xt = x._primal, x._tangent
         if torch.is_autocast_enabled(xp.device.type):
@@ -1053,9 +1069,10 @@ def _install():
     register(_fns(["masked_fill"], torch, _T), "affine")(affine((0, 2, "value")))
     register([F.pad, getattr(torch._C._nn, "pad", None)], "affine")(affine((0, 3, "value")))
     register(_fns(_DIV_NAMES, torch, _T), "divide")(divide)
+    register(_fns(["addcmul"], torch, _T), "product")(_addcmul_rule)
     for name in _SPECS:
-        register(_fns([name], torch, _T, torch.special) + _fns([name], F), "pointwise")(_pointwise_rule(name))
-    register([F.silu, getattr(torch._C._nn, "silu", None)], "rule:silu")(_silu_rule)
+        register(_fns([name], torch, _T, torch.special) + _fns([name], F) + [getattr(torch._C._nn, name, None)],
+                 "pointwise")(_pointwise_rule(name))
     register(_fns(["pow", "__pow__", "__rpow__", "float_power"], torch, _T), "pointwise")(_pow_rule)
     register([F.softmax, torch.softmax, _T.softmax, torch.special.softmax], "rule:softmax")(_softmax_rule)
     register([F.log_softmax, torch.log_softmax, _T.log_softmax, torch.special.log_softmax], "rule:softmax")(_log_softmax_rule)
