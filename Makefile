@@ -10,6 +10,7 @@ install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "torch==2.13.0"
 	@$(PYTHON) -c "import triton" 2>/dev/null || $(PIP) install -q triton || echo "triton unavailable: kernel tests will be skipped"
 	$(PIP) install -q --no-build-isolation -e ".[test]"
+	@$(PYTHON) -c "from sgflow.ops import cpp_ext as e; print('sgflow._C (C++ kernels, backend cpp):', 'built' if e.available() else 'NOT built: ' + e.reason())"
 
 demo: install
 	$(PYTHON) -m sgflow.cli demo --out demo_out

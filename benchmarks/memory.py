@@ -26,6 +26,7 @@ import torch
 
 import sgflow
 from sgflow.memory import peak_tensor_bytes, saved_tensor_bytes
+from sgflow import testnets
 from sgflow.nn import build_model
 
 
@@ -44,10 +45,23 @@ METHODS = {
     "meanflow_fused": sgflow.fused_meanflow_loss,
     "sgflow_reference": sgflow.sgflow_loss,
     "sgflow_fused": sgflow.fused_loss,
+    # The same loss with the tangent carried through the model's own forward (sgflow.dualize), also for
+    # sgflow.nn networks that have a hand-written dual_forward; on other networks sgflow_fused does this.
+    "sgflow_dualized": lambda model, x1, **kw: sgflow.fused_loss(_dualized(model), x1, **kw),
     "lagrangian": sgflow.lagrangian_loss,
     "eulerian": sgflow.eulerian_loss,
     "progressive": sgflow.progressive_loss,
 }
+
+
+_DUALIZED: dict = {}
+
+
+def _dualized(model):
+    """One sgflow.dualize wrapper per model (block selection once, as a training loop would)."""
+    if id(model) not in _DUALIZED:
+        _DUALIZED[id(model)] = sgflow.dualize(model)
+    return _DUALIZED[id(model)]
 
 
 def _sync(device):
@@ -107,6 +121,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--config", default=None, help="network config (default: cifar10 on GPU, tiny on CPU)")
+    p.add_argument("--network", default=None, choices=sorted(testnets.NETWORKS),
+                   help="a third-party-style test network (sgflow.testnets) instead of an sgflow.nn config")
+    p.add_argument("--shape", default=None, help="data shape without batch for --network, e.g. 3,16,16 or 2")
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--steps", type=int, default=5)
@@ -128,11 +145,17 @@ def main(argv=None):
     size = args.image_size or (32 if config == "cifar10" else 16)
     batch = args.batch or (128 if device.type == "cuda" else 8)
     torch.manual_seed(0)
-    model = build_model(config, (3, size, size), recompute=args.recompute).to(device)
+    if args.network:
+        shape = tuple(int(v) for v in (args.shape or f"3,{size},{size}").split(","))
+        model = testnets.build(args.network, shape).to(device)
+        config, size = args.network, "x".join(map(str, shape))
+    else:
+        shape = (3, size, size)
+        model = build_model(config, shape, recompute=args.recompute).to(device)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    x1 = torch.randn(batch, 3, size, size, device=device)
+    x1 = torch.randn(batch, *shape, device=device)
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "config": config, "params": n_params,
             "batch": batch, "image_size": size, "torch": torch.__version__, "backend": args.backend or "auto",
             "recompute": args.recompute}
@@ -176,7 +199,7 @@ def _write(out: Path, meta, rows):
 
 def _print_table(meta, rows, columns, n_params):
     print(f"# {meta['device']}  config={meta['config']} ({n_params / 1e6:.1f}M params)  batch={meta['batch']}  "
-          f"{meta['image_size']}x{meta['image_size']}  torch {meta['torch']}  recompute={meta['recompute']}")
+          f"{meta['image_size']}  torch {meta['torch']}  recompute={meta['recompute']}")
     print(f"{'method':<18}" + "".join(f" {header:>{max(10, len(header))}} {'x FM':>6}" for _, header, _ in columns))
     for r in rows:
         if "error" in r:

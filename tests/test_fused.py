@@ -111,10 +111,17 @@ def test_fused_saves_less_than_reference_on_unet():
     assert fused <= 1.0 * fm
 
 
-def test_model_without_dual_forward_is_a_clear_error():
-    model = lambda t, u, x: x  # noqa: E731
-    with pytest.raises(TypeError, match="JVPDual"):
-        sgflow.fused_loss(model, torch.randn(4, 2))
+def test_plain_function_model_is_dualized_and_non_callable_is_a_clear_error():
+    # f~(t, u, x) = (1 + t) x: JVP along (t_dot, 0, x_dot) is t_dot x + (1 + t) x_dot.
+    x1 = torch.randn(4, 2, dtype=torch.float64)
+    kw = dict(noise=torch.randn_like(x1), t=torch.full((4,), 0.2, dtype=torch.float64),
+              u=torch.full((4,), 0.7, dtype=torch.float64), split=torch.tensor([True, False, True, False]))
+    model = lambda t, u, x: (1 + t[:, None]) * x  # noqa: E731
+    got, _ = sgflow.fused_loss(model, x1, **kw)
+    want, _ = sgflow.sgflow_loss(model, x1, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    with pytest.raises(TypeError, match="callable"):
+        sgflow.fused_loss(object(), x1)
 
 
 def test_fused_checks_inputs_like_reference():

@@ -50,10 +50,15 @@ def dual_forward(model, t, u, x, t_dot, u_dot, x_dot):
     and any model wrapped in (Distributed)DataParallel, whose forward must run for its gradient
     sync — is dualized through its own forward (:func:`sgflow.dualize`, once per model).
     """
-    from sgflow.dualize import as_dual_model
+    from sgflow.autodual import as_dual_model, dual_call
 
-    dual = as_dual_model(model)
-    out, out_dot = dual.dual_forward(t, u, x, t_dot, u_dot, x_dot)
+    if not isinstance(model, nn.Module):
+        if not callable(model):
+            raise TypeError(f"the model must be an nn.Module or a callable model(t, u, x), got {type(model).__name__}")
+        # A plain function: the tangent travels through it the same way, with no blocks to recompute.
+        out, out_dot = dual_call(model, (t, u, x), (t_dot, u_dot, x_dot))
+    else:
+        out, out_dot = as_dual_model(model).dual_forward(t, u, x, t_dot, u_dot, x_dot)
     out = check_model_output(out, x, "model.dual_forward(...)[0]")
     out_dot = check_model_output(out_dot, x, "model.dual_forward(...)[1]")
     return out, out_dot

@@ -26,7 +26,8 @@ the centring).
 Layout of this file (see docs/DESIGN.md): reference ``groupnorm_silu_dual_ref`` -> torch-backend
 helpers -> ``GroupNormSiLUDual`` / ``GNSiLUConvDual`` autograd Functions -> functional API
 ``groupnorm_silu_dual`` / ``gn_silu_conv_dual``. Triton kernels live in ``sgflow_kernels/groupnorm_silu.py``
-and are imported lazily, so ``sgflow`` imports without triton.
+and are imported lazily, so ``sgflow`` imports without triton; the C++ CPU / CUDA kernels (backends
+``cpp`` / ``cuda``) are csrc/, reached through ``sgflow.ops.cpp_ext``, also loaded lazily.
 
 Group statistics (``stats``) are one ``[4, B, G]`` tensor: ``mean, rstd, mean_dot, rstd_dot``, in fp32
 for fp16/bf16/fp32 inputs and fp64 for fp64 inputs; all arithmetic runs in that dtype.
@@ -308,9 +309,14 @@ def _gn_silu_dual_bwd_chunk(x, x_dot, weight, bias, stats, g_y, g_ydot, num_grou
 
 
 # ----------------------------------------------------------------------------------------------------
-# backend dispatch (the Triton module is imported only here, lazily)
+# backend dispatch (the Triton module and the C++ extension are imported only here, lazily)
 # ----------------------------------------------------------------------------------------------------
 def _fwd(backend, x, x_dot, weight, bias, num_groups, eps, mask=None, drop_scale=1.0, out=None):
+    if backend in ("cpp", "cuda"):  # sgflow._C: the same contract as the torch backend, `out` included
+        from sgflow.ops import cpp_ext
+
+        return cpp_ext.gn_silu_dual_fwd(x, x_dot, weight, bias, num_groups, eps, mask=mask,
+                                        drop_scale=drop_scale, out=out)
     if backend == "triton":
         from sgflow_kernels.groupnorm_silu import groupnorm_silu_dual_fwd
 
@@ -321,8 +327,13 @@ def _fwd(backend, x, x_dot, weight, bias, num_groups, eps, mask=None, drop_scale
 
 
 def _bwd(backend, x, x_dot, weight, bias, stats, g_y, g_ydot, num_groups, mask=None, drop_scale=1.0, out=None):
-    """``out``: see :func:`_gn_silu_dual_bwd_torch`; honoured by the torch backend only (the Triton
+    """``out``: see :func:`_gn_silu_dual_bwd_torch`; honoured by the torch and C++ backends (the Triton
     kernels are not checked on a GPU for writing over their own inputs, so they always allocate)."""
+    if backend in ("cpp", "cuda"):
+        from sgflow.ops import cpp_ext
+
+        return cpp_ext.gn_silu_dual_bwd(x, x_dot, weight, bias, stats, g_y, g_ydot, num_groups, mask=mask,
+                                        drop_scale=drop_scale, out=out)
     if backend == "triton":
         from sgflow_kernels.groupnorm_silu import groupnorm_silu_dual_bwd
 
@@ -511,9 +522,9 @@ def _validate(x, x_dot, weight, bias, num_groups):
 
 
 def _op_backend(x: torch.Tensor, backend: str | None) -> str:
-    be = resolve_backend(x, backend)
-    # No CUDA C++ kernel for this op: the Triton kernel serves the "cuda" choice.
-    return "triton" if be == "cuda" else be
+    # "torch" | "triton" | "cpp" (C++ CPU kernels) | "cuda" (CUDA kernels of sgflow._C); automatic:
+    # the C++ kernels on CPU where built (measured faster, see sgflow.ops.backend), Triton on CUDA.
+    return resolve_backend(x, backend, op="gn_silu")
 
 
 @autocast_dual
@@ -532,7 +543,8 @@ def groupnorm_silu_dual(
         x, x_dot: [B, C, *spatial] (any number of spatial dims, including none), same dtype/device.
         weight, bias: [C] or None; x's dtype, or float32 with float16/bfloat16 x. No tangent.
         num_groups: G, must divide C.
-        backend: "torch" | "triton" | "cuda" (= triton here) | None (see sgflow.ops.backend).
+        backend: "torch" | "triton" | "cpp" (C++ CPU kernels) | "cuda" (CUDA kernels of sgflow._C) |
+            None (automatic, see sgflow.ops.backend).
 
     Returns:
         (y, y_dot), each [B, C, *spatial] in x's dtype; differentiable w.r.t. x, x_dot, weight, bias.

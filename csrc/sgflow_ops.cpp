@@ -1,0 +1,46 @@
+// Schemas of the sgflow ops implemented in C++ (kernels: gn_silu_dual_cpu.cpp for CPU tensors,
+// gn_silu_dual_cuda_binding.cpp for CUDA tensors when built with CUDA). Fake (meta) implementations
+// for tracing are registered from Python (sgflow/ops/cpp_ext.py), autograd by the autograd Functions
+// of sgflow/ops/groupnorm_silu.py that call these ops.
+//
+// Contracts (the same as the torch backend's _gn_silu_dual_fwd_torch / _gn_silu_dual_bwd_torch):
+//   x, x_dot: [B, C, *spatial] f32/f64/bf16/f16, any strides; weight, bias: [C] or None;
+//   mask: bool [B, C, *spatial] dropout keep-mask applied as mask * drop_scale to both streams;
+//   stats: [4, B, G] fp32 (fp64 for fp64 x): mean, rstd, mean_dot, rstd_dot of each (sample, group).
+//   gn_silu_dual_fwd     -> y, y_dot (contiguous, x's dtype), stats
+//   gn_silu_dual_fwd_out -> stats; y written to out[:B], y_dot to out[B:] (out: contiguous [2B, ...])
+//   gn_silu_dual_bwd     -> g_x, g_x_dot (None when g_y_dot is None), g_weight, g_bias ([C], fp32 /
+//                           fp64: the caller casts them and drops those of absent parameters)
+//   gn_silu_dual_bwd_out -> g_weight, g_bias; g_x written to out[:B], g_x_dot to out[B:] (if g_y_dot).
+//                           out may be the buffer whose halves are g_y and g_y_dot themselves.
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+
+namespace sgflow {
+std::string cpu_isa(const std::optional<std::string>& isa);
+}
+
+TORCH_LIBRARY(sgflow, m) {
+  m.def(
+      "gn_silu_dual_fwd(Tensor x, Tensor x_dot, Tensor? weight, Tensor? bias, int num_groups, float eps, "
+      "Tensor? mask=None, float drop_scale=1.0) -> (Tensor y, Tensor y_dot, Tensor stats)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "gn_silu_dual_fwd_out(Tensor x, Tensor x_dot, Tensor? weight, Tensor? bias, int num_groups, float eps, "
+      "Tensor? mask, float drop_scale, Tensor(a!) out) -> Tensor stats",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "gn_silu_dual_bwd(Tensor x, Tensor x_dot, Tensor? weight, Tensor? bias, Tensor stats, Tensor? g_y, "
+      "Tensor? g_y_dot, int num_groups, Tensor? mask=None, float drop_scale=1.0) "
+      "-> (Tensor g_x, Tensor? g_x_dot, Tensor g_weight, Tensor g_bias)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "gn_silu_dual_bwd_out(Tensor x, Tensor x_dot, Tensor? weight, Tensor? bias, Tensor stats, Tensor? g_y, "
+      "Tensor? g_y_dot, int num_groups, Tensor? mask, float drop_scale, Tensor(a!) out) "
+      "-> (Tensor g_weight, Tensor g_bias)",
+      {at::Tag::pt2_compliant_tag});
+  // Introspection for tests and benchmarks: the CPU kernels' instruction set (set it with an argument).
+  m.def("_cpu_isa(str? isa=None) -> str", &sgflow::cpu_isa);
+}

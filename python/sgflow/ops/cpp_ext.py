@@ -1,0 +1,148 @@
+"""The C++/CUDA extension ``sgflow._C`` (built from csrc/ by setup.py): loading, status, op wrappers.
+
+Importing ``sgflow._C`` (a Python extension module) loads the library, whose ``TORCH_LIBRARY(sgflow, m)``
+registers the ops ``torch.ops.sgflow.gn_silu_dual_{fwd,fwd_out,bwd,bwd_out}`` with CPU kernels, and
+CUDA kernels too when it was built with CUDA. :func:`load` does that once, lazily, and adds the ops'
+fake (meta) implementations so ``torch.library.opcheck``, ``torch.compile`` and ``FakeTensorMode`` can
+trace them; load the extension through this module, not by importing ``sgflow._C`` directly.
+
+The extension is optional: where it was not built (no C++ compiler at install, ``SGFLOW_BUILD_CPP=0``)
+or does not import (torch upgraded since the build), :func:`available` is False, :func:`reason` says
+why, and sgflow runs on its torch / Triton backends.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+
+__all__ = [
+    "load", "available", "cuda_available", "reason", "cpu_isa", "gn_silu_dual_fwd", "gn_silu_dual_bwd",
+]
+
+_REBUILD = "reinstall with `pip install -v --no-build-isolation -e .` (needs a C++ compiler) to build it"
+
+
+@functools.lru_cache(maxsize=None)
+def _load():
+    """(module, None) or (None, reason)."""
+    if importlib.util.find_spec("sgflow._C") is None:
+        return None, f"sgflow._C is not built (the install skipped it or its build failed); {_REBUILD}"
+    try:
+        from sgflow import _C  # type: ignore[attr-defined]
+    except ImportError as exc:  # e.g. built against another torch: undefined symbols
+        return None, f"sgflow._C does not import ({exc}); {_REBUILD}"
+    _register_fakes()
+    return _C, None
+
+
+def load():
+    """The compiled module ``sgflow._C`` (ops registered), or None where it is unavailable."""
+    return _load()[0]
+
+
+def available() -> bool:
+    """True when ``sgflow._C`` imports: the C++ CPU kernels (backend ``"cpp"``) are usable."""
+    return load() is not None
+
+
+def cuda_available() -> bool:
+    """True when ``sgflow._C`` was built with its CUDA kernels (backend ``"cuda"``)."""
+    mod = load()
+    return bool(mod is not None and getattr(mod, "with_cuda", 0))
+
+
+def reason() -> str:
+    """Why the extension is unavailable ('' when it is available)."""
+    return _load()[1] or ""
+
+
+def cpu_isa(isa: str | None = None) -> str:
+    """The instruction set of the C++ CPU kernels (``"base"``, ``"avx2"``, ``"avx512"``); with ``isa``,
+    switch to it first (it must be supported by the CPU). The start value is the fastest supported
+    one, or ``$SGFLOW_CPU_ISA``."""
+    if load() is None:
+        raise RuntimeError(reason())
+    return torch.ops.sgflow._cpu_isa(isa)
+
+
+# ----------------------------------------------------------------------------------------------------
+# op wrappers: drop-in replacements of the torch backend's _gn_silu_dual_{fwd,bwd}_torch
+# ----------------------------------------------------------------------------------------------------
+def gn_silu_dual_fwd(x, x_dot, weight, bias, num_groups: int, eps: float, mask=None, drop_scale: float = 1.0,
+                     out=None):
+    """Dual GroupNorm -> SiLU forward by the C++ kernels (CPU or CUDA, following x's device).
+
+    With ``n = (x - mu) r gamma + beta`` (``mu``, ``r = (var + eps)^-1/2`` per (sample, group)):
+    ``y = silu(n)``, ``y_dot = silu'(n) n_dot``, ``n_dot = r gamma (x_dot - <x_dot> - xh <xh x_dot>)``,
+    ``xh = (x - mu) r``, both times ``mask * drop_scale`` when a dropout mask is given.
+
+    Args:
+        x, x_dot: [B, C, *spatial] (any strides; fp32/fp64/bf16/fp16); weight, bias: [C] or None.
+        mask: optional bool [B, C, *spatial] dropout keep-mask shared by both streams.
+        out: optional contiguous [2B, C, *spatial] buffer of x's dtype: y goes to ``out[:B]``, y_dot
+            to ``out[B:]``.
+
+    Returns:
+        (y, y_dot, stats): y, y_dot [B, C, *spatial] contiguous in x's dtype (the halves of ``out`` if
+        given); stats [4, B, G] (mean, rstd, mean_dot, rstd_dot) in fp32, fp64 for fp64 x.
+    """
+    if out is None:
+        return torch.ops.sgflow.gn_silu_dual_fwd(x, x_dot, weight, bias, num_groups, eps, mask, drop_scale)
+    stats = torch.ops.sgflow.gn_silu_dual_fwd_out(x, x_dot, weight, bias, num_groups, eps, mask, drop_scale, out)
+    B = x.shape[0]
+    return out[:B], out[B:], stats
+
+
+def gn_silu_dual_bwd(x, x_dot, weight, bias, stats, g_y, g_ydot, num_groups: int, mask=None,
+                     drop_scale: float = 1.0, out=None):
+    """Dual GroupNorm -> SiLU backward by the C++ kernels (formulas: sgflow.ops.groupnorm_silu).
+
+    Args:
+        x, x_dot, weight, bias, mask, drop_scale: as given to the forward; stats: [4, B, G] from it.
+        g_y, g_ydot: [B, C, *spatial] cotangents of y and y_dot, either may be None.
+        out: optional contiguous [2B, C, *spatial] buffer of x's dtype: g_x goes to ``out[:B]``,
+            g_xdot to ``out[B:]``. It may be the buffer whose halves are g_y and g_ydot themselves.
+
+    Returns:
+        (g_x, g_xdot, g_weight, g_bias): g_x [B, C, *spatial] in x's dtype (zeros when both cotangents
+        are None), g_xdot likewise or None when g_ydot is None, g_weight / g_bias [C] in fp32 (fp64
+        for fp64 x); the caller casts them and drops those of absent parameters.
+    """
+    if out is None:
+        return torch.ops.sgflow.gn_silu_dual_bwd(x, x_dot, weight, bias, stats, g_y, g_ydot, num_groups, mask,
+                                                 drop_scale)
+    g_w, g_b = torch.ops.sgflow.gn_silu_dual_bwd_out(x, x_dot, weight, bias, stats, g_y, g_ydot, num_groups, mask,
+                                                     drop_scale, out)
+    B = x.shape[0]
+    return out[:B], (out[B:] if g_ydot is not None else None), g_w, g_b
+
+
+# ----------------------------------------------------------------------------------------------------
+# fake implementations (shapes and dtypes only) for tracing
+# ----------------------------------------------------------------------------------------------------
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("sgflow::gn_silu_dual_fwd")
+    def _fwd_fake(x, x_dot, weight, bias, num_groups, eps, mask=None, drop_scale=1.0):
+        stats = x.new_empty((4, x.shape[0], num_groups), dtype=_acc(x.dtype))
+        return x.new_empty(x.shape), x.new_empty(x.shape), stats
+
+    @torch.library.register_fake("sgflow::gn_silu_dual_fwd_out")
+    def _fwd_out_fake(x, x_dot, weight, bias, num_groups, eps, mask, drop_scale, out):
+        return x.new_empty((4, x.shape[0], num_groups), dtype=_acc(x.dtype))
+
+    @torch.library.register_fake("sgflow::gn_silu_dual_bwd")
+    def _bwd_fake(x, x_dot, weight, bias, stats, g_y, g_y_dot, num_groups, mask=None, drop_scale=1.0):
+        C = x.shape[1]
+        g_xd = x.new_empty(x.shape) if g_y_dot is not None else None
+        return x.new_empty(x.shape), g_xd, x.new_empty((C,), dtype=_acc(x.dtype)), x.new_empty((C,), dtype=_acc(x.dtype))
+
+    @torch.library.register_fake("sgflow::gn_silu_dual_bwd_out")
+    def _bwd_out_fake(x, x_dot, weight, bias, stats, g_y, g_y_dot, num_groups, mask, drop_scale, out):
+        C = x.shape[1]
+        return x.new_empty((C,), dtype=_acc(x.dtype)), x.new_empty((C,), dtype=_acc(x.dtype))
