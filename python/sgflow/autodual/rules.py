@@ -31,6 +31,7 @@ from sgflow.autodual.tensor import (
     dual_leaves,
     fail,
     make_dual,
+    note_rule,
     primal,
     register,
     tangent,
@@ -260,6 +261,12 @@ def _einsum_form(eq: str):
     return None
 
 
+def _noted(result, kind):
+    if result is not None:
+        note_rule(kind)
+    return result
+
+
 def _lazy_attention(func, args, kwargs):
     """The hand-written attention pattern (see sgflow.autodual.attention), or None."""
     from sgflow.autodual import attention as la
@@ -277,14 +284,14 @@ def _lazy_attention(func, args, kwargs):
         eq, ops = args[0], list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
         form = _einsum_form(eq) if isinstance(eq, str) and len(ops) == 2 else None
         if form == "apply" and la._is_lazy(ops[0], "probs"):
-            return la.probs_matmul(ops[0], ops[1])
+            return _noted(la.probs_matmul(ops[0], ops[1]), "rule:attention (softmax(q k^T) v, fused op)")
         if form == "scores" and all(isinstance(o, torch.Tensor) for o in ops):
             return la.scores_node(func, args, kwargs, ops[0], ops[1], lambda: product(func, args, kwargs, lazy=False))
         return None
     if func in _MATMULS and len(args) == 2:
         a, b = args
         if la._is_lazy(a, "probs") and isinstance(b, torch.Tensor):
-            return la.probs_matmul(a, b)
+            return _noted(la.probs_matmul(a, b), "rule:attention (softmax(q k^T) v, fused op)")
         if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and primal(b).dim() >= 3:
             k = b.mT  # the transposed operand as keys (a linear op on the dual, a view)
             return la.scores_node(func, args, kwargs, a, k, lambda: product(func, args, kwargs, lazy=False))
@@ -689,17 +696,35 @@ def _group_norm_rule(func, args, kwargs):
     if c % g:
         raise fail(func, f"{c} channels do not split into {g} groups")
     if not isinstance(w, DualTensor) and not isinstance(bias, DualTensor):
-        # The GroupNormDual op: explicit backward that saves x, x_dot and the [B, G] statistics only.
-        from sgflow.ops.groupnorm import GroupNormDual
+        # Lazy: when SiLU follows, the fused GroupNorm+SiLU dual op runs instead (C++ on CPU, Triton on
+        # GPU, statistics in fp32); any other use materialises the plain dual GroupNorm below.
+        from sgflow.autodual.attention import LazyDual
 
-        autocast = torch.is_autocast_enabled(xp.device.type)
-        acc = torch.float32 if _low_precision(xp) or autocast else xp.dtype
-        with torch.autocast(xp.device.type, enabled=False):
-            y, yd = GroupNormDual.apply(
-                xp.to(acc), xt.to(acc), None if w is None else w.to(acc), None if bias is None else bias.to(acc), g, eps
-            )
-        out_dtype = torch.float32 if autocast else xp.dtype
-        return make_dual(y.to(out_dtype), yd.to(out_dtype))
+        return LazyDual(tuple(xp.shape), xp, "gn", {"x": x, "w": w, "b": bias, "g": g, "eps": eps},
+                        lambda: _group_norm_eager(x, w, bias, g, eps))
+    return _group_norm_general(x, w, bias, g, eps)
+
+
+def _group_norm_eager(x, w, bias, g, eps):
+    """Dual GroupNorm with plain affine parameters: the GroupNormDual op (explicit backward, saves x,
+    x_dot and the [B, G] statistics only), in fp32 for half/bf16 inputs and under autocast."""
+    from sgflow.ops.groupnorm import GroupNormDual
+
+    xp, xt = x._primal, x._tangent
+    autocast = torch.is_autocast_enabled(xp.device.type)
+    acc = torch.float32 if _low_precision(xp) or autocast else xp.dtype
+    with torch.autocast(xp.device.type, enabled=False):
+        y, yd = GroupNormDual.apply(
+            xp.to(acc), xt.to(acc), None if w is None else w.to(acc), None if bias is None else bias.to(acc), g, eps
+        )
+    out_dtype = torch.float32 if autocast else xp.dtype
+    return make_dual(y.to(out_dtype), yd.to(out_dtype))
+
+
+def _group_norm_general(x, w, bias, g, eps):
+    """Dual GroupNorm whose affine parameters carry tangents (computed from the inputs)."""
+    xp = x._primal
+    n, c = xp.shape[:2]
 
     def normalize(xp, xt):
         xh, xhd = _normalize(xp.reshape(n, g, -1), xt.reshape(n, g, -1), (2,), eps)
@@ -1035,12 +1060,31 @@ _SPECS = {
 }
 
 
+def _gn_silu(x):
+    """silu(group_norm(...)) as the fused dual op when x is a lazy GroupNorm node, else None."""
+    from sgflow.autodual.attention import LazyDual
+
+    if not (isinstance(x, LazyDual) and x._cache is None and x._kind == "gn"):
+        return None
+    from sgflow.ops.groupnorm_silu import groupnorm_silu_dual
+
+    p = x._parts
+    src = p["x"]
+    y, yd = groupnorm_silu_dual(src._primal, src._tangent.to(src._primal.dtype), p["w"], p["b"], p["g"], float(p["eps"]))
+    note_rule("rule:group_norm+silu (fused op)")
+    return make_dual(y, yd)
+
+
 def _pointwise_rule(spec_name):
     spec = _SPECS[spec_name]
 
     def rule(func, args, kwargs):
         x = args[0]
         kwargs = {k: v for k, v in kwargs.items() if not (k == "inplace" and v is False)}  # nn.SiLU passes it
+        if spec_name == "silu" and not kwargs and (len(args) == 1 or args[1] is False):
+            fused = _gn_silu(x)
+            if fused is not None:
+                return fused
         if not isinstance(x, DualTensor) or any(isinstance(a, torch.Tensor) for a in list(args[1:]) + list(kwargs.values())):
             return forward_ad(func, args, kwargs)
         extra = None

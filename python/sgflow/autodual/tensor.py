@@ -154,8 +154,17 @@ def dispatch(func, args, kwargs):
         rule, kind = _r.inplace_error, "error"
     report = STATE.report
     if report is not None and kind != "meta":
-        report.setdefault((current_path(), op_name(func)), kind)
+        key = (current_path(), op_name(func))
+        report.setdefault(key, kind)
+        STATE.last_key = key
     return rule(func, args, kwargs)
+
+
+def note_rule(kind: str) -> None:
+    """Let a rule name the special path it took for the op being dispatched (e.g. a fused op)."""
+    report, key = STATE.report, getattr(STATE, "last_key", None)
+    if report is not None and key is not None:
+        report[key] = kind
 
 
 def fail(func, why: str, hint: str = "") -> DualizeError:
