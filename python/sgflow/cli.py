@@ -1,4 +1,4 @@
-"""The ``sgflow`` command line: ``train``, ``sample``, ``eval``, ``demo`` and ``list``.
+"""The ``sgflow`` command line: ``train``, ``sample``, ``eval``, ``demo``, ``quality`` and ``list``.
 
     sgflow demo --out /tmp/demo                       # ~1 min on a CPU: train, plot, score
     sgflow train --data ring8 --steps 3000 --out runs/ring8
@@ -6,6 +6,7 @@
     sgflow train --resume runs/ring8 --steps 6000     # continue (bit-exact) to 6000 steps
     sgflow sample runs/ring8 --steps 1 2 4 --n 2000 --out runs/ring8/samples
     sgflow eval runs/ring8 --steps 1 2 4 8 16 --baseline
+    sgflow quality --quick --out runs/quality         # every method vs NFE: JSON, Markdown table, figure
     torchrun --nproc_per_node=4 -m sgflow.cli train --data cifar10 --data-root ~/data --model cifar10 ...
 
 User errors (unknown names, missing files, bad checkpoints, bad batch sizes) print one line
@@ -416,6 +417,27 @@ def cmd_demo(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- quality
+def _add_quality(sub):
+    from sgflow.quality import add_arguments
+
+    p = sub.add_parser("quality", help="the quality table: every method trained alike, scored at 1-16 steps",
+                       description="Train every method on the same network, data, step budget and seeds; score "
+                       "each at 1, 2, 4, 8, 16 network evaluations; write quality.json, quality.md and quality.png.")
+    add_arguments(p)
+    p.set_defaults(func=cmd_quality)
+
+
+def cmd_quality(args) -> int:
+    from sgflow.quality import run_from_args
+
+    try:
+        run_from_args(args)
+    except ValueError as e:  # unknown data set / method, bad steps or seeds
+        raise CLIError(str(e)) from None
+    return 0
+
+
 # ---------------------------------------------------------------------- list
 def cmd_list(args) -> int:
     from sgflow.data import DESCRIPTIONS
@@ -450,6 +472,7 @@ def make_parser() -> argparse.ArgumentParser:
     _add_sample(sub)
     _add_eval(sub)
     _add_demo(sub)
+    _add_quality(sub)
     lp = sub.add_parser("list", help="list methods, data sets and networks")
     lp.set_defaults(func=cmd_list)
     return p
