@@ -193,7 +193,11 @@ def _wrap_forward(orig, path: str, is_block: bool):
             if is_block and not getattr(STATE, "in_block", False) and torch.is_grad_enabled() and _any_dual(args, kwargs):
                 STATE.in_block = True
                 try:
-                    return checkpoint(orig, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
+                    ctx_fn = STATE.context_fn
+                    if ctx_fn is None:
+                        return checkpoint(orig, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
+                    return checkpoint(_selective(orig), *args, use_reentrant=False, preserve_rng_state=True,
+                                      context_fn=ctx_fn, **kwargs)
                 finally:
                     STATE.in_block = False
             return orig(*args, **kwargs)
@@ -203,20 +207,71 @@ def _wrap_forward(orig, path: str, is_block: bool):
     return forward
 
 
+# ATen ops whose outputs a block keeps with save="matmul" (recomputing them costs FLOPs; the
+# elementwise rest of the block is recomputed from them in backward).
+_MATMUL_OPS = None
+
+
+def _matmul_ops():
+    global _MATMUL_OPS
+    if _MATMUL_OPS is None:
+        a = torch.ops.aten
+        _MATMUL_OPS = {a.convolution.default, a.mm.default, a.addmm.default, a.bmm.default, a.baddbmm.default,
+                       a._scaled_dot_product_flash_attention_for_cpu.default}
+    return _MATMUL_OPS
+
+
+def _save_matmul_policy(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op in _matmul_ops() else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _context_fn(save):
+    if save is None or save == "none":
+        return None
+    if save == "matmul":
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        return functools.partial(create_selective_checkpoint_contexts, _save_matmul_policy)
+    raise ValueError(f"dualize: save must be None or 'matmul', got {save!r}")
+
+
+def _selective(fn):
+    """Run ``fn`` flagged as selectively checkpointed, in forward and in its recomputation alike (the
+    rules then never write into a kept conv/matmul output)."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        prev = STATE.selective
+        STATE.selective = True
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            STATE.selective = prev
+
+    return run
+
+
 def _zero_tangent(t: torch.Tensor | None) -> bool:
     return t is None or (not t.requires_grad and not bool(t.any()))
 
 
 def dual_call(model: nn.Module, inputs: Sequence[torch.Tensor], tangents: Sequence[torch.Tensor | None],
-              blocks: Sequence[str] = (), report: dict | None = None):
+              blocks: Sequence[str] = (), report: dict | None = None, save=None):
     """``model(*inputs)`` and its JVP along ``tangents`` through the model's own forward.
 
     Inputs with a zero (or None) tangent are passed as plain tensors. Returns ``(out, out_dot)``;
     ``out_dot`` is zeros when the output does not depend on the dual inputs.
     """
     args = [x if _zero_tangent(t) else make_dual(x, t.to(x.dtype)) for x, t in zip(inputs, tangents)]
-    with _patched(model, blocks), recording(report):
-        out = model(*args)
+    prev = STATE.context_fn
+    STATE.context_fn = _context_fn(save)
+    try:
+        with _patched(model, blocks), recording(report):
+            out = model(*args)
+    finally:
+        STATE.context_fn = prev
     if isinstance(out, DualTensor):
         return out._primal, out._tangent
     if isinstance(out, torch.Tensor):
@@ -234,12 +289,14 @@ class DualizedModel(nn.Module):
         blocks: which submodules are recomputed in backward (see :func:`select_blocks`).
     """
 
-    def __init__(self, model: nn.Module, blocks="auto"):
+    def __init__(self, model: nn.Module, blocks="auto", save=None):
         super().__init__()
         if isinstance(model, DualizedModel):
             model = model.module
         self.module = model
         self.blocks = select_blocks(model, blocks)
+        _context_fn(save)  # validates
+        self.save = save
         self.last_report: DualReport | None = None
 
     def forward(self, *args, **kwargs):
@@ -249,7 +306,7 @@ class DualizedModel(nn.Module):
         """(f~(t,u,x), JVP of f~ in direction (t_dot, u_dot, x_dot)); t, u, t_dot, u_dot: [B], x, x_dot: [B, *D]."""
         record = self.last_report is None
         rows = {} if record else None
-        out = dual_call(self.module, (t, u, x), (t_dot, u_dot, x_dot), self.blocks, rows)
+        out = dual_call(self.module, (t, u, x), (t_dot, u_dot, x_dot), self.blocks, rows, getattr(self, "save", None))
         if record:
             self.last_report = DualReport(rows, list(self.blocks))
         return out
@@ -267,13 +324,17 @@ class DualizedModel(nn.Module):
         return self.last_report
 
 
-def dualize(model: nn.Module, blocks="auto") -> DualizedModel:
+def dualize(model: nn.Module, blocks="auto", save=None) -> DualizedModel:
     """Give any network the fused dual path through its own forward (see :mod:`sgflow.autodual`).
 
     Args:
         model: an ``nn.Module`` called as ``model(t, u, x) -> f~`` (t, u: [B]; x and f~: [B, *D]),
             built from ``torch.nn`` modules and ``torch.nn.functional`` / tensor ops.
         blocks: recomputation granularity, see :func:`select_blocks` (default ``"auto"``).
+        save: what a block keeps besides its inputs. ``None``: nothing (its whole dual forward is
+            recomputed in backward: least memory); ``"matmul"``: the outputs of its convolutions and
+            matrix products (selective checkpointing: backward recomputes only the elementwise ops;
+            less time, more memory).
 
     Returns:
         A :class:`DualizedModel` that ``sgflow.fused_loss``, ``fused_meanflow_loss`` and the trainer
@@ -281,7 +342,7 @@ def dualize(model: nn.Module, blocks="auto") -> DualizedModel:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"dualize expects an nn.Module, got {type(model).__name__}")
-    return DualizedModel(model, blocks)
+    return DualizedModel(model, blocks, save)
 
 
 _CACHE_ATTR = "_sgflow_dualized"
