@@ -1,9 +1,8 @@
-"""The dual-forward protocol and the fallback for networks (or layers) without a dual form.
+"""The dual-forward protocol: ``dual_forward(t, u, x, t_dot, u_dot, x_dot) -> (ftilde, ftilde_dot)``.
 
-A network supports the fused path when it has ``dual_forward(t, u, x, t_dot, u_dot, x_dot) ->
-(ftilde, ftilde_dot)``: its output and its JVP in direction (t_dot, u_dot, x_dot), computed with
-explicit tangents. Networks and layers without one are wrapped in :class:`JVPDual`, which gets the
-JVP from ``torch.func.jvp`` — correct, but without the memory savings of the fused ops.
+Any network gets one from :func:`sgflow.dualize` (through its own forward; what the fused losses do
+for a plain model). ``sgflow.nn`` networks also carry a hand-written one. :class:`JVPDual` gives one
+from ``torch.func.jvp`` (correct, with the memory cost of forward AD; kept for comparison).
 """
 from __future__ import annotations
 
@@ -28,11 +27,19 @@ class JVPDual(nn.Module):
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
+    # Under sgflow.decompose.decomposed(): PyTorch's layer/batch/instance-norm JVP gradients are wrong
+    # (pytorch#196700, #196699) and the fused SDPA kernels have no forward AD.
     def dual(self, x: torch.Tensor, x_dot: torch.Tensor):
-        return torch.func.jvp(self.module, (x,), (x_dot,))
+        from sgflow.decompose import decomposed
+
+        with decomposed():
+            return torch.func.jvp(self.module, (x,), (x_dot,))
 
     def dual_forward(self, t, u, x, t_dot, u_dot, x_dot):
-        return torch.func.jvp(self.module, (t, u, x), (t_dot, u_dot, x_dot))
+        from sgflow.decompose import decomposed
+
+        with decomposed():
+            return torch.func.jvp(self.module, (t, u, x), (t_dot, u_dot, x_dot))
 
 
 def unwrap_parallel(model: nn.Module) -> nn.Module:
