@@ -124,6 +124,7 @@ def main(argv=None):
     p.add_argument("--network", default=None, choices=sorted(testnets.NETWORKS),
                    help="a third-party-style test network (sgflow.testnets) instead of an sgflow.nn config")
     p.add_argument("--shape", default=None, help="data shape without batch for --network, e.g. 3,16,16 or 2")
+    p.add_argument("--net-kw", default="{}", help="JSON constructor overrides for --network, e.g. '{\"depth\": 6}'")
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--steps", type=int, default=5)
@@ -147,7 +148,7 @@ def main(argv=None):
     torch.manual_seed(0)
     if args.network:
         shape = tuple(int(v) for v in (args.shape or f"3,{size},{size}").split(","))
-        model = testnets.build(args.network, shape).to(device)
+        model = testnets.build(args.network, shape, **json.loads(args.net_kw)).to(device)
         config, size = args.network, "x".join(map(str, shape))
     else:
         shape = (3, size, size)
@@ -158,7 +159,7 @@ def main(argv=None):
     x1 = torch.randn(batch, *shape, device=device)
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "config": config, "params": n_params,
             "batch": batch, "image_size": size, "torch": torch.__version__, "backend": args.backend or "auto",
-            "recompute": args.recompute}
+            "recompute": args.recompute, "net_kw": args.net_kw}
     rows = []
     for name in args.methods.split(","):
         try:
