@@ -38,10 +38,13 @@ from sgflow.autodual.tensor import (
     is_dual,
     make_dual,
     primal,
+    install_function_hook,
     recording,
     register,
     tangent,
 )
+
+install_function_hook()
 
 __all__ = [
     "dualize", "DualizedModel", "DualizeError", "DualTensor", "DualReport", "select_blocks", "dual_call",

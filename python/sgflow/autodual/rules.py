@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from sgflow.autodual.tensor import (
+    DerivedValue,
     DualTensor,
     call_flat,
     dual_leaves,
@@ -138,8 +139,14 @@ def meta(func, args, kwargs):
 
 
 def nondiff(func, args, kwargs):
-    """Ops whose output carries no tangent (constant in x): computed on the primals."""
-    return func(*unwrap_primals(args), **unwrap_primals(kwargs))
+    """Ops whose output carries no tangent (constant in x): computed on the primals. Comparisons and
+    other values derived from a dual tensor come back as :class:`DerivedValue` (Python control flow on
+    them raises, see there)."""
+    out = func(*unwrap_primals(args), **unwrap_primals(kwargs))
+    name = getattr(func, "__name__", "")
+    if name in _DERIVED_NAMES and isinstance(out, torch.Tensor) and type(out) is torch.Tensor:
+        return out.as_subclass(DerivedValue)
+    return out
 
 
 def inplace_error(func, args, kwargs):
@@ -396,16 +403,17 @@ def _softmax_dim(args, kwargs):
     return dim
 
 
-def _softmax_rule(func, args, kwargs):
+def _softmax_rule(func, args, kwargs, lazy=True):
     dim = _softmax_dim(args, kwargs)
     if dim is None or not isinstance(args[0], DualTensor):
         return forward_ad(func, args, kwargs)
     from sgflow.autodual import attention as la
 
     x = args[0]
-    if la._is_lazy(x, "scores") and dim in (-1, len(x._lazy_shape) - 1) and kwargs.get("dtype") is None and (
+    if lazy and la._is_lazy(x, "scores") and dim in (-1, len(x._lazy_shape) - 1) and kwargs.get("dtype") is None and (
             func is _T.softmax or len(args) <= 2 or args[2] is None or func is F.softmax and (len(args) < 4 or args[3] is None)):
-        return la.softmax_node(x, lambda: _softmax_rule(func, args, kwargs))
+        # Materialising the probabilities (any use other than `@ v`) evaluates the scores eagerly.
+        return la.softmax_node(x, lambda: _softmax_rule(func, args, kwargs, lazy=False))
     pa, pk = tuple(args[1:]), dict(kwargs)  # dims and dtypes only: the closure must hold no tensor
 
     def both(xp, xt):
@@ -918,6 +926,14 @@ _NONDIFF_NAMES = [
     "__floordiv__", "__rfloordiv__", "long", "int", "bool", "byte", "short", "char", "count_nonzero", "signbit",
     "__and__", "__or__", "__xor__", "__invert__", "bitwise_and", "bitwise_or", "bitwise_not", "__hash__",
 ]
+# Non-differentiable ops whose results are still *values* of the dual tensor (branching on them would
+# take a branch by the primal's value): returned as DerivedValue.
+_DERIVED_NAMES = {
+    "sign", "sgn", "floor", "ceil", "round", "trunc", "fix", "argmax", "argmin", "argsort", "eq", "ne", "lt", "gt",
+    "le", "ge", "greater", "less", "greater_equal", "less_equal", "not_equal", "__eq__", "__ne__", "__lt__", "__le__",
+    "__gt__", "__ge__", "isnan", "isinf", "isfinite", "isposinf", "isneginf", "isclose", "logical_not", "any", "all",
+    "nonzero", "count_nonzero", "signbit", "long", "int", "bool",
+}
 _LINEAR_NAMES = [
     "view", "reshape", "permute", "transpose", "t", "flatten", "unflatten", "squeeze", "unsqueeze", "expand", "repeat",
     "repeat_interleave", "narrow", "select", "__getitem__", "chunk", "split", "tensor_split", "hsplit", "vsplit",

@@ -33,7 +33,7 @@ from typing import Any, Callable
 import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-__all__ = ["DualTensor", "DualizeError", "make_dual", "primal", "tangent", "is_dual", "dispatch", "op_name"]
+__all__ = ["DualTensor", "DerivedValue", "DualizeError", "make_dual", "primal", "tangent", "is_dual", "dispatch", "op_name"]
 
 
 class DualizeError(RuntimeError):
@@ -69,8 +69,35 @@ class DualTensor(torch.Tensor):
         return f"DualTensor(primal={self._primal!r}, tangent={self._tangent!r})"
 
 
+_VALUE_FUNCS = {getattr(torch.Tensor, n) for n in ("__bool__", "item", "tolist", "__int__", "__float__", "__index__",
+                                                   "__complex__", "numpy", "__array__") if hasattr(torch.Tensor, n)}
+
+
+class DerivedValue(torch.Tensor):
+    """A tensor computed from a dual tensor's values without a tangent (a comparison, ``argmax``, a
+    mask, ...). It behaves as a plain tensor, and so does everything computed from it, except that
+    turning it into a Python value (``bool``, ``item``: an ``if`` on it) raises: the branch would be
+    taken by the primal's value alone, and could differ when the block is recomputed in backward."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if any(issubclass(t, DualTensor) for t in types):
+            return NotImplemented  # DualTensor's dispatch handles mixed calls (and unwraps this one)
+        if func in _VALUE_FUNCS:
+            raise fail(func, "Python control flow or a Python number taken from a value computed from a tensor that "
+                             "carries a tangent (the branch follows the primal only, and can differ when the block "
+                             "is recomputed in backward)",
+                       "Compute on tensors (torch.where, masks as weights) or move the check outside the model's forward")
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **kwargs)
+        return tree_map(lambda o: o.as_subclass(DerivedValue) if type(o) is torch.Tensor else o, out)
+
+
 def make_dual(p: torch.Tensor, t: torch.Tensor) -> DualTensor:
     """Wrap primal ``p`` and tangent ``t`` (same shape) as a DualTensor."""
+    if isinstance(p, DerivedValue):
+        p = primal(p)
     if isinstance(p, DualTensor) or isinstance(t, DualTensor):
         raise DualizeError("nested dual tensors (a dual forward inside another) are not supported")
     if t.shape != p.shape:
@@ -86,8 +113,13 @@ def is_dual(x: Any) -> bool:
 
 
 def primal(x: Any) -> Any:
-    """The primal of a DualTensor (anything else unchanged)."""
-    return x._primal if isinstance(x, DualTensor) else x
+    """The primal of a DualTensor, a DerivedValue as a plain tensor, anything else unchanged."""
+    if isinstance(x, DualTensor):
+        return x._primal
+    if isinstance(x, DerivedValue):
+        with torch._C.DisableTorchFunctionSubclass():
+            return x.as_subclass(torch.Tensor)
+    return x
 
 
 def tangent(x: Any) -> torch.Tensor | None:
@@ -98,6 +130,8 @@ def tangent(x: Any) -> torch.Tensor | None:
 def op_name(func: Callable) -> str:
     """A readable name: ``torch.nn.functional.conv2d``, ``Tensor.view``, ``Tensor.shape.__get__``."""
     self_obj = getattr(func, "__self__", None)
+    if isinstance(self_obj, type) and issubclass(self_obj, torch.autograd.Function):
+        return f"{self_obj.__qualname__}.apply"
     if func.__name__ == "__get__" and self_obj is not None:  # property getters of Tensor
         return f"Tensor.{getattr(self_obj, '__name__', '?')}"
     qual = getattr(func, "__qualname__", func.__name__)
@@ -157,7 +191,11 @@ def dispatch(func, args, kwargs):
     report = STATE.report
     if report is not None and kind != "meta":
         key = (current_path(), op_name(func))
-        report.setdefault(key, kind)
+        old = report.get(key)
+        if old is None:
+            report[key] = kind
+        elif kind not in old.split(" | "):
+            report[key] = f"{old} | {kind}"
         STATE.last_key = key
     return rule(func, args, kwargs)
 
@@ -206,6 +244,28 @@ def dual_leaves(args, kwargs):
 def call_flat(func, flat, spec):
     a, k = tree_unflatten(flat, spec)
     return func(*a, **k)
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom autograd Functions: Function.apply does not go through __torch_function__, so a Function
+# applied to dual tensors would run its forward on them without a graph (gradients silently lost).
+
+_ORIG_APPLY = torch.autograd.Function.__dict__["apply"]
+
+
+def _apply(cls, *args, **kwargs):
+    if any(isinstance(a, DualTensor) for a in tree_flatten((args, kwargs))[0]):
+        # Its registered rule, or (through the forward-AD rule) its own jvp; an error otherwise.
+        return dispatch(cls.apply, args, kwargs)
+    return _ORIG_APPLY.__func__(cls, *args, **kwargs)
+
+
+def install_function_hook() -> None:
+    """Route ``torch.autograd.Function.apply`` on dual tensors to the dual dispatch (idempotent).
+
+    Installed once when sgflow.autodual is imported; for plain tensors it calls the original apply."""
+    if torch.autograd.Function.__dict__["apply"] is _ORIG_APPLY:
+        torch.autograd.Function.apply = classmethod(_apply)
 
 
 @contextlib.contextmanager
