@@ -7,6 +7,7 @@ baselines (:func:`flow_matching_loss`, :func:`meanflow_loss`, :func:`lagrangian_
 from sgflow.audit import GradientReport, check_gradients
 from sgflow.autodual import DualizedModel, DualizeError, dualize
 from sgflow.dual import JVPDual
+from sgflow import distributed  # noqa: F401,E402 - registers the dual rule of DDP's output sink
 from sgflow.interpolants import Interpolant, LinearInterpolant, TrigInterpolant, get_interpolant
 from sgflow.losses.baselines import (
     eulerian_loss,

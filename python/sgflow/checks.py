@@ -82,12 +82,35 @@ def check_split(split: torch.Tensor, batch: int, ref: torch.Tensor) -> None:
         raise ValueError(f"split is on {split.device} but the data is on {ref.device}")
 
 
+# The fused equivalent of each JVP loss that refuses a DDP model (same loss, JVP through DDP's forward).
+_FUSED_EQUIVALENT = {"sgflow_loss": "sgflow.fused_loss", "meanflow_loss": "sgflow.fused_meanflow_loss"}
+
+
+def _holds_ddp(model) -> bool:
+    """Whether ``model`` is, or contains, a DistributedDataParallel (e.g. sgflow.distributed.DualDDP)."""
+    ddp = torch.nn.parallel.DistributedDataParallel
+    if isinstance(model, ddp):
+        return True
+    return isinstance(model, torch.nn.Module) and any(isinstance(m, ddp) for m in model.modules())
+
+
 def check_not_ddp(model, loss_name: str) -> None:
-    """JVP-based losses cannot take a DistributedDataParallel model: its gradient all-reduce is armed
-    in DDP.forward, which torch.func.jvp and the dual forward bypass, so ranks would silently diverge."""
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        raise TypeError(
-            f"{loss_name} needs the plain module, not DistributedDataParallel (its JVP bypasses DDP's gradient "
-            "hooks): pass model.module and average gradients after backward, e.g. "
-            "sgflow.distributed.allreduce_gradients(model.module.parameters(), world_size), as `sgflow train` does"
-        )
+    """The losses whose JVP is ``torch.func.jvp`` (or a double VJP) cannot take a DistributedDataParallel
+    model, nor a module holding one (:class:`sgflow.distributed.DualDDP`): DDP's forward then runs inside
+    the functorch transform, where DDP fails. Measured with torch 2.13: from the second iteration on, a
+    synced forward inside ``torch.func.jvp`` raises "Cannot access data pointer of Tensor that doesn't have
+    storage" (DDP's bucket rebuild; sgflow_loss always, lagrangian/eulerian_loss on a rank whose batch has
+    no t = u row), and with find_unused_parameters / static_graph DDP's output ``autograd.Function`` raises
+    inside the transform (meanflow_loss too). Refuse up front, naming what works instead.
+    """
+    if not _holds_ddp(model):
+        return
+    fused = _FUSED_EQUIVALENT.get(loss_name)
+    instead = (f"Use {fused} (its JVP runs through DDP's own forward, which syncs the gradients), or pass"
+               if fused else "Pass")
+    raise TypeError(
+        f"{loss_name} cannot take a DistributedDataParallel model: its JVP runs DDP's forward inside "
+        f"torch.func.jvp (or a double VJP), which DDP does not support. {instead} the plain module (model.module) "
+        "and average the gradients after backward(), e.g. "
+        "sgflow.distributed.allreduce_gradients(model.module.parameters(), world_size), as `sgflow train` does"
+    )

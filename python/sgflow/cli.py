@@ -101,7 +101,11 @@ def _add_train(sub):
 
     d = TrainConfig()
     p = sub.add_parser("train", help="train a flow map", description="Train a flow map (SGFlow or a baseline). "
-                       "Under torchrun the batch is split over the processes.")
+                       "Under torchrun the batch is split over the processes and the model is wrapped in "
+                       "DistributedDataParallel, whose forward syncs the gradients (sgflow_fused, meanflow_fused, "
+                       "flow_matching, progressive); sgflow, meanflow, lagrangian and eulerian compute their JVP "
+                       "with torch.func.jvp, which DDP's forward does not support, so they train the plain module "
+                       "and all-reduce the gradients after backward (the same update).")
     # Every default is None so an explicitly given option can be told apart (it must agree with a
     # checkpoint being resumed); TrainConfig's defaults are shown in the help.
     a = p.add_argument
@@ -194,6 +198,8 @@ def cmd_train(args) -> int:
     try:
         if resume and trainer.dist.is_main:
             print(f"resuming from {resume} at step {trainer.step}", file=sys.stderr)
+        if trainer.dist.enabled and trainer.dist.is_main:
+            print(trainer.data_parallel_note(), file=sys.stderr)
         trainer.run()
         if trainer.dist.is_main:
             last = trainer.history[-1] if trainer.history else {}

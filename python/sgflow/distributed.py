@@ -1,14 +1,40 @@
-"""Data-parallel training with torch.distributed, without the DDP wrapper.
+"""Data-parallel training with torch.distributed: through DDP's own forward where the loss allows it.
 
-Why no ``DistributedDataParallel``: the SGFlow loss differentiates *through* a forward-mode JVP
-(``torch.func.jvp``), which does not pass through DDP's forward hooks, so the loss is computed on the
-bare module and gradients are averaged here explicitly after ``backward``:
+Two ways to average the gradient g <- (1 / W) sum_r g_r over W processes:
 
-    g <- (1 / W) sum_r g_r        (one all-reduce per bucket of flattened gradients)
+- ``DistributedDataParallel``'s forward (:class:`DualDDP`, or a plain ``DistributedDataParallel``):
+  for every loss whose network calls all pass through the model's ``__call__`` (the fused losses
+  :func:`sgflow.fused_loss` / :func:`sgflow.fused_meanflow_loss`, flow matching, progressive). DDP's
+  forward arms its gradient hooks and the all-reduce overlaps the backward pass.
+- :func:`allreduce_gradients` after ``backward`` on the plain module: for the losses whose JVP is
+  ``torch.func.jvp`` or a double VJP (:func:`sgflow.sgflow_loss`, ``meanflow_loss``,
+  ``lagrangian_loss``, ``eulerian_loss``). Run inside a functorch transform, DDP's forward breaks
+  (its bucket rebuild on the second iteration: "Cannot access data pointer of Tensor that doesn't
+  have storage"; its output ``_DDPSink`` with ``find_unused_parameters`` / ``static_graph``: "must
+  override the setup_context staticmethod"), so those losses refuse a DDP model
+  (:func:`sgflow.checks.check_not_ddp`). The update is the same: one all-reduce per bucket of
+  flattened gradients, divided by W.
 
-which is exactly what DDP would do. Parameters and buffers are broadcast from rank 0 once at the
-start; from then on every rank applies the same averaged gradient with the same optimizer state, so
-the replicas stay identical.
+Either way parameters and buffers start identical (broadcast from rank 0) and every rank applies the
+same averaged gradient with the same optimizer state, so the replicas stay identical
+(:func:`state_digest` checks it).
+
+A plain ``DistributedDataParallel(net)`` works with the fused losses: ``sgflow.fused_loss(ddp, x1)``
+runs the dual forward as ``ddp(t, u, x)`` with tangent-carrying ``DualTensor`` inputs
+(:mod:`sgflow.autodual`), so DDP's forward runs. With ``find_unused_parameters=True`` (and on the first
+iteration of ``static_graph=True``) DDP passes its outputs through an ``autograd.Function``
+(``_DDPSink``); its dual rule here (:func:`_ddp_sink_rule`, registered on import of this module) passes
+the primal and the tangent through it together. That rule needs sgflow.autodual to route
+``Function.apply`` on dual tensors to its rules (``Function.apply`` bypasses ``__torch_function__``);
+without that routing the DualTensor comes back detached and ``backward`` fails ("element 0 of tensors
+does not require grad"). DDP's unused-parameter search starts from the DualTensor output, i.e. from
+the primal's graph.
+
+:class:`DualDDP` (what ``sgflow train`` uses) needs neither: it wraps a module whose
+``forward(t, u, x, t_dot, u_dot, x_dot)`` *is* the dual forward (the network's own ``dual_forward``
+where it has one, else :func:`sgflow.dualize`'s) and returns the primal and the tangent as two plain
+tensors, so every DDP option works, the unused-parameter search sees both streams, and a network with
+a hand-written ``dual_forward`` keeps using it (the same dual computation as in one process).
 
 Launch with ``torchrun --nproc_per_node=N -m sgflow.cli train ...`` (or the ``sgflow`` console
 script under torchrun): the process group is initialised from torchrun's environment variables
@@ -17,11 +43,13 @@ CPUs.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 _BUCKET_BYTES = 32 * 2**20
@@ -156,6 +184,123 @@ def allreduce_gradients(params, world_size: int) -> None:
         flat.div_(world_size)
         for g, reduced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
             g.copy_(reduced)
+
+
+class _DualForward(nn.Module):
+    """The module :class:`DualDDP` hands to ``DistributedDataParallel``.
+
+    ``forward(t, u, x)`` is the network; ``forward(t, u, x, t_dot, u_dot, x_dot)`` is its dual
+    forward ``(f~, JVP f~)`` as two plain tensors ([B, *D] each): the network's own ``dual_forward``
+    when it has one, else :func:`sgflow.dualize`'s through its ``forward`` (built once per network).
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, t, u, x, *tangents):
+        if not tangents:
+            return self.module(t, u, x)
+        if len(tangents) != 3:
+            raise TypeError(f"the dual forward takes (t, u, x, t_dot, u_dot, x_dot); got {3 + len(tangents)} tensors")
+        from sgflow.dual import dual_forward
+
+        return dual_forward(self.module, t, u, x, *tangents)
+
+
+class DualDDP(nn.Module):
+    """``DistributedDataParallel`` for flow maps: its forward (and so its gradient sync) runs for the
+    plain calls ``model(t, u, x)`` *and* for the dual forward of the fused losses.
+
+        model = sgflow.distributed.DualDDP(net, find_unused_parameters=True)   # any DDP option
+        loss, info = sgflow.fused_loss(model, x1)      # or fused_meanflow_loss, flow_matching_loss, ...
+        loss.backward()                                # gradients averaged over the ranks
+
+    Args:
+        module: the network ``net(t, u, x) -> f~`` (with or without a hand-written ``dual_forward``),
+            already on this rank's device.
+        **ddp_kwargs: passed to ``torch.nn.parallel.DistributedDataParallel`` (``device_ids``,
+            ``find_unused_parameters``, ``static_graph``, ``bucket_cap_mb``, ...).
+
+    ``dual_forward(t, u, x, t_dot, u_dot, x_dot)`` runs ``DDP(...)(t, u, x, t_dot, u_dot, x_dot)``
+    (see :class:`_DualForward`), whose outputs are two plain tensors, so every DDP option works; a plain
+    ``DistributedDataParallel(net)`` given to the fused losses works with DDP's default options only (see
+    the module doc). ``module`` is the plain network (save its ``state_dict``); ``ddp`` the
+    ``DistributedDataParallel`` (``no_sync()`` for gradient accumulation). The JVP losses that refuse a
+    DDP model (``sgflow_loss``, ``meanflow_loss``, ``lagrangian_loss``, ``eulerian_loss``) refuse this
+    too: give them ``model.module`` and :func:`allreduce_gradients`.
+    """
+
+    def __init__(self, module: nn.Module, **ddp_kwargs):
+        super().__init__()
+        if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel, DualDDP)):
+            raise TypeError(f"DualDDP wraps the plain network, not a {type(module).__name__}: pass its .module")
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"DualDDP wraps an nn.Module, got {type(module).__name__}")
+        self.ddp = nn.parallel.DistributedDataParallel(_DualForward(module), **ddp_kwargs)
+
+    @property
+    def module(self) -> nn.Module:
+        """The plain network (parameters shared with the DDP replica)."""
+        return self.ddp.module.module
+
+    def forward(self, t, u, x):
+        return self.ddp(t, u, x)
+
+    def dual_forward(self, t, u, x, t_dot, u_dot, x_dot):
+        """(f~(t,u,x), JVP of f~ in direction (t_dot, u_dot, x_dot)) through DDP's forward; all [B] / [B, *D]."""
+        return self.ddp(t, u, x, t_dot, u_dot, x_dot)
+
+    def no_sync(self):
+        """DDP's ``no_sync()``: accumulate gradients locally in the backward passes run inside it."""
+        return self.ddp.no_sync()
+
+
+def _ddp_sink_rule(func, args, kwargs):
+    """Dual rule of DDP's output sink ``_DDPSink.apply(ddp_ref, *outputs)``, which DDP applies with
+    ``find_unused_parameters=True`` and on the first iteration of ``static_graph=True`` (identity forward;
+    its backward hands the gradients on and, for a static graph, queues DDP's delayed all-reduce). One call
+    on the primals and the tangents together: both streams pass through it and its backward runs once."""
+    from sgflow.autodual import is_dual, make_dual, primal, tangent
+
+    ref, *outs = args
+    duals = [i for i, o in enumerate(outs) if is_dual(o)]
+    res = func(ref, *[primal(o) for o in outs], *[tangent(outs[i]) for i in duals], **kwargs)
+    n = len(outs)
+    out = list(res[:n])
+    for j, i in enumerate(duals):
+        out[i] = make_dual(res[i], res[n + j])
+    return tuple(out)
+
+
+def _register_ddp_sink_rule() -> None:
+    """Give a plain ``DistributedDataParallel`` with any option a dual forward: where sgflow.autodual routes
+    ``autograd.Function.apply`` on dual tensors to its rules, DDP's sink gets :func:`_ddp_sink_rule`."""
+    try:
+        from torch.nn.parallel.distributed import _DDPSink
+
+        from sgflow.autodual import register_rule
+    except ImportError:  # a torch without the sink (or sgflow without autodual): nothing to do
+        return
+    register_rule(_DDPSink.apply, kind="rule:ddp-sink")(_ddp_sink_rule)
+
+
+_register_ddp_sink_rule()
+
+
+def state_digest(module) -> str:
+    """A hash of every parameter and buffer of a module, or of a state dict (names, dtypes, shapes and
+    bytes), to check that the replicas of a data-parallel run are identical (cheap next to a checkpoint
+    write). A module and its ``state_dict()`` hash alike."""
+    state = module.state_dict(keep_vars=True) if isinstance(module, nn.Module) else module
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in sorted(state.items()):
+        if not isinstance(t, torch.Tensor):
+            continue
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def allreduce_mean(values: dict, world_size: int, device) -> dict:

@@ -9,7 +9,10 @@ One optimisation step with global batch size B over W processes (W = 1 without t
    the run depends only on (seed, config), a checkpoint of the stream's state resumes exactly, and a
    W-process run sees the same batches as a 1-process run.
 2. ``loss, info = loss_fn(model, x1, noise=x0, t=t, u=u, split=..., generator=loss_gen)``.
-3. backward; average gradients over ranks (:mod:`sgflow.distributed`); clip the global grad norm;
+3. backward, which averages gradients over ranks (:mod:`sgflow.distributed`): through DDP's own forward
+   (:class:`~sgflow.distributed.DualDDP`) for the methods whose network calls all go through
+   ``model(...)``, by an explicit all-reduce after backward for the JVP methods that cannot (see
+   :data:`MANUAL_ALLREDUCE_METHODS`); clip the global grad norm;
    Adam(W) step at the scheduled learning rate; EMA update
    ema <- d ema + (1 - d) theta with d = min(ema_decay, (1 + step) / (10 + step)) (a short warm-up
    so the EMA is useful in short runs).
@@ -31,6 +34,7 @@ import json
 import math
 import os
 import time
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +53,16 @@ CHECKPOINT_VERSION = 1
 # (method, data, network, batch size, optimiser...) must match or the resumed run is a different run.
 RESUMABLE_OVERRIDES = ("steps", "out_dir", "log_every", "sample_every", "ckpt_every", "device", "progress", "sample_steps",
                        "figures", "divergence_threshold")
+
+
+# Methods that train the plain module under torchrun and average gradients with an explicit all-reduce after
+# backward (sgflow.distributed.allreduce_gradients) instead of through DistributedDataParallel: their JVP is
+# torch.func.jvp (or a double VJP), and DDP's forward fails inside it (its bucket rebuild from the second
+# iteration; its output autograd.Function with find_unused_parameters / static_graph), so these losses refuse
+# a DDP model (sgflow.checks.check_not_ddp). The update is the same average, without DDP's overlap of the
+# all-reduce with backward. Every other method (sgflow_fused, meanflow_fused, flow_matching, progressive)
+# runs through DDP's forward.
+MANUAL_ALLREDUCE_METHODS = ("sgflow", "meanflow", "lagrangian", "eulerian")
 
 
 class ConfigError(ValueError):
@@ -358,8 +372,6 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank (and broadcast below anyway)
         if model is None:
             model, cfg.model = build_network(cfg.model, self.data_shape, self.dataset, **cfg.model_kwargs)
-        if cfg.method.endswith("_fused") and not hasattr(model, "dual_forward"):
-            raise ConfigError(f"method {cfg.method!r} needs a network with dual_forward; {cfg.model!r} has none")
         self.model = model.to(self.device)
         if info.enabled:
             D.broadcast_module(self.model)
@@ -386,6 +398,7 @@ class Trainer:
         self.out_dir = Path(os.path.expanduser(cfg.out_dir)) if cfg.out_dir else None
         if ckpt is not None:
             self._restore(ckpt)
+        self._wrap_data_parallel()
 
     @staticmethod
     def _check_resume(saved: TrainConfig, cfg: TrainConfig, path: str) -> None:
@@ -427,6 +440,32 @@ class Trainer:
             torch.manual_seed(cfg.seed + 104729 * self.dist.rank + self.step)
         self.history = [r for r in ckpt.get("history", []) if r.get("step", 0) <= self.step]
 
+    def _wrap_data_parallel(self) -> None:
+        """``self.train_model``: what the loss is given. Under torchrun, a :class:`~sgflow.distributed.DualDDP`
+        (DDP's forward syncs the gradients) unless the method is in :data:`MANUAL_ALLREDUCE_METHODS`
+        (then the plain module, gradients all-reduced after backward). Built after a resume so DDP's
+        initial broadcast sends the restored weights."""
+        self.ddp = None
+        self.data_parallel = "none"
+        if self.dist.enabled:
+            if self.config.method in MANUAL_ALLREDUCE_METHODS:
+                self.data_parallel = "allreduce"
+            else:
+                self.ddp = D.DualDDP(self.model)
+                self.data_parallel = "ddp"
+        self.train_model = self.ddp if self.ddp is not None else self.model
+
+    def data_parallel_note(self) -> str:
+        """One line saying how gradients are averaged over the processes ("" in a single process)."""
+        w = self.dist.world_size
+        if self.data_parallel == "ddp":
+            return f"data parallel over {w} processes: DistributedDataParallel (gradients synced in its forward/backward)"
+        if self.data_parallel == "allreduce":
+            return (f"data parallel over {w} processes: method {self.config.method!r} computes its JVP with "
+                    "torch.func.jvp, which DDP's forward does not support; training the plain module and "
+                    "all-reducing gradients after backward (same update)")
+        return ""
+
     # ------------------------------------------------------------------ one step
     def draw_batch(self):
         """The global batch from the stream, sliced to this rank and moved to the device.
@@ -453,12 +492,13 @@ class Trainer:
     def train_step(self) -> dict:
         """One optimisation step; returns the loss's (detached, on-device) info dict plus grad_norm and lr."""
         cfg = self.config
-        self.model.train()
+        self.train_model.train()
         x1, kw = self.draw_batch()
-        loss, info = self.loss_fn(self.model, x1, **kw)
+        loss, info = self.loss_fn(self.train_model, x1, **kw)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        D.allreduce_gradients(self.params, self.dist.world_size)
+        loss.backward()  # under DualDDP this also averages the gradients over the ranks
+        if self.ddp is None:
+            D.allreduce_gradients(self.params, self.dist.world_size)
         clip = cfg.grad_clip if cfg.grad_clip else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
         lr = lr_at(cfg, self.step)
@@ -490,7 +530,13 @@ class Trainer:
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
         }
-        ranks = D.gather_objects(mine, self.dist)
+        # Each rank's RNG states, and (data parallel) a digest of its weights: the replicas must be identical.
+        digest = D.state_digest(self.model) if self.dist.enabled else None
+        gathered = D.gather_objects((mine, digest), self.dist)
+        ranks = [g[0] for g in gathered]
+        replicas = [g[1] for g in gathered]
+        if self.dist.is_main and len(set(replicas)) > 1:
+            warnings.warn(f"data-parallel replicas differ at step {self.step} (weight digests {replicas})", stacklevel=2)
         return {
             "format": CHECKPOINT_FORMAT,
             "version": CHECKPOINT_VERSION,
@@ -503,6 +549,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "rng": {"stream": self.stream.get_state(), "ranks": ranks},
             "world_size": self.dist.world_size,
+            "replica_digests": replicas,
             "history": self.history,
         }
 
@@ -655,4 +702,5 @@ __all__ = [
     "TrainConfig", "Trainer", "train", "validate_config", "available_methods", "default_sampler",
     "build_network", "read_checkpoint", "load_model", "generate", "paired_split", "lr_at",
     "ConfigError", "CheckpointError", "TrainingDiverged", "DatasetError", "RESUMABLE_OVERRIDES",
+    "MANUAL_ALLREDUCE_METHODS",
 ]

@@ -548,17 +548,24 @@ class _StackedLinear(torch.autograd.Function):
             return None, None, None, None
         n = x.shape[0]
         dout, din = weight.shape
-        if g_dot is None:
-            gs, xs = g, x
-        else:
-            gs = torch.cat([torch.zeros_like(g_dot) if g is None else g, g_dot])
-            xs = torch.cat([x, x_dot]) if need_w else None
         gx = gxd = gw = gb = None
-        if need_x or need_xd:
-            gin = gs @ weight
-            gx, gxd = (gin, None) if g_dot is None else gin.split(n)
+        low = x.dtype in (torch.float16, torch.bfloat16)
+        if need_x and g is not None:
+            gx = g @ weight
+        if need_xd and g_dot is not None:
+            gxd = g_dot @ weight
         if need_w:
-            gw = gs.reshape(-1, dout).t() @ xs.reshape(-1, din)
+            if g is not None and g_dot is not None and low:
+                # One product over the stacked rows: dW rounded once to half precision.
+                gw = torch.cat([g, g_dot]).reshape(-1, dout).t() @ torch.cat([x, x_dot]).reshape(-1, din)
+            else:
+                # fp32/fp64: two products accumulated in place, without the stacked copies (memory at
+                # the backward peak of a recomputed block).
+                for gg, xx in ((g, x), (g_dot, x_dot)):
+                    if gg is None:
+                        continue
+                    term_a, term_b = gg.reshape(-1, dout).t(), xx.reshape(-1, din)
+                    gw = term_a @ term_b if gw is None else gw.addmm_(term_a, term_b)
         if ctx.has_bias and need_b and g is not None:
             gb = g.reshape(-1, dout).sum(0)
         return gx, gxd, gw, gb
