@@ -73,10 +73,6 @@ def _bind(args, kwargs, names, defaults):
     return bound
 
 
-def _zero_like_tangent(x):
-    return torch.zeros_like(x)
-
-
 def _tangent_or_zeros(x):
     t = tangent(x)
     return torch.zeros_like(primal(x)) if t is None else t
@@ -362,30 +358,6 @@ def divide(func, args, kwargs):
 
 # ---------------------------------------------------------------------------------------------
 # Pointwise nonlinear ops with explicit derivatives
-
-
-def pointwise(deriv):
-    """``y_dot = deriv(x, y, extra_args, kwargs) * x_dot`` for a unary op y = op(x, *extra_args).
-
-    The closure handed to the recomputed op holds only the non-tensor arguments: anything it holds
-    stays alive until backward, past the block checkpoint that is meant to free it.
-    """
-
-    def rule(func, args, kwargs):
-        x = args[0]
-        rest = args[1:]
-        if any(isinstance(a, torch.Tensor) for a in rest) or any(isinstance(v, torch.Tensor) for v in kwargs.values()):
-            return forward_ad(func, args, kwargs)
-        kw = dict(kwargs)
-
-        def both(xp, xt):
-            y = func(xp, *rest, **kw)
-            return y, deriv(xp, y, rest, kw) * xt
-
-        y, yt = recompute_op(both, x._primal, x._tangent)
-        return wrap_outputs(y, yt)
-
-    return rule
 
 
 def _pow_rule(func, args, kwargs):

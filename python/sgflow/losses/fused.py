@@ -1,9 +1,10 @@
 """SGFlow and MeanFlow through the fused dual (primal + tangent) path.
 
 Same signature, semantics and return as :func:`sgflow.sgflow_loss`, but the JVP of the network comes
-from its ``dual_forward``: each block is a ``torch.autograd.Function`` carrying primal and tangent
-together and recomputing activations in backward, instead of ``torch.func.jvp``'s dual tensors with
-every intermediate kept for the reverse pass.
+from a ``dual_forward`` that carries primal and tangent together and recomputes activations in
+backward, instead of ``torch.func.jvp``'s dual tensors with every intermediate kept for the reverse
+pass: :func:`sgflow.dualize` (through the model's own forward; done once per model for a plain model
+or a DistributedDataParallel) or a network's hand-written one (``sgflow.nn``).
 """
 from __future__ import annotations
 
@@ -32,10 +33,11 @@ def fused_loss(
 
         L_sg = mean_first ||JVP_(1,0,Xdot) f||^2 - mean_second ||JVP_(0,0,Xdot - sg[f~(t,t,X_t)]) f||^2
 
-    with JVP f = x_dot + (u_dot - t_dot) f~ + (u - t) JVP f~ and (f~, JVP f~) from
-    ``model.dual_forward``. Arguments and the returned ``(loss, info)`` are those of
-    :func:`sgflow.sgflow_loss`. Models without ``dual_forward`` raise a TypeError naming
-    :class:`sgflow.JVPDual`.
+    with JVP f = x_dot + (u_dot - t_dot) f~ + (u - t) JVP f~ and (f~, JVP f~) from the model's dual
+    forward (see module doc). Arguments and the returned ``(loss, info)`` are those of
+    :func:`sgflow.sgflow_loss`; ``model`` is any ``nn.Module`` (or callable) ``model(t, u, x)``, a
+    :class:`sgflow.DualizedModel`, or a DistributedDataParallel of one (its forward, and so its
+    gradient sync, runs).
     """
     b = draw_batch(x1, interpolant=interpolant, time_sampler=time_sampler, noise=noise, t=t, u=u, generator=generator)
     rows = sgflow_rows(model, b, split, both_terms, split_fraction, generator)
