@@ -160,6 +160,8 @@ BAD_INPUTS = [
     ("t_shape", dict(t=torch.rand(3)), ValueError, "shape"),
     ("t_range", dict(t=torch.full((4,), 1.5), u=torch.full((4,), 1.5)), ValueError, r"\[0, 1\]"),
     ("t_int", dict(t=torch.zeros(4, dtype=torch.long)), TypeError, "floating"),
+    ("t_nan", dict(t=torch.tensor([0.1, 0.2, float("nan"), 0.3])), ValueError, r"t must be finite; t\[2\]"),
+    ("u_inf", dict(t=torch.full((4,), 0.1), u=torch.tensor([0.5, float("inf"), 0.5, 0.5])), ValueError, r"u must be finite; u\[1\]"),
     ("noise_shape", dict(noise=torch.randn(4, 3)), ValueError, "noise has shape"),
     ("noise_batch", dict(noise=torch.randn(5, DIM)), ValueError, "noise has shape"),
     ("noise_dtype", dict(noise=torch.randn(4, DIM, dtype=torch.float64)), TypeError, "dtype"),
@@ -168,7 +170,7 @@ BAD_CASES = [
     pytest.param(name, *case[1:], id=f"{name}-{case[0]}")
     for name in sorted(sgflow.LOSSES)
     for case in BAD_INPUTS
-    if not (name == "flow_matching" and case[0] == "t_gt_u")  # flow matching has no u: it sets u = t
+    if not (name == "flow_matching" and case[0] in ("t_gt_u", "u_inf"))  # flow matching has no u: it sets u = t
 ]
 
 

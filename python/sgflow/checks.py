@@ -38,6 +38,11 @@ def check_times(t: torch.Tensor, batch: int, ref: torch.Tensor, name: str = "t")
         raise ValueError(f"{name} must have shape [{batch}] (one time per sample), got {tuple(t.shape)}")
     if t.device != ref.device:
         raise ValueError(f"{name} is on {t.device} but the data is on {ref.device}")
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        # Comparisons with NaN are false, so the range check below would let a NaN time through.
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{name} must be finite; {name}[{i}] = {t[i].item()} ({int(bad.sum())} of {t.numel()} samples)")
     if bool(((t < 0) | (t > 1)).any()):
         raise ValueError(f"{name} must lie in [0, 1]; got values in [{t.min().item():.4g}, {t.max().item():.4g}]")
 
