@@ -8,14 +8,17 @@ parameter gradient flows through the tangent (reverse over forward). See
 
 Why hand-written rules at all: PyTorch's forward AD is missing for the fused SDPA kernels, raises on
 strided tangents in group_norm, and its reverse-over-forward gradients of layer_norm, batch_norm
-and instance_norm are wrong in torch 2.13 (../shared/jvp-notes.md). So the normalisation layers are
+and instance_norm are wrong in torch 2.13 (pytorch/pytorch#196700, #196699). So the normalisation layers are
 written here from their statistics, with the tangent formula
 
     x̂ = (x - μ) r,  r = (var + eps)^(-1/2),  x̂_dot = r (x_dot - mean(x_dot) - x̂ mean(x̂ x_dot))
 
 (means over the normalised elements), computed in float32 for half/bf16 inputs; conv and linear
-run primal and tangent as one stacked call (one pass over the weights, one weight-gradient GEMM);
-SDPA goes to the dual attention op (O(N) memory per row) and dropout draws one mask for both.
+run primal and tangent as one stacked call (one pass over the weights; the weight gradient is one
+product over the stacked rows for convs and half-precision linears, two accumulated products for
+fp32/fp64 linears, which avoids the stacked copies at the backward peak); SDPA and hand-written
+``softmax(q k^T) v`` go to the dual attention op (O(N) memory per row) and dropout draws one mask for
+both streams.
 """
 from __future__ import annotations
 
