@@ -1214,7 +1214,9 @@ def test_report_on_adm_names_rules_per_module_path():
     for (path, _), kind in report.rows.items():
         by_path.setdefault(path, set()).add(kind)
     assert "rule:conv-stacked" in by_path["input_blocks.0.0"]
-    assert "rule:conv-stacked" in by_path["out.2"]
+    # GroupNorm -> SiLU -> conv (ADM's output layer): the fused stage op, named at the conv.
+    assert "rule:group_norm+silu+conv (fused stage op)" in by_path["out.2"]
+    assert "rule:group_norm+silu+conv (fused stage op)" in by_path["middle_block.0.in_layers.2"]
     assert "rule:linear-stacked" in by_path["time_embed.0"]
     # GroupNorm followed directly by SiLU: the fused op, named at the SiLU's module path.
     assert "rule:group_norm+silu (fused op)" in by_path["out.1"]
@@ -1230,3 +1232,46 @@ def test_report_on_adm_names_rules_per_module_path():
                    "rule:conv-stacked", f"{len(dual.blocks)} recomputed blocks"):
         assert needle in text, needle
     assert len(text.splitlines()) >= len(report.rows)
+
+
+class _GNSiLUDropConv(nn.Module):
+    """GroupNorm -> SiLU -> Dropout -> Conv2d: the stage the dual path runs as one fused op."""
+
+    def __init__(self, c=6, groups=3, p=0.4):
+        super().__init__()
+        self.norm, self.drop, self.conv = nn.GroupNorm(groups, c), nn.Dropout(p), nn.Conv2d(c, 5, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(self.drop(F.silu(self.norm(x))))
+
+
+@pytest.mark.parametrize("train", [pytest.param(True, id="dropout-active"), pytest.param(False, id="eval")])
+def test_fused_gn_silu_dropout_conv_stage_matches_jvp_with_the_same_mask(train):
+    from sgflow.autodual import dual_call
+
+    torch.manual_seed(SEED)
+    m = _GNSiLUDropConv().double().train(train)
+    gen = torch.Generator().manual_seed(SEED)
+    x, xd = _r(gen, 2, 6, 7, 5), _r(gen, 2, 6, 7, 5)
+    torch.manual_seed(123)
+    rows: dict = {}
+    y, yd = dual_call(m, (x,), (xd,), report=rows)
+    assert any("fused stage op" in k for k in rows.values()), rows
+    # The fused op draws one bool keep-mask of x's shape from the global generator: replay it.
+    torch.manual_seed(123)
+    p = m.drop.p
+    keep = torch.empty(x.shape, dtype=torch.bool).bernoulli_(1 - p) if train else torch.ones_like(x, dtype=torch.bool)
+    scale = 1 / (1 - p) if train else 1.0
+
+    def ref_fn(x):
+        return m.conv(F.silu(m.norm(x)) * keep * scale)
+
+    y_ref, yd_ref = torch.func.jvp(ref_fn, (x,), (xd,))
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(yd, yd_ref, rtol=1e-12, atol=1e-12)
+    c, cd = torch.randn_like(y), torch.randn_like(yd)  # cotangents of y and y_dot
+    g = torch.autograd.grad((y * c).sum() + (yd * cd).sum(), list(m.parameters()))
+    g_ref = torch.autograd.grad((y_ref * c).sum() + (yd_ref * cd).sum(), list(m.parameters()))
+    for a, b in zip(g, g_ref):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

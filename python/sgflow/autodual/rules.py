@@ -421,6 +421,11 @@ def _dropout_rule(func, args, kwargs):
         return inplace_error(func, args, kwargs)
     if not training or p == 0.0:
         return x
+    from sgflow.autodual.attention import LazyDual
+
+    if (func is F.dropout and 0.0 < p < 1.0 and isinstance(x, LazyDual) and x._cache is None
+            and x._kind == "gn_silu" and x._parts["p"] == 0.0):
+        return _gn_silu_dropout(x, p)
     xp = x._primal
     if p >= 1.0:
         return make_dual(torch.zeros_like(xp), torch.zeros_like(x._tangent))
@@ -587,6 +592,10 @@ def _conv_rule(func, args, kwargs):
     kw = {k: v for k, v in kwargs.items() if k not in names}
     if isinstance(x, DualTensor) and not isinstance(w, DualTensor) and not isinstance(bias, DualTensor):
         conf = _conv_conf(func, w, rest, kw)
+        if conf is not None and _CONV_NDIM[func] == 2:
+            fused = _gn_silu_conv(x, w, bias, conf)
+            if fused is not None:
+                return fused
         if conf is not None and x._primal.dim() == _CONV_NDIM[func] + 2:
             xp = x._primal
             (xp, xt, w, bias), autocast = _autocast_args(xp.device.type, xp, x._tangent.to(xp.dtype), w, bias)
@@ -1067,17 +1076,62 @@ _SPECS = {
 
 
 def _gn_silu(x):
-    """silu(group_norm(...)) as the fused dual op when x is a lazy GroupNorm node, else None."""
+    """silu(group_norm(...)) of a lazy GroupNorm node: a lazy GroupNorm+SiLU node (a conv that follows
+    takes the fused GroupNorm -> SiLU -> conv stage; any other use runs the fused GroupNorm+SiLU op);
+    None for any other input."""
     from sgflow.autodual.attention import LazyDual
 
     if not (isinstance(x, LazyDual) and x._cache is None and x._kind == "gn"):
         return None
+    parts = dict(x._parts, p=0.0)
+    note_rule("rule:group_norm+silu (fused op)")
+    return LazyDual(x._lazy_shape, x._like, "gn_silu", parts, lambda: _gn_silu_eager(parts))
+
+
+def _gn_silu_eager(parts):
     from sgflow.ops.groupnorm_silu import groupnorm_silu_dual
 
-    p = x._parts
-    src = p["x"]
-    y, yd = groupnorm_silu_dual(src._primal, src._tangent.to(src._primal.dtype), p["w"], p["b"], p["g"], float(p["eps"]))
-    note_rule("rule:group_norm+silu (fused op)")
+    src = parts["x"]
+    y, yd = groupnorm_silu_dual(src._primal, src._tangent.to(src._primal.dtype), parts["w"], parts["b"], parts["g"],
+                                float(parts["eps"]))
+    return make_dual(y, yd)
+
+
+def _gn_silu_dropout(x, p):
+    """Dropout of a lazy GroupNorm+SiLU node, kept lazy so that a following conv fuses all four."""
+    from sgflow.autodual.attention import LazyDual
+
+    parts = dict(x._parts, p=p)
+    mat = x._materialize
+
+    def materialize():
+        # Unfused: the GroupNorm+SiLU op, then this module's dropout rule (one mask for both streams).
+        return _dropout_rule(F.dropout, (mat(), p, True), {})
+
+    return LazyDual(x._lazy_shape, x._like, "gn_silu", parts, materialize)
+
+
+def _gn_silu_conv(x, w, bias, conf):
+    """The GroupNorm -> SiLU -> (Dropout) -> Conv2d stage as the fused dual op (saves only the stage
+    input, its tangent and the group statistics), or None where the conv does not fit it."""
+    from sgflow.autodual.attention import LazyDual
+
+    if not (isinstance(x, LazyDual) and x._cache is None and x._kind == "gn_silu"):
+        return None
+    stride, pad, dilation, transposed, _, groups = conf
+    if transposed or groups != 1 or any(v != 1 for v in stride) or any(v != 1 for v in dilation) or w.dim() != 4:
+        return None
+    parts = x._parts
+    src = parts["x"]
+    xp = src._primal
+    if xp.dim() != 4 or (w.dtype != xp.dtype and not torch.is_autocast_enabled(xp.device.type)):
+        return None
+    from sgflow.ops.groupnorm_silu import gn_silu_conv_dual
+
+    y, yd = gn_silu_conv_dual(xp, src._tangent.to(xp.dtype), parts["w"], parts["b"], parts["g"], w, bias,
+                              tuple(pad), eps=float(parts["eps"]), dropout_p=float(parts["p"]),
+                              training=parts["p"] > 0)
+    note_rule("rule:group_norm+silu+conv (fused stage op)")
     return make_dual(y, yd)
 
 
