@@ -226,18 +226,7 @@ def test_ddp_gradients_equal_one_process_images(case, tmp_path_factory):
         assert rel > 1e-3
 
 
-def _autodual_routes_functions() -> bool:
-    """Whether sgflow.autodual sends ``autograd.Function.apply`` on dual tensors to its rules (which the
-    rule for DDP's output sink, in sgflow.distributed, needs)."""
-    apply = getattr(torch.autograd.Function.__dict__["apply"], "__func__", None)
-    return getattr(apply, "__module__", "").startswith("sgflow")
-
-
 @pytest.mark.parametrize("case", ["ddp_find_unused", "ddp_static_graph"])
-@pytest.mark.xfail(not _autodual_routes_functions(), strict=True, reason=(
-    "autograd.Function.apply bypasses __torch_function__: DDP's _DDPSink (find_unused_parameters, first "
-    "static_graph iteration) returns the DualTensor output detached and backward fails with 'element 0 of "
-    "tensors does not require grad'; use sgflow.distributed.DualDDP"))
 def test_plain_ddp_with_find_unused_or_static_graph(case, tmp_path_factory):
     """A plain DistributedDataParallel with find_unused_parameters / static_graph: DDP's output sink gets its
     dual rule (sgflow.distributed), gradients of one process (DualDDP works with or without that rule)."""

@@ -1275,3 +1275,17 @@ def test_fused_gn_silu_dropout_conv_stage_matches_jvp_with_the_same_mask(train):
     for a, b in zip(g, g_ref):
         assert b.abs().max() > 0
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_function_apply_is_pytorchs_own_outside_dual_forwards():
+    # Custom autograd Functions are routed to the dual dispatch only while a dual forward or a block's
+    # recomputation runs; compiled and other code never sees a patched Function.apply.
+    pytorch_apply = torch.autograd.Function.__dict__["apply"]
+    assert getattr(pytorch_apply, "__func__", None).__module__ == "torch.autograd.function"
+    torch.manual_seed(SEED)
+    model = testnets.build("mlp", (2,)).double()
+    x1 = torch.randn(3, 2, dtype=torch.float64)
+    loss, _ = sgflow.fused_loss(model, x1)
+    assert torch.autograd.Function.__dict__["apply"] is pytorch_apply
+    loss.backward()  # the blocks' recomputation (hook on for its duration) and after it
+    assert torch.autograd.Function.__dict__["apply"] is pytorch_apply

@@ -38,13 +38,12 @@ from sgflow.autodual.tensor import (
     is_dual,
     make_dual,
     primal,
-    install_function_hook,
+    function_hook,
     recording,
     register,
     tangent,
 )
 
-install_function_hook()
 
 __all__ = [
     "dualize", "DualizedModel", "DualizeError", "DualTensor", "DualReport", "select_blocks", "dual_call",
@@ -198,8 +197,8 @@ def _wrap_forward(orig, path: str, is_block: bool):
                 try:
                     ctx_fn = STATE.context_fn
                     if ctx_fn is None:
-                        return checkpoint(orig, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
-                    return checkpoint(_selective(orig), *args, use_reentrant=False, preserve_rng_state=True,
+                        return checkpoint(_hooked(orig), *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
+                    return checkpoint(_hooked(_selective(orig)), *args, use_reentrant=False, preserve_rng_state=True,
                                       context_fn=ctx_fn, **kwargs)
                 finally:
                     STATE.in_block = False
@@ -240,6 +239,18 @@ def _context_fn(save):
     raise ValueError(f"dualize: save must be None or 'matmul', got {save!r}")
 
 
+def _hooked(fn):
+    """``fn`` with custom autograd Functions routed to the dual dispatch: in forward the dual call has
+    the hook on already; this keeps it on for the block's recomputation in backward."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with function_hook():
+            return fn(*args, **kwargs)
+
+    return run
+
+
 def _selective(fn):
     """Run ``fn`` flagged as selectively checkpointed, in forward and in its recomputation alike (the
     rules then never write into a kept conv/matmul output)."""
@@ -271,7 +282,7 @@ def dual_call(model: nn.Module, inputs: Sequence[torch.Tensor], tangents: Sequen
     prev = STATE.context_fn
     STATE.context_fn = _context_fn(save)
     try:
-        with _patched(model, blocks), recording(report):
+        with _patched(model, blocks), recording(report), function_hook():
             out = model(*args)
     finally:
         STATE.context_fn = prev

@@ -160,9 +160,12 @@ def register(funcs, kind: str):
 
     def deco(rule):
         for f in funcs:
-            if f is not None:
-                _RULES[f] = rule
-                _KIND[f] = kind
+            if f is None:
+                continue
+            if getattr(f, "__func__", None) is _apply:  # MyFunction.apply taken while the hook is on
+                f = original_apply(f.__self__)
+            _RULES[f] = rule
+            _KIND[f] = kind
         return rule
 
     return deco
@@ -251,21 +254,40 @@ def call_flat(func, flat, spec):
 # applied to dual tensors would run its forward on them without a graph (gradients silently lost).
 
 _ORIG_APPLY = torch.autograd.Function.__dict__["apply"]
+_HOOK_LOCK = threading.Lock()
+_HOOK_DEPTH = 0
+
+
+def original_apply(cls):
+    """``cls.apply`` as PyTorch defines it (the key a rule for a custom Function is registered under)."""
+    return _ORIG_APPLY.__get__(None, cls)
 
 
 def _apply(cls, *args, **kwargs):
     if any(isinstance(a, DualTensor) for a in tree_flatten((args, kwargs))[0]):
         # Its registered rule, or (through the forward-AD rule) its own jvp; an error otherwise.
-        return dispatch(cls.apply, args, kwargs)
+        return dispatch(original_apply(cls), args, kwargs)
     return _ORIG_APPLY.__func__(cls, *args, **kwargs)
 
 
-def install_function_hook() -> None:
-    """Route ``torch.autograd.Function.apply`` on dual tensors to the dual dispatch (idempotent).
-
-    Installed once when sgflow.autodual is imported; for plain tensors it calls the original apply."""
-    if torch.autograd.Function.__dict__["apply"] is _ORIG_APPLY:
-        torch.autograd.Function.apply = classmethod(_apply)
+@contextlib.contextmanager
+def function_hook():
+    """Route ``torch.autograd.Function.apply`` on dual tensors to the dual dispatch while a dual
+    forward (or a block's recomputation in backward) runs; plain tensors take the original apply.
+    Outside those regions ``Function.apply`` is PyTorch's own (nothing changes for compiled or other
+    code). Re-entrant and shared by threads (a depth count under a lock)."""
+    global _HOOK_DEPTH
+    with _HOOK_LOCK:
+        if _HOOK_DEPTH == 0:
+            torch.autograd.Function.apply = classmethod(_apply)
+        _HOOK_DEPTH += 1
+    try:
+        yield
+    finally:
+        with _HOOK_LOCK:
+            _HOOK_DEPTH -= 1
+            if _HOOK_DEPTH == 0:
+                torch.autograd.Function.apply = _ORIG_APPLY
 
 
 @contextlib.contextmanager
