@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sgflow.audit import GradientReport, check_gradients
+from set_attention_flowmap import AttentionFlowMap
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -62,25 +63,6 @@ class BatchNormMLP(nn.Module):
 
     def forward(self, t, u, x):
         return self.net(_cat_tu(x, t, u))
-
-
-class AttentionMLP(nn.Module):
-    """Self-attention over N points [B, N, 2] through F.scaled_dot_product_attention, then LayerNorm."""
-
-    def __init__(self, width=8, heads=2):
-        super().__init__()
-        self.heads = heads
-        self.inp = nn.Linear(4, width)
-        self.qkv = nn.Linear(width, 3 * width)
-        self.norm = nn.LayerNorm(width)
-        self.out = nn.Linear(width, 2)
-
-    def forward(self, t, u, x):
-        b, n, _ = x.shape
-        h = self.inp(torch.cat([x, t[:, None, None].expand(b, n, 1), u[:, None, None].expand(b, n, 1)], -1))
-        q, k, v = self.qkv(torch.tanh(h)).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, n, -1)
-        return self.out(self.norm(h + a))
 
 
 class SlightlyWrongDual(nn.Module):
@@ -166,7 +148,7 @@ def test_audit_batchnorm_training_uses_double_vjp():
 
 def test_audit_sdpa_model_raw_torch_cannot_run():
     torch.manual_seed(0)
-    report = check_gradients(AttentionMLP(), _data(3, 5, 2), directions=3)
+    report = check_gradients(AttentionFlowMap(width=8, causal=True), _data(3, 5, 2), directions=3)
     print(f"\nattention-mlp\n{report}")
     assert report.reference_jvp == "forward"  # the decomposition has forward AD
     assert report.reference.fd_error < 1e-6, report

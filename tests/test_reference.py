@@ -12,6 +12,7 @@ import sgflow
 from sgflow import decompose as D
 from sgflow.losses.sgflow import double_vjp_jvp, forward_ad_failure
 from sgflow.testing import rel_err
+from set_attention_flowmap import AttentionFlowMap
 
 DT = torch.float64
 
@@ -358,26 +359,6 @@ def test_decomposed_mode_torch_aliases_nesting_and_passthrough():
 
 # ---------------------------------------------------------------------------------------------------
 # sgflow_loss: jvp = "forward" | "double_vjp" | "auto".
-
-
-class AttentionFlowMap(nn.Module):
-    """f~ over a set of N points [B, N, 2]: embed (x, t, u), one softmax self-attention layer via
-    F.scaled_dot_product_attention (2 heads), LayerNorm, linear read-out."""
-
-    def __init__(self, width=12, heads=2):
-        super().__init__()
-        self.heads = heads
-        self.inp = nn.Linear(4, width)
-        self.qkv = nn.Linear(width, 3 * width)
-        self.norm = nn.LayerNorm(width)
-        self.out = nn.Linear(width, 2)
-
-    def forward(self, t, u, x):
-        b, n, _ = x.shape
-        h = self.inp(torch.cat([x, t[:, None, None].expand(b, n, 1), u[:, None, None].expand(b, n, 1)], -1))
-        q, k, v = self.qkv(torch.tanh(h)).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1)
-        return self.out(self.norm(h + a))
 
 
 class GridSampleFlowMap(nn.Module):

@@ -203,6 +203,20 @@ def _update_running(running: torch.Tensor | None, batch_stat: torch.Tensor, mome
     running.copy_(new)
 
 
+def _with_running_stats(xs: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor, eps: float):
+    """(x - running_mean) * rsqrt(running_var + eps), the [C] statistics broadcast over [N, C, *]."""
+    mean = _channel_view(running_mean.to(xs.dtype), xs.dim())
+    var = _channel_view(running_var.to(xs.dtype), xs.dim())
+    return (xs - mean) * torch.rsqrt(var + eps)
+
+
+def _channel_affine(y: torch.Tensor, weight, bias, dtype: torch.dtype) -> torch.Tensor:
+    """y * weight + bias with [C] parameters broadcast over [N, C, *], cast to ``dtype``."""
+    w = None if weight is None else _channel_view(weight, y.dim())
+    b = None if bias is None else _channel_view(bias, y.dim())
+    return _affine(y, w, b).to(dtype)
+
+
 def batch_norm(
     input: torch.Tensor,
     running_mean: torch.Tensor | None,
@@ -246,12 +260,8 @@ def batch_norm(
     else:
         if running_mean is None or running_var is None:
             raise RuntimeError("batch_norm: running_mean and running_var must be defined in evaluation mode")
-        mean = _channel_view(running_mean.to(stat), input.dim())
-        var = _channel_view(running_var.to(stat), input.dim())
-        y = (xs - mean) * torch.rsqrt(var + eps)
-    w = None if weight is None else _channel_view(weight, input.dim())
-    b = None if bias is None else _channel_view(bias, input.dim())
-    return _affine(y, w, b).to(input.dtype)
+        y = _with_running_stats(xs, running_mean, running_var, eps)
+    return _channel_affine(y, weight, bias, input.dtype)
 
 
 def instance_norm(
@@ -294,12 +304,8 @@ def instance_norm(
     else:
         if running_mean is None or running_var is None:
             raise RuntimeError("instance_norm: expected running_mean and running_var to be defined when use_input_stats is false")
-        mean = _channel_view(running_mean.to(stat), input.dim())
-        var = _channel_view(running_var.to(stat), input.dim())
-        y = (xs - mean) * torch.rsqrt(var + eps)
-    w = None if weight is None else _channel_view(weight, input.dim())
-    b = None if bias is None else _channel_view(bias, input.dim())
-    return _affine(y, w, b).to(input.dtype)
+        y = _with_running_stats(xs, running_mean, running_var, eps)
+    return _channel_affine(y, weight, bias, input.dtype)
 
 
 def scaled_dot_product_attention(
