@@ -39,6 +39,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _leave_group(finished: bool) -> None:
+    """Destroy the process group; after a barrier when this rank finished normally, so that no rank tears
+    its gloo connections down while the other still completes its last collective (an abort at exit)."""
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def _spawn(fn, args, timeout=180):
     """Run fn(rank, *args) in 2 fresh processes; fail (instead of hanging) when one does not finish."""
     ctx = mp.get_context("spawn")
@@ -139,6 +147,7 @@ def _rank_slice(b: dict, rank: int) -> dict:
 def _grad_worker(rank, store, group, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=timedelta(seconds=60))
+    finished = False
     try:
         for case, (kind, loss_name, wrap, ddp_kw) in GROUPS[group].items():
             net = _net(kind)
@@ -154,8 +163,9 @@ def _grad_worker(rank, store, group, out_dir):
             except Exception as e:  # recorded for the tests; both ranks fail alike (no collective left hanging)
                 error = f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}"
             torch.save({"grads": grads, "error": error}, os.path.join(out_dir, f"{case}.rank{rank}.pt"))
+        finished = True
     finally:
-        dist.destroy_process_group()
+        _leave_group(finished)
 
 
 _RESULTS = {}
@@ -319,6 +329,7 @@ def _fused_resume_worker(rank, port, cfg, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=2, timeout=timedelta(seconds=60))
+    finished = False
     try:
         straight = train({**cfg, "out_dir": os.path.join(out, "straight")})
         train({**cfg, "steps": 3, "out_dir": os.path.join(out, "part")})
@@ -327,8 +338,9 @@ def _fused_resume_worker(rank, port, cfg, out):
         torch.save({"straight": straight.model.state_dict(), "resumed": resumed.model.state_dict(),
                     "ema": resumed.ema.state_dict(), "straight_ema": straight.ema.state_dict(),
                     "data_parallel": straight.data_parallel}, os.path.join(out, f"rank{rank}.pt"))
+        finished = True
     finally:
-        dist.destroy_process_group()
+        _leave_group(finished)
 
 
 def test_fused_training_through_ddp_resumes_exactly(tmp_path, single_process_env):

@@ -140,9 +140,17 @@ def resolve_device(device: str, info: DistInfo) -> torch.device:
     return torch.device("cpu")
 
 
-def cleanup(info: DistInfo) -> None:
-    """Destroy the process group if :func:`init_distributed` created it."""
+def cleanup(info: DistInfo, wait: bool = False) -> None:
+    """Destroy the process group if :func:`init_distributed` created it.
+
+    ``wait=True`` (a normal end) first meets the other ranks at a barrier: a rank that tears its gloo
+    connections down while a peer is still finishing its last collective can abort that peer at exit
+    ("terminate called without an active exception"). Never wait on an error path: the failed peer
+    would never arrive.
+    """
     if info.owns_group and dist.is_initialized():
+        if wait and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -33,6 +33,7 @@ import inspect
 import json
 import math
 import os
+import sys
 import time
 import warnings
 import zipfile
@@ -663,9 +664,15 @@ class Trainer:
                     f"(now {cfg.lr}), add warm-up steps, or raise the diagonal fraction (now {cfg.diagonal_fraction})"
                 )
 
-    def close(self) -> None:
-        """Leave the process group if this trainer created it."""
-        D.cleanup(self.dist)
+    def close(self, wait: bool | None = None) -> None:
+        """Leave the process group if this trainer created it.
+
+        ``wait``: meet the other ranks at a barrier first (see :func:`sgflow.distributed.cleanup`). By default
+        it waits unless an exception is propagating, so that ``close()`` in a ``finally`` never blocks on a
+        peer that is not coming."""
+        if wait is None:
+            wait = sys.exc_info()[0] is None
+        D.cleanup(self.dist, wait=wait)
 
 
 @torch.no_grad()
