@@ -29,6 +29,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 try:  # the exception type moved around between Triton releases
     from triton.runtime.errors import OutOfResources
@@ -565,7 +566,7 @@ def attention_dual_fwd(q, k, v, q_dot, k_dot, v_dot, scale, block_m=None, block_
     def run(cfg):
         bm, bn, warps, stages = cfg
         grid = (triton.cdiv(n_q, bm), b * h)
-        _attention_dual_fwd_kernel[grid](
+        wrap_triton(_attention_dual_fwd_kernel)[grid](
             qf, kf, vf, qdf, kdf, vdf, o, o_dot, lse, mu, scale_t,
             n_q, n_k, d, dv,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DV=block_dv,
@@ -620,7 +621,7 @@ def attention_dual_bwd(
 
     # Elementwise only: keep four [BLOCK_M, BLOCK_DV] tiles within registers.
     pre_bm = 16 if _interpreting() else max(16, min(64, 4096 // block_dv))
-    _attention_dual_bwd_preprocess_kernel[(triton.cdiv(n_q, pre_bm), b * h)](
+    wrap_triton(_attention_dual_bwd_preprocess_kernel)[(triton.cdiv(n_q, pre_bm), b * h)](
         of, odf, gf_arg, gdf_arg, alpha, delta, n_q, dv,
         BLOCK_M=pre_bm, BLOCK_DV=block_dv, HAS_G=has_g, HAS_GD=has_gd, ACC_DTYPE=acc_tl,
     )
@@ -638,7 +639,7 @@ def attention_dual_bwd(
 
     def run_dkv(cfg):
         bm, bn, warps, stages = cfg
-        _attention_dual_bwd_dkv_kernel[(triton.cdiv(n_k, bn), b * h)](
+        wrap_triton(_attention_dual_bwd_dkv_kernel)[(triton.cdiv(n_k, bn), b * h)](
             qf, kf, vf, qdf, kdf, vdf, gf_arg, gdf_arg, lse_f, mu_f, alpha, delta, scale_t,
             dk, dvv, dk_dot, dv_dot,
             n_q, n_k, d, dv,
@@ -649,7 +650,7 @@ def attention_dual_bwd(
 
     def run_dq(cfg):
         bm, bn, warps, stages = cfg
-        _attention_dual_bwd_dq_kernel[(triton.cdiv(n_q, bm), b * h)](
+        wrap_triton(_attention_dual_bwd_dq_kernel)[(triton.cdiv(n_q, bm), b * h)](
             qf, kf, vf, qdf, kdf, vdf, gf_arg, gdf_arg, lse_f, mu_f, alpha, delta, scale_t,
             dq, dq_dot,
             n_q, n_k, d, dv,

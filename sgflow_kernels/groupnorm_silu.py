@@ -44,6 +44,7 @@ import struct
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 # Largest one-tile group (elements). Above it the kernels loop over the group (the backward then reads
 # x, x_dot and both output gradients twice). Offline sm_90 compiles (benchmarks/compile_check_sm90.py
@@ -458,7 +459,8 @@ def groupnorm_silu_dual_fwd(
     bc, bs, one_tile, num_warps = _pick_config(CG, S, FWD_MAX_TILE, FWD_ELEMS_PER_THREAD, block_c, block_s)
     eps_hi, eps_lo = _split_fp32(eps)
     sc_hi, sc_lo = _split_fp32(drop_scale)
-    _groupnorm_silu_dual_fwd_kernel[(B * G,)](
+    # wrap_triton: inside the triton ops of sgflow.ops this launch is visible to torch.compile.
+    wrap_triton(_groupnorm_silu_dual_fwd_kernel)[(B * G,)](
         xc, xdc, w, b, _mask_arg(mask, xc), y, yd, stats,
         B * G, S, G, CG, eps_hi, eps_lo, sc_hi, sc_lo,
         BLOCK_C=bc, BLOCK_S=bs, ONE_TILE=one_tile, HAS_MASK=mask is not None,
@@ -514,7 +516,7 @@ def groupnorm_silu_dual_bwd(
     max_tile = BWD_MAX_TILE_FP64 if x.dtype == torch.float64 else BWD_MAX_TILE
     bc, bs, one_tile, num_warps = _pick_config(CG, S, max_tile, BWD_ELEMS_PER_THREAD, block_c, block_s)
     sc_hi, sc_lo = _split_fp32(drop_scale)
-    _groupnorm_silu_dual_bwd_kernel[(B * G,)](
+    wrap_triton(_groupnorm_silu_dual_bwd_kernel)[(B * G,)](
         xc, xdc, w, b, _mask_arg(mask, xc), stats.contiguous(),
         g_y.contiguous() if has_gy else xc,
         g_ydot.contiguous() if has_gyd else xc,

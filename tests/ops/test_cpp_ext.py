@@ -478,13 +478,17 @@ def test_unavailable_extension_gives_reason_and_torch_default(monkeypatch):
 
 
 def test_env_backend_reaches_the_kernels(monkeypatch):
-    calls = []
-    real = cpp_ext.gn_silu_dual_fwd
-    monkeypatch.setattr(cpp_ext, "gn_silu_dual_fwd", lambda *a, **k: calls.append(1) or real(*a, **k))
+    """SGFLOW_BACKEND=cpp: the op called is the C++ op itself (seen by the profiler), forward and backward."""
     monkeypatch.setenv("SGFLOW_BACKEND", "cpp")
     x, xd, w, b, _, _ = _inputs((2, 8, 3, 3), 2, dtype=torch.float32)
-    y, _ = groupnorm_silu_dual(x, xd, w, b, 2)
-    assert calls and torch.allclose(y, F.silu(F.group_norm(x, 2, w, b, EPS)), atol=1e-6)
+    x.requires_grad_()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        y, yd = groupnorm_silu_dual(x, xd, w, b, 2)
+        (y.sum() + yd.sum()).backward()
+    names = {e.name for e in prof.events()}
+    assert {"sgflow::gn_silu_dual_fwd", "sgflow::gn_silu_dual_bwd"} <= names, sorted(n for n in names if "sgflow" in n)
+    assert not any(n.endswith("_torch") for n in names if n.startswith("sgflow::"))
+    assert torch.allclose(y, F.silu(F.group_norm(x, 2, w, b, EPS)), atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -73,10 +73,14 @@ the torch backend (:func:`_torch_forward`, :func:`_torch_backward`, chunked over
 """
 from __future__ import annotations
 
+import functools
+from typing import Optional
+
 import torch
 from torch.autograd.function import once_differentiable
 
 from sgflow.ops.backend import autocast_dual, resolve_backend
+from sgflow.ops.library import register_loop_vmap
 
 __all__ = ["attention_dual_ref", "AttentionDual", "attention_dual"]
 
@@ -228,49 +232,140 @@ def _torch_backward(q, k, v, q_dot, k_dot, v_dot, o, o_dot, lse, mu, g, g_dot, s
 
 
 # --------------------------------------------------------------------------------------------------
-# 3. autograd.Function
+# 3. Registered ops (one per kernel entry point and backend) and the autograd.Function
 # --------------------------------------------------------------------------------------------------
-class AttentionDual(torch.autograd.Function):
-    """``(o, o_dot) = AttentionDual.apply(q, k, v, q_dot, k_dot, v_dot, scale, backend)``.
+# ``sgflow::attention_dual_{fwd,bwd}_torch`` (custom ops) and ``..._triton`` (triton ops, registered on
+# first use so that sgflow imports without triton) share one fake implementation; each forward op's
+# autograd formula is its backward op, so each is differentiable on its own and opaque to
+# torch.compile. ``triton_op`` infers schemas from annotations and cannot return None, so all the
+# backward ops return empty tangent gradients where ``g_o_dot`` is None; :func:`_backward` maps them
+# back to None.
+Tensor = torch.Tensor
+OptTensor = Optional[torch.Tensor]
 
-    Saves the six inputs, the two outputs ([B, H, Nq, Dv], needed for the row scalars alpha and
-    delta) and the per-row statistics lse and mu ([B, H, Nq]); P ([Nq, Nk] per head) is recomputed
-    blockwise in backward. ``backend`` is ``"torch"`` or ``"triton"``. Either output gradient may
-    be None; the tangent inputs then get None when ``o_dot`` has no gradient. Not twice
-    differentiable (double backward raises).
+
+def _fwd_fake(q, k, v, q_dot, k_dot, v_dot, scale):
+    b, h, n_q, _ = q.shape
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    o = q.new_empty((b, h, n_q, v.shape[-1]))
+    return o, torch.empty_like(o), q.new_empty((b, h, n_q), dtype=cdt), q.new_empty((b, h, n_q), dtype=cdt)
+
+
+def _bwd_fake(q, k, v, q_dot, k_dot, v_dot, o, o_dot, lse, mu, g_o, g_o_dot, scale):
+    if g_o_dot is None:
+        return tuple(t.new_empty(t.shape) for t in (q, k, v)) + tuple(q.new_empty(0) for _ in range(3))
+    return tuple(t.new_empty(t.shape) for t in (q, k, v, q_dot, k_dot, v_dot))
+
+
+def _empty_for_none(grads, q):
+    return tuple(q.new_empty(0) if g is None else g for g in grads)
+
+
+@torch.library.custom_op("sgflow::attention_dual_fwd_torch", mutates_args=())
+def _fwd_torch_op(q: Tensor, k: Tensor, v: Tensor, q_dot: Tensor, k_dot: Tensor, v_dot: Tensor,
+                  scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _torch_forward(q, k, v, q_dot, k_dot, v_dot, scale)
+
+
+@torch.library.custom_op("sgflow::attention_dual_bwd_torch", mutates_args=())
+def _bwd_torch_op(q: Tensor, k: Tensor, v: Tensor, q_dot: Tensor, k_dot: Tensor, v_dot: Tensor, o: Tensor,
+                  o_dot: Tensor, lse: Tensor, mu: Tensor, g_o: OptTensor, g_o_dot: OptTensor,
+                  scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = _torch_backward(q, k, v, q_dot, k_dot, v_dot, o, o_dot, lse, mu, g_o, g_o_dot, scale)
+    return _empty_for_none(grads, q)
+
+
+def _setup_context(ctx, inputs, output):
+    *_, scale = inputs
+    ctx.save_for_backward(*inputs[:6], *output)
+    ctx.mark_non_differentiable(output[2], output[3])
+    ctx.scale = scale
+
+
+def _op_autograd(bwd_op):
+    def backward(ctx, g_o, g_o_dot, _g_lse, _g_mu):
+        q, k, v, q_dot, k_dot, v_dot, o, o_dot, lse, mu = ctx.saved_tensors
+        grads = bwd_op(q, k, v, q_dot, k_dot, v_dot, o, o_dot, lse, mu, g_o, g_o_dot, ctx.scale)
+        return (*grads, None)
+
+    return backward
+
+
+_fwd_torch_op.register_fake(_fwd_fake)
+_bwd_torch_op.register_fake(_bwd_fake)
+_fwd_torch_op.register_autograd(_op_autograd(_bwd_torch_op), setup_context=_setup_context)
+register_loop_vmap(_fwd_torch_op)
+register_loop_vmap(_bwd_torch_op)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_ops():
+    """Register the Triton launchers as ``sgflow::attention_dual_{fwd,bwd}_triton`` (on first use)."""
+    from sgflow_kernels import attention as K
+
+    @torch.library.triton_op("sgflow::attention_dual_fwd_triton", mutates_args=())
+    def fwd(q: Tensor, k: Tensor, v: Tensor, q_dot: Tensor, k_dot: Tensor, v_dot: Tensor,
+            scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return K.attention_dual_fwd(q, k, v, q_dot, k_dot, v_dot, scale)
+
+    @torch.library.triton_op("sgflow::attention_dual_bwd_triton", mutates_args=())
+    def bwd(q: Tensor, k: Tensor, v: Tensor, q_dot: Tensor, k_dot: Tensor, v_dot: Tensor, o: Tensor,
+            o_dot: Tensor, lse: Tensor, mu: Tensor, g_o: OptTensor, g_o_dot: OptTensor,
+            scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        grads = K.attention_dual_bwd(q, k, v, q_dot, k_dot, v_dot, o, o_dot, lse, mu, g_o, g_o_dot, scale)
+        return _empty_for_none(grads, q)
+
+    fwd.register_autograd(_op_autograd(bwd), setup_context=_setup_context)
+    register_loop_vmap(fwd)
+    register_loop_vmap(bwd)
+    return torch.ops.sgflow
+
+
+def _ops(backend: str):
+    """(forward op, backward op) of a backend ("torch" or "triton")."""
+    if backend == "triton":
+        ns = _triton_ops()
+        return ns.attention_dual_fwd_triton, ns.attention_dual_bwd_triton
+    return torch.ops.sgflow.attention_dual_fwd_torch, torch.ops.sgflow.attention_dual_bwd_torch
+
+
+def _backward(backend, q, k, v, q_dot, k_dot, v_dot, o, o_dot, lse, mu, g_o, g_o_dot, scale):
+    """``(dq, dk, dv, dq_dot, dk_dot, dv_dot)``; the tangent gradients are None when ``g_o_dot`` is None."""
+    grads = _ops(backend)[1](q, k, v, q_dot, k_dot, v_dot, o, o_dot, lse, mu, g_o, g_o_dot, scale)
+    return grads[:3] + ((None,) * 3 if g_o_dot is None else tuple(grads[3:]))
+
+
+class AttentionDual(torch.autograd.Function):
+    """``(o, o_dot, lse, mu) = AttentionDual.apply(q, k, v, q_dot, k_dot, v_dot, scale, backend)``.
+
+    Runs the backend's registered forward op; saves the six inputs, the two outputs ([B, H, Nq, Dv],
+    needed for the row scalars alpha and delta) and the per-row statistics lse and mu ([B, H, Nq], not
+    differentiable); P ([Nq, Nk] per head) is recomputed blockwise in backward. ``backend`` is
+    ``"torch"`` or ``"triton"``. Either output gradient may be None; the tangent inputs then get None
+    when ``o_dot`` has no gradient. Not twice differentiable (double backward raises).
+    ``torch.func.vmap`` runs through it (the ops' vmap rules loop over the vmapped dim).
     """
 
-    @staticmethod
-    def forward(ctx, q, k, v, q_dot, k_dot, v_dot, scale, backend):
-        if backend == "triton":
-            from sgflow_kernels.attention import attention_dual_fwd
+    generate_vmap_rule = True
 
-            o, o_dot, lse, mu = attention_dual_fwd(q, k, v, q_dot, k_dot, v_dot, scale)
-        else:
-            o, o_dot, lse, mu = _torch_forward(q, k, v, q_dot, k_dot, v_dot, scale)
-        ctx.save_for_backward(q, k, v, q_dot, k_dot, v_dot, o, o_dot, lse, mu)
-        ctx.scale = scale
-        ctx.backend = backend
+    @staticmethod
+    def forward(q, k, v, q_dot, k_dot, v_dot, scale, backend):
+        return _ops(backend)[0](q, k, v, q_dot, k_dot, v_dot, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:6], *output)
+        ctx.mark_non_differentiable(output[2], output[3])
+        ctx.scale, ctx.backend = inputs[6], inputs[7]
         # None gradients let backward skip the work for an unused output.
         ctx.set_materialize_grads(False)
-        return o, o_dot
 
     @staticmethod
     @once_differentiable  # lse/mu are saved without a graph, so a double backward would be wrong
-    def backward(ctx, g_o, g_o_dot):
+    def backward(ctx, g_o, g_o_dot, _g_lse, _g_mu):
         if g_o is None and g_o_dot is None:
             return (None,) * 8
-        q, k, v, q_dot, k_dot, v_dot, o, o_dot, lse, mu = ctx.saved_tensors
-        if ctx.backend == "triton":
-            from sgflow_kernels.attention import attention_dual_bwd
-
-            grads = attention_dual_bwd(
-                q, k, v, q_dot, k_dot, v_dot, o, o_dot, lse, mu, g_o, g_o_dot, ctx.scale
-            )
-        else:
-            grads = _torch_backward(
-                q, k, v, q_dot, k_dot, v_dot, o, o_dot, lse, mu, g_o, g_o_dot, ctx.scale
-            )
+        grads = _backward(ctx.backend, *ctx.saved_tensors, g_o, g_o_dot, ctx.scale)
         return (*grads, None, None)
 
 
@@ -335,4 +430,4 @@ def attention_dual(q, k, v, q_dot, k_dot, v_dot, scale=None, backend=None):
     chosen = resolve_backend(q, backend)
     if chosen == "cuda":
         chosen = "triton"
-    return AttentionDual.apply(q, k, v, q_dot, k_dot, v_dot, scale, chosen)
+    return AttentionDual.apply(q, k, v, q_dot, k_dot, v_dot, scale, chosen)[:2]

@@ -4,7 +4,7 @@ Importing ``sgflow._C`` (a Python extension module) loads the library, whose ``T
 registers the ops ``torch.ops.sgflow.gn_silu_dual_{fwd,fwd_out,bwd,bwd_out}`` with CPU kernels, and
 CUDA kernels too when it was built with CUDA. :func:`load` does that once, lazily, and adds the ops'
 fake (meta) implementations so ``torch.library.opcheck``, ``torch.compile`` and ``FakeTensorMode`` can
-trace them; load the extension through this module, not by importing ``sgflow._C`` directly.
+trace them, and the forward's autograd formula (the backward op); load the extension through this module, not by importing ``sgflow._C`` directly.
 
 The extension is optional: where it was not built (no C++ compiler at install, ``SGFLOW_BUILD_CPP=0``)
 or does not import (torch upgraded since the build), :func:`available` is False, :func:`reason` says
@@ -120,29 +120,18 @@ def gn_silu_dual_bwd(x, x_dot, weight, bias, stats, g_y, g_ydot, num_groups: int
 
 
 # ----------------------------------------------------------------------------------------------------
-# fake implementations (shapes and dtypes only) for tracing
+# fake implementations (shapes and dtypes only, for tracing) and autograd: the torch backend's, same schemas
 # ----------------------------------------------------------------------------------------------------
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _register_fakes() -> None:
-    @torch.library.register_fake("sgflow::gn_silu_dual_fwd")
-    def _fwd_fake(x, x_dot, weight, bias, num_groups, eps, mask=None, drop_scale=1.0):
-        stats = x.new_empty((4, x.shape[0], num_groups), dtype=_acc(x.dtype))
-        return x.new_empty(x.shape), x.new_empty(x.shape), stats
+    from sgflow.ops import groupnorm_silu as gs
 
-    @torch.library.register_fake("sgflow::gn_silu_dual_fwd_out")
-    def _fwd_out_fake(x, x_dot, weight, bias, num_groups, eps, mask, drop_scale, out):
-        return x.new_empty((4, x.shape[0], num_groups), dtype=_acc(x.dtype))
+    for name, fake in (("gn_silu_dual_fwd", gs._fwd_fake), ("gn_silu_dual_fwd_out", gs._fwd_out_fake),
+                       ("gn_silu_dual_bwd", gs._bwd_fake), ("gn_silu_dual_bwd_out", gs._bwd_out_fake)):
+        torch.library.register_fake(f"sgflow::{name}", fake)
+    # The forward's autograd formula is its backward op, as for the torch and Triton twins.
+    torch.library.register_autograd("sgflow::gn_silu_dual_fwd", gs._fwd_autograd(torch.ops.sgflow.gn_silu_dual_bwd),
+                                    setup_context=gs._fwd_setup_context)
+    from sgflow.ops.library import register_loop_vmap
 
-    @torch.library.register_fake("sgflow::gn_silu_dual_bwd")
-    def _bwd_fake(x, x_dot, weight, bias, stats, g_y, g_y_dot, num_groups, mask=None, drop_scale=1.0):
-        C = x.shape[1]
-        g_xd = x.new_empty(x.shape) if g_y_dot is not None else None
-        return x.new_empty(x.shape), g_xd, x.new_empty((C,), dtype=_acc(x.dtype)), x.new_empty((C,), dtype=_acc(x.dtype))
-
-    @torch.library.register_fake("sgflow::gn_silu_dual_bwd_out")
-    def _bwd_out_fake(x, x_dot, weight, bias, stats, g_y, g_y_dot, num_groups, mask, drop_scale, out):
-        C = x.shape[1]
-        return x.new_empty((C,), dtype=_acc(x.dtype)), x.new_empty((C,), dtype=_acc(x.dtype))
+    register_loop_vmap("sgflow::gn_silu_dual_fwd")
+    register_loop_vmap("sgflow::gn_silu_dual_bwd")

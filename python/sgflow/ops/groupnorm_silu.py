@@ -34,13 +34,15 @@ for fp16/bf16/fp32 inputs and fp64 for fp64 inputs; all arithmetic runs in that 
 """
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from typing import Optional, Sequence
 
 import torch
 from torch.autograd.function import once_differentiable
 import torch.nn.functional as F
 
 from sgflow.ops.backend import autocast_dual, resolve_backend
+from sgflow.ops.library import register_loop_vmap
 
 __all__ = [
     "groupnorm_silu_dual_ref",
@@ -309,38 +311,192 @@ def _gn_silu_dual_bwd_chunk(x, x_dot, weight, bias, stats, g_y, g_ydot, num_grou
 
 
 # ----------------------------------------------------------------------------------------------------
-# backend dispatch (the Triton module and the C++ extension are imported only here, lazily)
+# registered ops: one torch.library op per kernel entry point and backend
 # ----------------------------------------------------------------------------------------------------
-def _fwd(backend, x, x_dot, weight, bias, num_groups, eps, mask=None, drop_scale=1.0, out=None):
-    if backend in ("cpp", "cuda"):  # sgflow._C: the same contract as the torch backend, `out` included
-        from sgflow.ops import cpp_ext
+# The same schemas as the C++ ops of csrc/sgflow_ops.cpp (``sgflow::gn_silu_dual_{fwd,fwd_out,bwd,bwd_out}``,
+# CPU and CUDA kernels): the torch backend registers ``..._torch`` twins as custom ops, the Triton kernels
+# ``..._triton`` twins as triton ops (registered on first use, so that sgflow imports without triton).
+# The fake (shape-only) implementations are shared by all three, and each non-mutating forward op gets
+# an autograd formula (its backward op), so that every one of them is differentiable on its own and
+# opaque to torch.compile. The `_out` variants write into a caller's stacked [2B, ...] buffer (the
+# GN-SiLU-conv stage's convolution input); they mutate, so they have no autograd formula.
+_FWD_SCHEMA = ("(Tensor x, Tensor x_dot, Tensor? weight, Tensor? bias, int num_groups, float eps, "
+               "Tensor? mask=None, float drop_scale=1.0) -> (Tensor y, Tensor y_dot, Tensor stats)")
+_FWD_OUT_SCHEMA = ("(Tensor x, Tensor x_dot, Tensor? weight, Tensor? bias, int num_groups, float eps, "
+                   "Tensor? mask, float drop_scale, Tensor(a!) out) -> Tensor stats")
+_BWD_SCHEMA = ("(Tensor x, Tensor x_dot, Tensor? weight, Tensor? bias, Tensor stats, Tensor? g_y, "
+               "Tensor? g_y_dot, int num_groups, Tensor? mask=None, float drop_scale=1.0) "
+               "-> (Tensor g_x, Tensor? g_x_dot, Tensor g_weight, Tensor g_bias)")
+_BWD_OUT_SCHEMA = ("(Tensor x, Tensor x_dot, Tensor? weight, Tensor? bias, Tensor stats, Tensor? g_y, "
+                   "Tensor? g_y_dot, int num_groups, Tensor? mask, float drop_scale, Tensor(a!) out) "
+                   "-> (Tensor g_weight, Tensor g_bias)")
 
-        return cpp_ext.gn_silu_dual_fwd(x, x_dot, weight, bias, num_groups, eps, mask=mask,
-                                        drop_scale=drop_scale, out=out)
+
+Tensor = torch.Tensor
+OptTensor = Optional[torch.Tensor]
+
+
+def _fwd_fake(x, x_dot, weight, bias, num_groups, eps, mask=None, drop_scale=1.0):
+    stats = x.new_empty((4, x.shape[0], num_groups), dtype=_acc_dtype(x.dtype))
+    return x.new_empty(x.shape), x.new_empty(x.shape), stats
+
+
+def _fwd_out_fake(x, x_dot, weight, bias, num_groups, eps, mask, drop_scale, out):
+    return x.new_empty((4, x.shape[0], num_groups), dtype=_acc_dtype(x.dtype))
+
+
+def _bwd_fake(x, x_dot, weight, bias, stats, g_y, g_y_dot, num_groups, mask=None, drop_scale=1.0):
+    C, acc = x.shape[1], _acc_dtype(x.dtype)
+    g_xd = x.new_empty(x.shape) if g_y_dot is not None else None
+    return x.new_empty(x.shape), g_xd, x.new_empty((C,), dtype=acc), x.new_empty((C,), dtype=acc)
+
+
+def _bwd_out_fake(x, x_dot, weight, bias, stats, g_y, g_y_dot, num_groups, mask, drop_scale, out):
+    C, acc = x.shape[1], _acc_dtype(x.dtype)
+    return x.new_empty((C,), dtype=acc), x.new_empty((C,), dtype=acc)
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    x, x_dot, weight, bias, num_groups, _eps, mask, drop_scale = inputs
+    ctx.save_for_backward(x, x_dot, weight, bias, output[2], mask)
+    ctx.num_groups, ctx.drop_scale = num_groups, drop_scale
+
+
+def _fwd_autograd(bwd_op):
+    """The autograd formula of a forward op: its backward op (gradients of x, x_dot, weight, bias)."""
+
+    def backward(ctx, g_y, g_ydot, _g_stats):
+        x, x_dot, weight, bias, stats, mask = ctx.saved_tensors
+        g_x, g_xd, g_w, g_b = bwd_op(x, x_dot, weight, bias, stats, g_y, g_ydot, ctx.num_groups, mask,
+                                     ctx.drop_scale)
+        need = ctx.needs_input_grad
+        return (g_x if need[0] else None, g_xd if need[1] else None, _param_grad(g_w, weight, need[2]),
+                _param_grad(g_b, bias, need[3]), None, None, None, None)
+
+    return backward
+
+
+@torch.library.custom_op("sgflow::gn_silu_dual_fwd_torch", mutates_args=(), schema=_FWD_SCHEMA)
+def _gn_fwd_torch_op(x, x_dot, weight, bias, num_groups, eps, mask=None, drop_scale=1.0):
+    return _gn_silu_dual_fwd_torch(x, x_dot, weight, bias, num_groups, eps, mask=mask, drop_scale=drop_scale)
+
+
+@torch.library.custom_op("sgflow::gn_silu_dual_fwd_out_torch", mutates_args=("out",), schema=_FWD_OUT_SCHEMA)
+def _gn_fwd_out_torch_op(x, x_dot, weight, bias, num_groups, eps, mask, drop_scale, out):
+    return _gn_silu_dual_fwd_torch(x, x_dot, weight, bias, num_groups, eps, mask=mask, drop_scale=drop_scale,
+                                   out=out)[2]
+
+
+@torch.library.custom_op("sgflow::gn_silu_dual_bwd_torch", mutates_args=(), schema=_BWD_SCHEMA)
+def _gn_bwd_torch_op(x, x_dot, weight, bias, stats, g_y, g_y_dot, num_groups, mask=None, drop_scale=1.0):
+    return _gn_silu_dual_bwd_torch(x, x_dot, weight, bias, stats, g_y, g_y_dot, num_groups, mask=mask,
+                                   drop_scale=drop_scale)
+
+
+@torch.library.custom_op("sgflow::gn_silu_dual_bwd_out_torch", mutates_args=("out",), schema=_BWD_OUT_SCHEMA)
+def _gn_bwd_out_torch_op(x, x_dot, weight, bias, stats, g_y, g_y_dot, num_groups, mask, drop_scale, out):
+    return _gn_silu_dual_bwd_torch(x, x_dot, weight, bias, stats, g_y, g_y_dot, num_groups, mask=mask,
+                                   drop_scale=drop_scale, out=out)[2:]
+
+
+for _op, _fake in ((_gn_fwd_torch_op, _fwd_fake), (_gn_fwd_out_torch_op, _fwd_out_fake),
+                   (_gn_bwd_torch_op, _bwd_fake), (_gn_bwd_out_torch_op, _bwd_out_fake)):
+    _op.register_fake(_fake)
+_gn_fwd_torch_op.register_autograd(_fwd_autograd(torch.ops.sgflow.gn_silu_dual_bwd_torch),
+                                   setup_context=_fwd_setup_context)
+for _op in (_gn_fwd_torch_op, _gn_bwd_torch_op):
+    register_loop_vmap(_op)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_ops():
+    """Register the Triton launchers as ``sgflow::gn_silu_dual_{fwd,fwd_out,bwd}_triton`` (on first use).
+
+    ``triton_op`` infers its schema from annotations (it ignores ``schema=`` in torch 2.13; the module
+    aliases ``Tensor``/``OptTensor`` keep them resolvable under postponed annotations) and cannot
+    return None: ``gn_silu_dual_bwd_triton`` returns an empty ``g_x_dot`` when ``g_y_dot`` is None, which
+    :func:`_bwd` maps back to None.
+    """
+    from sgflow_kernels import groupnorm_silu as K
+
+    @torch.library.triton_op("sgflow::gn_silu_dual_fwd_triton", mutates_args=())
+    def fwd(x: Tensor, x_dot: Tensor, weight: OptTensor, bias: OptTensor, num_groups: int, eps: float,
+            mask: OptTensor = None, drop_scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+        return K.groupnorm_silu_dual_fwd(x, x_dot, weight, bias, num_groups, eps, mask=mask, drop_scale=drop_scale)
+
+    @torch.library.triton_op("sgflow::gn_silu_dual_fwd_out_triton", mutates_args=("out",))
+    def fwd_out(x: Tensor, x_dot: Tensor, weight: OptTensor, bias: OptTensor, num_groups: int, eps: float,
+                mask: OptTensor, drop_scale: float, out: Tensor) -> Tensor:
+        return K.groupnorm_silu_dual_fwd(x, x_dot, weight, bias, num_groups, eps, mask=mask, drop_scale=drop_scale,
+                                         out=out)[2]
+
+    @torch.library.triton_op("sgflow::gn_silu_dual_bwd_triton", mutates_args=())
+    def bwd(x: Tensor, x_dot: Tensor, weight: OptTensor, bias: OptTensor, stats: Tensor, g_y: OptTensor,
+            g_y_dot: OptTensor, num_groups: int, mask: OptTensor = None,
+            drop_scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        g_x, g_xd, g_w, g_b = K.groupnorm_silu_dual_bwd(x, x_dot, weight, bias, stats, g_y, g_y_dot, num_groups,
+                                                        mask=mask, drop_scale=drop_scale)
+        return g_x, (g_xd if g_xd is not None else x.new_empty(0)), g_w, g_b
+
+    fwd.register_autograd(_fwd_autograd(_bwd_none(torch.ops.sgflow.gn_silu_dual_bwd_triton)),
+                          setup_context=_fwd_setup_context)
+    register_loop_vmap(fwd)
+    register_loop_vmap(bwd)
+    return torch.ops.sgflow
+
+
+def _bwd_none(op):
+    """A Triton backward op with None for the empty ``g_x_dot`` it returns when ``g_y_dot`` is None."""
+
+    def call(x, x_dot, weight, bias, stats, g_y, g_ydot, *rest):
+        g_x, g_xd, g_w, g_b = op(x, x_dot, weight, bias, stats, g_y, g_ydot, *rest)
+        return g_x, (g_xd if g_ydot is not None else None), g_w, g_b
+
+    return call
+
+
+@functools.lru_cache(maxsize=None)
+def _cpp_ops():
+    """The C++ ops of sgflow._C (loaded on first use; cpp_ext adds their fakes and autograd formula)."""
+    from sgflow.ops import cpp_ext
+
+    if cpp_ext.load() is None:
+        raise RuntimeError(cpp_ext.reason())
+    return torch.ops.sgflow
+
+
+def ops_for(backend: str):
+    """``(fwd, fwd_out, bwd, bwd_out)``: the registered ops of one backend (``bwd_out`` None for Triton,
+    whose kernels are not checked on a GPU for writing over their own inputs)."""
+    if backend in ("cpp", "cuda"):
+        ns = _cpp_ops()
+        return ns.gn_silu_dual_fwd, ns.gn_silu_dual_fwd_out, ns.gn_silu_dual_bwd, ns.gn_silu_dual_bwd_out
     if backend == "triton":
-        from sgflow_kernels.groupnorm_silu import groupnorm_silu_dual_fwd
+        ns = _triton_ops()
+        return ns.gn_silu_dual_fwd_triton, ns.gn_silu_dual_fwd_out_triton, _bwd_none(ns.gn_silu_dual_bwd_triton), None
+    ns = torch.ops.sgflow
+    return ns.gn_silu_dual_fwd_torch, ns.gn_silu_dual_fwd_out_torch, ns.gn_silu_dual_bwd_torch, ns.gn_silu_dual_bwd_out_torch
 
-        return groupnorm_silu_dual_fwd(x, x_dot, weight, bias, num_groups, eps, mask=mask,
-                                       drop_scale=drop_scale, out=out)
-    return _gn_silu_dual_fwd_torch(x, x_dot, weight, bias, num_groups, eps, mask=mask,
-                                   drop_scale=drop_scale, out=out)
+
+def _fwd(backend, x, x_dot, weight, bias, num_groups, eps, mask=None, drop_scale=1.0, out=None):
+    """(y, y_dot, stats) by the registered ops of ``backend``; with ``out`` ([2B, ...], contiguous) y and
+    y_dot are its halves."""
+    fwd, fwd_out, _, _ = ops_for(backend)
+    if out is None:
+        return fwd(x, x_dot, weight, bias, num_groups, eps, mask, drop_scale)
+    stats = fwd_out(x, x_dot, weight, bias, num_groups, eps, mask, drop_scale, out)
+    B = x.shape[0]
+    return out[:B], out[B:], stats
 
 
 def _bwd(backend, x, x_dot, weight, bias, stats, g_y, g_ydot, num_groups, mask=None, drop_scale=1.0, out=None):
-    """``out``: see :func:`_gn_silu_dual_bwd_torch`; honoured by the torch and C++ backends (the Triton
-    kernels are not checked on a GPU for writing over their own inputs, so they always allocate)."""
-    if backend in ("cpp", "cuda"):
-        from sgflow.ops import cpp_ext
-
-        return cpp_ext.gn_silu_dual_bwd(x, x_dot, weight, bias, stats, g_y, g_ydot, num_groups, mask=mask,
-                                        drop_scale=drop_scale, out=out)
-    if backend == "triton":
-        from sgflow_kernels.groupnorm_silu import groupnorm_silu_dual_bwd
-
-        return groupnorm_silu_dual_bwd(x, x_dot, weight, bias, stats, g_y, g_ydot, num_groups,
-                                       mask=mask, drop_scale=drop_scale)
-    return _gn_silu_dual_bwd_torch(x, x_dot, weight, bias, stats, g_y, g_ydot, num_groups,
-                                   mask=mask, drop_scale=drop_scale, out=out)
+    """(g_x, g_xdot, g_weight, g_bias); ``out``: see :func:`_gn_silu_dual_bwd_torch`, ignored by Triton."""
+    _, _, bwd, bwd_out = ops_for(backend)
+    if out is None or bwd_out is None:
+        return bwd(x, x_dot, weight, bias, stats, g_y, g_ydot, num_groups, mask, drop_scale)
+    g_w, g_b = bwd_out(x, x_dot, weight, bias, stats, g_y, g_ydot, num_groups, mask, drop_scale, out)
+    B = x.shape[0]
+    return out[:B], (out[B:] if g_ydot is not None else None), g_w, g_b
 
 
 def _param_grad(g: torch.Tensor, p: torch.Tensor | None, needed: bool):
@@ -351,25 +507,33 @@ def _param_grad(g: torch.Tensor, p: torch.Tensor | None, needed: bool):
 # 3. GroupNorm -> SiLU Function
 # ----------------------------------------------------------------------------------------------------
 class GroupNormSiLUDual(torch.autograd.Function):
-    """(x, x_dot, weight, bias) -> (y, y_dot) = dual silu(group_norm(x)), y and y_dot [B, C, *spatial].
+    """(x, x_dot, weight, bias, num_groups, eps, backend) -> (y, y_dot, stats): dual silu(group_norm(x)),
+    y and y_dot [B, C, *spatial], stats [4, B, G] (not differentiable) by the backend's registered ops.
 
-    Saves x, x_dot, weight, bias and the [4, B, G] statistics; backward recomputes everything else.
+    Saves x, x_dot, weight, bias and the statistics; backward recomputes everything else.
     Both outputs are fresh tensors (not views), so they may be modified in place downstream.
+    ``torch.func.vmap`` runs through it (the ops' vmap rules loop over the vmapped dim).
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x, x_dot, weight, bias, num_groups: int, eps: float, backend: str):
-        y, y_dot, stats = _fwd(backend, x, x_dot, weight, bias, num_groups, eps)
-        ctx.save_for_backward(x, x_dot, weight, bias, stats)
+    def forward(x, x_dot, weight, bias, num_groups: int, eps: float, backend: str):
+        return _fwd(backend, x, x_dot, weight, bias, num_groups, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, x_dot, weight, bias, num_groups, _eps, backend = inputs
+        ctx.save_for_backward(x, x_dot, weight, bias, output[2])
+        ctx.mark_non_differentiable(output[2])
         ctx.num_groups = num_groups
         ctx.backend = backend
         # Let backward see which output actually received a gradient (skip the tangent terms if not).
         ctx.set_materialize_grads(False)
-        return y, y_dot
 
     @staticmethod
     @once_differentiable  # the group statistics are saved without a graph
-    def backward(ctx, g_y, g_ydot):
+    def backward(ctx, g_y, g_ydot, _g_stats):
         x, x_dot, weight, bias, stats = ctx.saved_tensors
         if g_y is None and g_ydot is None:
             return (None,) * 7
@@ -391,14 +555,15 @@ class GNSiLUConvDual(torch.autograd.Function):
     """The stage conv2d(dropout(silu(group_norm(x)))) in primal + tangent form, as one Function.
 
     forward(x, x_dot, gn_weight, gn_bias, conv_weight, conv_bias, num_groups, eps, padding,
-    dropout_mask, drop_scale, backend) -> (y, y_dot)
+    dropout_mask, drop_scale, backend) -> (y, y_dot, stats)
 
     - x, x_dot: [B, C, H, W]; gn_weight, gn_bias: [C] or None; conv_weight [Cout, C, k, k];
       conv_bias [Cout] or None; padding: (ph, pw); dropout_mask: bool [B, C, H, W] or None (shared
       by both streams, kept values scaled by drop_scale = 1/(1-p)).
     - The activation is built as ONE stacked [2B, C, H, W] tensor (primal first) so the convolution
       runs once; conv bias is added to the primal half only (the tangent of a bias is zero).
-    - Returns y, y_dot [B, Cout, H', W'] as the two halves (views) of one [2B, Cout, H', W'] buffer:
+    - Returns y, y_dot [B, Cout, H', W'] as the two halves (views) of one [2B, Cout, H', W'] buffer
+      (and the [4, B, G] statistics, not differentiable):
       no copy, but autograd forbids modifying them in place (views created in a custom Function).
     - Saves only x, x_dot, the parameters, the [4, B, G] statistics and the bool mask; backward
       recomputes the stacked activation, gets the conv input/weight gradients in one
@@ -406,7 +571,7 @@ class GNSiLUConvDual(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, x_dot, gn_weight, gn_bias, conv_weight, conv_bias, num_groups: int, eps: float,
+    def forward(x, x_dot, gn_weight, gn_bias, conv_weight, conv_bias, num_groups: int, eps: float,
                 padding: tuple[int, int], dropout_mask, drop_scale: float, backend: str):
         B = x.shape[0]
         act = x.new_empty((2 * B, *x.shape[1:]))
@@ -419,18 +584,23 @@ class GNSiLUConvDual(torch.autograd.Function):
         del act
         if conv_bias is not None:
             out[:B] += conv_bias.view(1, -1, 1, 1)
-        ctx.save_for_backward(x, x_dot, gn_weight, gn_bias, conv_weight, conv_bias, stats, dropout_mask)
+        return out[:B], out[B:], stats
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, x_dot, gn_weight, gn_bias, conv_weight, conv_bias, num_groups, eps, padding, mask, drop_scale, backend = inputs
+        ctx.save_for_backward(x, x_dot, gn_weight, gn_bias, conv_weight, conv_bias, output[2], mask)
+        ctx.mark_non_differentiable(output[2])
         ctx.num_groups = num_groups
         ctx.eps = eps
         ctx.padding = padding
         ctx.drop_scale = drop_scale
         ctx.backend = backend
         ctx.set_materialize_grads(False)
-        return out[:B], out[B:]
 
     @staticmethod
     @once_differentiable  # the group statistics are saved without a graph
-    def backward(ctx, g_y, g_ydot):
+    def backward(ctx, g_y, g_ydot, _g_stats):
         x, x_dot, gn_w, gn_b, conv_w, conv_b, stats, mask = ctx.saved_tensors
         need = ctx.needs_input_grad
         if g_y is None and g_ydot is None:
@@ -551,7 +721,7 @@ def groupnorm_silu_dual(
     """
     _validate(x, x_dot, weight, bias, num_groups)
     be = _op_backend(x, backend)
-    return GroupNormSiLUDual.apply(x, x_dot, weight, bias, num_groups, float(eps), be)
+    return GroupNormSiLUDual.apply(x, x_dot, weight, bias, num_groups, float(eps), be)[:2]
 
 
 def make_dropout_mask(shape: Sequence[int], p: float, device=None,
@@ -642,4 +812,4 @@ def gn_silu_conv_dual(
         drop_scale = 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
     be = _op_backend(x, backend)
     return GNSiLUConvDual.apply(x, x_dot, gn_weight, gn_bias, conv_weight, conv_bias, num_groups, float(eps),
-                                pad, mask, drop_scale, be)
+                                pad, mask, drop_scale, be)[:2]

@@ -1,0 +1,38 @@
+"""Helpers shared by the registered ``sgflow::`` ops (torch.library).
+
+:func:`register_loop_vmap` gives an op a ``torch.func.vmap`` rule that runs it once per vmapped index
+and stacks the results: correct for any op (each call is the op itself), linear in the vmapped size.
+The dual ops are whole-tensor kernels (one launch per layer), so vmapping over them is a convenience for
+``torch.func`` composition (per-sample gradients, ensembles), not a fast path.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["register_loop_vmap"]
+
+
+def register_loop_vmap(op) -> None:
+    """Register a vmap rule for ``op`` (a custom op or an ``OpOverload``) that loops over the vmapped dim.
+
+    Outputs that are None in every call stay None (not batched).
+    """
+    fn = op
+    if isinstance(op, str):  # "namespace::name": an op defined elsewhere (e.g. in C++)
+        ns, name = op.split("::")
+        fn = getattr(getattr(torch.ops, ns), name).default
+
+    def rule(info, in_dims, *args):
+        outs, is_tuple = [], True
+        for i in range(info.batch_size):
+            out = fn(*[a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)])
+            is_tuple = isinstance(out, tuple)
+            outs.append(out if is_tuple else (out,))
+        stacked, dims = [], []
+        for parts in zip(*outs):
+            unbatched = all(p is None for p in parts)
+            stacked.append(None if unbatched else torch.stack(parts))
+            dims.append(None if unbatched else 0)
+        return (tuple(stacked), tuple(dims)) if is_tuple else (stacked[0], dims[0])
+
+    torch.library.register_vmap(op, rule)
