@@ -87,6 +87,11 @@ def _attention_dual_fwd_kernel(
     acc_mu = tl.zeros([BLOCK_M], ACC_DTYPE)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], ACC_DTYPE)
     acc_t = tl.zeros([BLOCK_M, BLOCK_DV], ACC_DTYPE)
+    # The tangent's row-constant part (e.g. q_dot . k_mean for keys with a non-zero mean) cancels in
+    # P (Sd - mu); rounding P Sd to the input dtype before that cancellation loses it (fp16: error x1.9
+    # at key mean 3). So acc_t holds sum_j p_j (Sd_j - c) v_j + p_j vd_j with c the running estimate of
+    # mu, re-centred (in ACC_DTYPE, through acc = sum_j p_j v_j) whenever c moves; at the end c = mu.
+    c_i = tl.zeros([BLOCK_M], ACC_DTYPE)
 
     k_base = bh * N_K * D
     v_base = bh * N_K * DV
@@ -112,21 +117,24 @@ def _attention_dual_fwd_kernel(
         m_new = tl.maximum(m_i, tl.max(s, 1))
         corr = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
-        psd = p * sd
         l_i = l_i * corr + tl.sum(p, 1)
-        acc_mu = acc_mu * corr + tl.sum(psd, 1)
-        acc = acc * corr[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        acc_mu = acc_mu * corr + tl.sum(p * sd, 1)
+        c_new = acc_mu / l_i
+        acc = acc * corr[:, None]
         acc_t = (
             acc_t * corr[:, None]
-            + tl.dot(psd.to(v.dtype), v, input_precision=DOT_PRECISION)
+            - (c_new - c_i)[:, None] * acc
+            + tl.dot((p * (sd - c_new[:, None])).to(v.dtype), v, input_precision=DOT_PRECISION)
             + tl.dot(p.to(vd.dtype), vd, input_precision=DOT_PRECISION)
         )
+        acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        c_i = c_new
         m_i = m_new
 
     o = acc / l_i[:, None]
-    mu = acc_mu / l_i
-    # sum_j P (Sd - mu) v_j + P vd_j = acc_t / l - mu o
-    od = acc_t / l_i[:, None] - mu[:, None] * o
+    mu = c_i  # = acc_mu / l_i after the last block
+    # Od = sum_j P_j (Sd_j - mu) v_j + P_j vd_j = acc_t / l, since c = mu now
+    od = acc_t / l_i[:, None]
     o_offs = bh * N_Q * DV + offs_m[:, None] * DV + offs_dv[None, :]
     o_mask = m_mask[:, None] & dv_mask[None, :]
     tl.store(O_ptr + o_offs, o.to(O_ptr.dtype.element_ty), mask=o_mask)

@@ -15,10 +15,12 @@ Forward
     Od   = Pd V + P Vd
 
 The flash-style forward never forms P: with running row max m, l = sum_j exp(S_ij - m),
-acc = sum_j exp(S_ij - m) v_j, acc_mu = sum_j exp(S_ij - m) Sd_ij and
-acc_t = sum_j exp(S_ij - m) (Sd_ij v_j + vd_j) (all rescaled when m grows) one gets
-O = acc / l, mu = acc_mu / l and Od = acc_t / l - mu O, because sum_j P_ij (Sd_ij - mu_i) v_j =
-sum_j P_ij Sd_ij v_j - mu_i o_i.
+acc = sum_j exp(S_ij - m) v_j, acc_mu = sum_j exp(S_ij - m) Sd_ij (all rescaled when m grows) one
+gets O = acc / l and mu = acc_mu / l. The tangent accumulator is centred by the running estimate
+c_i = acc_mu / l of mu_i: acc_t = sum_j exp(S_ij - m) ((Sd_ij - c_i) v_j + vd_j), shifted by
+-(c_new - c_old) acc whenever c moves, so that after the last block c = mu and Od = acc_t / l.
+Centring before the products are rounded to the input dtype keeps the row-constant part of Sd
+(e.g. q_dot . k_mean for keys with a non-zero mean), which cancels in Pd, out of the rounding.
 
 Backward (derivation)
 ---------------------
