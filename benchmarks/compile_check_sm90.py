@@ -1,6 +1,7 @@
 """Compile the backward kernels for sm_90 without a GPU (Triton's offline compiler and its bundled ptxas):
-the GroupNorm+SiLU dual backward for every dtype and flag combination, and the dual-attention dK/dV and dQ
-kernels at their default tile configs with register/spill counts from ptxas. Catches kernels that the CPU
+the GroupNorm+SiLU dual kernels for every dtype and flag combination, and the dual-attention forward, dK/dV
+and dQ kernels at their default tile configs on every precision path the launchers can take (fp32 with
+tf32x3 / ieee / tf32 dots, fp16, bf16, fp64), with register/spill counts from ptxas. Catches kernels that the CPU
 interpreter accepts but the GPU compiler rejects.
 
     python benchmarks/compile_check_sm90.py            # all variants, with ptxas register/spill counts
@@ -74,19 +75,31 @@ def attention_signature(fn, dtype, consts):
     return sig
 
 
+# Every precision path the attention launchers can take: (pointer dtype, DOT_PRECISION); fp32 uses
+# $SGFLOW_ATTENTION_FP32_PRECISION (default tf32x3, or ieee / tf32); the other dtypes ignore it.
+PRECISIONS = [("fp32", "tf32x3"), ("fp32", "ieee"), ("fp32", "tf32"), ("fp16", "tf32"), ("bf16", "tf32"),
+              ("fp64", "tf32")]
+TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
+
+
+def _acc(dtype):
+    return triton.language.float64 if dtype == "fp64" else triton.language.float32
+
+
 def check_attention(target, quick):
-    torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}
-    dtypes, dims = (["bf16"], [64]) if quick else (["bf16", "fp32"], [64, 128])
+    """dK/dV and dQ kernels: every precision path at D=64 with both cotangents (quick); also D=128 and the
+    single-cotangent variants (full)."""
+    dims = [64] if quick else [64, 128]
     flags = [(True, True)] if quick else [(True, True), (True, False), (False, True)]
-    for dtype, d, kind in itertools.product(dtypes, dims, ["bwd_dkv", "bwd_dq"]):
+    for (dtype, prec), d, kind in itertools.product(PRECISIONS, dims, ["bwd_dkv", "bwd_dq"]):
         fn = A._attention_dual_bwd_dkv_kernel if kind == "bwd_dkv" else A._attention_dual_bwd_dq_kernel
-        bm, bn, warps, stages = A._configs(kind, d, d, torch_dtype[dtype])[0]
+        bm, bn, warps, stages = A._configs(kind, d, d, TORCH_DTYPE[dtype])[0]
         for has_g, has_gd in flags:
             consts = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d, BLOCK_DV=d, HAS_G=has_g, HAS_GD=has_gd,
-                          ACC_DTYPE=triton.language.float32, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+                          ACC_DTYPE=_acc(dtype), DOT_PRECISION=prec)
             k = triton.compile(ASTSource(fn, attention_signature(fn, dtype, consts), constexprs=consts), target=target,
                                options={"num_warps": warps, "num_stages": stages})
-            print(f"{kind} {dtype} D={d} tile {bm}x{bn} G={has_g:d} Gd={has_gd:d}: {ptxas_report(k.asm['ptx'])}")
+            print(f"{kind} {dtype}/{prec} D={d} tile {bm}x{bn} G={has_g:d} Gd={has_gd:d}: {ptxas_report(k.asm['ptx'])}")
 
 
 def check_groupnorm(target, quick):
@@ -106,17 +119,16 @@ def check_groupnorm(target, quick):
 
 
 def check_attention_forward(target):
-    for dtype in ["bf16", "fp32"]:
-        torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-        bm, bn, warps, stages = A._configs("fwd", 64, 64, torch_dtype)[0]
-        consts = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=64, BLOCK_DV=64, ACC_DTYPE=triton.language.float32,
-                      DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+    """Forward and backward-preprocess kernels at D=64, default tiles, every precision path."""
+    for dtype, prec in PRECISIONS:
+        bm, bn, warps, stages = A._configs("fwd", 64, 64, TORCH_DTYPE[dtype])[0]
+        consts = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=64, BLOCK_DV=64, ACC_DTYPE=_acc(dtype), DOT_PRECISION=prec)
         fn = A._attention_dual_fwd_kernel
         k = triton.compile(ASTSource(fn, attention_signature(fn, dtype, consts), constexprs=consts), target=target,
                            options={"num_warps": warps, "num_stages": stages})
-        print(f"fwd {dtype} D=64 tile {bm}x{bn}: {ptxas_report(k.asm['ptx'])}")
+        print(f"fwd {dtype}/{prec} D=64 tile {bm}x{bn}: {ptxas_report(k.asm['ptx'])}")
         fn = A._attention_dual_bwd_preprocess_kernel
-        pre = dict(BLOCK_M=64, BLOCK_DV=64, HAS_G=True, HAS_GD=True, ACC_DTYPE=triton.language.float32)
+        pre = dict(BLOCK_M=64, BLOCK_DV=64, HAS_G=True, HAS_GD=True, ACC_DTYPE=_acc(dtype))
         triton.compile(ASTSource(fn, attention_signature(fn, dtype, pre), constexprs=pre), target=target, options={"num_warps": 4})
 
 
@@ -126,6 +138,7 @@ def main():
     check_groupnorm(target, quick)
     check_attention_forward(target)
     check_attention(target, quick)
+
 
 if __name__ == "__main__":
     main()

@@ -30,4 +30,8 @@ def test_kernels_compile_for_sm90():
                          capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "compiled 32 GroupNorm+SiLU dual kernel variants" in out.stdout
-    assert out.stdout.count("bwd_dkv") == 1 and out.stdout.count("bwd_dq") == 1, out.stdout
+    # Every precision path of the attention launchers, for the forward and both backward kernels.
+    paths = ["fp32/tf32x3", "fp32/ieee", "fp32/tf32", "fp16/tf32", "bf16/tf32", "fp64/tf32"]
+    for kind in ("fwd", "bwd_dkv", "bwd_dq"):
+        for path in paths:
+            assert out.stdout.count(f"{kind} {path} D=64") == 1, (kind, path, out.stdout)

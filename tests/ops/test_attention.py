@@ -1,7 +1,8 @@
 """Dual attention: reference, torch backend and Triton backend against torch.func.jvp + autograd.
 
 Triton runs on CPU tensors through the interpreter (TRITON_INTERPRET=1, set by tests/conftest.py);
-shapes stay small because the interpreter executes programs one by one.
+shapes stay small because the interpreter executes programs one by one. On a GPU machine the same
+Triton cases run compiled on CUDA tensors (references stay on the CPU in float64).
 """
 from __future__ import annotations
 
@@ -15,7 +16,15 @@ from sgflow.testing import dual_grads, jvp_reference, rel_err
 
 HAS_CUDA = torch.cuda.is_available()
 TRITON_CPU = triton_available() and triton_interpreting()
+TRITON_OK = triton_available() and (HAS_CUDA or triton_interpreting())
+TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
+needs_triton = pytest.mark.skipif(not TRITON_OK, reason="needs triton with CUDA or TRITON_INTERPRET=1")
 needs_triton_cpu = pytest.mark.skipif(not TRITON_CPU, reason="needs triton with TRITON_INTERPRET=1")
+
+
+def device_of(backend: str) -> str:
+    """Where a backend's cases run: Triton on the GPU when there is one, else everything on the CPU."""
+    return TRITON_DEVICE if backend == "triton" else "cpu"
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
@@ -75,9 +84,10 @@ def run_dual(backend, dtype, primals, tangents, cotangents, scale=None):
     def fn(q, k, v, qd, kd, vd):
         return attention_dual(q, k, v, qd, kd, vd, scale=scale, backend=backend)
 
-    cast = [t.to(dtype) for t in (*primals, *tangents)]
-    o, od, grads = dual_grads(fn, cast[:3], cast[3:], [], tuple(c.to(dtype) for c in cotangents))
-    return (o, od), grads
+    dev = device_of(backend)
+    cast = [t.to(device=dev, dtype=dtype) for t in (*primals, *tangents)]
+    o, od, grads = dual_grads(fn, cast[:3], cast[3:], [], tuple(c.to(device=dev, dtype=dtype) for c in cotangents))
+    return (o.cpu(), od.cpu()), [None if g is None else g.cpu() for g in grads]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -99,9 +109,9 @@ BACKEND_CASES = [
     for dt in (torch.float64, torch.float32)
     for c in CASE_IDS
 ] + [
-    pytest.param("triton", torch.float64, c, id=f"triton-float64-{c}", marks=needs_triton_cpu) for c in CASE_IDS
+    pytest.param("triton", torch.float64, c, id=f"triton-float64-{c}", marks=needs_triton) for c in CASE_IDS
 ] + [
-    pytest.param("triton", torch.float32, c, id=f"triton-float32-{c}", marks=needs_triton_cpu)
+    pytest.param("triton", torch.float32, c, id=f"triton-float32-{c}", marks=needs_triton)
     for c in ("b2h3n37d16", "cross_nq20_nk33_dv24")
 ]
 
@@ -117,7 +127,7 @@ def test_dual_matches_jvp(backend, dtype, case):
 
 
 SINGLE_CASES = [
-    pytest.param(be, which, id=f"{be}-only_{which}", marks=[needs_triton_cpu] if be == "triton" else [])
+    pytest.param(be, which, id=f"{be}-only_{which}", marks=[needs_triton] if be == "triton" else [])
     for be in ("torch", "triton")
     for which in ("o", "o_dot")
 ]
@@ -133,10 +143,11 @@ def test_single_output_used(backend, which):
     cot = (g, zero) if which == "o" else (zero, g)
     _, _, _, ref_grads = reference(primals, tangents, cotangents=cot)
 
-    leaves = [t.clone().requires_grad_(True) for t in (*primals, *tangents)]
+    leaves = [t.to(device_of(backend)).requires_grad_(True) for t in (*primals, *tangents)]
     o, o_dot = attention_dual(*leaves, backend=backend)
     used = o if which == "o" else o_dot
-    grads = torch.autograd.grad((used * g).sum(), leaves, allow_unused=True)
+    grads = torch.autograd.grad((used * g.to(used.device)).sum(), leaves, allow_unused=True)
+    grads = [None if x is None else x.cpu() for x in grads]
     if which == "o":
         # o does not depend on the tangents at all
         assert all(x is None or x.abs().max() == 0 for x in grads[3:])
@@ -146,7 +157,7 @@ def test_single_output_used(backend, which):
 
 @pytest.mark.parametrize(
     "backend",
-    ["torch", pytest.param("triton", marks=needs_triton_cpu)],
+    ["torch", pytest.param("triton", marks=needs_triton)],
 )
 @pytest.mark.parametrize("scale,gain", [(0.3, 1.0), (None, 12.0)], ids=["scale0.3", "peaky_logits"])
 def test_scale_and_peaky_softmax(backend, scale, gain):
@@ -168,7 +179,7 @@ def test_torch_backend_row_chunks(monkeypatch):
     assert_close_all(out, (y, y_dot), grads, ref_grads, 1e-10, "chunked")
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton_cpu)])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 def test_non_contiguous_inputs(backend):
     """q, k, v sliced out of a fused [B, N, 3, H, D] projection (the usual layout) work as is."""
     b, h, n, d = 1, 2, 21, 16
@@ -183,18 +194,18 @@ def test_non_contiguous_inputs(backend):
     assert_close_all(out, (y, y_dot), grads, ref_grads, 1e-10, f"{backend} non-contiguous")
 
 
-@needs_triton_cpu
+@needs_triton
 @pytest.mark.parametrize("block_m,block_n", [(32, 16), (16, 64)], ids=["bm32_bn16", "bm16_bn64"])
 def test_triton_launchers_block_sizes(block_m, block_n):
     """Launchers with non-default tiles (uneven M/N tiles, one tile larger than N) match the torch path."""
     from sgflow_kernels.attention import attention_dual_bwd, attention_dual_fwd
 
     primals, tangents = make_inputs((1, 2, 37, 29, 32, 16), seed=13)
-    args = (*primals, *tangents)
+    args = tuple(t.to(TRITON_DEVICE) for t in (*primals, *tangents))
     scale = 32 ** -0.5
     gen = torch.Generator().manual_seed(14)
-    g = torch.randn(1, 2, 37, 16, generator=gen, dtype=torch.float64)
-    gd = torch.randn(1, 2, 37, 16, generator=gen, dtype=torch.float64)
+    g = torch.randn(1, 2, 37, 16, generator=gen, dtype=torch.float64).to(TRITON_DEVICE)
+    gd = torch.randn(1, 2, 37, 16, generator=gen, dtype=torch.float64).to(TRITON_DEVICE)
     ref_fwd = attn_mod._torch_forward(*args, scale)
     fwd = attention_dual_fwd(*args, scale, block_m=block_m, block_n=block_n)
     for a, r in zip(fwd, ref_fwd):
@@ -213,24 +224,24 @@ def test_triton_launchers_block_sizes(block_m, block_n):
     [
         ("torch", (1, 2, 5, 4, 3, 2)),
         ("torch", (2, 1, 3, 3, 4, 4)),
-        pytest.param("triton", (1, 1, 3, 4, 3, 2), marks=needs_triton_cpu),
+        pytest.param("triton", (1, 1, 3, 4, 3, 2), marks=needs_triton),
     ],
     ids=["torch-cross", "torch-self", "triton-cross"],
 )
 def test_gradcheck(backend, shape):
     primals, tangents = make_inputs(shape, seed=15)
-    leaves = [t.clone().requires_grad_(True) for t in (*primals, *tangents)]
+    leaves = [t.to(device_of(backend)).requires_grad_(True) for t in (*primals, *tangents)]
     assert torch.autograd.gradcheck(
         lambda *xs: AttentionDual.apply(*xs, 0.7, backend), leaves, eps=1e-6, atol=1e-7, rtol=1e-5
     )
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton_cpu)])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 def test_saved_memory_is_linear_in_n(backend):
     """The Function saves inputs, outputs and two [B, H, N] statistics, never an N x N tensor."""
     b, h, n, d = 1, 2, 48, 16
     primals, tangents = make_inputs((b, h, n, n, d, d), seed=16)
-    leaves = [t.float().requires_grad_(True) for t in (*primals, *tangents)]
+    leaves = [t.float().to(device_of(backend)).requires_grad_(True) for t in (*primals, *tangents)]
 
     def saved_bytes(fn):
         sizes = []
@@ -257,7 +268,7 @@ def test_saved_memory_is_linear_in_n(backend):
     (o.sum() + o_dot.sum()).backward()  # the saved tensors suffice
 
 
-@needs_triton_cpu
+@needs_triton_cpu  # sgflow.memory counts CPU tensors; on a GPU the benchmarks measure the peak instead
 def test_triton_peak_memory_of_forward_and_backward_is_linear_in_n():
     """Whole forward + backward peak (every tensor made, temporaries included; sgflow.memory): doubling the
     sequence doubles the Triton path's peak, while differentiating through torch.func.jvp quadruples."""
@@ -443,3 +454,38 @@ def test_triton_tangent_accuracy_does_not_degrade_with_key_mean(dtype):
         # The torch backend forms P (S_dot - mu) in fp32: the bound a half-precision kernel can approach.
         assert errs[mean] < 2.0 * rel_err(od_torch.double(), od_ref), (mean, errs[mean])
     assert errs[3.0] < 1.2 * errs[0.0] and errs[1.0] < 1.2 * errs[0.0], errs
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["half-table", "fp32-table"])
+def test_gpu_every_shipped_tile_config_runs_and_matches(dtype, monkeypatch):
+    """Each (BLOCK_M, BLOCK_N, warps, stages) candidate the launchers ship, for every kernel and head-dim
+    bucket of its table, compiled and run on the GPU: it either matches the float64 torch backend or is
+    rejected by the compiler for resources (then the launcher falls back to the next candidate); the
+    default (first) candidate of every bucket must run."""
+    from triton.runtime.errors import OutOfResources
+
+    import sgflow_kernels.attention as K
+
+    table = K._HALF_CONFIGS if dtype == torch.float16 else K._FP32_CONFIGS
+    shipped = K._configs  # the other kernels keep their shipped defaults
+    rejected = []
+    for kind, buckets in table.items():
+        for d, cands in buckets.items():
+            primals, tangents = make_inputs((1, 2, 96, 80, d, d), seed=40)
+            gen = torch.Generator().manual_seed(41)
+            cot = tuple(torch.randn(1, 2, 96, d, generator=gen, dtype=torch.float64) for _ in range(2))
+            ref_out, ref_grads = run_dual("torch", torch.float64, primals, tangents, cot)
+            for i, cfg in enumerate(cands):
+                monkeypatch.setattr(K, "_configs", lambda k, *a, cfg=cfg, kind=kind: [cfg] if k == kind else shipped(k, *a))
+                K._CONFIG_CACHE.clear()
+                try:
+                    out, grads = run_dual("triton", dtype, primals, tangents, cot)
+                except OutOfResources:
+                    assert i > 0, f"default {kind} config {cfg} at D={d} does not fit the GPU"
+                    rejected.append((kind, d, cfg))
+                    continue
+                tol = GPU_TOL[dtype] if dtype != torch.float32 else 1e-4
+                assert_close_all(out, ref_out, grads, ref_grads, tol, f"{kind} D={d} {cfg}")
+    K._CONFIG_CACHE.clear()
+    print("rejected for resources:", rejected)
