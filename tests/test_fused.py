@@ -26,8 +26,8 @@ def _grads(loss, model):
     return torch.autograd.grad(loss, params, allow_unused=True)
 
 
-def _compare(model, dual_model, x1, kw, tol=1e-10):
-    loss_ref, info_ref = sgflow.sgflow_loss(model, x1, **kw)
+def _compare(model, dual_model, x1, kw, tol=1e-10, jvp="auto"):
+    loss_ref, info_ref = sgflow.sgflow_loss(model, x1, jvp=jvp, **kw)
     g_ref = _grads(loss_ref, model)
     loss_fused, info_fused = sgflow.fused_loss(dual_model, x1, **kw)
     g_fused = _grads(loss_fused, model)
@@ -47,12 +47,14 @@ def _compare(model, dual_model, x1, kw, tol=1e-10):
 
 @pytest.mark.parametrize("both_terms", [False, True], ids=["split", "both"])
 def test_fused_equals_reference_through_jvp_wrapper(both_terms):
+    """JVPDual's tangents come from torch.func.jvp, as do sgflow_loss's by default: the reference takes
+    its JVP by reverse mode only (double VJP) so that the two sides share no JVP machinery."""
     model = GaussianAffineFlowMap(3, mean=torch.tensor([0.3, -0.2, 0.5]), std=0.7, gain=0.8)
     x1, kw = _inputs((19, 3), seed=1)
     if both_terms:
         kw.pop("split")
         kw["both_terms"] = True
-    _compare(model, sgflow.JVPDual(model), x1, kw)
+    _compare(model, sgflow.JVPDual(model), x1, kw, jvp="double_vjp")
 
 
 NETWORKS = [
@@ -196,8 +198,10 @@ def test_recompute_all_saves_least():
     pytest.param("tiny", (3, 3, 8, 8), "all", id="tiny-recompute-all"),
 ])
 def test_fused_under_bf16_autocast_tracks_float32(config, shape, recompute):
-    """Under torch.autocast(bfloat16) the dual ops run in bf16 (recomputed blocks too); gradients stay
-    within bf16 accuracy of the fp32 ones and come back in fp32."""
+    """Under torch.autocast(bfloat16) the dual ops run in bf16 (recomputed blocks too); gradients come
+    back in fp32 and are as close to the fp32 ones as PyTorch's own bf16 gets: the error of the fused
+    path (bf16 vs fp32) is within 2x that of the plain-PyTorch reference sgflow_loss under the same
+    autocast (measured: 0.98x on the MLP, 1.08x on the tiny U-Net)."""
     from sgflow.nn import build_model
 
     torch.manual_seed(0)
@@ -206,12 +210,32 @@ def test_fused_under_bf16_autocast_tracks_float32(config, shape, recompute):
     x1, kw = _inputs(shape, seed=8)
     x1 = x1.float()
     kw = {k: (v.float() if v.is_floating_point() else v) for k, v in kw.items()}
-    g32 = _grads(sgflow.fused_loss(model, x1, **kw)[0], model)
+
+    def flat(loss):
+        grads = _grads(loss, model)
+        assert all(g.dtype == torch.float32 for g in grads)
+        return torch.cat([g.flatten() for g in grads])
+
+    saved_dtypes = []
+
+    def pack(t):
+        saved_dtypes.append(t.dtype)
+        return t
+
+    g32 = flat(sgflow.fused_loss(model, x1, **kw)[0])
+    ref32 = flat(sgflow.sgflow_loss(model, x1, **kw)[0])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss16, _ = sgflow.fused_loss(model, x1, **kw)
-    g16 = _grads(loss16, model)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss16, _ = sgflow.fused_loss(model, x1, **kw)
+        ref_loss16, _ = sgflow.sgflow_loss(model, x1, **kw)
     assert loss16.dtype == torch.float32 and torch.isfinite(loss16)
-    flat32 = torch.cat([g.flatten() for g in g32])
-    flat16 = torch.cat([g.flatten() for g in g16])
-    assert all(g.dtype == torch.float32 for g in g16)
-    assert rel_err(flat16, flat32) < 5e-2, rel_err(flat16, flat32)
+    g16, ref16 = flat(loss16), flat(ref_loss16)
+    err, err_ref = rel_err(g16, g32), rel_err(ref16, ref32)
+    round_off = rel_err(g32, ref32)  # fp32: two implementations of the same gradient
+    print(f"{config}: bf16 vs fp32 gradient error fused {err:.3e}, reference {err_ref:.3e}; "
+          f"fp32 fused vs reference {round_off:.1e}")
+    # bf16 actually ran: the dual ops kept bf16 tensors for backward, and the gradients moved by far
+    # more than fp32 round-off (autocast silently ignored would leave them equal to the fp32 ones).
+    assert torch.bfloat16 in saved_dtypes, set(saved_dtypes)
+    assert err > 100 * max(round_off, 1e-7), (err, round_off)
+    assert err <= 2 * err_ref, (err, err_ref)

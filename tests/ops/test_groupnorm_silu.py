@@ -214,6 +214,16 @@ def test_bf16_torch_backend_stats_in_fp32():
 
     _, _, stats = _gn_silu_dual_fwd_torch(xb, xdb, w.float(), b.float(), G, EPS)
     assert stats.dtype == torch.float32 and stats.shape == (4, 2, G)
+    # The values, not just the dtype: float64 statistics of the same bf16 inputs (see the module doc of
+    # sgflow.ops.groupnorm_silu). fp32 accumulation over 144 elements errs ~1e-7; a bf16 computation
+    # (or bf16 rounding of the results) errs ~1e-3.
+    xg, xdg = xb.double().reshape(2, G, -1), xdb.double().reshape(2, G, -1)
+    mean, mean_dot = xg.mean(-1), xdg.mean(-1)
+    d = xg - mean[..., None]
+    rstd = torch.rsqrt(d.square().mean(-1) + EPS)
+    rstd_dot = -rstd.pow(3) * (d * (xdg - mean_dot[..., None])).mean(-1)
+    for i, (name, want) in enumerate(zip(("mean", "rstd", "mean_dot", "rstd_dot"), (mean, rstd, mean_dot, rstd_dot))):
+        assert rel_err(stats[i], want) < 1e-5, (name, rel_err(stats[i], want))
     leaves = [xb.clone().requires_grad_(), xdb.clone().requires_grad_(), w.float().requires_grad_(),
               b.float().requires_grad_()]
     y, yd = groupnorm_silu_dual(*leaves, G, EPS, backend="torch")

@@ -18,7 +18,8 @@ d^2 emb / ds^2 = -omega^2 emb:
     ds    = sum_k G d emb/ds + Gd s_dot d^2 emb/ds^2
     ds_dot = sum_k Gd d emb/ds
 
-Only ``s`` and ``s_dot`` ([B] each) are saved.
+Only ``s`` and ``s_dot`` ([B] each) are saved. The Function has a ``setup_context`` and
+``generate_vmap_rule`` so ``torch.func`` (vmap, grad, vjp) composes with it.
 
 Module layout (see docs/DESIGN.md): :func:`sinusoidal_embedding_dual_ref`,
 :class:`SinusoidalEmbeddingDual`, :func:`sinusoidal_embedding_dual`; the primal-only
@@ -75,12 +76,18 @@ def sinusoidal_embedding_dual_ref(s, s_dot, dim, max_period=10000, scale=DEFAULT
 class SinusoidalEmbeddingDual(torch.autograd.Function):
     """``(s, s_dot) -> (emb, emb_dot)``; see module doc."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, s, s_dot, dim, max_period, scale):
+    def forward(s, s_dot, dim, max_period, scale):
+        return sinusoidal_embedding_dual_ref(s, s_dot, dim, max_period, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        s, s_dot, dim, max_period, scale = inputs
         ctx.save_for_backward(s, s_dot)
         ctx.dim, ctx.max_period, ctx.scale = dim, max_period, scale
         ctx.set_materialize_grads(False)
-        return sinusoidal_embedding_dual_ref(s, s_dot, dim, max_period, scale)
 
     @staticmethod
     def backward(ctx, g, g_dot):

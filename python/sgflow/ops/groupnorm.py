@@ -25,7 +25,15 @@ changes r by -r^2 mean(xh delta), xh by J delta and m by mean((J delta) x_dot), 
 <c, d dh> = -r mean(xh delta) <c, dh> - r m <c, J delta> - r mean(c xh) <x_dot, J delta>; J is
 symmetric and J x_dot = dh.
 
-Saved: x, x_dot, weight and the per-(sample, group) statistics mu, r ([B, G] each).
+Precision: statistics and all arithmetic run in fp32 for fp16/bf16 inputs (in the input dtype
+otherwise); y, y_dot, dx, dx_dot come back in x's dtype, dw / db in the parameters' dtypes. In bf16,
+centring around a bf16-rounded mean (inputs of mean 4) and the second-order terms made dx err about
+3x exact math rounded to bf16.
+
+Saved: x, x_dot and weight only; backward recomputes the per-(sample, group) statistics mu, r
+([B, G] each, two reductions next to the dozen passes of the backward), so that the Function keeps
+the modern ``setup_context`` form (which sees only inputs and outputs) and ``torch.func`` transforms
+(vmap, grad) compose with it.
 
 Module layout (see docs/DESIGN.md): :func:`groupnorm_dual_ref`, :class:`GroupNormDual`,
 :func:`groupnorm_dual`.
@@ -53,50 +61,72 @@ def _mean(x: torch.Tensor) -> torch.Tensor:
     return x.mean((2, 3), keepdim=True)
 
 
-def _groupnorm_dual_forward(x, x_dot, weight, bias, num_groups, eps):
-    """The formulas of the module doc: ``(y, y_dot, mu, r)`` with mu, r the per-group statistics."""
-    xg, dg = _grouped(x, num_groups), _grouped(x_dot, num_groups)
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _up(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+def _stats(xg: torch.Tensor, eps: float):
+    """Per-(sample, group) mean and inverse std of grouped x [B, G, C/G, n] -> [B, G, 1, 1] each."""
     mu = _mean(xg)
-    r = torch.rsqrt(_mean((xg - mu) ** 2) + eps)
+    return mu, torch.rsqrt(_mean((xg - mu) ** 2) + eps)
+
+
+def _groupnorm_dual_forward(x, x_dot, weight, bias, num_groups, eps):
+    """The formulas of the module doc in the accumulation dtype: ``(y, y_dot)`` in x's dtype."""
+    acc = _acc_dtype(x.dtype)
+    xg, dg = _grouped(x.to(acc), num_groups), _grouped(x_dot.to(acc), num_groups)
+    mu, r = _stats(xg, eps)
     xh = (xg - mu) * r
     dh = r * (dg - _mean(dg)) - r * _mean(xh * dg) * xh
-    w, b = _affine(weight, num_groups), _affine(bias, num_groups)
+    w, b = _affine(_up(weight, acc), num_groups), _affine(_up(bias, acc), num_groups)
     y = xh if w is None else xh * w
     y_dot = dh if w is None else dh * w
     if b is not None:
         y = y + b
-    return y.reshape(x.shape), y_dot.reshape(x.shape), mu, r
+    return y.reshape(x.shape).to(x.dtype), y_dot.reshape(x.shape).to(x.dtype)
 
 
 def groupnorm_dual_ref(x, x_dot, weight, bias, num_groups, eps=1e-5):
     """Reference with explicit formulas (see module doc); returns ``(y, y_dot)``."""
-    y, y_dot, _, _ = _groupnorm_dual_forward(x, x_dot, weight, bias, num_groups, eps)
-    return y, y_dot
+    return _groupnorm_dual_forward(x, x_dot, weight, bias, num_groups, eps)
 
 
 class GroupNormDual(torch.autograd.Function):
     """``(x, x_dot, w, b) -> (group_norm(x), its JVP along x_dot)``; see module doc."""
 
-    @staticmethod
-    def forward(ctx, x, x_dot, weight, bias, num_groups, eps):
-        y, y_dot, mu, r = _groupnorm_dual_forward(x, x_dot, weight, bias, num_groups, eps)
-        ctx.save_for_backward(x, x_dot, weight, mu, r)
-        ctx.num_groups, ctx.has_bias = num_groups, bias is not None
-        ctx.set_materialize_grads(False)
-        return y, y_dot
+    generate_vmap_rule = True
 
     @staticmethod
-    @once_differentiable  # the group statistics are saved without a graph
+    def forward(x, x_dot, weight, bias, num_groups, eps):
+        return _groupnorm_dual_forward(x, x_dot, weight, bias, num_groups, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, x_dot, weight, bias, num_groups, eps = inputs
+        ctx.save_for_backward(x, x_dot, weight)
+        ctx.num_groups, ctx.eps = num_groups, eps
+        ctx.has_bias = bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    @once_differentiable  # first order only, like the other dual ops: a double backward raises (not verified)
     def backward(ctx, g, g_dot):
-        x, x_dot, weight, mu, r = ctx.saved_tensors
+        x, x_dot, weight = ctx.saved_tensors
         ng = ctx.num_groups
-        xg, dg = _grouped(x, ng), _grouped(x_dot, ng)
+        acc = _acc_dtype(x.dtype)
+        xg, dg = _grouped(x.to(acc), ng), _grouped(x_dot.to(acc), ng)
+        mu, r = _stats(xg, ctx.eps)
         xh = (xg - mu) * r
         m = _mean(xh * dg)
         dh = r * (dg - _mean(dg)) - r * m * xh
-        w = _affine(weight, ng)
-        gg = None if g is None else _grouped(g, ng)
-        gd = None if g_dot is None else _grouped(g_dot, ng)
+        w = _affine(_up(weight, acc), ng)
+        gg = None if g is None else _grouped(g.to(acc), ng)
+        gd = None if g_dot is None else _grouped(g_dot.to(acc), ng)
 
         def jt(v):
             return r * (v - _mean(v) - _mean(v * xh) * xh)
@@ -112,18 +142,18 @@ class GroupNormDual(torch.autograd.Function):
                 dx = dx + jt(gg if w is None else gg * w)
             if gd is not None:
                 dx = dx - r * _mean(c * dh) * xh - r * m * jtc - r * _mean(c * xh) * dh
-            dx = dx.reshape(x.shape)
+            dx = dx.reshape(x.shape).to(x.dtype)
         if ctx.needs_input_grad[1] and jtc is not None:
-            dxd = jtc.reshape(x.shape)
+            dxd = jtc.reshape(x.shape).to(x.dtype)
         if weight is not None and ctx.needs_input_grad[2]:
-            acc = torch.zeros_like(xg)
+            acc_w = torch.zeros_like(xg)
             if gg is not None:
-                acc = acc + gg * xh
+                acc_w = acc_w + gg * xh
             if gd is not None:
-                acc = acc + gd * dh
-            dw = acc.sum((0, 3)).reshape(-1)
+                acc_w = acc_w + gd * dh
+            dw = acc_w.sum((0, 3)).reshape(-1).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[3] and gg is not None:
-            db = gg.sum((0, 3)).reshape(-1)
+            db = gg.sum((0, 3)).reshape(-1).to(ctx.bias_dtype)
         return dx, dxd, dw, db, None, None
 
 

@@ -9,6 +9,15 @@ block's intermediates at a time, at the price of one more forward of the block.
 Random draws inside ``fn`` (dropout masks) are replayed: the RNG state of x's device is saved before
 the forward and restored for the recomputation, so both passes draw the same masks. The autocast
 state of the forward is restored for the recomputation too (backward usually runs outside it).
+
+:class:`RecomputeDual` has the modern ``setup_context`` form. Its ``setup_context`` sees only the
+inputs and outputs, after ``fn`` has drawn its masks, so the RNG and autocast state are captured by
+:func:`recompute_dual` before the call and passed in as an input (``replay``). ``torch.func``
+transforms still do not compose with it: its backward re-runs ``fn`` with ``requires_grad_`` leaves
+and ``torch.autograd.grad``, which functorch refuses inside a transform, and ``fn`` reads the
+parameters by closure, so ``torch.func.vjp`` of ``fn`` could not reach them either. Hence no vmap
+rule (``torch.func.vmap`` raises at the forward; with a generated rule it got through the forward
+and failed in backward at ``requires_grad_``).
 """
 from __future__ import annotations
 
@@ -18,17 +27,30 @@ import torch
 from torch.autograd.function import once_differentiable
 
 
+class _Replay:
+    """RNG and autocast state at the start of a block's forward, restored for its recomputation."""
+
+    def __init__(self, x: torch.Tensor):
+        self.device = x.device
+        self.cpu_rng = torch.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        dt = x.device.type
+        self.autocast = (dt, torch.is_autocast_enabled(dt), torch.get_autocast_dtype(dt))
+
+
 def _recompute_backward(ctx, g_y, g_ydot):
     x, x_dot, *extra = ctx.saved_tensors
-    inputs = [x.detach().requires_grad_(ctx.needs_input_grad[2]), x_dot.detach().requires_grad_(ctx.needs_input_grad[3])]
-    extra = [e.detach().requires_grad_(ctx.needs_input_grad[4 + i]) for i, e in enumerate(extra)]
+    need = ctx.needs_input_grad
+    inputs = [x.detach().requires_grad_(need[3]), x_dot.detach().requires_grad_(need[4])]
+    extra = [e.detach().requires_grad_(need[5 + i]) for i, e in enumerate(extra)]
     params = ctx.params
-    devices = [ctx.device] if ctx.cuda_rng is not None else []
-    device_type, autocast_on, autocast_dtype = ctx.autocast
+    replay = ctx.replay
+    devices = [replay.device] if replay.cuda_rng is not None else []
+    device_type, autocast_on, autocast_dtype = replay.autocast
     with torch.random.fork_rng(devices=devices, enabled=True):
-        torch.set_rng_state(ctx.cpu_rng)
-        if ctx.cuda_rng is not None:
-            torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
+        torch.set_rng_state(replay.cpu_rng)
+        if replay.cuda_rng is not None:
+            torch.cuda.set_rng_state(replay.cuda_rng, replay.device)
         with torch.enable_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
             y, y_dot = ctx.fn(inputs[0], inputs[1], *extra)
     wrt = [t for t in (*inputs, *extra, *params) if t.requires_grad]
@@ -40,26 +62,25 @@ def _recompute_backward(ctx, g_y, g_ydot):
     grads = torch.autograd.grad(outs, wrt, grads_out, allow_unused=True) if outs and wrt else [None] * len(wrt)
     it = iter(grads)
     result = [next(it) if t.requires_grad else None for t in (*inputs, *extra, *params)]
-    return (None, None, *result)
+    return (None, None, None, *result)
 
 
 class RecomputeDual(torch.autograd.Function):
-    """forward(fn, n_extra, x, x_dot, *extra, *params) -> (y, y_dot) keeping only x, x_dot and extra."""
+    """forward(fn, n_extra, replay, x, x_dot, *extra, *params) -> (y, y_dot) keeping only x, x_dot and
+    extra; ``replay`` is the :class:`_Replay` state taken just before the call."""
 
     @staticmethod
-    def forward(ctx, fn, n_extra, x, x_dot, *rest):
-        extra, params = rest[:n_extra], rest[n_extra:]
-        ctx.fn = fn
-        ctx.params = params
-        ctx.device = x.device
-        ctx.cpu_rng = torch.get_rng_state()
-        ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
-        dt = x.device.type
-        ctx.autocast = (dt, torch.is_autocast_enabled(dt), torch.get_autocast_dtype(dt))
-        ctx.save_for_backward(x, x_dot, *extra)
+    def forward(fn, n_extra, replay, x, x_dot, *rest):
         with torch.no_grad():
-            y, y_dot = fn(x, x_dot, *extra)
+            y, y_dot = fn(x, x_dot, *rest[:n_extra])
         return y, y_dot
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        fn, n_extra, replay, x, x_dot, *rest = inputs
+        ctx.fn, ctx.replay = fn, replay
+        ctx.params = rest[n_extra:]
+        ctx.save_for_backward(x, x_dot, *rest[:n_extra])
 
     # The recomputed graph is differentiated without create_graph: no double backward.
     backward = staticmethod(once_differentiable(_recompute_backward))
@@ -84,4 +105,4 @@ def recompute_dual(
     """
     if not torch.is_grad_enabled():
         return fn(x, x_dot, *extra)
-    return RecomputeDual.apply(fn, len(extra), x, x_dot, *extra, *params)
+    return RecomputeDual.apply(fn, len(extra), _Replay(x), x, x_dot, *extra, *params)
