@@ -31,6 +31,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from sgflow_kernels.dtypes import acc_dtype
+
 try:  # the exception type moved around between Triton releases
     from triton.runtime.errors import OutOfResources
 except Exception:  # pragma: no cover
@@ -410,8 +412,10 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _acc_dtype(dtype: torch.dtype):
-    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
+def _acc_dtypes(dtype: torch.dtype):
+    """(Triton, torch) accumulation dtypes."""
+    acc = acc_dtype(dtype)
+    return (tl.float64 if acc == torch.float64 else tl.float32), acc
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -561,7 +565,7 @@ def attention_dual_fwd(q, k, v, q_dot, k_dot, v_dot, scale, block_m=None, block_
     _check(q, k, v)
     b, h, n_q, d = q.shape
     n_k, dv = k.shape[2], v.shape[3]
-    acc_tl, acc_torch = _acc_dtype(q.dtype)
+    acc_tl, acc_torch = _acc_dtypes(q.dtype)
     qf, kf, vf, qdf, kdf, vdf = (_as_bhnd(t) for t in (q, k, v, q_dot, k_dot, v_dot))
     o = torch.empty((b * h, n_q, dv), device=q.device, dtype=q.dtype)
     o_dot = torch.empty_like(o)
@@ -610,7 +614,7 @@ def attention_dual_bwd(
     b, h, n_q, d = q.shape
     n_k, dv = k.shape[2], v.shape[3]
     has_g, has_gd = g_o is not None, g_o_dot is not None
-    acc_tl, acc_torch = _acc_dtype(q.dtype)
+    acc_tl, acc_torch = _acc_dtypes(q.dtype)
     qf, kf, vf, qdf, kdf, vdf, of, odf = (
         _as_bhnd(t) for t in (q, k, v, q_dot, k_dot, v_dot, o, o_dot)
     )

@@ -46,6 +46,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from sgflow_kernels.dtypes import acc_dtype as _acc_dtype
+
 # Largest one-tile group (elements). Above it the kernels loop over the group (the backward then reads
 # x, x_dot and both output gradients twice). Offline sm_90 compiles (benchmarks/compile_check_sm90.py
 # style): an 8192-element backward tile at 16 warps spills 8-16 B per thread for fp32/bf16 with the same
@@ -378,10 +380,6 @@ def _groupnorm_silu_dual_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------------
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _split_fp32(v: float) -> tuple[float, float]:
     """v ~= hi + lo with hi, lo exactly representable in fp32 (Triton passes float args as fp32)."""
     hi = struct.unpack("f", struct.pack("f", v))[0]

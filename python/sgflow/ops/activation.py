@@ -26,13 +26,11 @@ Module layout (see docs/DESIGN.md): :func:`silu_dual_ref`, :class:`SiLUDual`, :f
 from __future__ import annotations
 
 import torch
+
 from sgflow.ops.backend import autocast_dual
+from sgflow_kernels.dtypes import acc_dtype as _acc_dtype
 
 __all__ = ["silu_dual_ref", "SiLUDual", "silu_dual"]
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _silu_derivs(x):

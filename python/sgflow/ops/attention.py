@@ -83,6 +83,7 @@ from torch.autograd.function import once_differentiable
 
 from sgflow.ops.backend import autocast_dual, resolve_backend
 from sgflow.ops.library import register_loop_vmap
+from sgflow_kernels.dtypes import acc_dtype as _acc_dtype
 
 __all__ = ["attention_dual_ref", "AttentionDual", "attention_dual"]
 
@@ -119,11 +120,6 @@ def attention_dual_ref(q, k, v, q_dot, k_dot, v_dot, scale=None):
 # --------------------------------------------------------------------------------------------------
 # 2. Torch backend (explicit formulas, query rows processed in chunks)
 # --------------------------------------------------------------------------------------------------
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # Softmax statistics and accumulations in half precision lose too much; match the kernels.
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 # Lower bound on a score block's elements, so small inputs run in one chunk (Python overhead per chunk).
 _TORCH_CHUNK_MIN_ELEMS = 1 << 18
 
@@ -141,7 +137,7 @@ def _row_chunk(q: torch.Tensor, k: torch.Tensor) -> int:
 
 def _torch_forward(q, k, v, q_dot, k_dot, v_dot, scale):
     """Torch-backend forward. Returns ``(o, o_dot, lse, mu)``; lse, mu: [B, H, Nq] (fp32/fp64)."""
-    cdt = _compute_dtype(q.dtype)
+    cdt = _acc_dtype(q.dtype)
     qc, kc, vc, qdc, kdc, vdc = (t.to(cdt) for t in (q, k, v, q_dot, k_dot, v_dot))
     kt, kdt = kc.transpose(-1, -2), kdc.transpose(-1, -2)
     b, h, n_q, _ = q.shape
@@ -173,7 +169,7 @@ def _torch_backward(q, k, v, q_dot, k_dot, v_dot, o, o_dot, lse, mu, g, g_dot, s
     ``g``/``g_dot`` ([B, H, Nq, Dv]) may be None. Returns ``(dq, dk, dv, dq_dot, dk_dot, dv_dot)``;
     the tangent gradients are None when ``g_dot`` is None (they would be exactly zero).
     """
-    cdt = _compute_dtype(q.dtype)
+    cdt = _acc_dtype(q.dtype)
     qc, kc, vc, qdc, kdc, vdc = (t.to(cdt) for t in (q, k, v, q_dot, k_dot, v_dot))
     oc, odc = o.to(cdt), o_dot.to(cdt)
     gc = None if g is None else g.to(cdt)

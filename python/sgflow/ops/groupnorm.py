@@ -42,7 +42,9 @@ from __future__ import annotations
 
 import torch
 from torch.autograd.function import once_differentiable
+
 from sgflow.ops.backend import autocast_dual
+from sgflow_kernels.dtypes import acc_dtype as _acc_dtype
 
 __all__ = ["groupnorm_dual_ref", "GroupNormDual", "groupnorm_dual"]
 
@@ -59,10 +61,6 @@ def _affine(p: torch.Tensor | None, num_groups: int) -> torch.Tensor | None:
 
 def _mean(x: torch.Tensor) -> torch.Tensor:
     return x.mean((2, 3), keepdim=True)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _up(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

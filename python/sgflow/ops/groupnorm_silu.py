@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from sgflow.ops.backend import autocast_dual, resolve_backend
 from sgflow.ops.library import register_loop_vmap
+from sgflow_kernels.dtypes import acc_dtype as _acc_dtype
 
 __all__ = [
     "groupnorm_silu_dual_ref",
@@ -52,10 +53,6 @@ __all__ = [
     "gn_silu_conv_dual",
     "make_dropout_mask",
 ]
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ----------------------------------------------------------------------------------------------------
