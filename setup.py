@@ -149,10 +149,10 @@ setup(
     packages=find_packages("python") + ["sgflow_kernels"],
     package_dir={"": "python", "sgflow_kernels": "sgflow_kernels"},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "tqdm", "pillow", "torchdiffeq"],
+    install_requires=["torch>=2.4", "numpy", "tqdm", "pillow", "matplotlib>=3.5", "torchdiffeq"],
     extras_require={
         "kernels": ["triton>=3.0"],
-        "test": ["triton>=3.0", "pytest", "pytest-benchmark", "scikit-learn", "matplotlib"],
+        "test": ["triton>=3.0", "pytest", "pytest-benchmark", "scikit-learn"],
         "data": ["scikit-learn"],
     },
     entry_points={"console_scripts": ["sgflow=sgflow.cli:main"]},

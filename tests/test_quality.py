@@ -154,3 +154,22 @@ def test_a_diverged_seed_makes_the_mean_infinite_not_absent(smoke):
     assert s["mean"] == math.inf
     saved["verdicts"] = []
     assert "| SGFlow | jumps | diverged |" in markdown(saved)
+
+
+def test_figure_is_drawn_off_pyplot(smoke, tmp_path):
+    """The figure is a matplotlib Figure on its own Agg canvas: no pyplot figure stays open and the backend
+    of the calling process is not switched."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from sgflow.quality import figure
+
+    _, results = smoke
+    backend = matplotlib.get_backend()
+    path = figure(results, tmp_path / "sub" / "q.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as im:
+        # figsize 5.2 ncol x 3.6 rows inches at 110 dpi: ring8 has two metrics in one row
+        assert im.size == (round(5.2 * 2 * 110), round(3.6 * 110))
+    assert plt.get_fignums() == [] and matplotlib.get_backend() == backend

@@ -2,6 +2,7 @@
 import copy
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -13,8 +14,10 @@ from sgflow.train import (
     TrainConfig,
     Trainer,
     available_methods,
+    ema_decay_at,
     load_model,
     lr_at,
+    lr_factor,
     paired_split,
     read_checkpoint,
     train,
@@ -38,7 +41,7 @@ def _one_thread():
 
 
 def _cfg(tmp_path, name="run", **kw):
-    return TrainConfig(**{**TINY, "out_dir": str(tmp_path / name), **kw})
+    return TrainConfig(**{**TINY, "out_dir": str(tmp_path / name) if tmp_path is not None else None, **kw})
 
 
 def test_sgflow_training_improves_one_and_four_step_quality(tmp_path):
@@ -204,6 +207,116 @@ def test_lr_schedule():
     assert lr_at(cfg, 60) == pytest.approx(0.5)
     assert lr_at(cfg, 110) == pytest.approx(0.0, abs=1e-12)
     assert lr_at(TrainConfig(lr=0.5), 1000) == 0.5
+
+
+def _formula_lr(cfg, step):
+    """The schedule as the trainer wrote it before it used a LambdaLR (hand-set param_group["lr"])."""
+    scale = 1.0
+    if cfg.warmup > 0:
+        scale = min(1.0, (step + 1) / cfg.warmup)
+    if cfg.lr_schedule == "cosine" and cfg.steps > 0:
+        progress = min(max(step - cfg.warmup, 0) / max(cfg.steps - cfg.warmup, 1), 1.0)
+        scale *= 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr * scale
+
+
+@pytest.mark.parametrize("sched", [dict(warmup=3, lr_schedule="cosine"), dict(warmup=0, lr_schedule="cosine"),
+                                   dict(warmup=4, lr_schedule="constant")])
+def test_trainer_scheduler_follows_the_formula_bit_for_bit(sched):
+    """The LambdaLR drives the optimizer's rate; the logged rate of every step equals the closed formula."""
+    trainer = train(_cfg(None, method="flow_matching", steps=12, log_every=1, **sched))
+    assert isinstance(trainer.scheduler, torch.optim.lr_scheduler.LambdaLR)
+    cfg = trainer.config
+    assert [r["lr"] for r in trainer.history] == [_formula_lr(cfg, s) for s in range(12)]
+    assert [lr_at(cfg, s) for s in (0, 1, 5, 11, 12, 50)] == [_formula_lr(cfg, s) for s in (0, 1, 5, 11, 12, 50)]
+    assert lr_factor(cfg, 5) * cfg.lr == lr_at(cfg, 5)
+    assert trainer.optimizer.param_groups[0]["lr"] == _formula_lr(cfg, 12)  # set for the next step
+
+
+def test_ema_is_an_averaged_model_with_warmup_bit_for_bit():
+    """trainer.ema is the AveragedModel's network (the model's keys); its numbers are the former hand-written
+    update ema <- lerp(ema, theta, 1 - d), d = min(decay, (1 + step) / (10 + step)), started from a copy."""
+    from torch.optim.swa_utils import AveragedModel
+
+    trainer = Trainer(_cfg(None, method="flow_matching", steps=8, ema_decay=0.7))
+    assert isinstance(trainer.averaged_model, AveragedModel) and trainer.ema is trainer.averaged_model.module
+    assert set(trainer.ema.state_dict()) == set(trainer.model.state_dict())
+    assert int(trainer.averaged_model.n_averaged) == 1  # the initial copy
+    ref = copy.deepcopy(trainer.model).requires_grad_(False)
+    for step in range(8):
+        trainer.train_step()
+        with torch.no_grad():
+            d = min(0.7, (1 + step) / (10 + step))
+            assert ema_decay_at(0.7, step + 1) == d
+            torch._foreach_lerp_(list(ref.parameters()), list(trainer.model.parameters()), 1.0 - d)
+        for (name, a), b in zip(trainer.ema.state_dict().items(), ref.state_dict().values()):
+            assert torch.equal(a, b), f"EMA differs from the formula in {name} after step {step}"
+    assert int(trainer.averaged_model.n_averaged) == 9
+    assert not any(p.requires_grad for p in trainer.ema.parameters())
+    trainer.close()
+
+
+def _as_version_1(ckpt: dict) -> dict:
+    """A checkpoint as the trainer wrote it before AveragedModel/LambdaLR (format version 1): the EMA as a
+    plain state_dict without a count, no scheduler state, optimizer groups without "initial_lr" and with the
+    rate of the last step taken (it was set before each step, not after)."""
+    old = copy.deepcopy(ckpt)
+    old["version"] = 1
+    del old["ema_n_averaged"], old["scheduler"]
+    cfg = TrainConfig.from_dict(old["config"])
+    for group in old["optimizer"]["param_groups"]:
+        del group["initial_lr"]
+        group["lr"] = _formula_lr(cfg, old["step"] - 1)
+    return old
+
+
+@pytest.mark.parametrize("method", ["flow_matching", FUSED])
+def test_resume_from_a_version_1_checkpoint_is_exact(tmp_path, method):
+    """An old-format checkpoint (no EMA count, no scheduler) is migrated on load: the resumed run equals an
+    uninterrupted one bit for bit (cosine schedule with warm-up, so the rate matters at every step)."""
+    kw = dict(method=method, steps=10, warmup=3, lr_schedule="cosine", ema_decay=0.8, figures=False)
+    full = train(_cfg(tmp_path, "full", **kw))
+    part = Trainer(_cfg(tmp_path, "part", **kw))
+    for _ in range(5):
+        part.train_step()
+    path = part.save_checkpoint()
+    part.close()
+    new = torch.load(path, weights_only=True)
+    assert new["version"] == 2 and new["ema_n_averaged"] == 6 and new["scheduler"]["last_epoch"] == 5
+    assert set(new["ema"]) == set(new["model"])  # the EMA is stored with the model's keys
+    torch.save(_as_version_1(new), path)
+    resumed = train(_cfg(tmp_path, "part", **kw), resume=path)
+    assert int(resumed.averaged_model.n_averaged) == 11
+    _assert_equal_nested(_states(full), _states(resumed))
+    after = [r for r in full.history if r["step"] > 5]
+    assert [r["step"] for r in after] == [r["step"] for r in resumed.history] == [6, 8, 10]
+    assert [(r["lr"], r["loss"]) for r in after] == [(r["lr"], r["loss"]) for r in resumed.history]
+    # The version 1 file is still readable by load_model (the EMA entry did not change shape).
+    net, _, _ = load_model(path)
+    assert set(net.state_dict()) == set(full.ema.state_dict())
+
+
+def test_checkpoint_scheduler_state_is_checked(tmp_path):
+    train(_cfg(tmp_path, method="flow_matching", steps=4, figures=False))
+    path = tmp_path / "run" / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    broken = dict(ckpt, scheduler={**ckpt["scheduler"], "last_epoch": 3})
+    torch.save(broken, tmp_path / "off.pt")
+    with pytest.raises(CheckpointError, match="scheduler at step 3 but is at step 4"):
+        Trainer(_cfg(tmp_path, method="flow_matching", steps=8), resume=tmp_path / "off.pt")
+    incomplete = {k: v for k, v in ckpt.items() if k != "scheduler"}
+    torch.save(incomplete, tmp_path / "incomplete.pt")
+    with pytest.raises(CheckpointError, match="version 2.*incomplete"):
+        Trainer(_cfg(tmp_path, method="flow_matching", steps=8), resume=tmp_path / "incomplete.pt")
+
+
+def test_resume_with_more_steps_follows_the_new_cosine(tmp_path):
+    """``steps`` may change on resume; the schedule is rebuilt from the new config at the checkpoint's step."""
+    kw = dict(method="flow_matching", warmup=2, lr_schedule="cosine", figures=False, log_every=1)
+    train(_cfg(tmp_path, steps=4, **kw))
+    resumed = train(_cfg(tmp_path, steps=10, **kw), resume=tmp_path / "run")
+    cfg = resumed.config
+    assert [r["lr"] for r in resumed.history[4:]] == [_formula_lr(cfg, s) for s in range(4, 10)]
 
 
 def test_train_accepts_dict_and_overrides(tmp_path):

@@ -644,15 +644,17 @@ def markdown(results: dict, diagonal: bool = True) -> str:
 def figure(results: dict, path) -> Path:
     """Metric vs NFE (log-x), one line per method with its natural sampler (flow matching: Euler solid,
     Heun dashed; the untrained network dotted grey), seeds shaded min-max; one row per data set."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display (and no GUI toolkit needed)
-    import matplotlib.pyplot as plt
+    # A Figure with its own Agg canvas: files only, no display, and neither pyplot's global figure list
+    # nor the process's backend (matplotlib.use) is touched.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     cfg, summary = results["config"], results.get("summary") or summarize(results)
     ds = list(summary)
     ncol = max(len(metrics_of(d)) for d in ds)
-    fig, axes = plt.subplots(len(ds), ncol, figsize=(5.2 * ncol, 3.6 * len(ds)), squeeze=False)
+    fig = Figure(figsize=(5.2 * ncol, 3.6 * len(ds)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(ds), ncol, squeeze=False)
     for i, d in enumerate(ds):
         sd = summary[d]
         for j in range(ncol):
@@ -730,7 +732,6 @@ def figure(results: dict, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 

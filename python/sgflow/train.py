@@ -13,22 +13,29 @@ One optimisation step with global batch size B over W processes (W = 1 without t
    (:class:`~sgflow.distributed.DualDDP`) for the methods whose network calls all go through
    ``model(...)``, by an explicit all-reduce after backward for the JVP methods that cannot (see
    :data:`MANUAL_ALLREDUCE_METHODS`); clip the global grad norm;
-   Adam(W) step at the scheduled learning rate; EMA update
+   Adam(W) step at the scheduled learning rate (a ``torch.optim.lr_scheduler.LambdaLR`` of
+   :func:`lr_factor`); EMA update by ``torch.optim.swa_utils.AveragedModel``,
    ema <- d ema + (1 - d) theta with d = min(ema_decay, (1 + step) / (10 + step)) (a short warm-up
-   so the EMA is useful in short runs).
+   so the EMA is useful in short runs; :func:`ema_multi_avg_fn`).
 
 The paired split gives every rank exactly half first-term and half second-term rows, so averaging
 the per-rank SGFlow losses equals the loss of one process on the concatenated batch (and the batch
 never lacks one of the two terms).
 
 Outputs in ``out_dir``: ``config.json``, ``log.jsonl`` (one JSON object per logged step),
-``checkpoint.pt`` (model, EMA, optimizer, step, every RNG state; written atomically) and
+``checkpoint.pt`` (model, EMA, optimizer, LR scheduler, step, every RNG state; written atomically) and
 ``samples/step_XXXXXXX.png`` figures.
+
+Checkpoint format, version 2: ``"ema"`` holds the EMA network's own state_dict (the model's keys, what
+:func:`load_model` reads), ``"ema_n_averaged"`` the :class:`~torch.optim.swa_utils.AveragedModel`'s count and
+``"scheduler"`` the LR scheduler's state_dict. Version 1 checkpoints (no count, no scheduler) are migrated on
+resume: both follow from the step (the EMA's count is step + 1, the schedule is a function of the step).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -41,6 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import sgflow
 from sgflow import distributed as D
@@ -48,7 +57,7 @@ from sgflow.data import DatasetError, get_dataset
 from sgflow.times import TimeSampler
 
 CHECKPOINT_FORMAT = "sgflow-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: "ema_n_averaged" and "scheduler" entries (version 1 checkpoints are migrated)
 
 # Options that may differ between a checkpoint and the run that resumes it; everything else
 # (method, data, network, batch size, optimiser...) must match or the resumed run is a different run.
@@ -262,15 +271,44 @@ def paired_split(n: int, generator: torch.Generator) -> torch.Tensor:
     return torch.stack([coin, ~coin], 1).flatten()[:n]
 
 
-def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Learning rate for optimisation step ``step`` (0-based): linear warm-up, then constant/cosine."""
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """The learning rate of optimisation step ``step`` (0-based) over ``cfg.lr``: linear warm-up over
+    ``cfg.warmup`` steps, then constant or cosine (to 0 at ``cfg.steps``). The trainer's
+    ``LambdaLR`` multiplies it by ``cfg.lr``."""
     scale = 1.0
     if cfg.warmup > 0:
         scale = min(1.0, (step + 1) / cfg.warmup)
     if cfg.lr_schedule == "cosine" and cfg.steps > 0:
         progress = min(max(step - cfg.warmup, 0) / max(cfg.steps - cfg.warmup, 1), 1.0)
         scale *= 0.5 * (1 + math.cos(math.pi * progress))
-    return cfg.lr * scale
+    return scale
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Learning rate for optimisation step ``step`` (0-based): linear warm-up, then constant/cosine."""
+    return cfg.lr * lr_factor(cfg, step)
+
+
+def ema_decay_at(decay: float, n_averaged: int) -> float:
+    """The EMA decay of the update that follows ``n_averaged`` averages: ``min(decay, n / (9 + n))``.
+
+    The first average is the initial copy of the network, so the update after optimisation step ``s``
+    (0-based) has n = s + 1 and decay min(decay, (1 + s) / (10 + s)): a short warm-up so that the EMA is
+    useful in short runs."""
+    return min(decay, n_averaged / (9 + n_averaged))
+
+
+def ema_multi_avg_fn(decay: float):
+    """``multi_avg_fn`` for :class:`~torch.optim.swa_utils.AveragedModel`: torch's
+    :func:`~torch.optim.swa_utils.get_ema_multi_avg_fn` at the warmed-up decay :func:`ema_decay_at`
+    (``lerp(ema, theta, 1 - d)``)."""
+
+    def update(ema_params, params, n_averaged):
+        # n_averaged is a one-element tensor on the parameters' device (reading it syncs a GPU once a step,
+        # as AveragedModel's own checks of it do).
+        get_ema_multi_avg_fn(ema_decay_at(decay, int(n_averaged)))(ema_params, params, n_averaged)
+
+    return update
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -376,10 +414,17 @@ class Trainer:
         self.model = model.to(self.device)
         if info.enabled:
             D.broadcast_module(self.model)
-        self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.params:
             raise ConfigError("the network has no trainable parameters")
+        # The EMA: an AveragedModel of the network's parameters. Its buffers (use_buffers=False) are copied from
+        # the network, not averaged. Its first "average" copies the initial weights (n_averaged = 1), each
+        # optimisation step then averages once. ``self.ema`` is the averaged network itself (a plain module with
+        # the model's state_dict keys), what sampling, evaluation and checkpoints use.
+        self.averaged_model = AveragedModel(self.model, multi_avg_fn=ema_multi_avg_fn(cfg.ema_decay), use_buffers=False)
+        self.averaged_model.requires_grad_(False)
+        self.averaged_model.update_parameters(self.model)
+        self.ema = self.averaged_model.module
         opt_kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
         self.optimizer = torch.optim.AdamW(self.params, **opt_kw) if cfg.weight_decay > 0 else torch.optim.Adam(self.params, **opt_kw)
 
@@ -399,7 +444,24 @@ class Trainer:
         self.out_dir = Path(os.path.expanduser(cfg.out_dir)) if cfg.out_dir else None
         if ckpt is not None:
             self._restore(ckpt)
+        self._build_scheduler(ckpt)
         self._wrap_data_parallel()
+
+    def _build_scheduler(self, ckpt) -> None:
+        """``self.scheduler``: a LambdaLR of :func:`lr_factor` under this run's config, at ``self.step``.
+
+        The schedule is a function of (config, step), so a resumed run builds it at its step rather than
+        loading the saved one: a resume that changes ``steps`` follows the new cosine from its first step
+        (the saved state would hold the old one's current rate). A version 2 checkpoint's scheduler state is
+        only checked against the step; version 1 checkpoints have none."""
+        cfg = self.config
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = cfg.lr  # the base rate (a restored group's "lr" is the last scheduled one)
+        self.scheduler = LambdaLR(self.optimizer, functools.partial(lr_factor, cfg), last_epoch=self.step - 1)
+        saved = ckpt.get("scheduler") if ckpt is not None else None
+        if saved is not None and saved.get("last_epoch") != self.step:
+            raise CheckpointError(f"checkpoint {ckpt['path']} has a scheduler at step {saved.get('last_epoch')!r} "
+                                  f"but is at step {self.step}")
 
     @staticmethod
     def _check_resume(saved: TrainConfig, cfg: TrainConfig, path: str) -> None:
@@ -418,8 +480,13 @@ class Trainer:
         cfg, path = self.config, ckpt["path"]
         if tuple(ckpt.get("data_shape") or ()) != self.data_shape:
             raise CheckpointError(f"checkpoint {path} is for data of shape {ckpt.get('data_shape')}, not {self.data_shape}")
+        if ckpt.get("version", 1) >= 2 and ("ema_n_averaged" not in ckpt or "scheduler" not in ckpt):
+            raise CheckpointError(f"checkpoint {path} (version {ckpt['version']}) is incomplete: no EMA count or "
+                                  "scheduler state")
         _load_state(self.model, ckpt["model"], "weights", path, cfg)
         _load_state(self.ema, ckpt["ema"], "EMA weights", path, cfg)
+        # Version 1 checkpoints hold no count: the EMA started as a copy (1) and averaged once per step.
+        self.averaged_model.n_averaged.fill_(int(ckpt.get("ema_n_averaged", int(ckpt["step"]) + 1)))
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             rng = ckpt["rng"]
@@ -502,10 +569,9 @@ class Trainer:
             D.allreduce_gradients(self.params, self.dist.world_size)
         clip = cfg.grad_clip if cfg.grad_clip else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
-        lr = lr_at(cfg, self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = self.scheduler.get_last_lr()[0]  # lr_at(cfg, self.step), set by the scheduler's last step
         self.optimizer.step()
+        self.scheduler.step()
         self._update_ema()
         self.step += 1
         out = dict(info)
@@ -516,12 +582,7 @@ class Trainer:
 
     @torch.no_grad()
     def _update_ema(self) -> None:
-        d = min(self.config.ema_decay, (1 + self.step) / (10 + self.step))
-        ema_p = [p for p in self.ema.parameters()]
-        src_p = [p for p in self.model.parameters()]
-        torch._foreach_lerp_(ema_p, src_p, 1.0 - d)
-        for be, bm in zip(self.ema.buffers(), self.model.buffers()):
-            be.copy_(bm)
+        self.averaged_model.update_parameters(self.model)
 
     # ------------------------------------------------------------------ outputs
     def state_dict(self) -> dict:
@@ -547,7 +608,9 @@ class Trainer:
             "step": self.step,
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict(),
+            "ema_n_averaged": int(self.averaged_model.n_averaged),
             "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
             "rng": {"stream": self.stream.get_state(), "ranks": ranks},
             "world_size": self.dist.world_size,
             "replica_digests": replicas,
@@ -707,7 +770,8 @@ def train(config: TrainConfig | dict | None = None, resume=None, model=None, **o
 
 __all__ = [
     "TrainConfig", "Trainer", "train", "validate_config", "available_methods", "default_sampler",
-    "build_network", "read_checkpoint", "load_model", "generate", "paired_split", "lr_at",
+    "build_network", "read_checkpoint", "load_model", "generate", "paired_split", "lr_at", "lr_factor",
+    "ema_decay_at", "ema_multi_avg_fn",
     "ConfigError", "CheckpointError", "TrainingDiverged", "DatasetError", "RESUMABLE_OVERRIDES",
     "MANUAL_ALLREDUCE_METHODS",
 ]
