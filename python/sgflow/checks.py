@@ -1,7 +1,19 @@
-"""Input validation shared by the losses, samplers and dual ops: clear errors instead of wrong numbers."""
+"""Input validation shared by the losses, samplers and dual ops: clear errors instead of wrong numbers.
+
+Checks of types, shapes, dtypes and devices are static and cost nothing under ``torch.compile``. The
+checks of values (times finite, in [0, 1], t <= u) need the data: eagerly they raise ``ValueError``
+naming the first offending sample; while ``torch.compile`` traces them (:func:`_compiling`) they are
+``torch._assert_async`` ops instead (a ``RuntimeError`` with a fixed message), because a Python
+``bool`` / ``.item()`` of a tensor would break the graph (tests/test_compile.py counts the breaks).
+"""
 from __future__ import annotations
 
 import torch
+
+
+def _compiling() -> bool:
+    """True while dynamo traces the caller (``torch.compile``, ``torch._dynamo.explain``, export)."""
+    return torch.compiler.is_compiling()
 
 
 def check_data(x: torch.Tensor, name: str = "x1") -> None:
@@ -38,6 +50,10 @@ def check_times(t: torch.Tensor, batch: int, ref: torch.Tensor, name: str = "t")
         raise ValueError(f"{name} must have shape [{batch}] (one time per sample), got {tuple(t.shape)}")
     if t.device != ref.device:
         raise ValueError(f"{name} is on {t.device} but the data is on {ref.device}")
+    if _compiling():
+        torch._assert_async(torch.isfinite(t).all(), f"{name} must be finite")
+        torch._assert_async(((t >= 0) & (t <= 1)).all(), f"{name} must lie in [0, 1]")
+        return
     bad = ~torch.isfinite(t)
     if bool(bad.any()):
         # Comparisons with NaN are false, so the range check below would let a NaN time through.
@@ -51,6 +67,9 @@ def check_time_pair(t: torch.Tensor, u: torch.Tensor, batch: int, ref: torch.Ten
     """Flow-map times: both [B], 0 <= t <= u <= 1 elementwise."""
     check_times(t, batch, ref, "t")
     check_times(u, batch, ref, "u")
+    if _compiling():
+        torch._assert_async((t <= u).all(), "flow maps go forward in time: need t <= u")
+        return
     bad = t > u
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])

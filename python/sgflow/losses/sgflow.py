@@ -39,7 +39,9 @@ class SGFlowRows:
 
     index: [R] batch index of each row; first: [R] bool, True for a first-term row; t_dot: [R] time
     tangent (1 for the first term, 0 for the second); x_dot: [R, *D] x tangent.
-    v_hat: [S, *D] the detached diagonal velocity f~(t, t, X_t) of the second-term rows (S of them).
+    v_hat: [S, *D] the detached diagonal velocity f~(t, t, X_t) of the second-term rows (S of them);
+    with ``aligned`` (rows built under ``torch.compile``): [R, *D], one per row, the first-term rows'
+    entries computed but unused (see :func:`sgflow_rows`).
     """
 
     index: torch.Tensor
@@ -47,10 +49,19 @@ class SGFlowRows:
     t_dot: torch.Tensor
     x_dot: torch.Tensor
     v_hat: torch.Tensor
+    aligned: bool = False
 
 
 def sgflow_rows(model, b: Batch, split: torch.Tensor | None, both_terms: bool, split_fraction: float, generator) -> SGFlowRows:
-    """Assign each sample its JVP direction(s) and compute sg[f~(t, t, X_t)] where needed."""
+    """Assign each sample its JVP direction(s) and compute sg[f~(t, t, X_t)] where needed.
+
+    Eagerly sg[f~(t, t, X_t)] is evaluated on the second-term rows only (a boolean-mask selection,
+    whose size depends on the split). While ``torch.compile`` traces this, shapes must not depend on
+    data, so it is evaluated on the whole batch instead and used on the second-term rows only
+    (:func:`_aligned_rows`): the same numbers for any network whose output for one sample does not
+    depend on the others in the batch (all of ``sgflow.nn``; not a training-mode BatchNorm, whose
+    statistics then span the whole batch).
+    """
     batch = b.x1.shape[0]
     if both_terms:
         if split is not None:
@@ -65,6 +76,8 @@ def sgflow_rows(model, b: Batch, split: torch.Tensor | None, both_terms: bool, s
         check_split(split, batch, b.x1)
         index = torch.arange(batch, device=b.x1.device)
         first = split
+    if torch.compiler.is_compiling():
+        return _aligned_rows(model, b, index, first)
     second_idx = index[~first]
     xdot = b.xdot[index]
     if second_idx.numel():
@@ -80,13 +93,56 @@ def sgflow_rows(model, b: Batch, split: torch.Tensor | None, both_terms: bool, s
     return SGFlowRows(index=index, first=first, t_dot=t_dot, x_dot=x_dot, v_hat=v_hat)
 
 
+def _aligned_rows(model, b: Batch, index: torch.Tensor, first: torch.Tensor) -> SGFlowRows:
+    """:func:`sgflow_rows` with data-independent shapes (for ``torch.compile``: no graph break).
+
+    sg[f~(t, t, X_t)] of every sample, gathered per row (``index`` is fixed-size), and the second-term
+    tangent Xdot_t - v_hat selected by ``torch.where``: the eager rows' x_dot exactly.
+    """
+    with torch.no_grad():
+        v_all = check_model_output(model(b.t, b.t, b.xt), b.xt, "model(t, t, x)").detach()
+    v_hat = v_all[index]
+    xdot = b.xdot[index]
+    x_dot = torch.where(bcast(first, xdot), xdot, xdot - v_hat)
+    return SGFlowRows(index=index, first=first, t_dot=first.to(b.x1.dtype), x_dot=x_dot, v_hat=v_hat, aligned=True)
+
+
+def _reduce_aligned(per_row: torch.Tensor, rows: SGFlowRows, b: Batch):
+    """:func:`reduce_sgflow` by masked sums over all rows, row counts as tensors (no graph break).
+
+    Each term is its rows' sum over max(count, 1): the mean of its rows, 0 for an empty term.
+    """
+    first = rows.first
+    zero = per_row.new_zeros(())
+    n1 = first.sum()
+    n2 = first.numel() - n1
+    term1 = torch.where(first, per_row, zero).sum() / n1.clamp(min=1).to(per_row.dtype)
+    term2 = torch.where(first, zero, per_row).sum() / n2.clamp(min=1).to(per_row.dtype)
+    loss = term1 - term2
+    with torch.no_grad():
+        diag = mean_sq(b.xdot[rows.index] - rows.v_hat)
+        diag_fm = torch.where(first, zero, diag).sum() / n2.clamp(min=1).to(diag.dtype)
+    info = {
+        "loss": loss.detach(),
+        "term1": term1.detach(),
+        "term2": term2.detach(),
+        "diag_fm": diag_fm,
+        "n_first": n1,
+        "n_second": n2,
+    }
+    return loss, info
+
+
 def reduce_sgflow(jvp_f: torch.Tensor, rows: SGFlowRows, b: Batch):
     """loss = mean over first-term rows of ||JVP||^2 - mean over second-term rows of ||JVP||^2.
 
     Averaging each term over its own rows keeps the estimate unbiased for L_sg (given how many rows
-    each term got); an empty term contributes 0.
+    each term got); an empty term contributes 0. Rows built under ``torch.compile``
+    (``rows.aligned``) are reduced by masked sums instead of boolean-mask selections: the same loss.
     """
     per_row = mean_sq(jvp_f)
+    if rows.aligned:
+        return _reduce_aligned(per_row, rows, b)
     zero = per_row.new_zeros(())
     n1, n2 = int(rows.first.sum()), int((~rows.first).sum())
     term1 = per_row[rows.first].mean() if n1 else zero
@@ -264,7 +320,7 @@ def flow_map_jvp(
         jvp: ``"forward"`` (``torch.func.jvp``), ``"double_vjp"`` (:func:`double_vjp_jvp`) or
             ``"auto"``: forward, switching to double_vjp, with a warning once per model, when torch
             reports an op (or an ``autograd.Function``) without a forward-mode rule. After a switch
-            the failed attempt's RNG draws and buffer updates are undone.
+            the failed attempt's RNG draws and buffer updates are undone (not under ``torch.compile``).
         decompose: run the model under :func:`sgflow.decompose.decomposed` (normalisation and
             attention from primitive ops: their higher-order derivatives are right).
 
@@ -285,7 +341,9 @@ def flow_map_jvp(
         reason = None
         if status in (None, "ok"):
             # Buffers are saved only until forward AD has worked once for this model (cheap after).
-            state = _snapshot(model, x.device, with_buffers=status is None)
+            # Not while torch.compile traces: dynamo breaks the graph on reading the RNG state; a
+            # switch there keeps the failed attempt's draws and buffer updates.
+            state = None if torch.compiler.is_compiling() else _snapshot(model, x.device, with_buffers=status is None)
             try:
                 out = torch.func.jvp(fn, primals, tangents)
             except (RuntimeError, NotImplementedError) as err:
@@ -297,7 +355,8 @@ def flow_map_jvp(
                     entry[bool(decompose)] = "ok"
                 return out
             # Outside the except block: the failed attempt's frames (and tensors) are released.
-            _restore(state, x.device)
+            if state is not None:
+                _restore(state, x.device)
             if entry is not None:
                 entry[bool(decompose)] = reason
             warnings.warn(
