@@ -10,8 +10,8 @@ What is compiled, and why each case is here:
 * Training: ``sgflow.fused_loss`` (primal and tangent through the network's dual forward), compiled
   as one graph, must give eager's loss, diagnostics and parameter gradients (backward through the
   AOTAutograd backward graph): the ``"mlp"`` network on 2-D data with ``aot_eager`` and ``inductor``,
-  and a small U-Net at 8x8 with ``aot_eager`` (torch backend of the dual ops, no recomputation: the
-  configuration whose dual forward traces as one graph). Compiled, the loss evaluates sg[f~(t, t, X_t)]
+  and a small U-Net at 8x8 with ``aot_eager`` (torch backend without recomputation, and the default
+  backend with recomputed attention blocks: both trace as one graph). Compiled, the loss evaluates sg[f~(t, t, X_t)]
   on the whole batch and reduces by masked sums (``sgflow.losses.sgflow._aligned_rows``) instead of
   boolean-mask row selections; the same values are checked eagerly too, for the edge cases of the split
   (all rows one term, both terms), without a compile. The value checks of the inputs become
@@ -219,9 +219,13 @@ def test_fused_step_compiled_mlp(backend):
         step(model, x1, {**kw, "t": t_nan})
 
 
-def test_fused_step_compiled_unet():
+@pytest.mark.parametrize("backend,recompute", [("torch", "none"), (None, "attention")],
+                         ids=["torch-norecompute", "default-backend-recompute-attention"])
+def test_fused_step_compiled_unet(backend, recompute):
+    """One graph (fullgraph=True) for the whole fused step: the default backend's registered ops (C++ where
+    built) and recomputed attention blocks (torch.utils.checkpoint) included."""
     torch.manual_seed(0)
-    model, shape = _nn_model("tiny", **SMALL_UNET, backend="torch", recompute="none")
+    model, shape = _nn_model("tiny", **SMALL_UNET, backend=backend, recompute=recompute)
     x1, kw = _inputs(shape, batch=4)
     step = torch.compile(_fused, backend="aot_eager", fullgraph=True)
     _assert_same_step(_loss_and_grads(step, model, x1, kw), _loss_and_grads(_fused, model, x1, kw), rtol=1e-5)
@@ -397,17 +401,9 @@ def test_no_loss_side_graph_break_whatever_the_network(name):
     _assert_same_step(got, want, rtol=1e-5)
 
 
-# The dual forward's breaks, by network, as measured with torch 2.13 (CPU): the xfails' reasons.
-_RECOMPUTE_BREAKS = (
-    "PyTorch limitation: the recomputed attention block (sgflow/ops/recompute.py) reads the RNG state "
-    "(torch.get_rng_state, to replay dropout masks in backward), which dynamo marks as skipped and breaks the "
-    "graph on by design (pytorch/pytorch#109410; the same limit as activation checkpointing, #96118): 4 "
-    "reasons, 10 graph breaks. recompute='none' traces as one graph (test_fused_step_compiled_unet)")
-_CPP_EXT_BREAKS = (
-    "sgflow.ops, not PyTorch: with the C++ extension built (the default backend then), its lazy loader "
-    "(cpp_ext._load, an lru_cache that dynamo inlines) calls torch.library.register_fake under the trace, "
-    "which dynamo marks as skipped: a break at every GroupNorm-SiLU stage (7 reasons, 18 graph breaks); without "
-    "the extension the breaks are those of nn-unet-torch")
+# The dual forward's breaks, by network, as measured with torch 2.13 (CPU): the xfail's reason. (The U-Nets'
+# former breaks, the C++ extension's lazy fake registration and the RNG capture of the recomputed blocks, are
+# gone: registration is cached outside dynamo's view and blocks without random draws skip the RNG.)
 _AUTODUAL_BREAKS = (
     "sgflow.autodual, not PyTorch: dual_call tests each tangent with bool(t.any()) (_zero_tangent: a "
     "data-dependent Tensor.item(), 3 reasons) and function_hook, the context manager that swaps "
@@ -417,8 +413,8 @@ _AUTODUAL_BREAKS = (
 
 @pytest.mark.parametrize("name", [
     "nn-mlp",
-    pytest.param("nn-unet", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=_CPP_EXT_BREAKS)),
-    pytest.param("nn-unet-torch", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=_RECOMPUTE_BREAKS)),
+    "nn-unet",  # C++ backend (where built): the ops are registered torch.library ops
+    "nn-unet-torch",  # recomputed attention blocks: torch.utils.checkpoint without RNG replay
     pytest.param("testnets-mlp", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=_AUTODUAL_BREAKS)),
 ])
 def test_dual_forward_graph_breaks(name):

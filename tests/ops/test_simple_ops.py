@@ -373,3 +373,31 @@ def test_weight_grad_bf16_one_stacked_product(op):
     print(f"{op} dW bf16: stacked {err:.3e}, two products {err_old:.3e}, exact-rounded {exact:.3e}")
     assert err <= 1.2 * exact, f"bf16 dW error {err:.3g} vs exact-rounded {exact:.3g}"
     assert err <= err_old
+
+
+def test_recompute_dual_finds_unlisted_parameters_and_replays_dropout():
+    """recompute_dual (torch.utils.checkpoint underneath) gives every tensor the block reads its gradient,
+    listed in ``params`` or not (it used to give an unlisted parameter grad=None without a word), and
+    replays the block's dropout mask in the recomputation."""
+    from sgflow.ops.recompute import recompute_dual
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    xd = torch.randn(5, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, generator=gen, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(7, generator=gen, dtype=torch.float64, requires_grad=True)  # never listed
+
+    def block(a, a_dot):
+        mask = (torch.rand(a.shape, dtype=a.dtype) > 0.3).to(a.dtype)
+        return torch.tanh(a * w + v) * mask, (1 - torch.tanh(a * w + v) ** 2) * w * a_dot * mask
+
+    grads = []
+    for run in (block, lambda a, a_dot: recompute_dual(block, a, a_dot, params=[w])):
+        torch.manual_seed(11)
+        y, y_dot = run(x, xd)
+        grads.append(torch.autograd.grad(y.square().sum() + y_dot.square().sum(), (x, xd, w, v)))
+    for name, a, r in zip(("x", "x_dot", "w", "v"), *grads):
+        assert r.abs().max() > 0, name
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=0, msg=name)
+    with pytest.raises(TypeError, match="params must be tensors"):
+        recompute_dual(block, x, xd, params=["w"])

@@ -96,7 +96,10 @@ class ResBlock(nn.Module):
 
     def dual(self, x, x_dot, emb, emb_dot):
         if self.recompute:
-            return recompute_dual(self._dual, x, x_dot, list(self.parameters()), (emb, emb_dot))
+            # Only a training-mode dropout draws: replaying the RNG otherwise costs a graph break under compile.
+            draws = self.training and self.stage2.dropout > 0
+            return recompute_dual(self._dual, x, x_dot, list(self.parameters()), (emb, emb_dot),
+                                  preserve_rng_state=draws)
         return self._dual(x, x_dot, emb, emb_dot)
 
     def _dual(self, x, x_dot, emb, emb_dot):
@@ -152,7 +155,7 @@ class AttnBlock(nn.Module):
 
     def dual(self, x, x_dot):
         if self.recompute:
-            return recompute_dual(self._dual, x, x_dot, list(self.parameters()))
+            return recompute_dual(self._dual, x, x_dot, list(self.parameters()), preserve_rng_state=False)  # no draws
         return self._dual(x, x_dot)
 
     def _dual(self, x, x_dot):

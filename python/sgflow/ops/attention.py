@@ -75,14 +75,13 @@ the torch backend (:func:`_torch_forward`, :func:`_torch_backward`, chunked over
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from sgflow.ops.backend import autocast_dual, resolve_backend
-from sgflow.ops.library import register_loop_vmap
+from sgflow.ops.library import once as _once, register_loop_vmap
 from sgflow_kernels.dtypes import acc_dtype as _acc_dtype
 
 __all__ = ["attention_dual_ref", "AttentionDual", "attention_dual"]
@@ -296,7 +295,7 @@ register_loop_vmap(_fwd_torch_op)
 register_loop_vmap(_bwd_torch_op)
 
 
-@functools.lru_cache(maxsize=None)
+@_once
 def _triton_ops():
     """Register the Triton launchers as ``sgflow::attention_dual_{fwd,bwd}_triton`` (on first use)."""
     from sgflow_kernels import attention as K
@@ -429,3 +428,12 @@ def attention_dual(q, k, v, q_dot, k_dot, v_dot, scale=None, backend=None):
     if chosen == "cuda":
         chosen = "triton"
     return AttentionDual.apply(q, k, v, q_dot, k_dot, v_dot, scale, chosen)[:2]
+
+
+# On a CUDA machine (Triton the default there) register the Triton ops at import: a first registration
+# inside a torch.compile trace is a graph break.
+if torch.cuda.is_available():
+    from sgflow.ops.backend import triton_available as _triton_available
+
+    if _triton_available():
+        _triton_ops()

@@ -19,6 +19,8 @@ import os
 
 import torch
 
+from sgflow.ops.library import once
+
 BACKENDS = ("torch", "triton", "cpp", "cuda")
 
 # Ops (their `op=` names in resolve_backend) that have kernels in the C++ extension (csrc/).
@@ -36,7 +38,7 @@ AUTO_BACKENDS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@once
 def triton_available() -> bool:
     """True when ``import triton`` works (it is a dependency, but keep CPU installs robust)."""
     try:

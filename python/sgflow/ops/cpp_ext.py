@@ -12,7 +12,6 @@ why, and sgflow runs on its torch / Triton backends.
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 
 import torch
@@ -24,9 +23,23 @@ __all__ = [
 _REBUILD = "reinstall with `pip install -v --no-build-isolation -e .` (needs a C++ compiler) to build it"
 
 
-@functools.lru_cache(maxsize=None)
+_LOADED: tuple | None = None
+
+
 def _load():
-    """(module, None) or (None, reason)."""
+    """(module, None) or (None, reason), computed once.
+
+    Cached in a module global, not functools.lru_cache: torch.compile inlines an lru_cache'd function's
+    body on every trace (re-running the fake registration, a graph break), while it reads a global as a
+    constant.
+    """
+    global _LOADED
+    if _LOADED is None:
+        _LOADED = _load_uncached()
+    return _LOADED
+
+
+def _load_uncached():
     if importlib.util.find_spec("sgflow._C") is None:
         return None, f"sgflow._C is not built (the install skipped it or its build failed); {_REBUILD}"
     try:

@@ -34,7 +34,6 @@ for fp16/bf16/fp32 inputs and fp64 for fp64 inputs; all arithmetic runs in that 
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional, Sequence
 
 import torch
@@ -42,7 +41,7 @@ from torch.autograd.function import once_differentiable
 import torch.nn.functional as F
 
 from sgflow.ops.backend import autocast_dual, resolve_backend
-from sgflow.ops.library import register_loop_vmap
+from sgflow.ops.library import once as _once, register_loop_vmap
 from sgflow_kernels.dtypes import acc_dtype as _acc_dtype
 
 __all__ = [
@@ -405,7 +404,7 @@ for _op in (_gn_fwd_torch_op, _gn_bwd_torch_op):
     register_loop_vmap(_op)
 
 
-@functools.lru_cache(maxsize=None)
+@_once
 def _triton_ops():
     """Register the Triton launchers as ``sgflow::gn_silu_dual_{fwd,fwd_out,bwd}_triton`` (on first use).
 
@@ -452,7 +451,7 @@ def _bwd_none(op):
     return call
 
 
-@functools.lru_cache(maxsize=None)
+@_once
 def _cpp_ops():
     """The C++ ops of sgflow._C (loaded on first use; cpp_ext adds their fakes and autograd formula)."""
     from sgflow.ops import cpp_ext
@@ -460,6 +459,17 @@ def _cpp_ops():
     if cpp_ext.load() is None:
         raise RuntimeError(cpp_ext.reason())
     return torch.ops.sgflow
+
+
+def _register_eagerly() -> None:
+    """Load the C++ ops (30 ms) and, on a CUDA machine, the Triton ops at import: a first registration
+    inside a torch.compile trace is a graph break (dynamo does not trace torch.library registration)."""
+    from sgflow.ops import cpp_ext
+    from sgflow.ops.backend import triton_available
+
+    cpp_ext.load()
+    if torch.cuda.is_available() and triton_available():
+        _triton_ops()
 
 
 def ops_for(backend: str):
@@ -810,3 +820,6 @@ def gn_silu_conv_dual(
     be = _op_backend(x, backend)
     return GNSiLUConvDual.apply(x, x_dot, gn_weight, gn_bias, conv_weight, conv_bias, num_groups, float(eps),
                                 pad, mask, drop_scale, be)[:2]
+
+
+_register_eagerly()

@@ -7,9 +7,28 @@ The dual ops are whole-tensor kernels (one launch per layer), so vmapping over t
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
-__all__ = ["register_loop_vmap"]
+__all__ = ["once", "register_loop_vmap"]
+
+
+def once(fn):
+    """Cache ``fn()`` (no arguments) after its first call, e.g. a lazy op registration.
+
+    Unlike ``functools.lru_cache``, whose body torch.compile inlines and re-runs on every trace (a
+    registration there is a graph break), the cached value sits in a dict that dynamo reads as a constant.
+    """
+    cache: dict = {}
+
+    @functools.wraps(fn)
+    def wrapper():
+        if "value" not in cache:
+            cache["value"] = fn()
+        return cache["value"]
+
+    return wrapper
 
 
 def register_loop_vmap(op) -> None:
