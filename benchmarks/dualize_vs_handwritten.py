@@ -6,7 +6,8 @@ affects every variant alike; medians and ratios from the same run, JSON results.
 
 Variants: ``fm`` (flow_matching_loss), ``hand`` (fused_loss with the network's dual_forward), ``dual``
 (fused_loss on sgflow.dualize(model): every block recomputed in backward), ``dual_noblocks``
-(sgflow.dualize(model, blocks="none")), ``dual_attn`` (only attention blocks recomputed). Each step is forward + backward (no optimizer step); wall time
+(sgflow.dualize(model, blocks="none")), ``dual_attn`` (only attention blocks recomputed), ``dual_savemm``
+(every block recomputed except its convolution / matmul outputs, which are saved). Each step is forward + backward (no optimizer step); wall time
 and process CPU time are both reported. ``--peak`` adds one step under PeakTensorBytes per variant.
 """
 from __future__ import annotations
@@ -46,6 +47,8 @@ def main(argv=None):
         "dual_noblocks": (sgflow.fused_loss, sgflow.dualize(model, blocks="none")),
         # Only the attention blocks recomputed, as the hand-written path does by default.
         "dual_attn": (sgflow.fused_loss, sgflow.dualize(model, blocks=[AttnBlock])),
+        # Every block recomputed, but the convolution / matmul outputs saved (selective checkpointing).
+        "dual_savemm": (sgflow.fused_loss, sgflow.dualize(model, save="matmul")),
     }
     names = args.variants.split(",")
 

@@ -39,6 +39,7 @@ from typing import Optional, Sequence
 import torch
 from torch.autograd.function import once_differentiable
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from sgflow.ops.backend import autocast_dual, resolve_backend
 from sgflow.ops.library import once as _once, register_loop_vmap
@@ -590,7 +591,10 @@ class GNSiLUConvDual(torch.autograd.Function):
             out = F.conv2d(act, conv_weight, None, 1, padding)
         del act
         if conv_bias is not None:
-            out[:B] += conv_bias.view(1, -1, 1, 1)
+            if _get_current_dispatch_mode() is None:
+                out[:B] += conv_bias.view(1, -1, 1, 1)  # nothing else holds `out`: no extra activation
+            else:  # a dispatch mode (selective checkpointing's cache) may hold `out`: never mutate it
+                out = torch.cat([out[:B] + conv_bias.view(1, -1, 1, 1), out[B:]])
         return out[:B], out[B:], stats
 
     @staticmethod
