@@ -700,6 +700,31 @@ def test_selective_save_matmul_equals_reference_float64(make, shape):
     assert any("fused stage" in kind for kind in fused_model.last_report.rows.values()), "the stage rule did not run"
 
 
+@pytest.mark.parametrize("blocks", ["auto", "none"])
+def test_sgflow_nn_dropout_stage_fuses_and_equals_reference(blocks):
+    """sgflow.nn's stage draws its own dropout mask and applies it with sgflow.ops.apply_dropout_mask:
+    dualized, GroupNorm -> SiLU -> mask -> Conv2d runs as ONE fused stage op with that mask (before, the
+    mask product and the conv's stacked input were kept for backward), and the gradients equal the
+    reference in train mode (the same masks on both paths, replayed in recomputed blocks)."""
+    torch.manual_seed(SEED)
+    model = _sgflow_nn("tiny", (3, 8, 8), dropout=0.3, zero_init=False).double().train()
+    fused_model = sgflow.dualize(model, blocks=blocks)
+    batch = gen_batch((3, 3, 8, 8), seed=14, both_terms=False)
+    x1, kw = batch
+    torch.manual_seed(123)
+    loss_ref, _ = sgflow.sgflow_loss(model, x1, **kw)
+    params = list(model.parameters())
+    g_ref = torch.autograd.grad(loss_ref, params)
+    torch.manual_seed(123)
+    loss_f, _ = sgflow.fused_loss(fused_model, x1, **kw)
+    g_f = torch.autograd.grad(loss_f, params)
+    assert rel_err(loss_f, loss_ref) < 1e-10
+    assert rel_err(_flat(g_f, params), _flat(g_ref, params)) < 1e-10
+    rows = fused_model.last_report.rows
+    stage2 = {path: kind for (path, op), kind in rows.items() if path.endswith("stage2.conv")}
+    assert stage2 and all("fused stage" in k for k in stage2.values()), stage2
+
+
 AUDITED = [
     pytest.param(lambda: testnets.build("adm", (3, 8, 8)), (3, 3, 8, 8), id="adm"),
     pytest.param(lambda: testnets.build("dit", (3, 8, 8)), (3, 3, 8, 8), id="dit"),

@@ -133,7 +133,14 @@ def recompute_op(fn, *inputs):
 
 
 def meta(func, args, kwargs):
-    """Shape/dtype/device queries: answered by the primal, no tangent."""
+    """Shape/dtype/device queries: answered by the primal, no tangent. A lazy node answers the ones its
+    storage-less wrapper knows itself, without being materialised (a dropout mask drawn from
+    ``h.shape``, ``h.device`` must not break the fusion of ``h`` into a following op)."""
+    from sgflow.autodual.attention import LazyDual
+
+    if args and isinstance(args[0], LazyDual) and args[0]._cache is None and func in _LAZY_SAFE_META:
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
     return func(*unwrap_primals(args), **unwrap_primals(kwargs))
 
 
@@ -906,6 +913,10 @@ _META_GETTERS = [
     "names", "is_sparse", "is_quantized", "is_mps", "is_xpu", "itemsize", "nbytes", "grad", "_version", "output_nr",
     "is_nested", "_base", "is_mkldnn", "is_xla",
 ]
+# Metadata a lazy node's wrapper holds itself (shape, dtype and device are those of its result).
+_LAZY_SAFE_META = frozenset(_getters(["shape", "dtype", "device", "ndim", "is_cuda", "is_cpu", "layout", "itemsize"])
+                            + _fns(["size", "dim", "numel", "nelement", "ndimension", "is_floating_point",
+                                    "is_complex", "element_size", "get_device", "__len__"], _T))
 _CONTROL_FLOW = ["__bool__", "item", "tolist", "__int__", "__float__", "__index__", "__complex__", "numpy", "__array__", "__nonzero__"]
 _NONDIFF_NAMES = [
     "zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "randint_like",
@@ -1111,6 +1122,33 @@ def _gn_silu_dropout(x, p):
     return LazyDual(x._lazy_shape, x._like, "gn_silu", parts, materialize)
 
 
+def _dropout_mask_rule(func, args, kwargs):
+    """sgflow.ops.apply_dropout_mask(h, mask, p): on a lazy GroupNorm+SiLU node it stays lazy, carrying the
+    mask, so that a following conv runs the fused stage with it; otherwise a product with the constant
+    multiplier mask / (1 - p) (the same mask for both streams)."""
+    from sgflow.autodual.attention import LazyDual
+
+    b = _bind(args, kwargs, ("h", "mask", "p"), {})
+    h, mask, p = b["h"], b["mask"], float(b["p"])
+    if isinstance(mask, DualTensor):
+        raise fail(func, "the dropout mask must not depend on the dual inputs")
+    if (isinstance(h, LazyDual) and h._cache is None and h._kind == "gn_silu" and h._parts["p"] == 0
+            and mask.dtype == torch.bool and tuple(mask.shape) == tuple(h._lazy_shape) and 0.0 < p < 1.0):
+        parts = dict(h._parts, p=p, mask=mask)
+        mat = h._materialize
+
+        def materialize():
+            return _dropout_mask_rule(func, (mat(), mask, p), {})
+
+        return LazyDual(h._lazy_shape, h._like, "gn_silu", parts, materialize)
+    if not isinstance(h, DualTensor):
+        return func(h, mask, p)
+    hp = h._primal
+    y = func(hp, mask, p)
+    m = mask.to(hp.dtype) * (1.0 / (1.0 - p))
+    return make_dual(y, h._tangent.to(hp.dtype) * m)
+
+
 def _gn_silu_conv(x, w, bias, conf):
     """The GroupNorm -> SiLU -> (Dropout) -> Conv2d stage as the fused dual op (saves only the stage
     input, its tangent and the group statistics), or None where the conv does not fit it."""
@@ -1130,7 +1168,7 @@ def _gn_silu_conv(x, w, bias, conf):
 
     y, yd = gn_silu_conv_dual(xp, src._tangent.to(xp.dtype), parts["w"], parts["b"], parts["g"], w, bias,
                               tuple(pad), eps=float(parts["eps"]), dropout_p=float(parts["p"]),
-                              training=parts["p"] > 0)
+                              training=parts["p"] > 0, dropout_mask=parts.get("mask"))
     note_rule("rule:group_norm+silu+conv (fused stage op)")
     return make_dual(y, yd)
 
@@ -1181,6 +1219,9 @@ def _install():
     register([F.softmax, torch.softmax, _T.softmax, torch.special.softmax], "rule:softmax")(_softmax_rule)
     register([F.log_softmax, torch.log_softmax, _T.log_softmax, torch.special.log_softmax], "rule:softmax")(_log_softmax_rule)
     register([F.dropout, F.dropout1d, F.dropout2d, F.dropout3d], "rule:dropout")(_dropout_rule)
+    from sgflow.ops.groupnorm_silu import apply_dropout_mask
+
+    register([apply_dropout_mask], "rule:dropout")(_dropout_mask_rule)
     register(list(_CONV_NDIM), "rule:conv-stacked")(_conv_rule)
     register([F.linear, torch._C._nn.linear], "rule:linear-stacked")(_linear_rule)
     register([F.group_norm, torch.group_norm], "rule:group_norm")(_group_norm_rule)

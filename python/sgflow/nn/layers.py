@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from sgflow.ops.activation import silu_dual
 from sgflow.ops.conv import conv2d_dual
 from sgflow.ops.groupnorm import groupnorm_dual
-from sgflow.ops.groupnorm_silu import gn_silu_conv_dual
+from sgflow.ops.groupnorm_silu import apply_dropout_mask, gn_silu_conv_dual
 from sgflow.ops.linear import linear_dual
 
 __all__ = [
@@ -128,7 +128,7 @@ class GNSiLUConv(nn.Module):
         h = F.silu(self.norm(x))
         mask = self._mask(h)
         if mask is not None:
-            h = h * (mask.to(h.dtype) * (1.0 / (1.0 - self.dropout)))
+            h = apply_dropout_mask(h, mask, self.dropout)  # dualize() fuses it into the stage
         return self.conv(h)
 
     def dual(self, x, x_dot):

@@ -52,6 +52,7 @@ __all__ = [
     "groupnorm_silu_dual",
     "gn_silu_conv_dual",
     "make_dropout_mask",
+    "apply_dropout_mask",
 ]
 
 
@@ -739,6 +740,25 @@ def make_dropout_mask(shape: Sequence[int], p: float, device=None,
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """Bool keep-mask of ``shape``: each entry kept (True) with probability ``1 - p``."""
     return torch.empty(tuple(shape), dtype=torch.bool, device=device).bernoulli_(1.0 - p, generator=generator)
+
+
+def apply_dropout_mask(h: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
+    """Dropout with a given keep-mask: ``h * mask / (1 - p)`` (h: any shape; mask: bool, h's shape).
+
+    For a network's plain forward that draws its own mask (so that a second path can reuse it). It is
+    overridable by ``__torch_function__`` subclasses (``torch.overrides.handle_torch_function``): under
+    ``sgflow.dualize``, ``conv(apply_dropout_mask(silu(group_norm(x)), mask, p))`` runs as one fused
+    GroupNorm -> SiLU -> Dropout -> Conv2d stage with this mask, where ``h * mask`` would be an opaque
+    product (its float multiplier and the conv's input saved for backward).
+    """
+    if torch.overrides.has_torch_function((h, mask)):
+        return torch.overrides.handle_torch_function(apply_dropout_mask, (h, mask), h, mask, p)
+    if mask.dtype != torch.bool or mask.shape != h.shape:
+        raise ValueError(f"apply_dropout_mask: mask must be a bool tensor of shape {tuple(h.shape)}, "
+                         f"got {mask.dtype} {tuple(mask.shape)}")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"apply_dropout_mask: p must be in [0, 1), got {p}")
+    return h * (mask.to(h.dtype) * (1.0 / (1.0 - p)))
 
 
 def _conv_padding(padding, k: tuple[int, int]) -> tuple[int, int]:
