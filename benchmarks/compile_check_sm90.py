@@ -92,8 +92,9 @@ def check_attention(target, quick):
     dims = [64] if quick else [64, 128]
     flags = [(True, True)] if quick else [(True, True), (True, False), (False, True)]
     for (dtype, prec), d, kind in itertools.product(PRECISIONS, dims, ["bwd_dkv", "bwd_dq"]):
-        fn = A._attention_dual_bwd_dkv_kernel if kind == "bwd_dkv" else A._attention_dual_bwd_dq_kernel
-        bm, bn, warps, stages = A._configs(kind, d, d, TORCH_DTYPE[dtype])[0]
+        # the tiled kernels are triton.autotune objects: compile their JITFunction at the default config
+        fn = (A._attention_dual_bwd_dkv_kernel if kind == "bwd_dkv" else A._attention_dual_bwd_dq_kernel).fn
+        bm, bn, warps, stages = A._candidates(kind, d, d, TORCH_DTYPE[dtype])[0]
         for has_g, has_gd in flags:
             consts = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d, BLOCK_DV=d, HAS_G=has_g, HAS_GD=has_gd,
                           ACC_DTYPE=_acc(dtype), DOT_PRECISION=prec)
@@ -121,9 +122,9 @@ def check_groupnorm(target, quick):
 def check_attention_forward(target):
     """Forward and backward-preprocess kernels at D=64, default tiles, every precision path."""
     for dtype, prec in PRECISIONS:
-        bm, bn, warps, stages = A._configs("fwd", 64, 64, TORCH_DTYPE[dtype])[0]
+        bm, bn, warps, stages = A._candidates("fwd", 64, 64, TORCH_DTYPE[dtype])[0]
         consts = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=64, BLOCK_DV=64, ACC_DTYPE=_acc(dtype), DOT_PRECISION=prec)
-        fn = A._attention_dual_fwd_kernel
+        fn = A._attention_dual_fwd_kernel.fn
         k = triton.compile(ASTSource(fn, attention_signature(fn, dtype, consts), constexprs=consts), target=target,
                            options={"num_warps": warps, "num_stages": stages})
         print(f"fwd {dtype}/{prec} D=64 tile {bm}x{bn}: {ptxas_report(k.asm['ptx'])}")

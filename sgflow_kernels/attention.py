@@ -20,7 +20,8 @@ Head dims need not be powers of two (tiles are padded to the next power of two >
 fp32 dots use ``input_precision="tf32x3"`` by default (fp32-level accuracy on tensor cores);
 ``SGFLOW_ATTENTION_FP32_PRECISION=ieee|tf32`` overrides it. fp16/bf16 inputs use fp32 accumulation
 (P and dS are rounded to the input dtype only as dot operands, as in flash-attention).
-Tile configs: see ``_HALF_CONFIGS``; ``SGFLOW_ATTENTION_AUTOTUNE=1`` times the candidates on GPU.
+Tiles: ``triton.autotune`` over the shipped candidates (``_HALF_CONFIGS``, ``_FP32_CONFIGS``), pruned
+per call to the offline default; ``SGFLOW_ATTENTION_AUTOTUNE=1`` times every candidate on the GPU.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ __all__ = ["attention_dual_fwd", "attention_dual_bwd"]
 
 
 # --------------------------------------------------------------------------------------------------
-# Kernels
+# Kernels (the three tiled ones are wrapped in ``triton.autotune`` under Launchers, next to their tables)
 # --------------------------------------------------------------------------------------------------
 @triton.jit
 def _attention_dual_fwd_kernel(
@@ -475,13 +476,13 @@ _FP32_CONFIGS = {  # also used for fp64
     },
 }
 _LAST_RESORT = (16, 16, 4, 1)
+# Under the interpreter (programs run one by one) small tiles still exercise the multi-block loops.
+_INTERPRETER_CONFIG = (16, 16, 1, 1)
 
 
-def _configs(kind: str, block_d: int, block_dv: int, dtype: torch.dtype):
-    """Candidate (BLOCK_M, BLOCK_N, num_warps, num_stages), default first, for one kernel kind."""
-    if _interpreting():
-        # The interpreter runs programs one by one; small tiles still exercise multi-block loops.
-        return [(16, 16, 1, 1)]
+def _candidates(kind: str, block_d: int, block_dv: int, dtype: torch.dtype):
+    """Shipped (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates of one kernel kind for a GPU launch,
+    default (offline choice) first: the table of the dtype, bucketed by the padded head dims."""
     table = _HALF_CONFIGS if dtype in (torch.float16, torch.bfloat16) else _FP32_CONFIGS
     width = max(block_d, block_dv)
     bucket = 64 if width <= 64 else 128 if width <= 128 else 256
@@ -495,53 +496,128 @@ def _autotuning() -> bool:
     return os.environ.get("SGFLOW_ATTENTION_AUTOTUNE", "0") not in ("", "0")
 
 
-_CONFIG_CACHE: dict = {}
+# Tile choice is triton.autotune's (below): every kernel kind lists the union of its shipped candidates
+# (+ the interpreter's config), and ``early_config_prune`` keeps, per call:
+#   * under the interpreter: _INTERPRETER_CONFIG;
+#   * _FORCED_CONFIGS[kind] when set (tests: run one given config, no fallback);
+#   * by default: the first candidate of the call's (dtype table, head-dim bucket) that has not been
+#     rejected for resources, so nothing is benchmarked;
+#   * with SGFLOW_ATTENTION_AUTOTUNE=1 (read at call time): every candidate, which the Autotuner then
+#     times once per key (its benchmarking counts OutOfResources as an infinite time). Every kernel
+#     overwrites its outputs and never writes its inputs, so no reset_to_zero / restore_value is needed.
+# The Autotuner caches its choice per key (the shape arguments below plus the tensor dtypes it appends
+# itself); the prune's other inputs (the env vars, _FORCED_CONFIGS, _REJECTED) are not in that key, so
+# the launchers clear the caches whenever one of them changes (_sync_tuning_state, _launch_tuned).
+_FORCED_CONFIGS: dict = {}  # kind -> (BLOCK_M, BLOCK_N, num_warps, num_stages)
+_REJECTED: set = set()  # ((kind, dtype, BLOCK_D, BLOCK_DV, HAS_G, HAS_GD, DOT_PRECISION), config)
+_tuning_state = None
 
 
-def _launch(kind, key, cands, fn):
-    """Run ``fn(config)`` with the first candidate that fits the GPU and remember it per ``key``.
+def _variant(kind, dtype, meta):
+    """What a config's resource use depends on (besides the config): the key of _REJECTED."""
+    return (kind, str(dtype), meta["BLOCK_D"], meta["BLOCK_DV"], meta.get("HAS_G"), meta.get("HAS_GD"),
+            meta["DOT_PRECISION"])
 
-    With ``SGFLOW_ATTENTION_AUTOTUNE=1`` (GPU only) every candidate is timed once per key and the
-    fastest kept; every kernel here overwrites its outputs, so re-running one is harmless.
+
+def _selected(kind, dtype, meta):
+    """The candidates the Autotuner keeps for one call, as tuples (see the comment above)."""
+    if _interpreting():
+        return [_INTERPRETER_CONFIG]
+    if kind in _FORCED_CONFIGS:
+        return [_FORCED_CONFIGS[kind]]
+    cands = _candidates(kind, meta["BLOCK_D"], meta["BLOCK_DV"], dtype)
+    variant = _variant(kind, dtype, meta)
+    live = [c for c in cands if (variant, c) not in _REJECTED]
+    if not live:  # everything was rejected: _launch_tuned re-raises on the last one
+        return cands[-1:]
+    return live if _autotuning() else live[:1]
+
+
+def _as_tuple(cfg):
+    return (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages)
+
+
+def _tile_configs(kind):
+    """Every config the Autotuner of ``kind`` may pick: the union of the shipped tables (+ interpreter)."""
+    tuples = [_INTERPRETER_CONFIG, _LAST_RESORT]
+    for table in (_HALF_CONFIGS, _FP32_CONFIGS):
+        for cands in table[kind].values():
+            tuples += cands
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in dict.fromkeys(tuples)]
+
+
+def _early_config_prune(kind):
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        by_tuple = {_as_tuple(c): c for c in configs}
+        return [by_tuple[t] for t in _selected(kind, args["Q_ptr"].dtype, args)]
+
+    return prune
+
+
+# N_Q and N_K are in the key so that SGFLOW_ATTENTION_AUTOTUNE=1 times per sequence length (by default a
+# new key only costs the prune); Triton appends the tensor arguments' dtypes to the key itself.
+_SHAPE_KEY = ["N_Q", "N_K", "BLOCK_D", "BLOCK_DV", "DOT_PRECISION"]
+
+
+def _autotune(kind, key):
+    return triton.autotune(configs=_tile_configs(kind), key=key,
+                           prune_configs_by={"early_config_prune": _early_config_prune(kind)})
+
+
+_attention_dual_fwd_kernel = _autotune("fwd", _SHAPE_KEY)(_attention_dual_fwd_kernel)
+_attention_dual_bwd_dkv_kernel = _autotune("bwd_dkv", _SHAPE_KEY + ["HAS_G", "HAS_GD"])(
+    _attention_dual_bwd_dkv_kernel)
+_attention_dual_bwd_dq_kernel = _autotune("bwd_dq", _SHAPE_KEY + ["HAS_G", "HAS_GD"])(
+    _attention_dual_bwd_dq_kernel)
+_TUNED = {"fwd": _attention_dual_fwd_kernel, "bwd_dkv": _attention_dual_bwd_dkv_kernel,
+          "bwd_dq": _attention_dual_bwd_dq_kernel}
+
+
+def _sync_tuning_state():
+    global _tuning_state
+    state = (_interpreting(), _autotuning(), tuple(sorted(_FORCED_CONFIGS.items())))
+    if state != _tuning_state:
+        for tuner in _TUNED.values():
+            tuner.cache.clear()
+        _tuning_state = state
+
+
+def _launch_tuned(kind, grid, args, meta, dtype, block_m=None, block_n=None):
+    """Launch kernel ``kind`` on ``grid`` (a function of the config's meta-parameters).
+
+    ``block_m``/``block_n`` (tests) bypass the Autotuner: its JITFunction (``.fn``) runs with those tiles
+    and the default candidate's warps/stages. Otherwise the Autotuner picks the config (see above). In the
+    default (untimed) mode a pick that does not fit the GPU (OutOfResources when compiled) is added to
+    _REJECTED and the launch retried, so the prune moves on to the next candidate; under torch.compile
+    the config is chosen at trace time and compiled by inductor, without this fallback.
     """
-    cached = _CONFIG_CACHE.get((kind, key))
-    if cached is not None:
-        return fn(cached)
-    if _autotuning() and not _interpreting() and len(cands) > 1:  # pragma: no cover - GPU only
-        import triton.testing
-
-        best = None
-        for cfg in cands:
-            try:
-                ms = triton.testing.do_bench(lambda: fn(cfg), warmup=5, rep=20)
-            except OutOfResources:
-                continue
-            if best is None or ms < best[0]:
-                best = (ms, cfg)
-        if best is not None:
-            cands = [best[1]]
-    err = None
-    for cfg in cands:
+    tuner = _TUNED[kind]
+    if block_m is not None or block_n is not None:
+        bm, bn, warps, stages = _INTERPRETER_CONFIG if _interpreting() else _candidates(
+            kind, meta["BLOCK_D"], meta["BLOCK_DV"], dtype)[0]
+        wrap_triton(tuner.fn)[grid](*args, **meta, BLOCK_M=block_m or bm, BLOCK_N=block_n or bn,
+                                    num_warps=warps, num_stages=stages)
+        return
+    _sync_tuning_state()
+    while True:
         try:
-            out = fn(cfg)
-        except OutOfResources as e:  # pragma: no cover - GPU only
-            err = e
-            continue
-        _CONFIG_CACHE[(kind, key)] = cfg
-        return out
-    raise err  # pragma: no cover
+            wrap_triton(tuner)[grid](*args, **meta)
+            return
+        except OutOfResources:  # pragma: no cover - GPU only
+            if _autotuning() or kind in _FORCED_CONFIGS:
+                raise
+            rejected = (_variant(kind, dtype, meta), _as_tuple(tuner.best_config))
+            if rejected in _REJECTED:  # no candidate left
+                raise
+            _REJECTED.add(rejected)
+            tuner.cache.clear()  # it holds the rejected pick
 
 
 def _as_bhnd(t: torch.Tensor) -> torch.Tensor:
     b, h, n, d = t.shape
     return t.contiguous().view(b * h, n, d)
-
-
-def _override(cands, block_m, block_n):
-    if block_m is None and block_n is None:
-        return cands
-    bm, bn, warps, stages = cands[0]
-    return [(block_m or bm, block_n or bn, warps, stages)]
 
 
 def _check(q, k, v):
@@ -573,20 +649,12 @@ def attention_dual_fwd(q, k, v, q_dot, k_dot, v_dot, scale, block_m=None, block_
     mu = torch.empty_like(lse)
     scale_t = torch.full((1,), scale, device=q.device, dtype=acc_torch)
     block_d, block_dv = _pad_dim(d), _pad_dim(dv)
-    cands = _override(_configs("fwd", block_d, block_dv, q.dtype), block_m, block_n)
-
-    def run(cfg):
-        bm, bn, warps, stages = cfg
-        grid = (triton.cdiv(n_q, bm), b * h)
-        wrap_triton(_attention_dual_fwd_kernel)[grid](
-            qf, kf, vf, qdf, kdf, vdf, o, o_dot, lse, mu, scale_t,
-            n_q, n_k, d, dv,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DV=block_dv,
-            ACC_DTYPE=acc_tl, DOT_PRECISION=_dot_precision(q.dtype),
-            num_warps=warps, num_stages=stages,
-        )
-
-    _launch("fwd", (q.dtype, block_d, block_dv, block_m, block_n), cands, run)
+    meta = dict(BLOCK_D=block_d, BLOCK_DV=block_dv, ACC_DTYPE=acc_tl, DOT_PRECISION=_dot_precision(q.dtype))
+    _launch_tuned(
+        "fwd", lambda m: (triton.cdiv(n_q, m["BLOCK_M"]), b * h),
+        (qf, kf, vf, qdf, kdf, vdf, o, o_dot, lse, mu, scale_t, n_q, n_k, d, dv),
+        meta, q.dtype, block_m, block_n,
+    )
     return (
         o.view(b, h, n_q, dv),
         o_dot.view(b, h, n_q, dv),
@@ -645,34 +713,17 @@ def attention_dual_bwd(
     dk_dot = torch.empty_like(kf) if has_gd else dk
     dv_dot = torch.empty_like(vf) if has_gd else dvv
 
-    cands_dkv = _override(_configs("bwd_dkv", block_d, block_dv, q.dtype), block_m, block_n)
-    cands_dq = _override(_configs("bwd_dq", block_d, block_dv, q.dtype), block_m, block_n)
-    key = (q.dtype, block_d, block_dv, has_g, has_gd, block_m, block_n)
-
-    def run_dkv(cfg):
-        bm, bn, warps, stages = cfg
-        wrap_triton(_attention_dual_bwd_dkv_kernel)[(triton.cdiv(n_k, bn), b * h)](
-            qf, kf, vf, qdf, kdf, vdf, gf_arg, gdf_arg, lse_f, mu_f, alpha, delta, scale_t,
-            dk, dvv, dk_dot, dv_dot,
-            n_q, n_k, d, dv,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DV=block_dv,
-            HAS_G=has_g, HAS_GD=has_gd, ACC_DTYPE=acc_tl, DOT_PRECISION=dot_prec,
-            num_warps=warps, num_stages=stages,
-        )
-
-    def run_dq(cfg):
-        bm, bn, warps, stages = cfg
-        wrap_triton(_attention_dual_bwd_dq_kernel)[(triton.cdiv(n_q, bm), b * h)](
-            qf, kf, vf, qdf, kdf, vdf, gf_arg, gdf_arg, lse_f, mu_f, alpha, delta, scale_t,
-            dq, dq_dot,
-            n_q, n_k, d, dv,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DV=block_dv,
-            HAS_G=has_g, HAS_GD=has_gd, ACC_DTYPE=acc_tl, DOT_PRECISION=dot_prec,
-            num_warps=warps, num_stages=stages,
-        )
-
-    _launch("bwd_dkv", key, cands_dkv, run_dkv)
-    _launch("bwd_dq", key, cands_dq, run_dq)
+    meta = dict(BLOCK_D=block_d, BLOCK_DV=block_dv, HAS_G=has_g, HAS_GD=has_gd, ACC_DTYPE=acc_tl,
+                DOT_PRECISION=dot_prec)
+    common = (qf, kf, vf, qdf, kdf, vdf, gf_arg, gdf_arg, lse_f, mu_f, alpha, delta, scale_t)
+    _launch_tuned(
+        "bwd_dkv", lambda m: (triton.cdiv(n_k, m["BLOCK_N"]), b * h),
+        (*common, dk, dvv, dk_dot, dv_dot, n_q, n_k, d, dv), meta, q.dtype, block_m, block_n,
+    )
+    _launch_tuned(
+        "bwd_dq", lambda m: (triton.cdiv(n_q, m["BLOCK_M"]), b * h),
+        (*common, dq, dq_dot, n_q, n_k, d, dv), meta, q.dtype, block_m, block_n,
+    )
 
     def back(t, n, width):
         return t.view(b, h, n, width)

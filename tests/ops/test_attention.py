@@ -217,6 +217,128 @@ def test_triton_launchers_block_sizes(block_m, block_n):
 
 
 # --------------------------------------------------------------------------------------------------
+# Tile choice: triton.autotune with a per-call prune (GPU tables checked here without a GPU)
+# --------------------------------------------------------------------------------------------------
+def _prune(K, kind, dtype, d, **extra):
+    """The tuples the Autotuner of ``kind`` keeps for a call with head dim ``d`` (as Triton calls it)."""
+    tuner = K._TUNED[kind]
+    meta = dict(BLOCK_D=d, BLOCK_DV=d, DOT_PRECISION="tf32", **extra)
+    kept = tuner.early_config_prune(tuner.configs, {"Q_ptr": torch.empty(0, dtype=dtype)}, **meta)
+    return [K._as_tuple(c) for c in kept]
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs triton")
+def test_triton_tile_prune_default_first_all_when_autotuning(monkeypatch):
+    import sgflow_kernels.attention as K
+
+    if triton_interpreting():
+        assert _prune(K, "fwd", torch.float32, 64) == [K._INTERPRETER_CONFIG]
+    monkeypatch.setattr(K, "_interpreting", lambda: False)  # the GPU tables
+    monkeypatch.setattr(K, "_REJECTED", set())
+    for dtype, table in ((torch.float16, K._HALF_CONFIGS), (torch.bfloat16, K._HALF_CONFIGS),
+                         (torch.float32, K._FP32_CONFIGS), (torch.float64, K._FP32_CONFIGS)):
+        for kind, buckets in table.items():
+            for d, cands in buckets.items():
+                shipped = cands + ([K._LAST_RESORT] if K._LAST_RESORT not in cands else [])
+                monkeypatch.delenv("SGFLOW_ATTENTION_AUTOTUNE", raising=False)
+                assert _prune(K, kind, dtype, d) == [cands[0]]  # the offline default, nothing timed
+                monkeypatch.setenv("SGFLOW_ATTENTION_AUTOTUNE", "1")
+                assert _prune(K, kind, dtype, d) == shipped  # all of them, table order
+    monkeypatch.setenv("SGFLOW_ATTENTION_AUTOTUNE", "1")
+    monkeypatch.setitem(K._FORCED_CONFIGS, "bwd_dq", (16, 64, 8, 1))
+    assert _prune(K, "bwd_dq", torch.float16, 128, HAS_G=True, HAS_GD=True) == [(16, 64, 8, 1)]
+
+
+@needs_triton_cpu
+def test_triton_autotuner_uses_interpreter_config_and_follows_env(monkeypatch):
+    """Under the interpreter the Autotuners run the fixed small tile; their cached picks are dropped when
+    the inputs of the prune that are not in Triton's key (SGFLOW_ATTENTION_AUTOTUNE here) change."""
+    import sgflow_kernels.attention as K
+
+    primals, tangents = make_inputs((1, 2, 19, 23, 16, 16), seed=18)
+    monkeypatch.delenv("SGFLOW_ATTENTION_AUTOTUNE", raising=False)
+    K.attention_dual_fwd(*primals, *tangents, 0.5)
+    tuner = K._TUNED["fwd"]
+    assert K._as_tuple(tuner.best_config) == K._INTERPRETER_CONFIG
+    (key,) = [k for k in tuner.cache if k[:2] == (19, 23)]
+    assert "torch.float64" in key  # Triton appends the tensor dtypes to the key
+    monkeypatch.setenv("SGFLOW_ATTENTION_AUTOTUNE", "1")
+    K.attention_dual_fwd(*primals, *tangents, 0.5)  # one config after the prune: nothing to time
+    assert list(tuner.cache) == [key]  # the cache was cleared, then refilled
+
+
+@needs_triton_cpu
+def test_triton_out_of_resources_falls_back_to_next_candidate(monkeypatch):
+    """Default (untimed) mode on a GPU: the pruned default failing to compile for resources is remembered
+    and the next shipped candidate launched. Simulated: GPU tables, CPU tensors through the interpreter."""
+    from triton.runtime.errors import OutOfResources
+
+    import sgflow_kernels.attention as K
+
+    monkeypatch.setattr(K, "_interpreting", lambda: False)
+    monkeypatch.setattr(K, "_check", lambda *a: None)
+    monkeypatch.setattr(K, "_REJECTED", set())
+    monkeypatch.delenv("SGFLOW_ATTENTION_AUTOTUNE", raising=False)
+    tuner = K._TUNED["fwd"]
+    first, second = K._candidates("fwd", 16, 16, torch.float64)[:2]
+    run = tuner.fn.run
+    tried = []
+
+    def run_or_fail(*args, **kw):
+        cfg = (kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"], kw["num_stages"])
+        tried.append(cfg)
+        if cfg == first:
+            raise OutOfResources(300000, 232448, "shared memory")
+        return run(*args, **kw)
+
+    monkeypatch.setattr(tuner.fn, "run", run_or_fail)
+    primals, tangents = make_inputs((1, 2, 37, 29, 16, 16), seed=19)
+    out = K.attention_dual_fwd(*primals, *tangents, 0.25)
+    for a, r in zip(out, attn_mod._torch_forward(*primals, *tangents, 0.25)):
+        assert rel_err(a, r) < 1e-12
+    assert tried == [first, second] and K._as_tuple(tuner.best_config) == second
+    K.attention_dual_fwd(*primals, *tangents, 0.25)  # cached: the rejected one is not tried again
+    assert tried == [first, second, second]
+    monkeypatch.setitem(K._FORCED_CONFIGS, "fwd", first)  # a forced config is not replaced
+    with pytest.raises(OutOfResources):
+        K.attention_dual_fwd(*primals, *tangents, 0.25)
+
+
+_TRACE_SCRIPT = """
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+import sgflow_kernels.attention as K
+K._check = lambda *a: None  # fake CPU tensors stand in for CUDA ones: nothing is launched
+xs = [torch.randn(1, 2, 40, 64, dtype=torch.float16) for _ in range(6)]
+o, lse = torch.empty(1, 2, 40, 64, dtype=torch.float16), torch.empty(1, 2, 40)
+gm = make_fx(lambda *a: (K.attention_dual_fwd(*a[:6], 0.5), K.attention_dual_bwd(*a, 0.5)),
+             tracing_mode="fake")(*xs, o, o, lse, lse, o, o)
+for n in gm.graph.nodes:
+    if "triton_kernel_wrapper" in str(n.target):
+        ker = kernel_side_table.get_kernel(n.kwargs["kernel_idx"])
+        if hasattr(ker, "configs"):
+            print([K._as_tuple(c) for c in ker.configs], list(n.kwargs["grid"][0]))
+"""
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs triton")
+def test_triton_autotuned_kernels_trace_through_wrap_triton():
+    """torch.compile's path (make_fx of the launchers with wrap_triton enabled, compiled Triton, no GPU
+    needed to trace): torch runs the early_config_prune at trace time and records the default config."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SGFLOW_ATTENTION_AUTOTUNE")}
+    out = subprocess.run([sys.executable, "-c", _TRACE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split("\n")[:3] == [
+        "[(64, 64, 4, 2)] [1, 2, 1]", "[(32, 32, 8, 1)] [2, 2, 1]", "[(64, 32, 8, 2)] [1, 2, 1]",
+    ], out.stdout
+
+
+# --------------------------------------------------------------------------------------------------
 # gradcheck, memory, API
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
@@ -468,7 +590,6 @@ def test_gpu_every_shipped_tile_config_runs_and_matches(dtype, monkeypatch):
     import sgflow_kernels.attention as K
 
     table = K._HALF_CONFIGS if dtype == torch.float16 else K._FP32_CONFIGS
-    shipped = K._configs  # the other kernels keep their shipped defaults
     rejected = []
     for kind, buckets in table.items():
         for d, cands in buckets.items():
@@ -477,15 +598,15 @@ def test_gpu_every_shipped_tile_config_runs_and_matches(dtype, monkeypatch):
             cot = tuple(torch.randn(1, 2, 96, d, generator=gen, dtype=torch.float64) for _ in range(2))
             ref_out, ref_grads = run_dual("torch", torch.float64, primals, tangents, cot)
             for i, cfg in enumerate(cands):
-                monkeypatch.setattr(K, "_configs", lambda k, *a, cfg=cfg, kind=kind: [cfg] if k == kind else shipped(k, *a))
-                K._CONFIG_CACHE.clear()
+                # the Autotuner of `kind` runs exactly cfg (no fallback); the other kernels keep their defaults
+                monkeypatch.setitem(K._FORCED_CONFIGS, kind, cfg)
                 try:
                     out, grads = run_dual("triton", dtype, primals, tangents, cot)
                 except OutOfResources:
                     assert i > 0, f"default {kind} config {cfg} at D={d} does not fit the GPU"
                     rejected.append((kind, d, cfg))
                     continue
+                assert K._as_tuple(K._TUNED[kind].best_config) == cfg
                 tol = GPU_TOL[dtype] if dtype != torch.float32 else 1e-4
                 assert_close_all(out, ref_out, grads, ref_grads, tol, f"{kind} D={d} {cfg}")
-    K._CONFIG_CACHE.clear()
     print("rejected for resources:", rejected)
