@@ -592,10 +592,12 @@ class GNSiLUConvDual(torch.autograd.Function):
             out = F.conv2d(act, conv_weight, None, 1, padding)
         del act
         if conv_bias is not None:
-            if _get_current_dispatch_mode() is None:
-                out[:B] += conv_bias.view(1, -1, 1, 1)  # nothing else holds `out`: no extra activation
-            else:  # a dispatch mode (selective checkpointing's cache) may hold `out`: never mutate it
+            # A dispatch mode (selective checkpointing's cache) may hold `out`: never mutate it then. Compiled,
+            # out of place too (reading the mode stack is a graph break; inductor fuses the add either way).
+            if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
                 out = torch.cat([out[:B] + conv_bias.view(1, -1, 1, 1), out[B:]])
+            else:
+                out[:B] += conv_bias.view(1, -1, 1, 1)  # nothing else holds `out`: no extra activation
         return out[:B], out[B:], stats
 
     @staticmethod
