@@ -268,7 +268,13 @@ def _selective(fn):
 
 
 def _zero_tangent(t: torch.Tensor | None) -> bool:
-    return t is None or (not t.requires_grad and not bool(t.any()))
+    """Whether an input's tangent is known to be zero (the input is then passed as a plain tensor).
+    Compiled, a zero-valued tangent is carried instead: testing the values is a graph break."""
+    if t is None:
+        return True
+    if t.requires_grad or torch.compiler.is_compiling():
+        return False
+    return not bool(t.any())
 
 
 def dual_call(model: nn.Module, inputs: Sequence[torch.Tensor], tangents: Sequence[torch.Tensor | None],
