@@ -47,6 +47,16 @@ def _leave_group(finished: bool) -> None:
     dist.destroy_process_group()
 
 
+def _exit_now() -> None:
+    """End a worker whose results are written and whose process group is gone without the interpreter's
+    teardown: C++ static destructors of threads that torch / gloo started may abort there ("terminate
+    called without an active exception", exit -6; seen once in CI), which says nothing about what the
+    tests compare."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _spawn(fn, args, timeout=180):
     """Run fn(rank, *args) in 2 fresh processes; fail (instead of hanging) when one does not finish."""
     ctx = mp.get_context("spawn")
@@ -166,6 +176,7 @@ def _grad_worker(rank, store, group, out_dir):
         finished = True
     finally:
         _leave_group(finished)
+    _exit_now()
 
 
 _RESULTS = {}
@@ -296,6 +307,7 @@ def _train_worker(rank, world, port, cfg, out):
     trainer = train(cfg)
     torch.save({"model": trainer.model.state_dict(), "ema": trainer.ema.state_dict(), "history": trainer.history,
                 "data_parallel": trainer.data_parallel}, os.path.join(out, f"rank{rank}.pt"))
+    _exit_now()
 
 
 def test_two_gloo_ranks_match_each_other_and_one_process(tmp_path, single_process_env):
@@ -341,6 +353,7 @@ def _fused_resume_worker(rank, port, cfg, out):
         finished = True
     finally:
         _leave_group(finished)
+    _exit_now()
 
 
 def test_fused_training_through_ddp_resumes_exactly(tmp_path, single_process_env):
