@@ -313,7 +313,8 @@ def _gn_silu_dual_bwd_chunk(x, x_dot, weight, bias, stats, g_y, g_ydot, num_grou
 # ----------------------------------------------------------------------------------------------------
 # The same schemas as the C++ ops of csrc/sgflow_ops.cpp (``sgflow::gn_silu_dual_{fwd,fwd_out,bwd,bwd_out}``,
 # CPU and CUDA kernels): the torch backend registers ``..._torch`` twins as custom ops, the Triton kernels
-# ``..._triton`` twins as triton ops (registered on first use, so that sgflow imports without triton).
+# ``..._triton`` twins as triton ops (registered on first use, so that sgflow imports without triton; at
+# import on CUDA machines, see _register_eagerly).
 # The fake (shape-only) implementations are shared by all three, and each non-mutating forward op gets
 # an autograd formula (its backward op), so that every one of them is differentiable on its own and
 # opaque to torch.compile. The `_out` variants write into a caller's stacked [2B, ...] buffer (the
