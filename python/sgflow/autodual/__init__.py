@@ -198,7 +198,7 @@ def _wrap_forward(orig, path: str, is_block: bool):
                     ctx_fn = STATE.context_fn
                     if ctx_fn is None:
                         return checkpoint(_hooked(orig), *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
-                    return checkpoint(_hooked(_selective(orig)), *args, use_reentrant=False, preserve_rng_state=True,
+                    return checkpoint(_hooked(orig), *args, use_reentrant=False, preserve_rng_state=True,
                                       context_fn=ctx_fn, **kwargs)
                 finally:
                     STATE.in_block = False
@@ -247,22 +247,6 @@ def _hooked(fn):
     def run(*args, **kwargs):
         with function_hook():
             return fn(*args, **kwargs)
-
-    return run
-
-
-def _selective(fn):
-    """Run ``fn`` flagged as selectively checkpointed, in forward and in its recomputation alike (the
-    rules then never write into a kept conv/matmul output)."""
-
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        prev = STATE.selective
-        STATE.selective = True
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            STATE.selective = prev
 
     return run
 

@@ -42,6 +42,7 @@ from sgflow.autodual.tensor import (
     unwrap_primals,
     wrap_outputs,
 )
+from sgflow.ops.library import add_unless_held
 
 _T = torch.Tensor
 
@@ -457,14 +458,6 @@ for _n, _d in (("conv1d", 1), ("conv2d", 2), ("conv3d", 3), ("conv_transpose1d",
     _CONV_NDIM[getattr(F, _n)] = _d
 
 
-def _add_bias(y, bias):
-    """In place on the stacked result's primal half (no extra activation), except under selective
-    checkpointing, which keeps the conv/matmul output itself and forbids mutating it."""
-    from sgflow.autodual.tensor import STATE
-
-    return y + bias if STATE.selective else y.add_(bias)
-
-
 class _StackedConv(torch.autograd.Function):
     r"""``(x, x_dot, W, b) -> (conv(x, W) + b, conv(x_dot, W))`` as ONE convolution over ``[x; x_dot]``.
 
@@ -486,7 +479,7 @@ class _StackedConv(torch.autograd.Function):
         both = torch.ops.aten.convolution(torch.cat([x, x_dot]), weight, None, *conf)
         y, y_dot = both.split(n)
         if bias is not None:
-            y = _add_bias(y, bias.reshape(-1, *([1] * (y.dim() - 2))))
+            y = add_unless_held(y, bias.reshape(-1, *([1] * (y.dim() - 2))))
         return y, y_dot
 
     @staticmethod
@@ -524,7 +517,7 @@ class _StackedLinear(torch.autograd.Function):
         both = F.linear(torch.cat([x, x_dot]), weight)
         y, y_dot = both.split(n)
         if bias is not None:
-            y = _add_bias(y, bias)
+            y = add_unless_held(y, bias)
         return y, y_dot
 
     @staticmethod

@@ -45,7 +45,6 @@ class _State(threading.local):
         self.stack: list[str] = []  # module paths of the dual forward in progress
         self.report: dict | None = None  # (path, op) -> rule, while a dual forward records
         self.context_fn = None  # checkpoint context_fn of the blocks (selective saving), per dual forward
-        self.selective = False  # inside a selectively checkpointed block (forward or recomputation)
 
 
 STATE = _State()

@@ -39,10 +39,9 @@ from typing import Optional, Sequence
 import torch
 from torch.autograd.function import once_differentiable
 import torch.nn.functional as F
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from sgflow.ops.backend import autocast_dual, resolve_backend
-from sgflow.ops.library import once as _once, register_loop_vmap
+from sgflow.ops.library import add_unless_held, once as _once, register_loop_vmap
 from sgflow_kernels.dtypes import acc_dtype as _acc_dtype
 
 __all__ = [
@@ -592,14 +591,8 @@ class GNSiLUConvDual(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             out = F.conv2d(act, conv_weight, None, 1, padding)
         del act
-        if conv_bias is not None:
-            # A dispatch mode (selective checkpointing's cache) may hold `out`: never mutate it then. Compiled,
-            # out of place too (reading the mode stack is a graph break; inductor fuses the add either way).
-            if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
-                out = torch.cat([out[:B] + conv_bias.view(1, -1, 1, 1), out[B:]])
-            else:
-                out[:B] += conv_bias.view(1, -1, 1, 1)  # nothing else holds `out`: no extra activation
-        return out[:B], out[B:], stats
+        y = out[:B] if conv_bias is None else add_unless_held(out[:B], conv_bias.view(1, -1, 1, 1))
+        return y, out[B:], stats
 
     @staticmethod
     def setup_context(ctx, inputs, output):

@@ -10,8 +10,9 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["once", "register_loop_vmap"]
+__all__ = ["add_unless_held", "once", "register_loop_vmap"]
 
 
 def once(fn):
@@ -55,3 +56,13 @@ def register_loop_vmap(op) -> None:
         return (tuple(stacked), tuple(dims)) if is_tuple else (stacked[0], dims[0])
 
     torch.library.register_vmap(op, rule)
+
+
+def add_unless_held(y: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``y + other``, in place into ``y`` (a fresh op output: no extra activation) unless something else
+    may hold ``y``: a dispatch mode, such as selective checkpointing's cache of conv/matmul outputs, which
+    forbids mutating them. Compiled, always out of place (reading the mode stack is a graph break;
+    inductor fuses the add either way)."""
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return y + other
+    return y.add_(other)
