@@ -351,9 +351,8 @@ class AttentionDual(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs[:6], *output)
-        ctx.mark_non_differentiable(output[2], output[3])
-        ctx.scale, ctx.backend = inputs[6], inputs[7]
+        _setup_context(ctx, inputs[:7], output)  # the forward op's own: inputs, outputs, statistics, scale
+        ctx.backend = inputs[7]
         # None gradients let backward skip the work for an unused output.
         ctx.set_materialize_grads(False)
 

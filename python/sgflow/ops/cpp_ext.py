@@ -101,11 +101,9 @@ def gn_silu_dual_fwd(x, x_dot, weight, bias, num_groups: int, eps: float, mask=N
         (y, y_dot, stats): y, y_dot [B, C, *spatial] contiguous in x's dtype (the halves of ``out`` if
         given); stats [4, B, G] (mean, rstd, mean_dot, rstd_dot) in fp32, fp64 for fp64 x.
     """
-    if out is None:
-        return torch.ops.sgflow.gn_silu_dual_fwd(x, x_dot, weight, bias, num_groups, eps, mask, drop_scale)
-    stats = torch.ops.sgflow.gn_silu_dual_fwd_out(x, x_dot, weight, bias, num_groups, eps, mask, drop_scale, out)
-    B = x.shape[0]
-    return out[:B], out[B:], stats
+    from sgflow.ops.groupnorm_silu import _fwd
+
+    return _fwd("cpp", x, x_dot, weight, bias, num_groups, eps, mask=mask, drop_scale=drop_scale, out=out)
 
 
 def gn_silu_dual_bwd(x, x_dot, weight, bias, stats, g_y, g_ydot, num_groups: int, mask=None,
@@ -123,13 +121,10 @@ def gn_silu_dual_bwd(x, x_dot, weight, bias, stats, g_y, g_ydot, num_groups: int
         are None), g_xdot likewise or None when g_ydot is None, g_weight / g_bias [C] in fp32 (fp64
         for fp64 x); the caller casts them and drops those of absent parameters.
     """
-    if out is None:
-        return torch.ops.sgflow.gn_silu_dual_bwd(x, x_dot, weight, bias, stats, g_y, g_ydot, num_groups, mask,
-                                                 drop_scale)
-    g_w, g_b = torch.ops.sgflow.gn_silu_dual_bwd_out(x, x_dot, weight, bias, stats, g_y, g_ydot, num_groups, mask,
-                                                     drop_scale, out)
-    B = x.shape[0]
-    return out[:B], (out[B:] if g_ydot is not None else None), g_w, g_b
+    from sgflow.ops.groupnorm_silu import _bwd
+
+    return _bwd("cpp", x, x_dot, weight, bias, stats, g_y, g_ydot, num_groups, mask=mask, drop_scale=drop_scale,
+                out=out)
 
 
 # ----------------------------------------------------------------------------------------------------
