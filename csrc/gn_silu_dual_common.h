@@ -110,24 +110,31 @@ inline GnDtype gn_dtype(at::ScalarType t) {
   }
 }
 
-// The argument blocks of the kernels from prepared (contiguous, kernel-dtype) tensors.
-inline GnFwdArgs fwd_args(const GnShape& sh, const at::Tensor& x, const at::Tensor& xd, const at::Tensor& w,
-                          const at::Tensor& b, const at::Tensor& mask, double drop_scale, double eps,
-                          const at::Tensor& y, const at::Tensor& yd, const at::Tensor& stats) {
-  GnFwdArgs a{};
+// The argument blocks of the kernels from prepared (contiguous, kernel-dtype) tensors. The inputs and the
+// shape are common to both blocks (GnFwdArgs and GnBwdArgs).
+template <typename Args>
+inline void set_common(Args& a, const GnShape& sh, const at::Tensor& x, const at::Tensor& xd, const at::Tensor& w,
+                       const at::Tensor& b, const at::Tensor& mask, double drop_scale) {
   a.x = x.const_data_ptr();
   a.x_dot = xd.const_data_ptr();
   a.weight = w.defined() ? w.const_data_ptr() : nullptr;
   a.bias = b.defined() ? b.const_data_ptr() : nullptr;
   a.mask = mask.defined() ? static_cast<const uint8_t*>(mask.const_data_ptr()) : nullptr;
   a.drop_scale = drop_scale;
-  a.y = y.data_ptr();
-  a.y_dot = yd.data_ptr();
-  a.stats = stats.data_ptr();
   a.B = sh.B;
   a.C = sh.C;
   a.S = sh.S;
   a.G = sh.G;
+}
+
+inline GnFwdArgs fwd_args(const GnShape& sh, const at::Tensor& x, const at::Tensor& xd, const at::Tensor& w,
+                          const at::Tensor& b, const at::Tensor& mask, double drop_scale, double eps,
+                          const at::Tensor& y, const at::Tensor& yd, const at::Tensor& stats) {
+  GnFwdArgs a{};
+  set_common(a, sh, x, xd, w, b, mask, drop_scale);
+  a.y = y.data_ptr();
+  a.y_dot = yd.data_ptr();
+  a.stats = stats.data_ptr();
   a.eps = eps;
   return a;
 }
@@ -137,12 +144,7 @@ inline GnBwdArgs bwd_args(const GnShape& sh, const at::Tensor& x, const at::Tens
                           const at::Tensor& g_yd, const at::Tensor& mask, double drop_scale, const at::Tensor& g_x,
                           const at::Tensor& g_xd, const at::Tensor& part_w, const at::Tensor& part_b) {
   GnBwdArgs a{};
-  a.x = x.const_data_ptr();
-  a.x_dot = xd.const_data_ptr();
-  a.weight = w.defined() ? w.const_data_ptr() : nullptr;
-  a.bias = b.defined() ? b.const_data_ptr() : nullptr;
-  a.mask = mask.defined() ? static_cast<const uint8_t*>(mask.const_data_ptr()) : nullptr;
-  a.drop_scale = drop_scale;
+  set_common(a, sh, x, xd, w, b, mask, drop_scale);
   a.stats = stats.const_data_ptr();
   a.g_y = g_y.defined() ? g_y.const_data_ptr() : nullptr;
   a.g_y_dot = g_yd.defined() ? g_yd.const_data_ptr() : nullptr;
@@ -150,10 +152,6 @@ inline GnBwdArgs bwd_args(const GnShape& sh, const at::Tensor& x, const at::Tens
   a.g_x_dot = g_yd.defined() ? g_xd.data_ptr() : nullptr;
   a.g_weight_part = part_w.data_ptr();
   a.g_bias_part = part_b.data_ptr();
-  a.B = sh.B;
-  a.C = sh.C;
-  a.S = sh.S;
-  a.G = sh.G;
   return a;
 }
 
