@@ -112,8 +112,11 @@ def test_options_and_their_errors():
     assert cfg.preset == "quick" and cfg.seeds == (3, 4) and cfg.train_steps == {"ring8": 50, "grid9": 50}
     cfg = config_from_args(p.parse_args(["--datasets", "gmm16"]))
     assert cfg.datasets == ("gmm16",) and cfg.train_steps["gmm16"] == QualityConfig().train_steps["gmm16"]
+    assert cfg.diagonal_fraction == 0.5
+    assert config_from_args(p.parse_args(["--diagonal-fraction", "0.75"])).diagonal_fraction == 0.75
     for argv, msg in ((["--datasets", "cifar"], "unknown data set"), (["--methods", "ddpm"], "unknown method"),
-                      (["--train-steps", "1"], ">= 2"), (["--seeds", "1", "1"], "distinct")):
+                      (["--train-steps", "1"], ">= 2"), (["--seeds", "1", "1"], "distinct"),
+                      (["--diagonal-fraction", "1"], "diagonal-fraction"), (["--diagonal-fraction", "0"], "diagonal-fraction")):
         with pytest.raises(ValueError, match=msg):
             config_from_args(p.parse_args(argv))
 

@@ -809,6 +809,8 @@ def add_arguments(p) -> None:
     p.add_argument("--train-steps", type=int, default=None, help="training steps for every data set (overrides the preset)")
     p.add_argument("--n-eval", type=int, default=None, help="samples per evaluation (default 2000)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate of every method (default 3e-3)")
+    p.add_argument("--diagonal-fraction", type=float, default=None,
+                   help="fraction of training pairs on t = u, for every method (default 0.5)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement of step 2")
@@ -838,7 +840,7 @@ def config_from_args(args) -> QualityConfig:
             steps[d] = QualityConfig().train_steps.get(d)
     over["train_steps"] = steps
     for name_, val in (("n_eval", args.n_eval), ("lr", args.lr), ("threads", args.threads), ("device", args.device),
-                       ("cache_dir", args.cache_dir)):
+                       ("cache_dir", args.cache_dir), ("diagonal_fraction", args.diagonal_fraction)):
         if val is not None:
             over[name_] = val
     if args.no_memory:
@@ -846,6 +848,9 @@ def config_from_args(args) -> QualityConfig:
     cfg = dataclasses.replace(cfg, **over)
     if not (math.isfinite(cfg.lr) and cfg.lr > 0):
         raise ValueError(f"--lr must be a positive number, got {cfg.lr}")
+    if not 0.0 < cfg.diagonal_fraction < 1.0:
+        raise ValueError(f"--diagonal-fraction must be in (0, 1) (flow-map methods need pairs with t < u and t = u), "
+                         f"got {cfg.diagonal_fraction}")
     if cfg.threads is not None and cfg.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {cfg.threads}")
     check_config(cfg)
