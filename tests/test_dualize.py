@@ -829,7 +829,7 @@ def _dit_with_adapter_and_hooks():
 
 def test_lora_adapter_and_forward_hooks_get_reference_gradients():
     model, extra = _dit_with_adapter_and_hooks()
-    dual = sgflow.dualize(model)
+    dual = sgflow.dualize(model, blocks="all")  # the hooked and adapted blocks are recomputed
     assert "blocks.0" in dual.blocks and "blocks.1" in dual.blocks, dual.blocks
     lora = dict(model.named_parameters())
     assert "blocks.0.attn.qkv.A.weight" in lora and "blocks.0.attn.qkv.B.weight" in lora
@@ -1043,7 +1043,7 @@ def test_parameter_reached_through_closure_inside_recomputed_block_gets_referenc
     mix = nn.Parameter(torch.randn(6, 6, dtype=D64) * 0.5)
     model = _ClosureNet(gain, mix).double()
     assert not any(p is gain or p is mix for p in model.parameters())
-    dual = sgflow.dualize(model)
+    dual = sgflow.dualize(model, blocks="all")
     assert dual.blocks == ["inp", "blocks.0", "blocks.1", "out"]
     _assert_fused_equals_reference(dual, model, gen_batch((3, 3), seed=18), 1e-10, extra_params=[gain, mix])
 
@@ -1074,7 +1074,7 @@ def test_dropout_masks_replayed_by_recomputation_and_eval_is_p0(name):
     model = testnets.build(name, (3, 8, 8), dropout=0.3).double().train()
     params = _params(model)
     batch = gen_batch((3, 3, 8, 8), seed=19)
-    recomputed = sgflow.dualize(model)
+    recomputed = sgflow.dualize(model, blocks="all")  # every dropout inside a recomputed block
     kept = sgflow.dualize(model, blocks="none")
     assert recomputed.blocks and kept.blocks == []
     l_rec, g_rec = _loss_and_grads(recomputed, params, batch, seed=7)

@@ -10,10 +10,11 @@ forward makes on a DualTensor is routed to a dual rule (:mod:`sgflow.autodual.ru
 the primal and the tangent as ordinary tensors, so autograd records both and the gradient flows
 through the tangent (reverse over forward), as the SGFlow loss needs.
 
-Memory: each *block* (by default the outermost submodules that are not plain containers, see
-:func:`select_blocks`) runs under ``torch.utils.checkpoint`` (non-reentrant): it keeps only its
-inputs (primal and tangent) and recomputes its dual forward in backward, with the RNG state (dropout
-masks) and autocast state of the forward replayed. Non-reentrant checkpointing finds every tensor
+Memory: each recomputed *block* runs under ``torch.utils.checkpoint`` (non-reentrant): it keeps
+only its inputs (primal and tangent) and recomputes its dual forward in backward, with the RNG state
+(dropout masks) and autocast state of the forward replayed. Which blocks: by default chosen on the
+first training call by a profile of the candidates (:mod:`sgflow.autodual.plan`), or fixed with
+``blocks=`` (:func:`select_blocks`). Non-reentrant checkpointing finds every tensor
 the block reads through autograd itself, so parameters reached through hooks or module attributes
 get their gradients without being listed anywhere.
 
@@ -47,7 +48,7 @@ from sgflow.autodual.tensor import (
 
 __all__ = [
     "dualize", "DualizedModel", "DualizeError", "DualTensor", "DualReport", "select_blocks", "dual_call",
-    "register_rule", "make_dual", "primal", "tangent", "is_dual", "as_dual_model",
+    "register_rule", "make_dual", "primal", "tangent", "is_dual", "as_dual_model", "candidate_blocks",
 ]
 
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
@@ -81,10 +82,12 @@ def select_blocks(model: nn.Module, blocks="auto") -> list[str]:
     """Module paths (relative to the unwrapped model) that are recomputed in backward.
 
     ``blocks``:
-      - ``"auto"``: the outermost submodules with parameters that are not plain containers
+      - ``"all"``: the outermost submodules with parameters that are not plain containers
         (``nn.ModuleList``/``ModuleDict`` and exact ``nn.Sequential`` trunks of composite modules
         are looked into): residual blocks, attention blocks, transformer blocks, the time-embedding
         MLP, the in/out layers;
+      - ``"auto"``: the same list here; :class:`DualizedModel` replaces it on its first training
+        call by the blocks its profile chooses (:mod:`sgflow.autodual.plan`);
       - ``"none"`` / ``None``: no recomputation (every intermediate is kept: fastest, most memory);
       - a sequence of module types: the outermost submodules of those types;
       - a sequence of module paths (``"blocks.0"``, ``"input_blocks.3"``);
@@ -93,11 +96,11 @@ def select_blocks(model: nn.Module, blocks="auto") -> list[str]:
     model = _inner(model)
     if blocks is None or blocks == "none":
         return []
-    if blocks == "auto":
-
-        def accept(path, m):
-            return not _is_plain_container(m) and any(True for _ in m.parameters())
-
+    if isinstance(blocks, str) and blocks not in ("auto", "all"):
+        raise ValueError(f"dualize: blocks must be 'auto', 'all', 'none', a callable, module types or module paths "
+                         f"(a list), got {blocks!r}")
+    if isinstance(blocks, str):
+        accept = _auto_accept
     elif callable(blocks) and not isinstance(blocks, type):
         accept = blocks
     else:
@@ -109,7 +112,7 @@ def select_blocks(model: nn.Module, blocks="auto") -> list[str]:
                 raise ValueError(f"dualize: blocks {missing} are not submodule paths of {type(model).__name__}")
             return items
         if not all(isinstance(b, type) and issubclass(b, nn.Module) for b in items):
-            raise TypeError("dualize: blocks must be 'auto', 'none', a callable, module types or module paths")
+            raise TypeError("dualize: blocks must be 'auto', 'all', 'none', a callable, module types or module paths")
         types = tuple(items)
 
         def accept(path, m):
@@ -127,6 +130,26 @@ def select_blocks(model: nn.Module, blocks="auto") -> list[str]:
 
     walk(model, "")
     return chosen
+
+
+def _auto_accept(path, m) -> bool:
+    return not _is_plain_container(m) and any(True for _ in m.parameters())
+
+
+def candidate_blocks(model: nn.Module) -> dict:
+    """What ``blocks="auto"`` chooses from: ``{path: parent}``, the outermost blocks of
+    :func:`select_blocks` (parent ``None``) followed by each one's own outermost blocks (a residual
+    block and the attention block it wraps; the stages of a residual block), so that the profile can
+    recompute a whole block or only the parts of it that pay."""
+    model = _inner(model)
+    out: dict = {}
+    mods = dict(model.named_modules())
+    for path in select_blocks(model, "auto"):
+        out[path] = None
+        inner = select_blocks(mods[path], _auto_accept)
+        for sub in inner:
+            out[f"{path}.{sub}"] = path
+    return out
 
 
 @dataclass
@@ -293,12 +316,17 @@ class DualizedModel(nn.Module):
         blocks: which submodules are recomputed in backward (see :func:`select_blocks`).
     """
 
-    def __init__(self, model: nn.Module, blocks="auto", save=None):
+    def __init__(self, model: nn.Module, blocks="auto", save=None, budget: float = 0.5):
         super().__init__()
         if isinstance(model, DualizedModel):
             model = model.module
         self.module = model
         self.blocks = select_blocks(model, blocks)
+        self.auto = isinstance(blocks, str) and blocks == "auto"
+        if not (isinstance(budget, (int, float)) and budget > 0):
+            raise ValueError(f"dualize: budget must be a positive fraction of the plain forward's saved bytes, got {budget!r}")
+        self.budget = float(budget)
+        self.plan = None  # sgflow.autodual.plan.BlockPlan, once "auto" has profiled
         _context_fn(save)  # validates
         self.save = save
         self.last_report: DualReport | None = None
@@ -308,12 +336,26 @@ class DualizedModel(nn.Module):
 
     def dual_forward(self, t, u, x, t_dot, u_dot, x_dot):
         """(f~(t,u,x), JVP of f~ in direction (t_dot, u_dot, x_dot)); t, u, t_dot, u_dot: [B], x, x_dot: [B, *D]."""
+        if self.auto and self.plan is None and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            self.make_plan(t, u, x, t_dot, u_dot, x_dot)
         record = self.last_report is None
         rows = {} if record else None
         out = dual_call(self.module, (t, u, x), (t_dot, u_dot, x_dot), self.blocks, rows, getattr(self, "save", None))
         if record:
             self.last_report = DualReport(rows, list(self.blocks))
         return out
+
+    def make_plan(self, t, u, x, t_dot, u_dot, x_dot):
+        """Profile the candidate blocks on these inputs and recompute the ones that pay
+        (:mod:`sgflow.autodual.plan`); ``blocks="auto"`` does this on its first training call.
+        Returns the :class:`~sgflow.autodual.plan.BlockPlan` (also kept as ``self.plan``)."""
+        from sgflow.autodual.plan import profile_blocks
+
+        inner = _inner(self.module)
+        self.plan = profile_blocks(inner, (t, u, x), (t_dot, u_dot, x_dot), candidate_blocks(inner),
+                                   lambda m, i, g: dual_call(m, i, g)[0], self.budget)
+        self.blocks = list(self.plan.blocks)
+        return self.plan
 
     def report(self, t=None, u=None, x=None) -> DualReport:
         """Per module path, which rule each op took (``forward-ad``: no sgflow rule, PyTorch's own
@@ -328,13 +370,18 @@ class DualizedModel(nn.Module):
         return self.last_report
 
 
-def dualize(model: nn.Module, blocks="auto", save=None) -> DualizedModel:
+def dualize(model: nn.Module, blocks="auto", save=None, budget: float = 0.5) -> DualizedModel:
     """Give any network the fused dual path through its own forward (see :mod:`sgflow.autodual`).
 
     Args:
         model: an ``nn.Module`` called as ``model(t, u, x) -> f~`` (t, u: [B]; x and f~: [B, *D]),
             built from ``torch.nn`` modules and ``torch.nn.functional`` / tensor ops.
-        blocks: recomputation granularity, see :func:`select_blocks` (default ``"auto"``).
+        blocks: which submodules are recomputed in backward. ``"auto"`` (default): chosen by
+            measurement on the first training call (:mod:`sgflow.autodual.plan`: the blocks and
+            sub-blocks that free the most saved bytes per FLOP of recomputation, until the dual
+            forward keeps at most ``budget`` x what the plain forward keeps); or fixed, see
+            :func:`select_blocks`.
+        budget: ``"auto"``'s target, a fraction of the plain forward's saved bytes (default 0.5).
         save: what a block keeps besides its inputs. ``None``: nothing (its whole dual forward is
             recomputed in backward: least memory); ``"matmul"``: the outputs of its convolutions and
             matrix products (selective checkpointing: backward recomputes only the elementwise ops;
@@ -346,7 +393,7 @@ def dualize(model: nn.Module, blocks="auto", save=None) -> DualizedModel:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"dualize expects an nn.Module, got {type(model).__name__}")
-    return DualizedModel(model, blocks, save)
+    return DualizedModel(model, blocks, save, budget)
 
 
 _CACHE_ATTR = "_sgflow_dualized"

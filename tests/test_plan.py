@@ -1,0 +1,151 @@
+"""``dualize(model, blocks="auto")``: the measured choice of recomputed blocks (sgflow.autodual.plan)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import sgflow
+from sgflow import testnets
+from sgflow.autodual.plan import BlockCost, choose_blocks
+from sgflow.memory import peak_tensor_bytes
+
+MiB = 2**20
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _cost(path, kept, boundary, plain, gflops, parent=None):
+    return BlockCost(path, parent=parent, own=kept * MiB, kept=kept * MiB, boundary=boundary * MiB, plain=plain * MiB,
+                     flops=int(gflops * 1e9))
+
+
+def test_nothing_recomputed_when_the_dual_forward_is_already_within_budget():
+    costs = [_cost("a", 10, 2, 10, 1.0), _cost("b", 10, 2, 10, 1.0)]
+    plan = choose_blocks(costs, outside_kept=0, outside_plain=0, budget=1.0)
+    assert plan.blocks == [] and plan.estimate() == 20 * MiB
+
+
+def test_cheapest_bytes_first_and_blocks_without_gain_never():
+    # a1, a2 and b free the same bytes; b costs 100x the FLOPs; c frees nothing (it keeps only its inputs).
+    costs = [_cost("a1", 40, 4, 20, 1.0), _cost("b", 40, 4, 20, 100.0), _cost("a2", 40, 4, 20, 1.0),
+             _cost("c", 8, 8, 8, 0.0)]
+    plain = 68
+    # Kept with a1 and a2 recomputed: their inputs, b and c, plus 40 MiB live again in a backward.
+    plan = choose_blocks(costs, 0, 0, budget=(4 + 4 + 40 + 8 + 40) / plain)
+    assert plan.blocks == ["a1", "a2"]
+    assert plan.estimate() <= plan.budget * plain * MiB
+    plan = choose_blocks(costs, 0, 0, budget=0.01)  # unreachable: everything that frees bytes, never c
+    assert plan.blocks == ["a1", "b", "a2"]
+
+
+def test_a_block_replaces_its_chosen_children():
+    # p = child q (cheap, frees 30) + child r (expensive, frees 30) + 40 MiB of its own, inputs 4 MiB.
+    costs = [
+        _cost("p", 0, 4, 60, 10.0),
+        _cost("p.q", 34, 4, 20, 1.0, parent="p"),
+        _cost("p.r", 34, 4, 20, 9.0, parent="p"),
+    ]
+    costs[0].own = 40 * MiB
+    costs[0].kept = (40 + 34 + 34) * MiB
+    plan = choose_blocks(costs, 0, 0, budget=0.2)
+    assert plan.blocks == ["p"], plan.blocks  # not p together with a child of p
+    assert plan.estimate() == 4 * MiB + 108 * MiB
+
+
+@pytest.mark.parametrize("name,shape,batch,kw", [
+    # The sizes of benchmarks/memory.py's user-network rows (README); at a few KiB per activation the
+    # per-parameter temporaries of any fused step, not the activations, set the peak.
+    pytest.param("adm", (3, 32, 32), 8, {"channel_mult": [1, 2, 2], "num_res_blocks": 2}, id="adm-3x32x32-b8"),
+    pytest.param("dit", (3, 32, 32), 8, {"depth": 6, "hidden_size": 64}, id="dit-3x32x32-b8"),
+])
+def test_planned_fused_step_peak_within_the_target_of_flow_matching(name, shape, batch, kw):
+    """Peak tensor memory of a whole step (loss, backward), measured in one process for flow matching,
+    the planned fused path and the fused path with nothing recomputed: planned <= 0.6x flow matching."""
+    torch.manual_seed(0)
+    model = testnets.build(name, shape, **kw)
+    x1 = torch.randn(batch, *shape)
+
+    def step(loss_fn, m):
+        def run():
+            loss_fn(m, x1, generator=torch.Generator().manual_seed(3))[0].backward()
+            model.zero_grad(set_to_none=True)
+        return run
+
+    dual = sgflow.dualize(model)
+    assert dual.plan is None
+    step(sgflow.fused_loss, dual)()
+    assert dual.plan is not None and dual.blocks == dual.plan.blocks and dual.blocks
+    fm = peak_tensor_bytes(step(sgflow.flow_matching_loss, model))["peak_bytes"]
+    fused = peak_tensor_bytes(step(sgflow.fused_loss, dual))["peak_bytes"]
+    keep_all = peak_tensor_bytes(step(sgflow.fused_loss, sgflow.dualize(model, blocks="none")))["peak_bytes"]
+    print(f"{name}: peak, fused planned {fused / fm:.2f}x flow matching, nothing recomputed {keep_all / fm:.2f}x\n{dual.plan}")
+    assert fused <= 0.6 * fm
+    assert keep_all > fm  # what the plan had to bring down
+
+
+class _BNDropNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(6, 16)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.BatchNorm1d(16), nn.SiLU(), nn.Dropout(0.2), nn.Linear(16, 16)) for _ in range(3))
+        self.out = nn.Linear(16, 6)
+
+    def forward(self, t, u, x):
+        h = self.inp(x) + (u - t)[:, None]
+        for b in self.blocks:
+            h = h + b(h)
+        return self.out(h)
+
+
+def test_profile_leaves_rng_streams_and_buffers_as_they_were():
+    torch.manual_seed(0)
+    model = _BNDropNet().double().train()
+    dual = sgflow.dualize(model)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    t, u = torch.rand(5, dtype=torch.float64) * 0.5, torch.rand(5, dtype=torch.float64) * 0.5 + 0.5
+    x_dot = torch.randn_like(x)
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    rng = torch.random.get_rng_state()
+    plan = dual.make_plan(t, u, x, torch.ones_like(t), torch.zeros_like(u), x_dot)
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    for n, b in model.named_buffers():
+        assert torch.equal(b, buffers[n]), n
+    assert [c.path for c in plan.costs if c.parent is None] == ["inp", "blocks.0", "blocks.1", "blocks.2", "out"]
+    assert all(c.boundary > 0 and c.plain > 0 for c in plan.costs if c.parent is None)
+    assert "estimated dual kept" in str(plan)
+
+
+def test_plan_made_once_on_the_first_training_call_only():
+    torch.manual_seed(0)
+    model = testnets.build("mlp", (5,))
+    dual = sgflow.dualize(model)
+    static = list(dual.blocks)
+    x1 = torch.randn(4, 5)
+    with torch.no_grad():
+        sgflow.fused_loss(dual, x1)
+    assert dual.plan is None and dual.blocks == static
+    loss, _ = sgflow.fused_loss(dual, x1)
+    loss.backward()
+    plan = dual.plan
+    assert plan is not None
+    sgflow.fused_loss(dual, x1)[0].backward()
+    assert dual.plan is plan
+    fixed = sgflow.dualize(model, blocks="all")
+    sgflow.fused_loss(fixed, x1)[0].backward()
+    assert fixed.plan is None and fixed.blocks == static
+
+
+def test_bad_blocks_and_budget_are_named():
+    model = testnets.build("mlp", (5,))
+    with pytest.raises(ValueError, match="budget"):
+        sgflow.dualize(model, budget=0)
+    with pytest.raises(ValueError, match="'bogus'"):
+        sgflow.dualize(model, blocks="bogus")
