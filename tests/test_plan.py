@@ -149,3 +149,19 @@ def test_bad_blocks_and_budget_are_named():
         sgflow.dualize(model, budget=0)
     with pytest.raises(ValueError, match="'bogus'"):
         sgflow.dualize(model, blocks="bogus")
+
+
+def test_bad_tangents_of_a_dualized_model_are_named():
+    dual = sgflow.dualize(testnets.build("mlp", (2,)))
+    t, x = torch.rand(3), torch.randn(3, 2)
+    with pytest.raises(ValueError, match=r"x_dot must have x's shape \(3, 2\), got \(3, 3\)"):
+        dual.dual_forward(t, t, x, None, None, torch.randn(3, 3))
+    with pytest.raises(TypeError, match="x_dot must be a floating-point tensor"):
+        dual.dual_forward(t, t, x, None, None, torch.ones(3, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"t_dot must have t's shape \(3,\), got \(3, 1\)"):
+        dual.dual_forward(t, t, x, torch.ones(3, 1), None, torch.randn(3, 2))
+    with pytest.raises(ValueError, match="x_dot is on meta but x is on cpu"):
+        dual.dual_forward(t, t, x, None, None, torch.randn(3, 2, device="meta"))
+    # A tangent of another floating dtype is cast to its input's (float64 -> float32 here).
+    y, y_dot = dual.dual_forward(t, t, x, None, None, torch.randn(3, 2, dtype=torch.float64))
+    assert y_dot.dtype == x.dtype

@@ -284,6 +284,26 @@ def _zero_tangent(t: torch.Tensor | None) -> bool:
     return not bool(t.any())
 
 
+def _check_tangents(inputs, tangents) -> None:
+    """Each tangent: None, or a floating tensor of its input's shape on its input's device (another
+    floating dtype is cast to the input's). Inputs that are not tensors are left to the forward's checks."""
+    if len(inputs) != len(tangents):
+        raise ValueError(f"dualize: {len(tangents)} tangents for {len(inputs)} inputs")
+    names = ("t", "u", "x") if len(inputs) == 3 else tuple(f"input {i}" for i in range(len(inputs)))
+    for name, x, t in zip(names, inputs, tangents):
+        if t is None or not isinstance(x, torch.Tensor):
+            continue
+        dot = f"{name}_dot" if len(name) == 1 else f"the tangent of {name}"
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"dualize: {dot} must be a tensor of {name}'s shape {tuple(x.shape)} or None, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"dualize: {dot} must be a floating-point tensor, got dtype {t.dtype}")
+        if t.shape != x.shape:
+            raise ValueError(f"dualize: {dot} must have {name}'s shape {tuple(x.shape)}, got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"dualize: {dot} is on {t.device} but {name} is on {x.device}")
+
+
 def dual_call(model: nn.Module, inputs: Sequence[torch.Tensor], tangents: Sequence[torch.Tensor | None],
               blocks: Sequence[str] = (), report: dict | None = None, save=None):
     """``model(*inputs)`` and its JVP along ``tangents`` through the model's own forward.
@@ -291,6 +311,7 @@ def dual_call(model: nn.Module, inputs: Sequence[torch.Tensor], tangents: Sequen
     Inputs with a zero (or None) tangent are passed as plain tensors. Returns ``(out, out_dot)``;
     ``out_dot`` is zeros when the output does not depend on the dual inputs.
     """
+    _check_tangents(inputs, tangents)
     args = [x if _zero_tangent(t) else make_dual(x, t.to(x.dtype)) for x, t in zip(inputs, tangents)]
     prev = STATE.context_fn
     STATE.context_fn = _context_fn(save)

@@ -265,7 +265,7 @@ def profile_blocks(model: nn.Module, inputs, tangents, candidates, run_dual, bud
         candidates = {p: None for p in candidates}
     params = {StorageWeakRef(p.untyped_storage()).cdata for p in model.parameters()}
     costs = {p: BlockCost(p, parent) for p, parent in candidates.items()}
-    devices = sorted({x.device.index for x in inputs if x.device.type == "cuda"})
+    devices = sorted({x.device.index for x in inputs if isinstance(x, torch.Tensor) and x.device.type == "cuda"})
     with _preserved_state(model, devices):
         state = torch.random.get_rng_state()
         plain = _Saved(params)
