@@ -423,3 +423,40 @@ def test_dual_forward_graph_breaks(name):
     dual = trace.on("dual")
     assert trace.graph_breaks == 0 and not dual, (
         f"{name}: {trace.graph_breaks} graph breaks, {len(dual)} reasons in the dual forward:\n{trace.describe()}")
+
+
+class _TFSubclass(torch.Tensor):
+    """A minimal ``__torch_function__`` tensor subclass that records the functions dispatched to it."""
+
+    calls: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.calls.append(getattr(func, "__name__", str(func)))
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "PyTorch (torch.compile, 2.13): __torch_function__ is not dispatched for tensor-subclass elements of a TUPLE "
+    "argument (torch.cat((a, b)), torch.stack((a, b))); lists are. sgflow.dualize's DualTensor relies on that "
+    "dispatch, so a dual forward traced by dynamo would silently drop the tangent of such a cat. Today the dual "
+    "forward's graph breaks keep dynamo from tracing it (the explain runs above compare with eager); this canary "
+    "turns into a failure once PyTorch dispatches tuples too, the precondition for tracing the dual forward"))
+def test_dynamo_dispatches_torch_function_inside_tuple_arguments():
+    def cat_tuple(x):
+        a = x.as_subclass(_TFSubclass)
+        return torch.cat((a, a), dim=0)
+
+    def cat_list(x):
+        a = x.as_subclass(_TFSubclass)
+        return torch.cat([a, a], dim=0)
+
+    x = torch.randn(3)
+    _TFSubclass.calls = []
+    cat_tuple(x)
+    assert _TFSubclass.calls == ["cat"]  # eager: dispatched
+    for fn in (cat_list, cat_tuple):
+        _TFSubclass.calls = []
+        torch.compile(fn, backend="eager", fullgraph=True)(x)
+        assert _TFSubclass.calls == ["cat"], f"{fn.__name__}: compiled, __torch_function__ saw {_TFSubclass.calls}"
