@@ -11,14 +11,7 @@ from sgflow.audit import GradientReport, check_gradients
 from set_attention_flowmap import AttentionFlowMap
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small float64 problems: one intra-op thread is as fast, and does not stall when other processes
-    share the CPU cores (oversubscribed OpenMP threads made these tests 10-50x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cat_tu(x, t, u):

@@ -70,14 +70,8 @@ def _inductor_missing() -> str | None:
 needs_inductor = pytest.mark.skipif(_inductor_missing() is not None, reason=str(_inductor_missing()))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The work here is tracing (Python) on tiny tensors: intra-op threads only add synchronisation, which
-    costs seconds on a loaded small machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The work here is tracing (Python) on tiny tensors: intra-op threads only add synchronisation.
+pytestmark = [pytestmark, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(autouse=True)

@@ -42,12 +42,7 @@ OP_TOL = {D64: 1e-10, F32: 1e-4}
 OP_DTYPES = [pytest.param(D64, id="f64"), pytest.param(F32, id="f32")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------------

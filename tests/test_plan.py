@@ -13,12 +13,7 @@ from sgflow.memory import peak_tensor_bytes
 MiB = 2**20
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cost(path, kept, boundary, plain, gflops, parent=None):

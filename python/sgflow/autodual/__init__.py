@@ -179,6 +179,25 @@ class DualReport:
 
 
 @contextlib.contextmanager
+def patched_forwards(wrapping):
+    """Replace ``module.forward`` by ``make(module.forward)`` on the instances of ``wrapping`` (pairs
+    ``(module, make)``) for the duration of the block, then put back exactly what was there (an
+    instance attribute of the user's own, or none)."""
+    saved = []
+    for mod, make in wrapping:
+        saved.append((mod, "forward" in mod.__dict__, mod.__dict__.get("forward")))
+        mod.forward = make(mod.forward)
+    try:
+        yield
+    finally:
+        for mod, had, prev in saved:
+            if had:
+                mod.forward = prev
+            else:
+                del mod.forward
+
+
+@contextlib.contextmanager
 def _patched(model: nn.Module, blocks: Sequence[str]):
     """Route every submodule's forward through a wrapper that tracks the module path (for error
     messages and the report) and runs the chosen blocks under non-reentrant checkpointing.
@@ -188,20 +207,10 @@ def _patched(model: nn.Module, blocks: Sequence[str]):
     """
     inner = _inner(model) if isinstance(model, nn.Module) else None
     block_set = set(blocks)
-    saved = []
-    for path, mod in (inner.named_modules() if inner is not None else ()):
-        had = "forward" in mod.__dict__
-        orig = mod.forward
-        saved.append((mod, had, mod.__dict__.get("forward")))
-        mod.forward = _wrap_forward(orig, path or "<model>", path in block_set)
-    try:
+    modules = inner.named_modules() if inner is not None else ()
+    with patched_forwards((mod, functools.partial(_wrap_forward, path=path or "<model>", is_block=path in block_set))
+                          for path, mod in modules):
         yield
-    finally:
-        for mod, had, prev in saved:
-            if had:
-                mod.forward = prev
-            else:
-                del mod.forward
 
 
 def _any_dual(args, kwargs) -> bool:

@@ -217,10 +217,11 @@ def _preserved_state(model: nn.Module, devices):
 def _profiling(model: nn.Module, paths, saved: _Saved, costs: dict, dual: bool):
     """Patch the candidates' forwards: each runs with its own saved bytes, inputs and FLOPs counted,
     and returns detached outputs, so only one candidate's graph is alive at a time."""
-    mods = dict(model.named_modules())
-    patched = []
+    from sgflow.autodual import patched_forwards
 
-    def wrap(path, orig):
+    mods = dict(model.named_modules())
+
+    def wrap(orig, path):
         @functools.wraps(orig)
         def forward(*args, **kwargs):
             c = costs[path]
@@ -243,18 +244,8 @@ def _profiling(model: nn.Module, paths, saved: _Saved, costs: dict, dual: bool):
 
         return forward
 
-    for p in paths:
-        m = mods[p]
-        patched.append((m, "forward" in m.__dict__, m.__dict__.get("forward")))
-        m.forward = wrap(p, m.forward)
-    try:
+    with patched_forwards((mods[p], functools.partial(wrap, path=p)) for p in paths):
         yield
-    finally:
-        for m, had, prev in patched:
-            if had:
-                m.forward = prev
-            else:
-                del m.forward
 
 
 def profile_blocks(model: nn.Module, inputs, tangents, candidates, run_dual, budget: float = 0.5) -> BlockPlan:
