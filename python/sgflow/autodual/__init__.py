@@ -343,7 +343,8 @@ class DualizedModel(nn.Module):
     Args:
         model: any ``nn.Module`` called as ``model(t, u, x)`` (a ``DistributedDataParallel`` too:
             its forward, and so its gradient sync, runs).
-        blocks: which submodules are recomputed in backward (see :func:`select_blocks`).
+        blocks: which submodules are recomputed in backward (see :func:`dualize` and :func:`select_blocks`).
+        budget: ``blocks="auto"``'s target, a fraction of the plain forward's saved bytes.
     """
 
     def __init__(self, model: nn.Module, blocks="auto", save=None, budget: float = 0.5):

@@ -16,10 +16,10 @@ real inputs:
   the dual forward runs them on primal and tangent), plus ``ELEMENTWISE_FLOPS_PER_BYTE`` per byte
   kept: the cost of recomputing it.
 
-It then recomputes candidates in decreasing order of bytes freed per unit of cost,
-``(kept - boundary) / cost`` (a block replacing its chosen sub-blocks when that pays), until the
-estimated dual saved bytes, plus the largest recomputed block's (its dual intermediates are live again
-while its backward runs), are at most ``budget`` times the plain forward's. The default 0.5 leaves room
+It then recomputes candidates in decreasing order of bytes freed per unit of cost (the drop in
+kept bytes, its inputs replacing what it keeps, over ``cost``; a block replacing its chosen sub-blocks
+when that pays), until the estimated dual saved bytes, plus the largest recomputed block's (its dual
+intermediates are live again while its backward runs), are at most ``budget`` times the plain forward's. The default 0.5 leaves room
 for what a step's peak holds besides saved tensors: measured peaks of 0.52-0.59x flow matching's on the
 cifar10 U-Net, the ADM and EDM U-Nets and the DiT of the README.
 
@@ -63,10 +63,6 @@ class BlockCost:
     @property
     def cost(self) -> float:
         return float(self.flops) + ELEMENTWISE_FLOPS_PER_BYTE * self.kept + 1.0
-
-    @property
-    def freed(self) -> int:
-        return self.kept - self.boundary
 
 
 @dataclass
