@@ -1325,3 +1325,23 @@ def test_function_apply_is_pytorchs_own_outside_dual_forwards():
     assert torch.autograd.Function.__dict__["apply"] is pytorch_apply
     loss.backward()  # the blocks' recomputation (hook on for its duration) and after it
     assert torch.autograd.Function.__dict__["apply"] is pytorch_apply
+
+
+@pytest.mark.parametrize("make,shape,out_numel", [
+    pytest.param(lambda: nn.Linear(63, 5), (32, 63), 32 * 5, id="linear-63to5-b32"),
+    pytest.param(lambda: nn.Conv2d(16, 2, 3, padding=1), (4, 16, 7, 5), 4 * 2 * 7 * 5, id="conv-16to2-7x5-b4"),
+])
+def test_dual_conv_and_linear_allocate_only_their_two_outputs(make, shape, out_numel):
+    """Primal and tangent through a conv / linear: the forward allocates the two outputs and nothing of
+    the inputs' size (a product over the stacked rows [x; x_dot] copies both inputs first: with 63 -> 5
+    features that copy is 12x the outputs)."""
+    from sgflow.memory import PeakTensorBytes
+
+    torch.manual_seed(0)
+    layer = make()
+    x, x_dot = torch.randn(shape), torch.randn(shape)
+    ref = torch.func.jvp(layer, (x,), (x_dot,))
+    with PeakTensorBytes() as mode:
+        y, y_dot = dual_call(layer, (x,), (x_dot,))
+    assert mode.peak == 2 * out_numel * 4, (mode.peak, 2 * out_numel * 4)
+    torch.testing.assert_close((y, y_dot), ref)

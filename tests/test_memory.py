@@ -118,3 +118,23 @@ def test_memory_benchmark_script_writes_every_method_with_ratios(tmp_path, capsy
     table = capsys.readouterr().out
     assert "tracked peak MiB" in table and "sgflow_fused" in table
     assert out.with_suffix(".csv").read_text().startswith("method,")
+
+
+def test_measuring_does_not_change_what_the_fused_ops_allocate():
+    """add_unless_held adds in place into a fresh op output unless a dispatch mode may hold that output
+    (selective checkpointing's cache); PeakTensorBytes only observes, so the sum stays in place under it
+    (it used to go out of place and keep a second activation alive: measured peaks read high)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from sgflow.ops.library import add_unless_held
+
+    class Holding(TorchDispatchMode):  # stands for a mode that may keep op outputs
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    for mode, in_place in ((PeakTensorBytes(), True), (Holding(), False)):
+        with mode:
+            y = torch.ones(3)
+            z = add_unless_held(y, torch.full((3,), 2.0))
+        assert (z.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()) is in_place, type(mode).__name__
+        assert torch.equal(z, torch.full((3,), 3.0))

@@ -61,6 +61,8 @@ class PeakTensorBytes(TorchDispatchMode):
     region without it.
     """
 
+    sgflow_observer = True  # holds no op outputs: sgflow's fused ops may still write into them in place
+
     def __init__(self) -> None:
         super().__init__()
         self._counted: dict[int, tuple[StorageWeakRef, int]] = {}  # storage impl -> (weak ref, bytes)

@@ -228,8 +228,8 @@ def _profiling(model: nn.Module, paths, saved: _Saved, costs: dict, dual: bool):
                 if dual:
                     out = orig(*args, **kwargs)
                 else:
-                    # Counted on the plain pass: a dispatch mode changes what the dual rules fuse
-                    # and save (sgflow.ops.library.add_unless_held). A dual forward runs each
+                    # Counted on the plain pass, outside the dual rules' custom ops, whose FLOPs the
+                    # counter does not know. A dual forward runs each
                     # matmul on primal and tangent: twice the plain FLOPs.
                     with FlopCounterMode(display=False) as fc:
                         out = orig(*args, **kwargs)

@@ -14,9 +14,9 @@ written here from their statistics, with the tangent formula
     x̂ = (x - μ) r,  r = (var + eps)^(-1/2),  x̂_dot = r (x_dot - mean(x_dot) - x̂ mean(x̂ x_dot))
 
 (means over the normalised elements), computed in float32 for half/bf16 inputs; conv and linear
-run primal and tangent as one stacked call (one pass over the weights; the weight gradient is one
-product over the stacked rows for convs and half-precision linears, two accumulated products for
-fp32/fp64 linears, which avoids the stacked copies at the backward peak); SDPA and hand-written
+run primal and tangent as two calls sharing the weight, with no stacked copy of either stream (the
+weight gradient is two accumulated products; one product over the stacked rows in half precision,
+rounded once); SDPA and hand-written
 ``softmax(q k^T) v`` go to the dual attention op (O(N) memory per row) and dropout draws one mask for
 both streams.
 """
@@ -42,7 +42,6 @@ from sgflow.autodual.tensor import (
     unwrap_primals,
     wrap_outputs,
 )
-from sgflow.ops.library import add_unless_held
 
 _T = torch.Tensor
 
@@ -448,7 +447,7 @@ def _dropout_rule(func, args, kwargs):
 
 
 # ---------------------------------------------------------------------------------------------
-# Conv / linear: primal and tangent as one stacked call
+# Conv / linear: primal and tangent as two calls on one weight
 
 
 _CONV_NDIM = {}
@@ -458,15 +457,15 @@ for _n, _d in (("conv1d", 1), ("conv2d", 2), ("conv3d", 3), ("conv_transpose1d",
     _CONV_NDIM[getattr(F, _n)] = _d
 
 
-class _StackedConv(torch.autograd.Function):
-    r"""``(x, x_dot, W, b) -> (conv(x, W) + b, conv(x_dot, W))`` as ONE convolution over ``[x; x_dot]``.
+class _DualConv(torch.autograd.Function):
+    r"""``(x, x_dot, W, b) -> (conv(x, W) + b, conv(x_dot, W))``: two convolutions sharing W.
 
-    Saves x and x_dot (usually alive anyway as the previous op's outputs), not the stacked copy;
-    backward stacks the two cotangents and makes one ``convolution_backward`` call for the input
-    gradients of both streams and the weight gradient ``dW = conv_w([g; g_dot], [x; x_dot])``.
-    Both outputs are views of one stacked result: they must not be modified in place (the dual
-    forward forbids in-place ops on dual tensors anyway). ``conf``: (stride, padding, dilation,
-    transposed, output_padding, groups), normalised to lists.
+    Saves x and x_dot (usually alive anyway as the previous op's outputs). Not one convolution over the
+    stacked ``[x; x_dot]``: the stacked input copy (and, in backward, the stacked cotangents and inputs)
+    are extra activation-sized buffers at a recomputed block's peak, and two calls measured 5-10% faster
+    on CPU (benchmarks/NOTES.md). Backward: one ``convolution_backward`` per stream, ``dW`` summed; in
+    half precision one call over the stacked rows, so that ``dW`` is rounded once. ``conf``: (stride,
+    padding, dilation, transposed, output_padding, groups), normalised to lists.
     """
 
     @staticmethod
@@ -475,50 +474,50 @@ class _StackedConv(torch.autograd.Function):
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, x_dot, weight)
         ctx.set_materialize_grads(False)
-        n = x.shape[0]
-        both = torch.ops.aten.convolution(torch.cat([x, x_dot]), weight, None, *conf)
-        y, y_dot = both.split(n)
-        if bias is not None:
-            y = add_unless_held(y, bias.reshape(-1, *([1] * (y.dim() - 2))))
-        return y, y_dot
+        return (torch.ops.aten.convolution(x, weight, bias, *conf),
+                torch.ops.aten.convolution(x_dot, weight, None, *conf))
 
     @staticmethod
     def backward(ctx, g, g_dot):
         x, x_dot, weight = ctx.saved_tensors
         need_x, need_xd, need_w, need_b = ctx.needs_input_grad[:4]
         n = x.shape[0]
-        if g is None and g_dot is None:
-            return None, None, None, None, None
-        if g_dot is None:  # only the primal stream was used downstream
-            gx, gw, _ = torch.ops.aten.convolution_backward(g, x, weight, None, *ctx.conf, [need_x, need_w, False])
-            gxd = None
-        else:
-            gg = torch.cat([torch.zeros_like(g_dot) if g is None else g, g_dot])
+        gx = gxd = gw = None
+        if g is not None and g_dot is not None and x.dtype in (torch.float16, torch.bfloat16):
             gin, gw, _ = torch.ops.aten.convolution_backward(
-                gg, torch.cat([x, x_dot]), weight, None, *ctx.conf, [need_x or need_xd, need_w, False])
+                torch.cat([g, g_dot]), torch.cat([x, x_dot]), weight, None, *ctx.conf, [need_x or need_xd, need_w, False])
             gx, gxd = (None, None) if gin is None else gin.split(n)
+        else:
+            grads_in = []
+            for grad, inp, need_in in ((g, x, need_x), (g_dot, x_dot, need_xd)):
+                gin = None
+                if grad is not None:
+                    gin, gw_part, _ = torch.ops.aten.convolution_backward(
+                        grad, inp, weight, None, *ctx.conf, [need_in, need_w, False])
+                    if gw_part is not None:
+                        gw = gw_part if gw is None else gw.add_(gw_part)
+                grads_in.append(gin)
+            gx, gxd = grads_in
         gb = None
         if ctx.has_bias and need_b and g is not None:
             gb = g.sum([0] + list(range(2, g.dim())))
         return gx, gxd, gw, gb, None
 
 
-class _StackedLinear(torch.autograd.Function):
-    """``(x, x_dot, W, b) -> (x W^T + b, x_dot W^T)`` as ONE matmul over the stacked rows; saves x and
-    x_dot (not the stacked copy); backward: ``[dx; dx_dot] = [g; g_dot] W`` and ``dW = [g; g_dot]^T [x;
-    x_dot]``, one GEMM each. Outputs are views of one stacked result (see _StackedConv)."""
+class _DualLinear(torch.autograd.Function):
+    """``(x, x_dot, W, b) -> (x W^T + b, x_dot W^T)`` as two products sharing W; saves x and x_dot.
+    Not one product over the stacked rows ``[x; x_dot]``: the stacked copy of the input is an extra
+    activation-sized buffer at the recomputed block's peak (16 MiB of the token-attention MLP's 138), and
+    keeps the primal half of the output alive as long as the tangent half; two calls measured 10-20%
+    faster on CPU too (benchmarks/NOTES.md). Backward: ``dx = g W``, ``dx_dot = g_dot W`` and ``dW = g^T x +
+    g_dot^T x_dot`` (one product over the stacked rows in half precision: rounded once)."""
 
     @staticmethod
     def forward(ctx, x, x_dot, weight, bias):
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, x_dot, weight)
         ctx.set_materialize_grads(False)
-        n = x.shape[0]
-        both = F.linear(torch.cat([x, x_dot]), weight)
-        y, y_dot = both.split(n)
-        if bias is not None:
-            y = add_unless_held(y, bias)
-        return y, y_dot
+        return F.linear(x, weight, bias), F.linear(x_dot, weight)
 
     @staticmethod
     def backward(ctx, g, g_dot):
@@ -600,7 +599,7 @@ def _conv_rule(func, args, kwargs):
             xp = x._primal
             (xp, xt, w, bias), autocast = _autocast_args(xp.device.type, xp, x._tangent.to(xp.dtype), w, bias)
             with torch.autocast(xp.device.type, enabled=False) if autocast else _nullctx():
-                return make_dual(*_StackedConv.apply(xp, xt, w, bias, conf))
+                return make_dual(*_DualConv.apply(xp, xt, w, bias, conf))
     # A weight or bias computed from the inputs (hypernetworks): product rule over (x, w), bias tangent added.
     out = func(primal(x), primal(w), primal(bias), *rest, **kw)
     t = None
@@ -622,7 +621,7 @@ def _linear_rule(func, args, kwargs):
         xp = x._primal
         (xp, xt, w, bias), autocast = _autocast_args(xp.device.type, xp, x._tangent.to(xp.dtype), w, bias)
         with torch.autocast(xp.device.type, enabled=False) if autocast else _nullctx():
-            return make_dual(*_StackedLinear.apply(xp, xt, w, bias))
+            return make_dual(*_DualLinear.apply(xp, xt, w, bias))
     out = func(primal(x), primal(w), primal(bias))
     t = None
     if isinstance(x, DualTensor):

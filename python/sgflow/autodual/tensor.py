@@ -11,7 +11,7 @@ from the unwrapped primals and tangents with ordinary tensor ops, so reverse-mod
 both streams and the gradient flows *through* the tangent (reverse over forward), as SGFlow needs.
 The rule an op takes (see :mod:`sgflow.autodual.rules`):
 
-- a hand-written rule (conv/linear as one stacked call, the normalisation layers from explicit
+- a hand-written rule (conv/linear as two calls on one weight, the normalisation layers from explicit
   formulas, SDPA through the dual attention op, dropout with one mask for both streams, ...);
 - ``linear``: ops linear in their tensor data (views, reshapes, cat, sums, pooling, interpolation):
   the tangent is the same op applied to the tangents;

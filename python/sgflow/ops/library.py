@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 __all__ = ["add_unless_held", "once", "register_loop_vmap"]
 
@@ -61,8 +61,15 @@ def register_loop_vmap(op) -> None:
 def add_unless_held(y: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """``y + other``, in place into ``y`` (a fresh op output: no extra activation) unless something else
     may hold ``y``: a dispatch mode, such as selective checkpointing's cache of conv/matmul outputs, which
-    forbids mutating them. Compiled, always out of place (reading the mode stack is a graph break;
+    forbids mutating them. Modes that only observe (a class attribute ``sgflow_observer = True``, as on
+    :class:`sgflow.memory.PeakTensorBytes`, and FLOP counting) are ignored, so that measuring a step does not
+    change what it allocates. Compiled, always out of place (reading the mode stack is a graph break;
     inductor fuses the add either way)."""
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+    if torch.compiler.is_compiling() or not all(_observes_only(m) for m in _get_current_dispatch_mode_stack()):
         return y + other
     return y.add_(other)
+
+
+def _observes_only(mode) -> bool:
+    from torch.utils.flop_counter import _FlopCounterMode
+    return getattr(mode, "sgflow_observer", False) or isinstance(mode, _FlopCounterMode)
