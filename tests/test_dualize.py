@@ -1345,3 +1345,17 @@ def test_dual_conv_and_linear_allocate_only_their_two_outputs(make, shape, out_n
         y, y_dot = dual_call(layer, (x,), (x_dot,))
     assert mode.peak == 2 * out_numel * 4, (mode.peak, 2 * out_numel * 4)
     torch.testing.assert_close((y, y_dot), ref)
+
+
+NORM_CASES = [c for c in OP_CASES if "norm" in c.id]
+
+
+@pytest.mark.parametrize("build,kind", NORM_CASES)
+def test_norm_rules_in_row_slices_match_jvp_reference(build, kind, monkeypatch):
+    """The normalisation rules' recomputed backward over row slices (forced here on small inputs: every
+    sample its own slice) gives the reference gradients; a batch norm in training, whose statistics
+    mix the rows, must not be sliced (it would give wrong gradients, not an error)."""
+    import sgflow.autodual.rules as rules
+
+    monkeypatch.setattr(rules, "ROW_SLICE_MIN_NUMEL", 1)
+    test_rule_matches_jvp_reference(build, kind, torch.float64, monkeypatch)

@@ -7,7 +7,7 @@ from torch import nn
 
 import sgflow
 from sgflow import testnets
-from sgflow.autodual.plan import BlockCost, choose_blocks
+from sgflow.autodual.plan import BlockCost, RowSplit, choose_blocks
 from sgflow.memory import peak_tensor_bytes
 
 MiB = 2**20
@@ -59,6 +59,8 @@ def test_a_block_replaces_its_chosen_children():
     # per-parameter temporaries of any fused step, not the activations, set the peak.
     pytest.param("adm", (3, 32, 32), 8, {"channel_mult": [1, 2, 2], "num_res_blocks": 2}, id="adm-3x32x32-b8"),
     pytest.param("dit", (3, 32, 32), 8, {"depth": 6, "hidden_size": 64}, id="dit-3x32x32-b8"),
+    # Shallow and wide at a large batch: recomputing every block is not enough (0.76x); row slices are.
+    pytest.param("mlp", (2,), 4096, {"hidden": 256, "depth": 4}, id="mlp-2-b4096"),
 ])
 def test_planned_fused_step_peak_within_the_target_of_flow_matching(name, shape, batch, kw):
     """Peak tensor memory of a whole step (loss, backward), measured in one process for flow matching,
@@ -160,3 +162,106 @@ def test_bad_tangents_of_a_dualized_model_are_named():
     # A tangent of another floating dtype is cast to its input's (float64 -> float32 here).
     y, y_dot = dual.dual_forward(t, t, x, None, None, torch.randn(3, 2, dtype=torch.float64))
     assert y_dot.dtype == x.dtype
+
+
+def test_row_slices_only_where_recomputing_is_not_enough_and_only_for_row_maps():
+    # Recomputing both leaves a 40 MiB block live in backward: over a 30 MiB target. "a" maps rows to
+    # rows (profiled), "b" does not.
+    rows = RowSplit(1, (0,), ())
+    costs = [_cost("a", 40, 4, 40, 1.0), _cost("b", 20, 4, 20, 1.0)]
+    costs[0].rows, costs[0].batch = rows, 64
+    plan = choose_blocks(costs, 0, 0, budget=30 / 60)
+    assert plan.blocks == ["a", "b"] and plan.splits == {"a": RowSplit(2, (0,), ())}
+    assert plan.estimate() == (8 + 20) * MiB and "in 2 row slices" in str(plan)
+    # Tighter: "a" goes to 4 slices, then "b" (20 MiB, not a row map) is the largest: stop there.
+    plan = choose_blocks(costs, 0, 0, budget=0.1)
+    assert plan.splits == {"a": RowSplit(4, (0,), ())} and plan.estimate() == (8 + 20) * MiB
+    assert choose_blocks(costs, 0, 0, budget=0.1, split_rows=False).splits == {}
+    costs[0].batch = 3  # fewer rows than slices
+    assert choose_blocks(costs, 0, 0, budget=0.1).splits == {"a": RowSplit(2, (0,), ())}
+
+
+class _RowNet(nn.Module):
+    """Blocks of every kind for the profile's row check: row maps (LayerNorm MLP, one with a shared [8, 16]
+    table as a second input), batch statistics (BatchNorm in training), random draws (dropout)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(6, 16)
+        self.ln = nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 16), nn.SiLU(), nn.Linear(16, 16))
+        self.table = nn.Parameter(torch.randn(8, 16))
+        self.mix = _TableBlock()
+        self.bn = nn.Sequential(nn.BatchNorm1d(16), nn.Linear(16, 16))
+        self.drop = nn.Sequential(nn.Dropout(0.3), nn.Linear(16, 16))
+        self.out = nn.Linear(16, 6)
+
+    def forward(self, t, u, x):
+        h = self.inp(x) + (u - t)[:, None]
+        h = h + self.ln(h)
+        h = h + self.mix(h, 2 * self.table)  # a computed [8, 16] table, not a parameter
+        h = h + self.bn(h)
+        h = h + self.drop(h)
+        return self.out(h)
+
+
+class _TableBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, h, table):
+        return self.lin(h) + torch.softmax(h @ table.t(), -1) @ table
+
+
+def _inputs(b, dtype=torch.float64):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(b, 6, generator=g, dtype=dtype)
+    t = torch.rand(b, generator=g, dtype=dtype) * 0.5
+    u = t + torch.rand(b, generator=g, dtype=dtype) * 0.5
+    return t, u, x, torch.ones_like(t), torch.zeros_like(u), torch.randn(b, 6, generator=g, dtype=dtype)
+
+
+def test_profile_finds_which_blocks_map_rows_to_rows():
+    torch.manual_seed(0)
+    model = _RowNet().double().train()
+    plan = sgflow.dualize(model).make_plan(*_inputs(6))
+    rows = {c.path: c.rows for c in plan.costs if c.parent is None}
+    assert rows["ln"] == RowSplit(1, (0,), ()) and rows["out"] == RowSplit(1, (0,), ())
+    assert rows["mix"] == RowSplit(1, (0,), ())  # the table (8 rows) goes whole to every slice
+    assert rows["bn"] is None  # batch statistics
+    assert rows["drop"] is None  # draws a mask
+    # At batch 8 the table has the batch's leading size: slicing it changes the result, so no slices.
+    plan = sgflow.dualize(model).make_plan(*_inputs(8))
+    assert {c.path: c.rows for c in plan.costs}["mix"] is None
+    model.eval()  # batch norm on running statistics, dropout off: both map rows to rows
+    plan = sgflow.dualize(model).make_plan(*_inputs(8))
+    rows = {c.path: c.rows for c in plan.costs if c.parent is None}
+    assert rows["bn"] is not None and rows["drop"] is not None
+
+
+@pytest.mark.parametrize("batch", [pytest.param(7, id="b7-uneven"), pytest.param(2, id="b2")])
+def test_row_sliced_blocks_give_the_reference_gradients(batch):
+    """A plan with every row-map block recomputed in 4 row slices: loss and gradients equal the JVP
+    reference to 1e-10 (float64); dropout blocks are never sliced; parameters reached as a module
+    attribute (the table) get their gradient."""
+    torch.manual_seed(0)
+    model = _RowNet().double().eval()
+    dual = sgflow.dualize(model, budget=1e-6)
+    x1 = torch.randn(batch, 6, dtype=torch.float64)
+
+    def grads(m):
+        model.zero_grad(set_to_none=True)
+        loss, _ = sgflow.fused_loss(m, x1, generator=torch.Generator().manual_seed(2)) if m is not None else \
+            sgflow.sgflow_loss(model, x1, generator=torch.Generator().manual_seed(2))
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    grads(dual)  # the first call profiles and plans
+    assert dual.splits and all(s.chunks in (2, 4) for s in dual.splits.values()), dual.plan
+    loss, got = grads(dual)
+    ref_loss, ref = grads(None)
+    assert torch.allclose(loss, ref_loss, rtol=1e-12, atol=0)
+    for n in ref:
+        assert ref[n].abs().max() > 0, n
+        err = (got[n] - ref[n]).norm() / ref[n].norm()
+        assert err <= 1e-10, (n, float(err))

@@ -198,9 +198,10 @@ def patched_forwards(wrapping):
 
 
 @contextlib.contextmanager
-def _patched(model: nn.Module, blocks: Sequence[str]):
+def _patched(model: nn.Module, blocks: Sequence[str], splits: dict | None = None):
     """Route every submodule's forward through a wrapper that tracks the module path (for error
-    messages and the report) and runs the chosen blocks under non-reentrant checkpointing.
+    messages and the report) and runs the chosen blocks under non-reentrant checkpointing (in row
+    slices where ``splits`` has a :class:`~sgflow.autodual.plan.RowSplit` for them).
 
     Patches live on the instances only for the duration of one dual forward: a model copied later
     (EMA, deepcopy) never sees them, and the recomputation in backward calls the original forwards.
@@ -208,7 +209,9 @@ def _patched(model: nn.Module, blocks: Sequence[str]):
     inner = _inner(model) if isinstance(model, nn.Module) else None
     block_set = set(blocks)
     modules = inner.named_modules() if inner is not None else ()
-    with patched_forwards((mod, functools.partial(_wrap_forward, path=path or "<model>", is_block=path in block_set))
+    splits = splits or {}
+    with patched_forwards((mod, functools.partial(_wrap_forward, path=path or "<model>", is_block=path in block_set,
+                                                  split=splits.get(path)))
                           for path, mod in modules):
         yield
 
@@ -219,7 +222,7 @@ def _any_dual(args, kwargs) -> bool:
     return any(isinstance(a, DualTensor) for a in tree_flatten((args, kwargs))[0])
 
 
-def _wrap_forward(orig, path: str, is_block: bool):
+def _wrap_forward(orig, path: str, is_block: bool, split=None):
     @functools.wraps(orig)
     def forward(*args, **kwargs):
         STATE.stack.append(path)
@@ -227,11 +230,10 @@ def _wrap_forward(orig, path: str, is_block: bool):
             if is_block and not getattr(STATE, "in_block", False) and torch.is_grad_enabled() and _any_dual(args, kwargs):
                 STATE.in_block = True
                 try:
-                    ctx_fn = STATE.context_fn
-                    if ctx_fn is None:
-                        return checkpoint(_hooked(orig), *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
-                    return checkpoint(_hooked(orig), *args, use_reentrant=False, preserve_rng_state=True,
-                                      context_fn=ctx_fn, **kwargs)
+                    slices = _row_slices(split, args, kwargs) if split is not None else None
+                    if slices is None:
+                        return _checkpointed(orig, args, kwargs)
+                    return _cat_rows([_checkpointed(orig, a, k) for a, k in slices], path)
                 finally:
                     STATE.in_block = False
             return orig(*args, **kwargs)
@@ -239,6 +241,50 @@ def _wrap_forward(orig, path: str, is_block: bool):
             STATE.stack.pop()
 
     return forward
+
+
+def _checkpointed(orig, args, kwargs):
+    ctx_fn = STATE.context_fn
+    if ctx_fn is None:
+        return checkpoint(_hooked(orig), *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
+    return checkpoint(_hooked(orig), *args, use_reentrant=False, preserve_rng_state=True, context_fn=ctx_fn, **kwargs)
+
+
+def _row_slices(split, args, kwargs):
+    """``split.chunks`` pairs (args, kwargs), the inputs ``split`` names sliced along dim 0; None where
+    this call does not fit the layout the profile saw (then the block runs whole, as recomputed blocks
+    always may)."""
+    named = [args[i] for i in split.args if i < len(args)] + [kwargs[k] for k in split.kwargs if k in kwargs]
+    if not named or not all(isinstance(a, torch.Tensor) and a.dim() >= 1 for a in named):
+        return None
+    n = named[0].shape[0]
+    if n < split.chunks or any(a.shape[0] != n for a in named):
+        return None
+    bounds = [n * j // split.chunks for j in range(split.chunks + 1)]
+    return [([a.narrow(0, lo, hi - lo) if i in split.args else a for i, a in enumerate(args)],
+             {k: a.narrow(0, lo, hi - lo) if k in split.kwargs else a for k, a in kwargs.items()})
+            for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def _cat_rows(outs, path: str):
+    """The row slices' outputs (same structure, tensors or None) concatenated along dim 0."""
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    flat = [tree_flatten(o) for o in outs]
+    spec = flat[0][1]
+    if any(f[1] != spec for f in flat):
+        raise DualizeError(f"dualize: block {path!r} returned differently structured outputs for two row slices; "
+                           f"pass split_rows=False to dualize")
+    leaves = []
+    for parts in zip(*(f[0] for f in flat)):
+        if all(p is None for p in parts):
+            leaves.append(None)
+        elif all(isinstance(p, torch.Tensor) and p.dim() >= 1 for p in parts):
+            leaves.append(torch.cat(list(parts)))
+        else:
+            raise DualizeError(f"dualize: block {path!r}, run in row slices, returned an output that is not rows "
+                               f"of a tensor; pass split_rows=False to dualize")
+    return tree_unflatten(leaves, spec)
 
 
 # ATen ops whose outputs a block keeps with save="matmul" (recomputing them costs FLOPs; the
@@ -314,7 +360,7 @@ def _check_tangents(inputs, tangents) -> None:
 
 
 def dual_call(model: nn.Module, inputs: Sequence[torch.Tensor], tangents: Sequence[torch.Tensor | None],
-              blocks: Sequence[str] = (), report: dict | None = None, save=None):
+              blocks: Sequence[str] = (), report: dict | None = None, save=None, splits: dict | None = None):
     """``model(*inputs)`` and its JVP along ``tangents`` through the model's own forward.
 
     Inputs with a zero (or None) tangent are passed as plain tensors. Returns ``(out, out_dot)``;
@@ -325,7 +371,7 @@ def dual_call(model: nn.Module, inputs: Sequence[torch.Tensor], tangents: Sequen
     prev = STATE.context_fn
     STATE.context_fn = _context_fn(save)
     try:
-        with _patched(model, blocks), recording(report), function_hook():
+        with _patched(model, blocks, splits), recording(report), function_hook():
             out = model(*args)
     finally:
         STATE.context_fn = prev
@@ -345,9 +391,10 @@ class DualizedModel(nn.Module):
             its forward, and so its gradient sync, runs).
         blocks: which submodules are recomputed in backward (see :func:`dualize` and :func:`select_blocks`).
         budget: ``blocks="auto"``'s target, a fraction of the plain forward's saved bytes.
+        split_rows: whether ``blocks="auto"`` may run recomputed blocks in row slices of the batch.
     """
 
-    def __init__(self, model: nn.Module, blocks="auto", save=None, budget: float = 0.5):
+    def __init__(self, model: nn.Module, blocks="auto", save=None, budget: float = 0.5, split_rows: bool = True):
         super().__init__()
         if isinstance(model, DualizedModel):
             model = model.module
@@ -358,6 +405,8 @@ class DualizedModel(nn.Module):
             raise ValueError(f"dualize: budget must be a positive fraction of the plain forward's saved bytes, got {budget!r}")
         self.budget = float(budget)
         self.plan = None  # sgflow.autodual.plan.BlockPlan, once "auto" has profiled
+        self.split_rows = bool(split_rows)
+        self.splits: dict = {}  # path -> RowSplit: recomputed blocks run in row slices (chosen by the plan)
         _context_fn(save)  # validates
         self.save = save
         self.last_report: DualReport | None = None
@@ -371,7 +420,8 @@ class DualizedModel(nn.Module):
             self.make_plan(t, u, x, t_dot, u_dot, x_dot)
         record = self.last_report is None
         rows = {} if record else None
-        out = dual_call(self.module, (t, u, x), (t_dot, u_dot, x_dot), self.blocks, rows, getattr(self, "save", None))
+        out = dual_call(self.module, (t, u, x), (t_dot, u_dot, x_dot), self.blocks, rows, getattr(self, "save", None),
+                        getattr(self, "splits", None))
         if record:
             self.last_report = DualReport(rows, list(self.blocks))
         return out
@@ -384,8 +434,9 @@ class DualizedModel(nn.Module):
 
         inner = _inner(self.module)
         self.plan = profile_blocks(inner, (t, u, x), (t_dot, u_dot, x_dot), candidate_blocks(inner),
-                                   lambda m, i, g: dual_call(m, i, g)[0], self.budget)
+                                   lambda m, i, g: dual_call(m, i, g)[0], self.budget, self.split_rows)
         self.blocks = list(self.plan.blocks)
+        self.splits = dict(self.plan.splits)
         return self.plan
 
     def report(self, t=None, u=None, x=None) -> DualReport:
@@ -401,7 +452,7 @@ class DualizedModel(nn.Module):
         return self.last_report
 
 
-def dualize(model: nn.Module, blocks="auto", save=None, budget: float = 0.5) -> DualizedModel:
+def dualize(model: nn.Module, blocks="auto", save=None, budget: float = 0.5, split_rows: bool = True) -> DualizedModel:
     """Give any network the fused dual path through its own forward (see :mod:`sgflow.autodual`).
 
     Args:
@@ -413,6 +464,10 @@ def dualize(model: nn.Module, blocks="auto", save=None, budget: float = 0.5) -> 
             forward keeps at most ``budget`` x what the plain forward keeps); or fixed, see
             :func:`select_blocks`.
         budget: ``"auto"``'s target, a fraction of the plain forward's saved bytes (default 0.5).
+        split_rows: whether ``"auto"`` may also run the largest recomputed blocks in 2 or 4 row slices of
+            the batch (each its own checkpoint, so one slice's intermediates are live in backward),
+            where recomputing is not enough for the budget. Only blocks the profile finds to map rows
+            to rows, without random draws, are split.
         save: what a block keeps besides its inputs. ``None``: nothing (its whole dual forward is
             recomputed in backward: least memory); ``"matmul"``: the outputs of its convolutions and
             matrix products (selective checkpointing: backward recomputes only the elementwise ops;
@@ -424,7 +479,7 @@ def dualize(model: nn.Module, blocks="auto", save=None, budget: float = 0.5) -> 
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"dualize expects an nn.Module, got {type(model).__name__}")
-    return DualizedModel(model, blocks, save, budget)
+    return DualizedModel(model, blocks, save, budget, split_rows)
 
 
 _CACHE_ATTR = "_sgflow_dualized"

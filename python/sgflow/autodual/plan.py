@@ -23,6 +23,14 @@ intermediates are live again while its backward runs), are at most ``budget`` ti
 for what a step's peak holds besides saved tensors: measured peaks of 0.52-0.59x flow matching's on the
 cifar10 U-Net, the ADM and EDM U-Nets and the DiT of the README.
 
+Where recomputing every block that pays still leaves the estimate above the budget (a shallow network
+at a large batch: one block's dual intermediates are then a large part of the peak), the largest
+recomputed blocks are also *split into row slices*: run on 2 (then 4) slices of the batch, each its own
+checkpoint, so that only one slice's intermediates are live in backward. Only blocks that map rows to
+rows qualify, checked in the profile: run without a graph on the first half of the batch they give the
+first half of their output (primal and tangent, to rounding), and they draw no random numbers. Batch
+statistics (a batch norm in training mode) fail that check.
+
 The profile runs each candidate with its outputs detached (one candidate's graph alive at a time, so
 the profile's memory stays near one block's), on the inner module (no ``DistributedDataParallel``
 forward), with the RNG state and buffers (batch-norm statistics) restored afterwards.
@@ -41,11 +49,26 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sgflow.autodual.tensor import DualTensor, make_dual
 
-__all__ = ["BlockCost", "BlockPlan", "profile_blocks", "choose_blocks", "ELEMENTWISE_FLOPS_PER_BYTE"]
+__all__ = ["BlockCost", "BlockPlan", "RowSplit", "profile_blocks", "choose_blocks", "ELEMENTWISE_FLOPS_PER_BYTE",
+           "MAX_ROW_SLICES"]
 
 # Recomputing a block also re-runs its elementwise ops (norms, activations, the tangent's products),
 # which FlopCounterMode does not count; each byte the block keeps is charged this many FLOPs.
 ELEMENTWISE_FLOPS_PER_BYTE = 16.0
+# A block is split into at most this many row slices (each slice is a separate checkpoint and a
+# separate set of kernel launches; the gain halves with each doubling).
+MAX_ROW_SLICES = 4
+
+
+@dataclass(frozen=True)
+class RowSplit:
+    """How a recomputed block runs on slices of the batch: ``chunks`` slices along dim 0 of the inputs
+    at positions ``args`` and keyword names ``kwargs`` (the others, e.g. a table shared by all rows, go
+    whole to every slice); the outputs are concatenated along dim 0."""
+
+    chunks: int
+    args: tuple = ()
+    kwargs: tuple = ()
 
 
 @dataclass
@@ -59,6 +82,8 @@ class BlockCost:
     boundary: int = 0  # bytes of its inputs, primal and tangent
     plain: int = 0  # bytes saved inside it by the plain forward
     flops: int = 0  # matmul/conv FLOPs of its dual forward (2x the plain forward's)
+    rows: RowSplit | None = None  # the inputs to slice where it maps rows to rows (chunks=1), else None
+    batch: int = 0  # the leading size of those inputs
 
     @property
     def cost(self) -> float:
@@ -75,6 +100,7 @@ class BlockPlan:
     outside_kept: int = 0
     outside_plain: int = 0
     budget: float = 0.5
+    splits: dict = field(default_factory=dict)  # path -> RowSplit, the recomputed blocks run in row slices
 
     @property
     def plain_total(self) -> int:
@@ -84,7 +110,12 @@ class BlockPlan:
         """Estimated bytes the dual forward keeps with ``chosen`` recomputed (default: the plan's),
         plus the largest recomputed block's dual intermediates (live again in its backward)."""
         chosen = set(self.blocks if chosen is None else chosen)
-        return self._kept(chosen) + max((c.kept for c in self.costs if c.path in chosen), default=0)
+        return self._kept(chosen) + max((self._live(c) for c in self.costs if c.path in chosen), default=0)
+
+    def _live(self, c: BlockCost) -> int:
+        """A recomputed block's dual intermediates live at once in its backward (one slice's if split)."""
+        split = self.splits.get(c.path)
+        return c.kept // split.chunks if split is not None else c.kept
 
     def _kept(self, chosen: set) -> int:
         kept = self.outside_kept
@@ -101,7 +132,8 @@ class BlockPlan:
         chosen = set(self.blocks)
         for c in self.costs:
             lines.append(f"{c.path:<32} {c.kept * mib:9.2f} {c.boundary * mib:10.2f} {c.plain * mib:9.2f} "
-                         f"{c.flops / 1e9:8.3f}  {'yes' if c.path in chosen else ''}")
+                         f"{c.flops / 1e9:8.3f}  {'yes' if c.path in chosen else ''}"
+                         + (f", in {self.splits[c.path].chunks} row slices" if c.path in self.splits else ""))
         lines.append("-" * 84)
         lines.append(f"outside blocks: kept {self.outside_kept * mib:.2f} MiB, plain {self.outside_plain * mib:.2f} MiB")
         lines.append(f"estimated dual kept {self.estimate() * mib:.2f} MiB = {self.estimate() / max(self.plain_total, 1):.2f}x "
@@ -110,10 +142,13 @@ class BlockPlan:
         return "\n".join(lines)
 
 
-def choose_blocks(costs: list, outside_kept: int, outside_plain: int, budget: float = 0.5) -> BlockPlan:
+def choose_blocks(costs: list, outside_kept: int, outside_plain: int, budget: float = 0.5,
+                  split_rows: bool = True) -> BlockPlan:
     """Greedy choice: while the estimate (:meth:`BlockPlan.estimate`) exceeds ``budget`` x the plain
     forward's saved bytes, recompute the candidate that lowers it most per unit of added cost (a
-    block replaces any of its children already chosen)."""
+    block replaces any of its children already chosen). Then, while it still exceeds it and
+    ``split_rows``, double the row slices of the recomputed block with the most live intermediates,
+    if it maps rows to rows (``BlockCost.rows``), up to :data:`MAX_ROW_SLICES`."""
     plan = BlockPlan(costs=list(costs), outside_kept=outside_kept, outside_plain=outside_plain, budget=budget)
     target = budget * plan.plain_total
     by_path = {c.path: c for c in costs}
@@ -136,6 +171,12 @@ def choose_blocks(costs: list, outside_kept: int, outside_plain: int, budget: fl
             break
         chosen = best_set
     plan.blocks = [c.path for c in costs if c.path in chosen]
+    while split_rows and plan.blocks and plan.estimate() > target:
+        top = max((by_path[p] for p in plan.blocks), key=plan._live)
+        n = plan.splits[top.path].chunks * 2 if top.path in plan.splits else 2
+        if top.rows is None or n > MAX_ROW_SLICES or top.batch < n:
+            break
+        plan.splits[top.path] = RowSplit(n, top.rows.args, top.rows.kwargs)
     return plan
 
 
@@ -196,6 +237,63 @@ def _detach(out):
     return tree_map(one, out)
 
 
+def _rng_states(args, kwargs) -> list:
+    """The CPU RNG state and that of the CUDA devices of the tensor inputs (to see whether a block draws)."""
+    devs = {a.device for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor) and a.device.type == "cuda"}
+    return [torch.random.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in sorted(devs, key=str)]
+
+
+def _parts(a):
+    return (a._primal, a._tangent) if isinstance(a, DualTensor) else (a,)
+
+
+def _row_layout(orig, args, kwargs, out):
+    """``(RowSplit(1, positions, names), B)`` if the block maps rows to rows, else ``(None, -1)``.
+
+    B is the leading size of the first dual input; every tensor input with that leading size is
+    sliced, parameters excluded. The block qualifies when its outputs are tensors (or None) with leading size B and, run
+    without a graph on the first half of the sliced inputs, it returns the first half of each output,
+    primal and tangent, to rounding (a tolerance of its dtype relative to the output's largest value).
+    """
+    leaves = tree_flatten((args, kwargs))[0]
+    first = next((a for a in leaves if isinstance(a, DualTensor) and a.dim() >= 1), None)
+    if first is None or first.shape[0] < 2:
+        return None, -1
+    B = first.shape[0]
+
+    def rows(a):
+        return isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter) and a.dim() >= 1 and a.shape[0] == B
+
+    outs = tree_flatten(out)[0]
+    if not outs or not all(o is None or rows(o) for o in outs):
+        return None, -1
+    layout = RowSplit(1, tuple(i for i, a in enumerate(args) if rows(a)), tuple(k for k, a in kwargs.items() if rows(a)))
+    half = B // 2
+    try:
+        with torch.no_grad():
+            sub = orig(*[a.narrow(0, 0, half) if i in layout.args else a for i, a in enumerate(args)],
+                       **{k: a.narrow(0, 0, half) if k in layout.kwargs else a for k, a in kwargs.items()})
+    except Exception:  # a block that cannot run on part of the batch is not split
+        return None, -1
+    subs = tree_flatten(sub)[0]
+    if len(subs) != len(outs):
+        return None, -1
+    for o, q in zip(outs, subs):
+        if o is None or q is None:
+            if o is not q:
+                return None, -1
+            continue
+        if isinstance(o, DualTensor) != isinstance(q, DualTensor) or q.shape[0] != half:
+            return None, -1
+        for full, part in zip(_parts(o), _parts(q)):
+            full = full.detach().narrow(0, 0, half)
+            tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(full.dtype, 1e-2)
+            scale = float(full.abs().max()) if full.numel() else 0.0
+            if full.shape != part.shape or not torch.allclose(part, full, rtol=tol, atol=tol * max(scale, 1e-30)):
+                return None, -1
+    return layout, B
+
+
 @contextlib.contextmanager
 def _preserved_state(model: nn.Module, devices):
     """RNG streams and buffers (batch-norm statistics, counters) as they were before the profile."""
@@ -217,12 +315,17 @@ def _profiling(model: nn.Module, paths, saved: _Saved, costs: dict, dual: bool):
 
     mods = dict(model.named_modules())
 
+    checking = []  # non-empty while a candidate's row check runs: nested candidates just run
+
     def wrap(orig, path):
         @functools.wraps(orig)
         def forward(*args, **kwargs):
+            if checking:
+                return orig(*args, **kwargs)
             c = costs[path]
             if dual:
                 c.boundary += _tensor_bytes((args, kwargs))
+                rng = _rng_states(args, kwargs)
             saved.stack.append(path)
             try:
                 if dual:
@@ -236,6 +339,13 @@ def _profiling(model: nn.Module, paths, saved: _Saved, costs: dict, dual: bool):
                     c.flops += 2 * fc.get_total_flops()
             finally:
                 saved.stack.pop()
+            if dual and c.batch == 0:  # first call of this candidate: does it map rows to rows?
+                drew = any(not torch.equal(a, b) for a, b in zip(rng, _rng_states(args, kwargs)))
+                checking.append(path)
+                try:
+                    c.rows, c.batch = (None, -1) if drew else _row_layout(orig, args, kwargs, out)
+                finally:
+                    checking.pop()
             return _detach(out)
 
         return forward
@@ -244,7 +354,8 @@ def _profiling(model: nn.Module, paths, saved: _Saved, costs: dict, dual: bool):
         yield
 
 
-def profile_blocks(model: nn.Module, inputs, tangents, candidates, run_dual, budget: float = 0.5) -> BlockPlan:
+def profile_blocks(model: nn.Module, inputs, tangents, candidates, run_dual, budget: float = 0.5,
+                   split_rows: bool = True) -> BlockPlan:
     """Profile ``candidates`` on one plain and one dual forward and choose the blocks to recompute
     (module doc). ``candidates``: ``{path: parent path or None}`` (module paths of ``model``, a child
     listed after its parent), or a list of paths without nesting. ``run_dual(model, inputs, tangents)``
@@ -274,4 +385,5 @@ def profile_blocks(model: nn.Module, inputs, tangents, candidates, run_dual, bud
         if c.parent is not None:
             costs[c.parent].kept += c.kept
             costs[c.parent].plain += c.plain
-    return choose_blocks([costs[p] for p in candidates], dual.bytes.get("", 0), plain.bytes.get("", 0), budget)
+    return choose_blocks([costs[p] for p in candidates], dual.bytes.get("", 0), plain.bytes.get("", 0), budget,
+                         split_rows)

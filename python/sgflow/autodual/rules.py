@@ -92,10 +92,16 @@ class _RecomputeOp(torch.autograd.Function):
     the written-out formula would keep every intermediate (a dozen activation-sized tensors for a
     tanh-GELU tangent or a layer norm); this keeps only the op's inputs, as the primal op does.
     Second derivatives (the gradient through the tangent) come from autograd of the formula.
+
+    ``rows``: the positions of the inputs whose rows (dim 0) ``fn`` maps to the same rows of every
+    output, independently of the other rows (a layer norm's input and tangent; not its weight).
+    Backward then recomputes and differentiates ``ROW_SLICES`` slices of rows one after the other, so
+    the formula's intermediates are live for one slice at a time (they were the peak of a step whose
+    blocks are recomputed in row slices); the other inputs' gradients are summed over the slices.
     """
 
     @staticmethod
-    def forward(ctx, fn, n_out, *tensors):
+    def forward(ctx, fn, rows, *tensors):
         ctx.fn = fn
         dt = next(t for t in tensors if isinstance(t, torch.Tensor)).device.type
         ctx.autocast = (dt, torch.is_autocast_enabled(dt), torch.get_autocast_dtype(dt))
@@ -103,29 +109,69 @@ class _RecomputeOp(torch.autograd.Function):
         ctx.others = [None if isinstance(t, torch.Tensor) else t for t in tensors]
         with torch.no_grad():
             outs = fn(*tensors)
+        n = tensors[rows[0]].shape[0] if rows else 0
+        ok = n > 1 and all(isinstance(o, torch.Tensor) and o.dim() >= 1 and o.shape[0] == n for o in outs)
+        ctx.rows = tuple(rows) if ok else ()
         return outs
 
     @staticmethod
     def backward(ctx, *grads):
         saved = ctx.saved_tensors
-        inputs = [o if s is None else s.detach().requires_grad_(ctx.needs_input_grad[2 + i])
-                  for i, (s, o) in enumerate(zip(saved, ctx.others))]
-        device_type, on, dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=on):
-            outs = ctx.fn(*inputs)
-        wrt = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
-        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
-        got = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
-                   if pairs and wrt else [None] * len(wrt))
-        res = [next(got) if isinstance(x, torch.Tensor) and x.requires_grad else None for x in inputs]
+        need = ctx.needs_input_grad[2:]
+        if not ctx.rows:
+            return (None, None, *_recompute_grads(ctx, saved, need, grads))
+        n = saved[ctx.rows[0]].shape[0]
+        chunks = max(1, min(ROW_SLICES, n, saved[ctx.rows[0]].numel() // ROW_SLICE_MIN_NUMEL))
+        if chunks == 1:
+            return (None, None, *_recompute_grads(ctx, saved, need, grads))
+        shared = [None if s is None or i in ctx.rows else s.detach().requires_grad_(need[i])
+                  for i, s in enumerate(saved)]
+        res = [None] * len(saved)
+        bounds = [n * j // chunks for j in range(chunks + 1)]
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            part = [s.narrow(0, lo, hi - lo) if i in ctx.rows else shared[i] if s is not None else None
+                    for i, s in enumerate(saved)]
+            got = _recompute_grads(ctx, part, need, [None if g is None else g.narrow(0, lo, hi - lo) for g in grads],
+                                   leaves=shared)
+            for i, g in enumerate(got):
+                if g is None:
+                    continue
+                if i in ctx.rows:
+                    if res[i] is None:
+                        res[i] = g.new_zeros(saved[i].shape)
+                    res[i][lo:hi] = g
+                else:
+                    res[i] = g if res[i] is None else res[i] + g
         return (None, None, *res)
 
 
-def recompute_op(fn, *inputs):
-    """``fn(*inputs) -> tuple of tensors`` keeping only ``inputs`` for backward (see _RecomputeOp)."""
+# _RecomputeOp's backward over row slices: at most this many, of at least this many elements each.
+ROW_SLICES = 8
+ROW_SLICE_MIN_NUMEL = 2**17
+
+
+def _recompute_grads(ctx, saved, need, grads, leaves=None):
+    """Gradients of ``ctx.fn``'s outputs (cotangents ``grads``) w.r.t. its tensor inputs ``saved``,
+    recomputed with a graph; ``leaves``: inputs already made leaves (shared by several row slices)."""
+    inputs = [o if s is None else leaves[i] if leaves is not None and leaves[i] is not None
+              else s.detach().requires_grad_(need[i])
+              for i, (s, o) in enumerate(zip(saved, ctx.others))]
+    device_type, on, dtype = ctx.autocast
+    with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=on):
+        outs = ctx.fn(*inputs)
+    wrt = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+    pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+    got = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
+               if pairs and wrt else [None] * len(wrt))
+    return [next(got) if isinstance(x, torch.Tensor) and x.requires_grad else None for x in inputs]
+
+
+def recompute_op(fn, *inputs, rows=()):
+    """``fn(*inputs) -> tuple of tensors`` keeping only ``inputs`` for backward (see _RecomputeOp;
+    ``rows``: positions of the inputs ``fn`` treats row by row)."""
     if not torch.is_grad_enabled() or not any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
         return fn(*inputs)
-    return _RecomputeOp.apply(fn, 0, *inputs)
+    return _RecomputeOp.apply(fn, tuple(rows), *inputs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -655,12 +701,13 @@ def _normalize(x, xd, dims, eps, rms=False):
     return xh, xhd
 
 
-def _norm_dual(x, w, b, affine_shape, normalize):
+def _norm_dual(x, w, b, affine_shape, normalize, rows=True):
     """y = x̂ w + b and its tangent, x̂ from ``normalize(xp, xt) -> (x̂, x̂_dot)`` (fp32 for half/bf16),
     as one recomputed op (only x, x_dot, w, b and their tangents are kept for backward).
 
     ``w``, ``b`` may be None, plain tensors or DualTensors (adaptive norms that compute their affine
-    parameters from the inputs); they broadcast through ``affine_shape``. Under autocast the output is
+    parameters from the inputs); they broadcast through ``affine_shape``. ``rows``: whether samples
+    (dim 0) are normalised each on its own (not a batch norm in training). Under autocast the output is
     fp32, as PyTorch's autocast runs the norms; otherwise it has x's dtype.
     """
     xp = x._primal
@@ -682,7 +729,7 @@ def _norm_dual(x, w, b, affine_shape, normalize):
                     yd = yd + bt.to(xh.dtype).reshape(affine_shape)
             return y.to(out_dtype), yd.to(out_dtype)
 
-    y, yd = recompute_op(both, xp, x._tangent, primal(w), wt, primal(b), bt)
+    y, yd = recompute_op(both, xp, x._tangent, primal(w), wt, primal(b), bt, rows=(0, 1) if rows and xp.dim() > 1 else ())
     return make_dual(y, yd)
 
 
@@ -732,8 +779,8 @@ def _group_norm_general(x, w, bias, g, eps):
     xp = x._primal
     n, c = xp.shape[:2]
 
-    def normalize(xp, xt):
-        xh, xhd = _normalize(xp.reshape(n, g, -1), xt.reshape(n, g, -1), (2,), eps)
+    def normalize(xp, xt):  # on a slice of the rows in backward: its own leading size
+        xh, xhd = _normalize(xp.reshape(xp.shape[0], g, -1), xt.reshape(xt.shape[0], g, -1), (2,), eps)
         return xh.reshape(xp.shape), xhd.reshape(xp.shape)
 
     return _norm_dual(x, w, bias, (1, c) + (1,) * (xp.dim() - 2), normalize)
@@ -749,7 +796,7 @@ def _layer_norm_rule(func, args, kwargs):
     shape = _normalized_shape(b["normalized_shape"])
     dims = tuple(range(x._primal.dim() - len(shape), x._primal.dim()))
     eps = b["eps"]
-    return _norm_dual(x, b["weight"], b["bias"], shape, lambda xp, xt: _normalize(xp, xt, dims, eps))
+    return _norm_dual(x, b["weight"], b["bias"], shape, lambda xp, xt: _normalize(xp, xt, dims, eps), rows=0 not in dims)
 
 
 def _rms_norm_rule(func, args, kwargs):
@@ -759,7 +806,8 @@ def _rms_norm_rule(func, args, kwargs):
     xp = x._primal
     eps = b["eps"] if b["eps"] is not None else torch.finfo(xp.dtype).eps
     dims = tuple(range(xp.dim() - len(shape), xp.dim()))
-    return _norm_dual(x, b["weight"], None, shape, lambda xp, xt: _normalize(xp, xt, dims, eps, rms=True))
+    return _norm_dual(x, b["weight"], None, shape, lambda xp, xt: _normalize(xp, xt, dims, eps, rms=True),
+                      rows=0 not in dims)
 
 
 def _batch_norm_rule(func, args, kwargs):
@@ -781,7 +829,7 @@ def _batch_norm_rule(func, args, kwargs):
                 xs = xp.float() if _low_precision(xp) else xp
                 rm.mul_(1 - m).add_(xs.mean(dims).to(rm.dtype), alpha=m)
                 rv.mul_(1 - m).add_(xs.var(dims, unbiased=xp.numel() // c > 1).to(rv.dtype), alpha=m)
-        return _norm_dual(x, b["weight"], b["bias"], shape, lambda xp, xt: _normalize(xp, xt, dims, eps))
+        return _norm_dual(x, b["weight"], b["bias"], shape, lambda xp, xt: _normalize(xp, xt, dims, eps), rows=False)
 
     def normalize(xp, xt):  # eval: an affine map with the running statistics
         acc = torch.float32 if _low_precision(xp) else xp.dtype
