@@ -44,10 +44,8 @@ METHODS = {
     "meanflow_naive": _naive_meanflow,
     "meanflow_fused": sgflow.fused_meanflow_loss,
     "sgflow_reference": sgflow.sgflow_loss,
-    "sgflow_fused": sgflow.fused_loss,
-    # The same loss with the tangent carried through the model's own forward (sgflow.dualize), also for
-    # sgflow.nn networks that have a hand-written dual_forward; on other networks sgflow_fused does this.
-    "sgflow_dualized": lambda model, x1, **kw: sgflow.fused_loss(_dualized(model), x1, **kw),
+    # Through sgflow.dualize(model, blocks=--blocks, budget=--budget), built once per model.
+    "sgflow_fused": lambda model, x1, **kw: sgflow.fused_loss(_dualized(model), x1, **kw),
     "lagrangian": sgflow.lagrangian_loss,
     "eulerian": sgflow.eulerian_loss,
     "progressive": sgflow.progressive_loss,
@@ -55,12 +53,13 @@ METHODS = {
 
 
 _DUALIZED: dict = {}
+DUALIZE_KW: dict = {}  # set from --blocks / --budget
 
 
 def _dualized(model):
     """One sgflow.dualize wrapper per model (block selection once, as a training loop would)."""
     if id(model) not in _DUALIZED:
-        _DUALIZED[id(model)] = sgflow.dualize(model)
+        _DUALIZED[id(model)] = sgflow.dualize(model, **DUALIZE_KW)
     return _DUALIZED[id(model)]
 
 
@@ -131,8 +130,10 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--backend", default=None, help="SGFLOW_BACKEND for the fused ops (torch|triton|cuda)")
-    p.add_argument("--recompute", default="attention", choices=("none", "attention", "all"),
-                   help="U-Net dual blocks recomputed in backward (fused methods only; default attention)")
+    p.add_argument("--blocks", default="auto", choices=("auto", "all", "none"),
+                   help="sgflow_fused: sgflow.dualize's blocks recomputed in backward (default auto: measured)")
+    p.add_argument("--budget", type=float, default=0.5,
+                   help="sgflow_fused with --blocks auto: kept bytes target, x the plain forward's (default 0.5)")
     p.add_argument("--track-peak", action="store_true",
                    help="also count live tensor bytes per op on GPU (always on for CPU; slows that one step)")
     p.add_argument("--out", default="benchmarks/results/memory")
@@ -152,14 +153,15 @@ def main(argv=None):
         config, size = args.network, "x".join(map(str, shape))
     else:
         shape = (3, size, size)
-        model = build_model(config, shape, recompute=args.recompute).to(device)
+        model = build_model(config, shape).to(device)
+    DUALIZE_KW.update(blocks=args.blocks, budget=args.budget)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     x1 = torch.randn(batch, *shape, device=device)
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "config": config, "params": n_params,
             "batch": batch, "image_size": size, "torch": torch.__version__, "backend": args.backend or "auto",
-            "recompute": args.recompute, "net_kw": args.net_kw}
+            "blocks": args.blocks, "budget": args.budget, "net_kw": args.net_kw}
     rows = []
     for name in args.methods.split(","):
         try:
@@ -200,7 +202,7 @@ def _write(out: Path, meta, rows):
 
 def _print_table(meta, rows, columns, n_params):
     print(f"# {meta['device']}  config={meta['config']} ({n_params / 1e6:.1f}M params)  batch={meta['batch']}  "
-          f"{meta['image_size']}  torch {meta['torch']}  recompute={meta['recompute']}")
+          f"{meta['image_size']}  torch {meta['torch']}  blocks={meta['blocks']} budget={meta['budget']}")
     print(f"{'method':<18}" + "".join(f" {header:>{max(10, len(header))}} {'x FM':>6}" for _, header, _ in columns))
     for r in rows:
         if "error" in r:

@@ -18,20 +18,23 @@ from sgflow.memory import cpu_allocator_peak_bytes, peak_tensor_bytes
 from sgflow.nn import build_model
 
 
-def measure_peaks(config: str, image_size: int, batch: int, recompute: str = "attention") -> dict:
+def measure_peaks(config: str, image_size: int, batch: int, blocks: str = "auto") -> dict:
     """``{"flow_matching" | "sgflow_fused": (tracked peak bytes, allocator peak bytes)}`` of one step
     (loss + backward) each on the same network and batch, gradient buffers made beforehand."""
     torch.manual_seed(0)
     shape = (3, image_size, image_size)
-    model = build_model(config, shape, recompute=recompute)
+    model = build_model(config, shape)
+    dual = sgflow.dualize(model, blocks=blocks)
     for param in model.parameters():
         param.grad = torch.zeros_like(param)
     x1 = torch.randn(batch, *shape)
     rows = {}
-    for name, loss_fn in [("flow_matching", sgflow.flow_matching_loss), ("sgflow_fused", sgflow.fused_loss)]:
+    for name, loss_fn, m in [("flow_matching", sgflow.flow_matching_loss, model), ("sgflow_fused", sgflow.fused_loss, dual)]:
         def step():
-            loss, _ = loss_fn(model, x1, generator=torch.Generator().manual_seed(0))
+            loss, _ = loss_fn(m, x1, generator=torch.Generator().manual_seed(0))
             loss.backward()
+
+        step()  # dualize's block choice (a profile, once) happens on the first call
 
         rows[name] = (peak_tensor_bytes(step)["peak_bytes"], cpu_allocator_peak_bytes(step)["peak_bytes"])
     return rows
@@ -42,10 +45,10 @@ def main(argv=None):
     p.add_argument("--config", default="cifar10")
     p.add_argument("--image-size", type=int, default=16)
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--recompute", default="attention", choices=("none", "attention", "all"))
+    p.add_argument("--blocks", default="auto", choices=("auto", "all", "none"), help="sgflow.dualize's recomputed blocks")
     args = p.parse_args(argv)
-    rows = measure_peaks(args.config, args.image_size, args.batch, args.recompute)
-    print(f"# {args.config} U-Net, {args.image_size}x{args.image_size}, batch {args.batch}, recompute={args.recompute}, "
+    rows = measure_peaks(args.config, args.image_size, args.batch, args.blocks)
+    print(f"# {args.config} U-Net, {args.image_size}x{args.image_size}, batch {args.batch}, blocks={args.blocks}, "
           f"CPU, torch {torch.__version__}")
     print(f"{'method':<15} {'tracked MiB':>12} {'allocator MiB':>14} {'tracked/alloc':>14}")
     for name, (tracked, alloc) in rows.items():

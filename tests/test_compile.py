@@ -39,6 +39,7 @@ import torch
 
 import sgflow
 from sgflow import testnets
+from sgflow.autodual import as_dual_model
 from sgflow.dual import dual_forward
 from sgflow.losses.common import draw_batch
 from sgflow.losses.sgflow import _aligned_rows, flow_map_tangent, reduce_sgflow, sgflow_rows
@@ -213,16 +214,20 @@ def test_fused_step_compiled_mlp(backend):
         step(model, x1, {**kw, "t": t_nan})
 
 
-@pytest.mark.parametrize("backend,recompute", [("torch", "none"), (None, "attention")],
-                         ids=["torch-norecompute", "default-backend-recompute-attention"])
-def test_fused_step_compiled_unet(backend, recompute):
-    """One graph (fullgraph=True) for the whole fused step: the default backend's registered ops (C++ where
-    built) and recomputed attention blocks (torch.utils.checkpoint) included."""
+@pytest.mark.parametrize("backend", ["torch", None], ids=["torch-backend", "default-backend"])
+def test_fused_step_compiled_unet(backend, monkeypatch):
+    """One graph (fullgraph=True) for the whole fused step through sgflow.dualize: the default backend's
+    registered ops (C++ where built) and the recomputed blocks (torch.utils.checkpoint) that the eager
+    first step chose included."""
+    if backend is not None:
+        monkeypatch.setenv("SGFLOW_BACKEND", backend)
     torch.manual_seed(0)
-    model, shape = _nn_model("tiny", **SMALL_UNET, backend=backend, recompute=recompute)
+    model, shape = _nn_model("tiny", **SMALL_UNET)
     x1, kw = _inputs(shape, batch=4)
+    want = _loss_and_grads(_fused, model, x1, kw)  # eager first: dualize profiles, finds no custom Function
+    assert as_dual_model(model).blocks, "no recomputed blocks: the compiled step would not test them"
     step = torch.compile(_fused, backend="aot_eager", fullgraph=True)
-    _assert_same_step(_loss_and_grads(step, model, x1, kw), _loss_and_grads(_fused, model, x1, kw), rtol=1e-5)
+    _assert_same_step(_loss_and_grads(step, model, x1, kw), want, rtol=1e-5)
 
 
 @pytest.mark.parametrize("case", ["split", "all-first", "all-second", "both-terms"])
@@ -360,10 +365,8 @@ def test_loss_with_generator_traces_without_graph_break():
 def _dual_case(name):
     if name == "nn-mlp":
         return _nn_model("mlp")
-    if name == "nn-unet":  # the dual ops' default backend (C++ when built) and recompute="attention"
+    if name in ("nn-unet", "nn-unet-torch"):  # default backend (C++ when built) / torch backend: _dual_trace
         return _nn_model("tiny", **SMALL_UNET)
-    if name == "nn-unet-torch":  # torch backend, recompute="attention" (the default)
-        return _nn_model("tiny", **SMALL_UNET, backend="torch")
     if name == "testnets-mlp":  # a third-party network: its dual forward is sgflow.dualize's
         return testnets.build("mlp", (2,)), (2,)
     raise KeyError(name)
@@ -379,9 +382,18 @@ def _dual_trace(name):
         torch.manual_seed(0)
         model, shape = _dual_case(name)
         x1, kw = _inputs(shape, batch=4)
-        want = _loss_and_grads(_fused, model, x1, kw)
-        trace = _explain(_fused, model, x1, kw)
-        got = _loss_and_grads(lambda *_: (trace.loss, trace.info), model, x1, kw)
+        env = os.environ.get("SGFLOW_BACKEND")
+        if name == "nn-unet-torch":
+            os.environ["SGFLOW_BACKEND"] = "torch"
+        try:
+            want = _loss_and_grads(_fused, model, x1, kw)  # eager first, as a training loop's first step
+            trace = _explain(_fused, model, x1, kw)
+            got = _loss_and_grads(lambda *_: (trace.loss, trace.info), model, x1, kw)
+        finally:
+            if env is None:
+                os.environ.pop("SGFLOW_BACKEND", None)
+            else:
+                os.environ["SGFLOW_BACKEND"] = env
         _TRACES[name] = (trace, got, want)
     return _TRACES[name]
 

@@ -1,16 +1,19 @@
-"""Flow-map networks: dual_forward vs torch.func.jvp of the plain forward (outputs and gradients).
+"""sgflow.nn's networks: their one forward, dualized (sgflow.dualize), vs torch.func.jvp of it.
 
-float64 on CPU. For every network, ``net.dual_forward(t, u, x, t_dot, u_dot, x_dot)`` must equal
-``torch.func.jvp(net, (t, u, x), (t_dot, u_dot, x_dot))`` and the gradients of
-<g, y> + <g_dot, y_dot> w.r.t. all parameters and all six inputs must agree. In train mode with
-dropout the RNG is reset before each path: both draw the same masks, so agreement also shows the
-dual path applies one mask to primal and tangent (the jvp reference does by construction).
+float64 on CPU. For every network, ``sgflow.dualize(net).dual_forward(t, u, x, t_dot, u_dot, x_dot)``
+must equal ``torch.func.jvp(net, (t, u, x), (t_dot, u_dot, x_dot))`` and the gradients of
+<g, y> + <g_dot, y_dot> w.r.t. all parameters and all six inputs must agree, with every block
+recomputed in backward (``blocks="all"``). In train mode with dropout the RNG is reset before each path:
+both draw the same masks, so agreement also shows the dual path applies one mask to primal and tangent
+(the jvp reference does by construction).
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
+import sgflow
+from sgflow.autodual import dual_call
 from sgflow.nn import MODEL_CONFIGS, MLPFlowMap, TwoTimeEmbedding, UNet, build_model
 from sgflow.testing import dual_grads, grad_errors, jvp_reference, rel_err
 
@@ -41,8 +44,13 @@ def _inputs(batch, shape, seed=1):
     return (t, u, x), (t_dot, u_dot, x_dot)
 
 
+def _dual(net, blocks="all"):
+    """The network's dual forward through its own forward, every block recomputed in backward."""
+    return sgflow.dualize(net, blocks=blocks).dual_forward
+
+
 def _check_net(net, primals, tangents, rng_seed=None):
-    """Compare dual_forward with torch.func.jvp; returns the max relative error."""
+    """Compare the dualized forward with torch.func.jvp; returns the max relative error."""
     params = list(net.parameters())
 
     def seeded(fn):
@@ -54,7 +62,7 @@ def _check_net(net, primals, tangents, rng_seed=None):
         return call
 
     y, y_dot, cot, grads = jvp_reference(seeded(net), primals, tangents, params, seed=2)
-    y_d, y_dot_d, grads_d = dual_grads(seeded(net.dual_forward), primals, tangents, params, cot)
+    y_d, y_dot_d, grads_d = dual_grads(seeded(_dual(net)), primals, tangents, params, cot)
     errs = [rel_err(y_d, y), rel_err(y_dot_d, y_dot)]
     assert errs[0] <= TOL, f"primal rel err {errs[0]:.3g}"
     assert errs[1] <= TOL, f"tangent rel err {errs[1]:.3g}"
@@ -84,7 +92,7 @@ def test_two_time_embedding_dual():
     emb = TwoTimeEmbedding(8, 20).double()
     (t, u, _), (td, ud, _) = _inputs(4, (1,))
     ref, ref_dot = torch.func.jvp(emb, (t, u), (td, ud))
-    e, e_dot = emb.dual(t, u, td, ud)
+    e, e_dot = dual_call(emb, (t, u), (td, ud))
     assert e.shape == (4, 20)
     assert rel_err(e, ref) <= TOL and rel_err(e_dot, ref_dot) <= TOL
 
@@ -130,16 +138,17 @@ def test_unet_dual_matches_jvp_train_dropout(cin, hw, kw):
 
 
 def test_unet_train_tangent_matches_finite_differences():
-    """dual_forward alone, same RNG state for every call: its tangent is the derivative of its
+    """The dual forward alone, same RNG state for every call: its tangent is the derivative of its
     own primal, i.e. primal and tangent share the dropout mask."""
     net = _tiny(3, dropout=0.3, **NARROW).train()
+    dual = _dual(net)
     (t, u, x), (td, ud, xd) = _inputs(2, (3, 7, 5))
     td, ud = td / 10, ud / 10
 
     def primal(eps):
         torch.manual_seed(7)
         with torch.no_grad():
-            return net.dual_forward(t + eps * td, u + eps * ud, x + eps * xd, td, ud, xd)
+            return dual(t + eps * td, u + eps * ud, x + eps * xd, td, ud, xd)
 
     _, y_dot = primal(0.0)
     h = 1e-5
@@ -151,7 +160,7 @@ def test_unet_diagonal_and_none_tangents():
     """u = t (the velocity), and None time tangents mean zero."""
     net = _tiny(3, **NARROW).eval()
     (t, _, x), (_, _, xd) = _inputs(2, (3, 6, 6))
-    y, y_dot = net.dual_forward(t, t, x, None, None, xd)
+    y, y_dot = _dual(net)(t, t, x, None, None, xd)
     ref, ref_dot = torch.func.jvp(net, (t, t, x), (torch.zeros_like(t), torch.zeros_like(t), xd))
     assert rel_err(y, ref) <= TOL and rel_err(y_dot, ref_dot) <= TOL
 
@@ -159,7 +168,7 @@ def test_unet_diagonal_and_none_tangents():
 def test_digits_config_forward():
     net = _perturb(build_model("digits", (1, 8, 8)).double()).eval()
     (t, u, x), (td, ud, xd) = _inputs(1, (1, 8, 8))
-    y, y_dot = net.dual_forward(t, u, x, td, ud, xd)
+    y, y_dot = _dual(net, blocks="auto")(t, u, x, td, ud, xd)
     ref, ref_dot = torch.func.jvp(net, (t, u, x), (td, ud, xd))
     assert y.shape == x.shape
     assert rel_err(y, ref) <= TOL and rel_err(y_dot, ref_dot) <= TOL
@@ -222,19 +231,26 @@ def test_bad_inputs_raise(kind, bad, exc, match):
     args.update(bad)
     with pytest.raises(exc, match=match):
         net(args["t"], args["u"], args["x"])
+    # The dual path runs the same forward, so the same checks, before any dual op.
+    x_dot = torch.zeros_like(args["x"]) if isinstance(args["x"], torch.Tensor) and args["x"].is_floating_point() else None
     with pytest.raises(exc, match=match):
-        net.dual_forward(args["t"], args["u"], args["x"], None, None, torch.zeros(1))
+        sgflow.dualize(net).dual_forward(args["t"], args["u"], args["x"], None, None, x_dot)
 
 
 def test_bad_tangents_raise():
-    net = build_model("mlp-small", (2,))
+    net = sgflow.dualize(build_model("mlp-small", (2,)))
     t, x = torch.rand(3), torch.randn(3, 2)
-    with pytest.raises(ValueError, match="x_dot must have x's shape"):
+    with pytest.raises(ValueError, match=r"x_dot must have x's shape \(3, 2\), got \(3, 3\)"):
         net.dual_forward(t, t, x, None, None, torch.randn(3, 3))
-    with pytest.raises(TypeError, match="x_dot must match x in dtype"):
-        net.dual_forward(t, t, x, None, None, torch.randn(3, 2, dtype=D))
-    with pytest.raises(ValueError, match="t_dot must be a floating tensor of shape"):
+    with pytest.raises(TypeError, match="x_dot must be a floating-point tensor"):
+        net.dual_forward(t, t, x, None, None, torch.ones(3, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"t_dot must have t's shape \(3,\), got \(3, 1\)"):
         net.dual_forward(t, t, x, torch.ones(3, 1), None, torch.randn(3, 2))
+    with pytest.raises(ValueError, match="x_dot is on meta but x is on cpu"):
+        net.dual_forward(t, t, x, None, None, torch.randn(3, 2, device="meta"))
+    # A tangent of another floating dtype is cast to its input's (float64 -> float32 here).
+    y, y_dot = net.dual_forward(t, t, x, None, None, torch.randn(3, 2, dtype=D))
+    assert y_dot.dtype == x.dtype
 
 
 def _triton_runnable():
@@ -244,7 +260,7 @@ def _triton_runnable():
 
 
 @pytest.mark.skipif(not _triton_runnable(), reason="needs triton (GPU or TRITON_INTERPRET=1)")
-def test_unet_triton_backend_matches_torch_backend():
+def test_unet_triton_backend_matches_torch_backend(monkeypatch):
     """The network's dual path through the Triton kernels (interpreted on CPU): a micro UNet,
     train mode with dropout, outputs and all gradients equal to the torch backend's."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -260,9 +276,9 @@ def test_unet_triton_backend_matches_torch_backend():
     cot = tuple(torch.randn(1, 1, 3, 5, generator=gen, dtype=D).to(device) for _ in range(2))
     results = []
     for backend in ("torch", "triton"):
-        net.set_backend(backend)
+        monkeypatch.setenv("SGFLOW_BACKEND", backend)
         torch.manual_seed(11)
-        results.append(dual_grads(net.dual_forward, primals, tangents, params, cot))
+        results.append(dual_grads(_dual(net), primals, tangents, params, cot))
     (y0, yd0, g0), (y1, yd1, g1) = results
     assert rel_err(y1, y0) <= 1e-9 and rel_err(yd1, yd0) <= 1e-9
     for a, b in zip(g1, g0):

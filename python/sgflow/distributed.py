@@ -31,10 +31,10 @@ does not require grad"). DDP's unused-parameter search starts from the DualTenso
 the primal's graph.
 
 :class:`DualDDP` (what ``sgflow train`` uses) needs neither: it wraps a module whose
-``forward(t, u, x, t_dot, u_dot, x_dot)`` *is* the dual forward (the network's own ``dual_forward``
-where it has one, else :func:`sgflow.dualize`'s) and returns the primal and the tangent as two plain
-tensors, so every DDP option works, the unused-parameter search sees both streams, and a network with
-a hand-written ``dual_forward`` keeps using it (the same dual computation as in one process).
+``forward(t, u, x, t_dot, u_dot, x_dot)`` *is* the dual forward (:func:`sgflow.dualize`'s, or the
+network's own ``dual_forward`` where it defines one) and returns the primal and the tangent as two
+plain tensors, so every DDP option works and the unused-parameter search sees both streams (the same
+dual computation as in one process).
 
 Launch with ``torchrun --nproc_per_node=N -m sgflow.cli train ...`` (or the ``sgflow`` console
 script under torchrun): the process group is initialised from torchrun's environment variables
@@ -225,7 +225,7 @@ class DualDDP(nn.Module):
         loss.backward()                                # gradients averaged over the ranks
 
     Args:
-        module: the network ``net(t, u, x) -> f~`` (with or without a hand-written ``dual_forward``),
+        module: the network ``net(t, u, x) -> f~`` (with or without its own ``dual_forward``),
             already on this rank's device.
         **ddp_kwargs: passed to ``torch.nn.parallel.DistributedDataParallel`` (``device_ids``,
             ``find_unused_parameters``, ``static_graph``, ``bucket_cap_mb``, ...).

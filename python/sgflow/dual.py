@@ -1,7 +1,7 @@
 """The dual-forward protocol: ``dual_forward(t, u, x, t_dot, u_dot, x_dot) -> (ftilde, ftilde_dot)``.
 
 Any network gets one from :func:`sgflow.dualize` (through its own forward; what the fused losses do
-for a plain model). ``sgflow.nn`` networks also carry a hand-written one. :class:`JVPDual` gives one
+for a plain model, ``sgflow.nn``'s included). :class:`JVPDual` gives one
 from ``torch.func.jvp`` (correct, with the memory cost of forward AD; kept for comparison).
 """
 from __future__ import annotations
@@ -53,7 +53,7 @@ def dual_forward(model, t, u, x, t_dot, u_dot, x_dot):
     """(f~, JVP f~) of any model, with checks: both of x's shape.
 
     t, u, t_dot, u_dot: [B]; x, x_dot: [B, *D]. A model with its own ``dual_forward`` (a
-    :class:`sgflow.dualize.DualizedModel`, an ``sgflow.nn`` network) uses it; any other model —
+    :class:`sgflow.DualizedModel`, or one a user wrote) uses it; any other model —
     and any model wrapped in (Distributed)DataParallel, whose forward must run for its gradient
     sync — is dualized through its own forward (:func:`sgflow.dualize`, once per model).
     """

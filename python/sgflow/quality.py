@@ -73,7 +73,7 @@ COLORS = {"flow_matching": "#1f77b4", "lagrangian": "#8c564b", "eulerian": "#946
 # ---------------------------------------------------------------------- networks and data
 class FlatFlowMap(nn.Module):
     """An :class:`~sgflow.nn.MLPFlowMap` for image-shaped data: [B, C, H, W] is flattened to [B, C*H*W]
-    and the output reshaped back, for the plain and the dual forward alike.
+    and the output reshaped back (the fused losses dualize this forward).
 
     Used for digits on a CPU: the digits U-Net costs ~0.3 s per SGFlow step there (batch 64), an MLP
     on the 64 pixels ~10 ms, so every method can be trained for thousands of steps per seed.
@@ -86,11 +86,6 @@ class FlatFlowMap(nn.Module):
 
     def forward(self, t, u, x):
         return self.net(t, u, x.flatten(1)).reshape(x.shape)
-
-    def dual_forward(self, t, u, x, t_dot, u_dot, x_dot):
-        """(f~, its JVP in direction (t_dot, u_dot, x_dot)), both of x's shape."""
-        y, y_dot = self.net.dual_forward(t, u, x.flatten(1), t_dot, u_dot, x_dot.flatten(1))
-        return y.reshape(x.shape), y_dot.reshape(x.shape)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ Same signature, semantics and return as :func:`sgflow.sgflow_loss`, but the JVP 
 from a ``dual_forward`` that carries primal and tangent together and recomputes activations in
 backward, instead of ``torch.func.jvp``'s dual tensors with every intermediate kept for the reverse
 pass: :func:`sgflow.dualize` (through the model's own forward; done once per model for a plain model
-or a DistributedDataParallel) or a network's hand-written one (``sgflow.nn``).
+or a DistributedDataParallel), or the model's own ``dual_forward`` where it defines one.
 """
 from __future__ import annotations
 

@@ -1,9 +1,8 @@
 """Base class of the flow-map networks: the calling protocol and input validation.
 
-A network is called as ``net(t, u, x) -> ftilde`` (t, u: [B]; ftilde of x's shape) and
-``net.dual_forward(t, u, x, t_dot, u_dot, x_dot) -> (ftilde, ftilde_dot)`` where ftilde_dot is the
-JVP of ftilde at (t, u, x) in direction (t_dot, u_dot, x_dot), computed with explicit tangents on the
-same weights (docs/DESIGN.md, "Dual (fused) protocol").
+A network is called as ``net(t, u, x) -> ftilde`` (t, u: [B]; ftilde of x's shape). It has one
+forward: the fused losses carry the tangent through that same forward with :func:`sgflow.dualize`
+(docs/DESIGN.md, "Dual (fused) protocol").
 """
 from __future__ import annotations
 
@@ -14,9 +13,9 @@ __all__ = ["FlowMapNet"]
 
 
 class FlowMapNet(nn.Module):
-    """Validates inputs, then calls ``_forward(t, u, x)`` / ``_dual_forward(t, u, x, t_dot, u_dot, x_dot)``.
+    """Validates inputs, then calls ``_forward(t, u, x)``.
 
-    Subclasses implement ``_check_x(x)`` (raise on a wrong shape), ``_forward`` and ``_dual_forward``.
+    Subclasses implement ``_check_x(x)`` (raise on a wrong shape) and ``_forward``.
     Times of another floating dtype than x are cast to x's dtype (the losses pass them that way).
     """
 
@@ -24,9 +23,6 @@ class FlowMapNet(nn.Module):
         raise NotImplementedError
 
     def _forward(self, t, u, x):  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def _dual_forward(self, t, u, x, t_dot, u_dot, x_dot):  # pragma: no cover - abstract
         raise NotImplementedError
 
     def _check_inputs(self, t, u, x):
@@ -52,41 +48,7 @@ class FlowMapNet(nn.Module):
             out.append(s.to(x.dtype))
         return out[0], out[1]
 
-    def _check_tangents(self, t, x, t_dot, u_dot, x_dot):
-        name = type(self).__name__
-        if not isinstance(x_dot, torch.Tensor) or x_dot.shape != x.shape:
-            shape = tuple(x_dot.shape) if isinstance(x_dot, torch.Tensor) else type(x_dot).__name__
-            raise ValueError(f"{name}: x_dot must have x's shape {tuple(x.shape)}, got {shape}")
-        if x_dot.dtype != x.dtype or x_dot.device != x.device:
-            raise TypeError(f"{name}: x_dot must match x in dtype and device ({x.dtype}, {x.device}), got ({x_dot.dtype}, {x_dot.device})")
-        out = []
-        for tname, s in (("t_dot", t_dot), ("u_dot", u_dot)):
-            if s is None:
-                out.append(torch.zeros_like(t))
-                continue
-            if not isinstance(s, torch.Tensor) or not s.is_floating_point() or s.shape != t.shape:
-                shape = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
-                raise ValueError(f"{name}: {tname} must be a floating tensor of shape {tuple(t.shape)} (or None for 0), got {shape}")
-            if s.device != x.device:
-                raise ValueError(f"{name}: {tname} is on {s.device} but x is on {x.device}")
-            out.append(s.to(x.dtype))
-        return out[0], out[1]
-
     def forward(self, t: torch.Tensor, u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """ftilde(t, u, x): t, u [B]; x [B, *D] -> [B, *D]."""
         t, u = self._check_inputs(t, u, x)
         return self._forward(t, u, x)
-
-    def dual_forward(self, t, u, x, t_dot, u_dot, x_dot):
-        """``(ftilde, ftilde_dot)``: ftilde(t, u, x) and its JVP in direction (t_dot, u_dot, x_dot).
-
-        Args:
-            t, u: [B] times; x: [B, *D].
-            t_dot, u_dot: [B] time tangents (None means zero); x_dot: [B, *D].
-
-        Returns:
-            Two tensors of x's shape.
-        """
-        t, u = self._check_inputs(t, u, x)
-        t_dot, u_dot = self._check_tangents(t, x, t_dot, u_dot, x_dot)
-        return self._dual_forward(t, u, x, t_dot, u_dot, x_dot)

@@ -3,15 +3,14 @@ r"""Two-time embedding of (t, u) for flow maps.
     e(t, u) = Linear_2(SiLU(Linear_1([sin_emb(t), sin_emb(u - t)])))        [B, emb_dim]
 
 Embedding the gap ``u - t`` instead of ``u`` makes the diagonal u = t (where f~ is the velocity) a
-fixed input (gap 0) for every t. The tangent direction of the gap is ``u_dot - t_dot``.
+fixed input (gap 0) for every t. Under :func:`sgflow.dualize` the tangent of the gap is ``u_dot - t_dot``.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from sgflow.nn.layers import DualLinear, DualSiLU
-from sgflow.ops.embedding import DEFAULT_SCALE, sinusoidal_embedding, sinusoidal_embedding_dual
+from sgflow.ops.embedding import DEFAULT_SCALE, sinusoidal_embedding
 
 __all__ = ["TwoTimeEmbedding"]
 
@@ -24,7 +23,7 @@ class TwoTimeEmbedding(nn.Module):
         emb_dim: output width (default ``4 * dim``, as DDPM).
         max_period, scale: sinusoid convention of :func:`sgflow.ops.embedding.sinusoidal_embedding`.
 
-    Shapes: ``forward(t, u) -> [B, emb_dim]``; ``dual(t, u, t_dot, u_dot) -> (e, e_dot)``.
+    Shapes: ``forward(t, u) -> [B, emb_dim]``.
     """
 
     def __init__(self, dim: int, emb_dim: int | None = None, max_period: float = 10000, scale: float = DEFAULT_SCALE):
@@ -34,9 +33,9 @@ class TwoTimeEmbedding(nn.Module):
         self.dim = int(dim)
         self.emb_dim = int(emb_dim) if emb_dim is not None else 4 * self.dim
         self.max_period, self.scale = float(max_period), float(scale)
-        self.fc1 = DualLinear(2 * self.dim, self.emb_dim)
-        self.act = DualSiLU()
-        self.fc2 = DualLinear(self.emb_dim, self.emb_dim)
+        self.fc1 = nn.Linear(2 * self.dim, self.emb_dim)
+        self.act = nn.SiLU()
+        self.fc2 = nn.Linear(self.emb_dim, self.emb_dim)
 
     def forward(self, t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         feats = torch.cat(
@@ -47,10 +46,3 @@ class TwoTimeEmbedding(nn.Module):
             1,
         )
         return self.fc2(self.act(self.fc1(feats)))
-
-    def dual(self, t, u, t_dot, u_dot):
-        e1, e1d = sinusoidal_embedding_dual(t, t_dot, self.dim, self.max_period, self.scale)
-        e2, e2d = sinusoidal_embedding_dual(u - t, u_dot - t_dot, self.dim, self.max_period, self.scale)
-        h, hd = self.fc1.dual(torch.cat([e1, e2], 1), torch.cat([e1d, e2d], 1))
-        h, hd = self.act.dual(h, hd)
-        return self.fc2.dual(h, hd)

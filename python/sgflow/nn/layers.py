@@ -1,13 +1,12 @@
-r"""Layers with a plain ``forward`` and an explicit-tangent ``dual`` on the same weights.
+r"""Layers of the sgflow.nn networks: plain ``forward``s in PyTorch ops.
 
-Every layer here computes ``y = layer(x)`` in ``forward`` (plain PyTorch, so ``torch.func.jvp`` of a
-network built from them is the reference) and ``(y, y_dot) = layer.dual(x, x_dot)`` with the dual ops
-of :mod:`sgflow.ops` (tangents are ordinary tensors, never forward-AD). Parameters carry no tangent:
-``y_dot`` is the derivative in the input direction only.
+The fused SGFlow path runs them through :func:`sgflow.dualize` (the tangent travels through this same
+forward; GroupNorm -> SiLU -> dropout -> conv becomes the fused stage op there), so no layer has a
+second, hand-written dual form.
 
-Dropout is the one stochastic piece: :class:`GNSiLUConv` draws its keep-mask with
-:func:`dropout_mask` in both paths, so with the same RNG state ``forward`` and ``dual`` drop the same
-units, and inside ``dual`` one mask is shared by the primal and the tangent.
+Dropout is the one stochastic piece: :class:`GNSiLUConv` draws its keep-mask with :func:`dropout_mask`
+and applies it with :func:`sgflow.ops.apply_dropout_mask`, which dualize fuses into the stage with one
+mask for the primal and the tangent.
 """
 from __future__ import annotations
 
@@ -17,30 +16,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sgflow.ops.activation import silu_dual
-from sgflow.ops.conv import conv2d_dual
-from sgflow.ops.groupnorm import groupnorm_dual
-from sgflow.ops.groupnorm_silu import apply_dropout_mask, gn_silu_conv_dual
-from sgflow.ops.linear import linear_dual
+from sgflow.ops.groupnorm_silu import apply_dropout_mask
 
 __all__ = [
     "dropout_mask",
-    "DualLinear",
-    "DualConv2d",
-    "DualSiLU",
-    "DualGroupNorm",
+    "variance_scaling_",
     "GNSiLUConv",
     "Downsample",
     "Upsample",
-    "set_backend",
 ]
 
 
 def dropout_mask(shape, p: float, device=None) -> torch.Tensor:
     """Bool keep-mask of ``shape``, each entry True with probability ``1 - p`` (global RNG).
 
-    The same draw as ``sgflow.ops.groupnorm_silu.make_dropout_mask``; drawing it here in both the plain
-    and the dual path keeps the two paths on identical masks for identical RNG states.
+    The same draw as ``sgflow.ops.groupnorm_silu.make_dropout_mask``: the fused stage op and the plain
+    forward use identical masks for identical RNG states (recomputation in backward replays the state).
     """
     return torch.empty(tuple(shape), dtype=torch.bool, device=device).bernoulli_(1.0 - p)
 
@@ -55,47 +46,14 @@ def variance_scaling_(weight: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     return nn.init.uniform_(weight, -bound, bound)
 
 
-class DualLinear(nn.Linear):
-    """``nn.Linear`` with ``dual(x, x_dot) -> (x W^T + b, x_dot W^T)``; x: [N, ..., in_features]."""
-
-    def dual(self, x, x_dot):
-        return linear_dual(x, x_dot, self.weight, self.bias)
-
-
-class DualConv2d(nn.Conv2d):
-    """``nn.Conv2d`` (groups=1, dilation=1, zero padding) with ``dual(x, x_dot)`` via ``conv2d_dual``."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if self.groups != 1 or self.dilation != (1, 1) or self.padding_mode != "zeros" or isinstance(self.padding, str):
-            raise ValueError("DualConv2d supports groups=1, dilation=1, numeric zero padding only")
-
-    def dual(self, x, x_dot):
-        return conv2d_dual(x, x_dot, self.weight, self.bias, self.stride, self.padding)
-
-
-class DualSiLU(nn.SiLU):
-    """``nn.SiLU`` with ``dual(x, x_dot) -> (silu(x), silu'(x) x_dot)``."""
-
-    def dual(self, x, x_dot):
-        return silu_dual(x, x_dot)
-
-
-class DualGroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm`` (no activation) with ``dual(x, x_dot)`` via ``groupnorm_dual``; x: [B, C, *sp]."""
-
-    def dual(self, x, x_dot):
-        return groupnorm_dual(x, x_dot, self.weight, self.bias, self.num_groups, self.eps)
-
-
 class GNSiLUConv(nn.Module):
     r"""One stage ``Conv(Dropout(SiLU(GroupNorm(x))))``: [B, Cin, H, W] -> [B, Cout, H, W].
 
-    ``forward`` uses plain PyTorch ops; ``dual`` calls ``gn_silu_conv_dual`` (one autograd Function
-    for the whole stage, saving only its input, tangent, the group statistics and the bool dropout
-    mask). Dropout (active in training mode when ``dropout > 0``) multiplies kept activations by
-    ``1 / (1 - p)``; the mask is drawn with :func:`dropout_mask` on the activation's shape in both
-    paths, and shared by the primal and tangent inside ``dual``.
+    ``forward`` uses plain PyTorch ops; under :func:`sgflow.dualize` the whole stage runs as the fused
+    dual op ``gn_silu_conv_dual`` (one autograd Function saving only its input, tangent, the group
+    statistics and the bool dropout mask). Dropout (active in training mode when ``dropout > 0``)
+    multiplies kept activations by ``1 / (1 - p)``; the mask is drawn with :func:`dropout_mask` on the
+    activation's shape and shared by the primal and the tangent.
 
     Args:
         in_channels, out_channels: channel counts; ``in_channels`` divisible by ``num_groups``.
@@ -113,11 +71,10 @@ class GNSiLUConv(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.norm = nn.GroupNorm(num_groups, in_channels, eps=eps)
-        self.conv = DualConv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
         variance_scaling_(self.conv.weight, init_scale)
         nn.init.zeros_(self.conv.bias)
         self.dropout = float(dropout)
-        self.backend: str | None = None
 
     def _mask(self, x):
         if self.training and self.dropout > 0:
@@ -130,14 +87,6 @@ class GNSiLUConv(nn.Module):
         if mask is not None:
             h = apply_dropout_mask(h, mask, self.dropout)  # dualize() fuses it into the stage
         return self.conv(h)
-
-    def dual(self, x, x_dot):
-        mask = self._mask(x)
-        return gn_silu_conv_dual(
-            x, x_dot, self.norm.weight, self.norm.bias, self.norm.num_groups,
-            self.conv.weight, self.conv.bias, self.conv.padding, eps=self.norm.eps,
-            dropout_p=self.dropout, training=mask is not None, backend=self.backend, dropout_mask=mask,
-        )
 
     def extra_repr(self):
         return f"dropout={self.dropout}"
@@ -156,7 +105,7 @@ class Downsample(nn.Module):
             raise ValueError(f"downsampling mode must be 'conv' or 'avgpool', got {mode!r}")
         self.mode = mode
         if mode == "conv":
-            self.conv = DualConv2d(channels, channels, 3, stride=2, padding=1)
+            self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
             variance_scaling_(self.conv.weight)
             nn.init.zeros_(self.conv.bias)
 
@@ -166,11 +115,6 @@ class Downsample(nn.Module):
 
     def forward(self, x):
         return self.conv(x) if self.mode == "conv" else self._pool(x)
-
-    def dual(self, x, x_dot):
-        if self.mode == "conv":
-            return self.conv.dual(x, x_dot)
-        return self._pool(x), self._pool(x_dot)
 
 
 class Upsample(nn.Module):
@@ -182,21 +126,9 @@ class Upsample(nn.Module):
 
     def __init__(self, channels):
         super().__init__()
-        self.conv = DualConv2d(channels, channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
         variance_scaling_(self.conv.weight)
         nn.init.zeros_(self.conv.bias)
 
     def forward(self, x, size):
         return self.conv(F.interpolate(x, size=tuple(size), mode="nearest"))
-
-    def dual(self, x, x_dot, size):
-        size = tuple(size)
-        return self.conv.dual(F.interpolate(x, size=size, mode="nearest"), F.interpolate(x_dot, size=size, mode="nearest"))
-
-
-def set_backend(module: nn.Module, backend: str | None) -> nn.Module:
-    """Set the dual-op backend (``"torch"``, ``"triton"``, ``"cuda"`` or None = automatic) everywhere."""
-    for m in module.modules():
-        if "backend" in vars(m):
-            m.backend = backend
-    return module

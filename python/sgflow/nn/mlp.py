@@ -12,7 +12,6 @@ import torch.nn as nn
 
 from sgflow.nn.base import FlowMapNet
 from sgflow.nn.embedding import TwoTimeEmbedding
-from sgflow.nn.layers import DualLinear, DualSiLU
 from sgflow.ops.embedding import DEFAULT_SCALE
 
 __all__ = ["MLPFlowMap"]
@@ -36,9 +35,9 @@ class MLPFlowMap(FlowMapNet):
         self.dim = int(dim)
         self.time_embed = TwoTimeEmbedding(time_dim, emb_dim=time_dim, scale=time_scale)
         widths = [dim + time_dim] + [hidden] * depth
-        self.layers = nn.ModuleList(DualLinear(a, b) for a, b in zip(widths[:-1], widths[1:]))
-        self.act = DualSiLU()
-        self.out = DualLinear(hidden, dim)
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.act = nn.SiLU()
+        self.out = nn.Linear(hidden, dim)
 
     def _check_x(self, x):
         if x.dim() != 2 or x.shape[1] != self.dim:
@@ -49,10 +48,3 @@ class MLPFlowMap(FlowMapNet):
         for layer in self.layers:
             h = self.act(layer(h))
         return self.out(h)
-
-    def _dual_forward(self, t, u, x, t_dot, u_dot, x_dot):
-        e, e_dot = self.time_embed.dual(t, u, t_dot, u_dot)
-        h, h_dot = torch.cat([x, e], 1), torch.cat([x_dot, e_dot], 1)
-        for layer in self.layers:
-            h, h_dot = self.act.dual(*layer.dual(h, h_dot))
-        return self.out.dual(h, h_dot)

@@ -16,10 +16,10 @@ with skip a 1x1 conv when the channel count changes (identity otherwise) and s =
 ``skip_rescale`` (DDPM++), else 1.
 Attn(x) = s * (x + Proj(MHA(qkv(GN(x))))) with multi-head softmax attention over the H*W positions.
 
-The plain ``forward`` uses PyTorch ops only (explicit softmax, so ``torch.func.jvp`` applies); the
-dual path uses ``gn_silu_conv_dual`` for every GroupNorm->SiLU->(Dropout)->Conv stage,
-``attention_dual`` for attention, ``groupnorm_dual`` for the attention pre-norm and ``conv2d_dual``
-/ ``linear_dual`` for the rest; resampling, concatenation and residual adds act on both streams.
+The forward uses PyTorch ops only (explicit softmax, so ``torch.func.jvp`` applies). It is the one
+forward: the fused losses run it through :func:`sgflow.dualize`, where every GroupNorm->SiLU->(Dropout)
+->Conv stage becomes the fused ``gn_silu_conv_dual`` op and the softmax attention the dual attention
+op, with the recomputed blocks chosen by measurement (:mod:`sgflow.autodual.plan`).
 """
 from __future__ import annotations
 
@@ -31,20 +31,8 @@ import torch.nn.functional as F
 
 from sgflow.nn.base import FlowMapNet
 from sgflow.nn.embedding import TwoTimeEmbedding
-from sgflow.nn.layers import (
-    Downsample,
-    DualConv2d,
-    DualGroupNorm,
-    DualLinear,
-    GNSiLUConv,
-    Upsample,
-    set_backend,
-    variance_scaling_,
-)
-from sgflow.ops.activation import silu_dual
-from sgflow.ops.attention import attention_dual
+from sgflow.nn.layers import Downsample, GNSiLUConv, Upsample, variance_scaling_
 from sgflow.ops.embedding import DEFAULT_SCALE
-from sgflow.ops.recompute import recompute_dual
 
 __all__ = ["ResBlock", "AttnBlock", "UNet", "UNET_CONFIGS"]
 
@@ -76,38 +64,22 @@ class ResBlock(nn.Module):
     def __init__(self, in_channels, out_channels, emb_dim, num_groups, dropout=0.0, eps=1e-6, skip_rescale=True, zero_init=True):
         super().__init__()
         self.stage1 = GNSiLUConv(in_channels, out_channels, num_groups, 3, dropout=0.0, eps=eps)
-        self.emb_proj = DualLinear(emb_dim, out_channels)
+        self.emb_proj = nn.Linear(emb_dim, out_channels)
         variance_scaling_(self.emb_proj.weight)
         nn.init.zeros_(self.emb_proj.bias)
         # Zero-init of the last conv makes the block start as (a scaled) identity, as in DDPM++.
         self.stage2 = GNSiLUConv(out_channels, out_channels, num_groups, 3, dropout=dropout, eps=eps, init_scale=0.0 if zero_init else 1.0)
-        self.skip = DualConv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
         if self.skip is not None:
             variance_scaling_(self.skip.weight)
             nn.init.zeros_(self.skip.bias)
         self.skip_scale = 1 / math.sqrt(2) if skip_rescale else 1.0
-        self.recompute = False
 
     def forward(self, x, emb):
         h = self.stage1(x) + self.emb_proj(emb)[:, :, None, None]
         h = self.stage2(h)
         s = x if self.skip is None else self.skip(x)
         return (s + h) * self.skip_scale
-
-    def dual(self, x, x_dot, emb, emb_dot):
-        if self.recompute:
-            # Only a training-mode dropout draws: replaying the RNG otherwise costs a graph break under compile.
-            draws = self.training and self.stage2.dropout > 0
-            return recompute_dual(self._dual, x, x_dot, list(self.parameters()), (emb, emb_dot),
-                                  preserve_rng_state=draws)
-        return self._dual(x, x_dot, emb, emb_dot)
-
-    def _dual(self, x, x_dot, emb, emb_dot):
-        h, h_dot = self.stage1.dual(x, x_dot)
-        p, p_dot = self.emb_proj.dual(emb, emb_dot)
-        h, h_dot = self.stage2.dual(h + p[:, :, None, None], h_dot + p_dot[:, :, None, None])
-        s, s_dot = (x, x_dot) if self.skip is None else self.skip.dual(x, x_dot)
-        return (s + h) * self.skip_scale, (s_dot + h_dot) * self.skip_scale
 
 
 class AttnBlock(nn.Module):
@@ -122,18 +94,14 @@ class AttnBlock(nn.Module):
         self.heads = max(1, channels // head_channels)
         if channels % self.heads:
             raise ValueError(f"AttnBlock: {channels} channels do not split into {self.heads} heads")
-        self.norm = DualGroupNorm(num_groups, channels, eps=eps)
-        self.qkv = DualConv2d(channels, 3 * channels, 1)
-        self.proj = DualConv2d(channels, channels, 1)
+        self.norm = nn.GroupNorm(num_groups, channels, eps=eps)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
         variance_scaling_(self.qkv.weight)
         variance_scaling_(self.proj.weight, 0.0 if zero_init else 1.0)
         nn.init.zeros_(self.qkv.bias)
         nn.init.zeros_(self.proj.bias)
         self.skip_scale = 1 / math.sqrt(2) if skip_rescale else 1.0
-        self.backend: str | None = None
-        # Recomputing the block in backward keeps 2 tensors (x, x_dot) instead of ~10 (normalised
-        # input, q, k, v, attention output, each with its tangent) for one extra block forward.
-        self.recompute = True
 
     def _split(self, qkv):
         """[B, 3C, H, W] -> q, k, v each [B, heads, N, head_dim] (contiguous)."""
@@ -153,24 +121,12 @@ class AttnBlock(nn.Module):
         o = self._merge(w @ v, x.shape)
         return (x + self.proj(o)) * self.skip_scale
 
-    def dual(self, x, x_dot):
-        if self.recompute:
-            return recompute_dual(self._dual, x, x_dot, list(self.parameters()), preserve_rng_state=False)  # no draws
-        return self._dual(x, x_dot)
-
-    def _dual(self, x, x_dot):
-        h, h_dot = self.norm.dual(x, x_dot)
-        qkv, qkv_dot = self.qkv.dual(h, h_dot)
-        o, o_dot = attention_dual(*self._split(qkv), *self._split(qkv_dot), backend=self.backend)
-        p, p_dot = self.proj.dual(self._merge(o, x.shape), self._merge(o_dot, x.shape))
-        return (x + p) * self.skip_scale, (x_dot + p_dot) * self.skip_scale
-
     def extra_repr(self):
         return f"heads={self.heads}"
 
 
 class ResAttn(nn.Module):
-    """A ResBlock optionally followed by an AttnBlock; ``forward(x, emb)``, ``dual(x, x_dot, emb, emb_dot)``."""
+    """A ResBlock optionally followed by an AttnBlock; ``forward(x, emb)``."""
 
     def __init__(self, res: ResBlock, attn: AttnBlock | None):
         super().__init__()
@@ -179,10 +135,6 @@ class ResAttn(nn.Module):
     def forward(self, x, emb):
         h = self.res(x, emb)
         return h if self.attn is None else self.attn(h)
-
-    def dual(self, x, x_dot, emb, emb_dot):
-        h, h_dot = self.res.dual(x, x_dot, emb, emb_dot)
-        return (h, h_dot) if self.attn is None else self.attn.dual(h, h_dot)
 
 
 class UNet(FlowMapNet):
@@ -205,11 +157,11 @@ class UNet(FlowMapNet):
         skip_rescale: scale residual sums by 1/sqrt(2) (DDPM++).
         zero_init: zero-init the last conv of every residual branch, the attention projection and
             the output conv (the network starts as ftilde = 0).
-        eps: GroupNorm epsilon. backend: dual-op backend (None: automatic; see sgflow.ops.backend).
-        recompute: which dual blocks are recomputed in backward instead of keeping their
-            intermediates: ``"attention"`` (default; attention blocks keep only their input and
-            tangent), ``"all"`` (residual blocks too: least memory, one more forward of each block)
-            or ``"none"``.
+        eps: GroupNorm epsilon.
+
+    The fused losses dualize it (:func:`sgflow.dualize`); which blocks are recomputed in backward is
+    chosen there, by measurement (``sgflow.dualize(net, blocks=...)`` fixes it). The dual ops' backend
+    (C++, Triton, torch) is chosen per call by :mod:`sgflow.ops.backend` (``SGFLOW_BACKEND``).
     """
 
     def __init__(
@@ -230,8 +182,6 @@ class UNet(FlowMapNet):
         mid_attn: bool = True,
         zero_init: bool = True,
         eps: float = 1e-6,
-        backend: str | None = None,
-        recompute: str = "attention",
     ):
         super().__init__()
         channel_mult = tuple(int(m) for m in channel_mult)
@@ -265,7 +215,7 @@ class UNet(FlowMapNet):
         def attn(c):
             return AttnBlock(c, num_groups, head_channels, eps, skip_rescale, zero_init)
 
-        self.conv_in = DualConv2d(in_channels, channels, 3, padding=1)
+        self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
         variance_scaling_(self.conv_in.weight)
         nn.init.zeros_(self.conv_in.bias)
 
@@ -297,8 +247,6 @@ class UNet(FlowMapNet):
         assert not skip_ch
 
         self.out = GNSiLUConv(ch, in_channels, num_groups, 3, dropout=0.0, eps=eps, init_scale=0.0 if zero_init else 1.0)
-        set_backend(self, backend)
-        self.set_recompute(recompute)
 
     @classmethod
     def from_config(cls, name: str, **overrides) -> "UNet":
@@ -309,24 +257,6 @@ class UNet(FlowMapNet):
         cfg = dict(UNET_CONFIGS[name])
         cfg.update(overrides)
         return cls(**cfg)
-
-    RECOMPUTE = ("none", "attention", "all")
-
-    def set_recompute(self, mode: str) -> "UNet":
-        """Which dual blocks recompute their intermediates in backward (see the class doc)."""
-        if mode not in self.RECOMPUTE:
-            raise ValueError(f"recompute must be one of {self.RECOMPUTE}, got {mode!r}")
-        for m in self.modules():
-            if isinstance(m, AttnBlock):
-                m.recompute = mode in ("attention", "all")
-            elif isinstance(m, ResBlock):
-                m.recompute = mode == "all"
-        self.recompute = mode
-        return self
-
-    def set_backend(self, backend: str | None) -> "UNet":
-        """Dual-op backend for every GroupNorm-SiLU-Conv stage and attention block."""
-        return set_backend(self, backend)
 
     def _check_x(self, x):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
@@ -351,22 +281,3 @@ class UNet(FlowMapNet):
             else:
                 h = blk(torch.cat([h, skips.pop()], 1), emb)
         return self.out(h)
-
-    def _dual_forward(self, t, u, x, t_dot, u_dot, x_dot):
-        emb, emb_dot = silu_dual(*self.time_embed.dual(t, u, t_dot, u_dot))
-        h, h_dot = self.conv_in.dual(x, x_dot)
-        skips = [(h, h_dot)]
-        for blk in self.down:
-            h, h_dot = blk.dual(h, h_dot) if isinstance(blk, Downsample) else blk.dual(h, h_dot, emb, emb_dot)
-            skips.append((h, h_dot))
-        h, h_dot = self.mid1.dual(h, h_dot, emb, emb_dot)
-        if self.mid_attn is not None:
-            h, h_dot = self.mid_attn.dual(h, h_dot)
-        h, h_dot = self.mid2.dual(h, h_dot, emb, emb_dot)
-        for blk in self.up:
-            if isinstance(blk, Upsample):
-                h, h_dot = blk.dual(h, h_dot, skips[-1][0].shape[-2:])
-            else:
-                s, s_dot = skips.pop()
-                h, h_dot = blk.dual(torch.cat([h, s], 1), torch.cat([h_dot, s_dot], 1), emb, emb_dot)
-        return self.out.dual(h, h_dot)

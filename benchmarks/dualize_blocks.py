@@ -1,15 +1,17 @@
-"""Step time of the fused SGFlow loss on an sgflow.nn network: hand-written ``dual_forward`` vs
-``sgflow.dualize`` of the plain forward (and flow matching), steps interleaved so that machine load
-affects every variant alike; medians and ratios from the same run, JSON results.
+"""Step time and peak memory of the fused SGFlow loss on an sgflow.nn network under sgflow.dualize's
+block policies, against flow matching; steps interleaved so that machine load affects every variant
+alike; medians and ratios from the same run, JSON results.
 
-    python benchmarks/dualize_vs_handwritten.py --config cifar10 --image-size 32 --batch 16 --reps 5
+    python benchmarks/dualize_blocks.py --config cifar10 --image-size 32 --batch 16 --reps 3 --peak
 
-Variants: ``fm`` (flow_matching_loss), ``hand`` (fused_loss with the network's dual_forward), ``dual``
-(fused_loss on sgflow.dualize(model): the recomputed blocks chosen by measurement on its first step,
-which is a warm-up here), ``dual_all`` (every outermost block recomputed), ``dual_noblocks``
-(sgflow.dualize(model, blocks="none")), ``dual_attn`` (only attention blocks recomputed), ``dual_savemm``
-(every block recomputed except its convolution / matmul outputs, which are saved). Each step is forward + backward (no optimizer step); wall time
-and process CPU time are both reported. ``--peak`` adds one step under PeakTensorBytes per variant.
+Variants: ``fm`` (flow_matching_loss), ``dual`` (fused_loss on sgflow.dualize(model): blocks chosen by
+measurement, the default), ``dual_all`` (every outermost block recomputed), ``dual_noblocks`` (nothing
+recomputed), ``dual_attn`` (only attention blocks recomputed: the policy of the hand-written dual
+forwards that sgflow.nn had until they were deleted; benchmarks/NOTES.md has their last numbers),
+``dual_savemm`` (every block recomputed except its convolution / matmul outputs, which are saved). Each
+step is forward + backward (no optimizer step); wall time and process CPU time are both reported; the
+first step of each variant (dualize's profile) is a warm-up. ``--peak`` adds one step under
+PeakTensorBytes per variant.
 """
 from __future__ import annotations
 
@@ -33,9 +35,9 @@ def main(argv=None):
     p.add_argument("--image-size", type=int, default=16)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--variants", default="fm,hand,dual")
+    p.add_argument("--variants", default="fm,dual,dual_all")
     p.add_argument("--peak", action="store_true")
-    p.add_argument("--out", default="benchmarks/results/dualize_vs_handwritten.json")
+    p.add_argument("--out", default="benchmarks/results/dualize_blocks.json")
     args = p.parse_args(argv)
 
     torch.manual_seed(0)
@@ -43,11 +45,10 @@ def main(argv=None):
     x1 = torch.randn(args.batch, 3, args.image_size, args.image_size)
     all_variants = {
         "fm": (sgflow.flow_matching_loss, model),
-        "hand": (sgflow.fused_loss, model),
         "dual": (sgflow.fused_loss, sgflow.dualize(model)),
         "dual_all": (sgflow.fused_loss, sgflow.dualize(model, blocks="all")),
         "dual_noblocks": (sgflow.fused_loss, sgflow.dualize(model, blocks="none")),
-        # Only the attention blocks recomputed, as the hand-written path does by default.
+        # Only the attention blocks recomputed, as the deleted hand-written dual forwards did.
         "dual_attn": (sgflow.fused_loss, sgflow.dualize(model, blocks=[AttnBlock])),
         # Every block recomputed, but the convolution / matmul outputs saved (selective checkpointing).
         "dual_savemm": (sgflow.fused_loss, sgflow.dualize(model, save="matmul")),
@@ -78,12 +79,10 @@ def main(argv=None):
         mod = all_variants[name][1]
         if isinstance(mod, sgflow.DualizedModel):
             rows[name]["recomputed_blocks"] = list(mod.blocks)
-    ref = "hand" if "hand" in rows else names[0]
+    ref = "fm" if "fm" in rows else names[0]
     print(f"# {args.config} {args.image_size}x{args.image_size} batch {args.batch}, median of {args.reps} interleaved steps")
     for name, r in rows.items():
-        extra = f"  peak {r['peak_mib']:.1f} MiB" if "peak_mib" in r else ""
-        if "peak_mib" in r and "fm" in rows and "peak_mib" in rows["fm"]:
-            extra += f" ({r['peak_mib'] / rows['fm']['peak_mib']:.2f}x fm)"
+        extra = f"  peak {r['peak_mib']:.1f} MiB ({r['peak_mib'] / rows[ref]['peak_mib']:.2f}x {ref})" if "peak_mib" in r else ""
         print(f"{name:14s} wall {r['wall_s']:8.3f} s ({r['wall_s'] / rows[ref]['wall_s']:.2f}x {ref})"
               f"  cpu {r['cpu_s']:8.3f} s ({r['cpu_s'] / rows[ref]['cpu_s']:.2f}x {ref}){extra}")
     out = Path(args.out)
