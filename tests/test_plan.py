@@ -177,6 +177,9 @@ def test_row_slices_only_where_recomputing_is_not_enough_and_only_for_row_maps()
     plan = choose_blocks(costs, 0, 0, budget=0.1)
     assert plan.splits == {"a": RowSplit(4, (0,), ())} and plan.estimate() == (8 + 20) * MiB
     assert choose_blocks(costs, 0, 0, budget=0.1, split_rows=False).splits == {}
+    small = [_cost("a", 1.5, 0.1, 1.5, 1.0)]  # halving frees 0.75 MiB: not worth the slices
+    small[0].rows, small[0].batch = rows, 64
+    assert choose_blocks(small, 0, 0, budget=0.1).splits == {}
     costs[0].batch = 3  # fewer rows than slices
     assert choose_blocks(costs, 0, 0, budget=0.1).splits == {"a": RowSplit(2, (0,), ())}
 
@@ -240,10 +243,13 @@ def test_profile_finds_which_blocks_map_rows_to_rows():
 
 
 @pytest.mark.parametrize("batch", [pytest.param(7, id="b7-uneven"), pytest.param(2, id="b2")])
-def test_row_sliced_blocks_give_the_reference_gradients(batch):
+def test_row_sliced_blocks_give_the_reference_gradients(batch, monkeypatch):
     """A plan with every row-map block recomputed in 4 row slices: loss and gradients equal the JVP
     reference to 1e-10 (float64); dropout blocks are never sliced; parameters reached as a module
     attribute (the table) get their gradient."""
+    import sgflow.autodual.plan as plan_mod
+
+    monkeypatch.setattr(plan_mod, "MIN_ROW_SLICE_GAIN", 0)  # slice even these few-KiB blocks
     torch.manual_seed(0)
     model = _RowNet().double().eval()
     dual = sgflow.dualize(model, budget=1e-6)

@@ -50,7 +50,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from sgflow.autodual.tensor import DualTensor, make_dual
 
 __all__ = ["BlockCost", "BlockPlan", "RowSplit", "profile_blocks", "choose_blocks", "ELEMENTWISE_FLOPS_PER_BYTE",
-           "MAX_ROW_SLICES"]
+           "MAX_ROW_SLICES", "MIN_ROW_SLICE_GAIN"]
 
 # Recomputing a block also re-runs its elementwise ops (norms, activations, the tangent's products),
 # which FlopCounterMode does not count; each byte the block keeps is charged this many FLOPs.
@@ -58,6 +58,9 @@ ELEMENTWISE_FLOPS_PER_BYTE = 16.0
 # A block is split into at most this many row slices (each slice is a separate checkpoint and a
 # separate set of kernel launches; the gain halves with each doubling).
 MAX_ROW_SLICES = 4
+# ... and only where a doubling frees at least this many bytes: on small activations the extra launches
+# and copies cost more than the memory is worth.
+MIN_ROW_SLICE_GAIN = 2**20
 
 
 @dataclass(frozen=True)
@@ -148,7 +151,8 @@ def choose_blocks(costs: list, outside_kept: int, outside_plain: int, budget: fl
     forward's saved bytes, recompute the candidate that lowers it most per unit of added cost (a
     block replaces any of its children already chosen). Then, while it still exceeds it and
     ``split_rows``, double the row slices of the recomputed block with the most live intermediates,
-    if it maps rows to rows (``BlockCost.rows``), up to :data:`MAX_ROW_SLICES`."""
+    if it maps rows to rows (``BlockCost.rows``), up to :data:`MAX_ROW_SLICES` and while a doubling frees
+    at least :data:`MIN_ROW_SLICE_GAIN` bytes."""
     plan = BlockPlan(costs=list(costs), outside_kept=outside_kept, outside_plain=outside_plain, budget=budget)
     target = budget * plan.plain_total
     by_path = {c.path: c for c in costs}
@@ -174,7 +178,7 @@ def choose_blocks(costs: list, outside_kept: int, outside_plain: int, budget: fl
     while split_rows and plan.blocks and plan.estimate() > target:
         top = max((by_path[p] for p in plan.blocks), key=plan._live)
         n = plan.splits[top.path].chunks * 2 if top.path in plan.splits else 2
-        if top.rows is None or n > MAX_ROW_SLICES or top.batch < n:
+        if top.rows is None or n > MAX_ROW_SLICES or top.batch < n or plan._live(top) - top.kept // n < MIN_ROW_SLICE_GAIN:
             break
         plan.splits[top.path] = RowSplit(n, top.rows.args, top.rows.kwargs)
     return plan
