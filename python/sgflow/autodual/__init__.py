@@ -244,10 +244,59 @@ def _wrap_forward(orig, path: str, is_block: bool, split=None):
 
 
 def _checkpointed(orig, args, kwargs):
+    """``orig(*args, **kwargs)`` under non-reentrant checkpointing, every DualTensor crossing the checkpoint
+    boundary as its two plain tensors (primal, tangent), in and out. Checkpoint keeps its inputs as saved
+    tensors: under a saved-tensor hook of the caller's (a memory meter, offloading) a DualTensor came back
+    from it as a plain tensor, so the block was recomputed without its tangent (a checkpoint error at
+    best)."""
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    flat, spec = tree_flatten((args, kwargs))
+    plain, layout = _to_plain(flat)
+    out_layout = []
+
+    def run(*tensors):
+        a, k = tree_unflatten(_from_plain(tensors, layout), spec)
+        oflat, ospec = tree_flatten(orig(*a, **k))
+        result, olayout = _to_plain(oflat)
+        out_layout[:] = [(olayout, ospec)]
+        return tuple(result)
+
     ctx_fn = STATE.context_fn
-    if ctx_fn is None:
-        return checkpoint(_hooked(orig), *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
-    return checkpoint(_hooked(orig), *args, use_reentrant=False, preserve_rng_state=True, context_fn=ctx_fn, **kwargs)
+    extra = {} if ctx_fn is None else {"context_fn": ctx_fn}
+    res = checkpoint(_hooked(run), *plain, use_reentrant=False, preserve_rng_state=True, **extra)
+    olayout, ospec = out_layout[0]
+    return tree_unflatten(_from_plain(res, olayout), ospec)
+
+
+def _to_plain(flat):
+    """Leaves -> (plain tensors, layout): a DualTensor becomes (primal, tangent); non-tensors stay in the
+    layout as constants."""
+    plain, layout = [], []
+    for a in flat:
+        if isinstance(a, DualTensor):
+            plain += [a._primal, a._tangent]
+            layout.append("dual")
+        elif isinstance(a, torch.Tensor):
+            plain.append(a)
+            layout.append("tensor")
+        else:
+            layout.append(("const", a))
+    return plain, tuple(layout)
+
+
+def _from_plain(tensors, layout):
+    it = iter(tensors)
+    leaves = []
+    for kind in layout:
+        if kind == "dual":
+            p = next(it)
+            leaves.append(make_dual(p, next(it)))
+        elif kind == "tensor":
+            leaves.append(next(it))
+        else:
+            leaves.append(kind[1])
+    return leaves
 
 
 def _row_slices(split, args, kwargs):
