@@ -645,7 +645,7 @@ def _sgflow_nn(config, shape, **kw):
     return build_model(config, shape, **kw)
 
 
-# (builder of the float64 model, batch shape, through dualize() explicitly, both_terms)
+# (builder of the float64 model, batch shape, through sgflow.dualize() explicitly, both_terms)
 NETWORKS = [
     pytest.param(lambda: testnets.build("adm", (3, 8, 8)), (3, 3, 8, 8), False, False, id="adm-3x8x8-b3"),
     pytest.param(lambda: testnets.build("edm", (3, 8, 8)), (3, 3, 8, 8), False, True, id="edm-3x8x8-b3-both-terms"),
@@ -661,16 +661,9 @@ NETWORKS = [
 def test_network_fused_equals_reference_float64(make, shape, explicit, both_terms, monkeypatch):
     torch.manual_seed(SEED)
     model = make().double()
-    if explicit:
-        # sgflow.nn networks: the hand-written dual_forward must not be what runs.
-        def refuse(*a, **k):
-            raise AssertionError("the hand-written dual_forward ran instead of the dualized forward")
-
-        monkeypatch.setattr(type(model), "dual_forward", refuse)
-        fused_model = sgflow.dualize(model)
-    else:
-        assert not hasattr(model, "dual_forward")
-        fused_model = model  # fused_loss dualizes a plain model itself
+    assert not hasattr(model, "dual_forward")  # sgflow.nn's networks too: one forward each
+    # Through sgflow.dualize(model), or fused_loss dualizing a plain model itself.
+    fused_model = sgflow.dualize(model) if explicit else model
     batch = gen_batch(shape, seed=11, both_terms=both_terms)
     err, _ = _assert_fused_equals_reference(fused_model, model, batch, 1e-10)
     dual = fused_model if explicit else as_dual_model(model)
@@ -1359,3 +1352,26 @@ def test_norm_rules_in_row_slices_match_jvp_reference(build, kind, monkeypatch):
 
     monkeypatch.setattr(rules, "ROW_SLICE_MIN_NUMEL", 1)
     test_rule_matches_jvp_reference(build, kind, torch.float64, monkeypatch)
+
+
+@pytest.mark.parametrize("make,shape", [
+    pytest.param(lambda: testnets.build("adm", (3, 8, 8)), (3, 3, 8, 8), id="adm"),
+    pytest.param(lambda: testnets.build("dit", (3, 8, 8)), (3, 3, 8, 8), id="dit"),
+    pytest.param(lambda: _sgflow_nn("tiny", (3, 7, 5), zero_init=False), (3, 3, 7, 5), id="sgflow-tiny-unet-7x5"),
+])
+def test_recomputed_blocks_under_a_callers_saved_tensor_hooks(make, shape):
+    """A caller's saved_tensors_hooks (a memory meter, CPU offloading) around the fused step: every block
+    recomputed, the reference gradients still. (Checkpoint keeps its inputs as saved tensors; a dual input
+    came back from such a hook as a plain tensor and the block was recomputed without its tangent.)"""
+    torch.manual_seed(SEED)
+    model = make().double()
+    fused_model = sgflow.dualize(model, blocks="all")
+    packed = []
+
+    def pack(t):
+        packed.append(type(t).__name__)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _assert_fused_equals_reference(fused_model, model, gen_batch(shape, seed=17), 1e-10)
+    assert packed and "DualTensor" not in packed
