@@ -161,20 +161,28 @@ def test_cifar10_unet_fused_float32_gpu_matches_reference(backend):
     assert err < 1e-4
 
 
-@pytest.mark.parametrize("recompute", ["none", "attention", "all"])
+def _blocks(recompute):
+    """sgflow.dualize's ``blocks`` for a recomputation policy of sgflow.nn's U-Net."""
+    from sgflow.nn import AttnBlock
+
+    return {"none": "none", "attention": [AttnBlock], "all": "all", "auto": "auto"}[recompute]
+
+
+@pytest.mark.parametrize("recompute", ["none", "attention", "all", "auto"])
 def test_recompute_modes_train_mode_dropout_equal_reference(recompute):
     """Recomputed blocks replay their dropout masks: gradients still equal the reference in train mode."""
     from sgflow.nn import build_model
 
     torch.manual_seed(0)
-    model = build_model("tiny", (3, 8, 8), dropout=0.3, recompute=recompute, zero_init=False).double().train()
+    net = build_model("tiny", (3, 8, 8), dropout=0.3, zero_init=False).double().train()
+    model = sgflow.dualize(net, blocks=_blocks(recompute))
     x1, kw = _inputs((3, 3, 8, 8), seed=6)
     torch.manual_seed(123)
-    loss_ref, _ = sgflow.sgflow_loss(model, x1, **kw)
-    g_ref = _grads(loss_ref, model)
+    loss_ref, _ = sgflow.sgflow_loss(net, x1, **kw)
+    g_ref = _grads(loss_ref, net)
     torch.manual_seed(123)
     loss_fused, _ = sgflow.fused_loss(model, x1, **kw)
-    g_fused = _grads(loss_fused, model)
+    g_fused = _grads(loss_fused, net)
     assert rel_err(loss_fused, loss_ref) < 1e-10
     for a, b in zip(g_fused, g_ref):
         assert b.abs().max() > 0
@@ -188,7 +196,7 @@ def test_recompute_all_saves_least():
     saved = {}
     for mode in ("none", "attention", "all"):
         torch.manual_seed(0)
-        model = build_model("tiny", (3, 16, 16), recompute=mode).double()
+        model = sgflow.dualize(build_model("tiny", (3, 16, 16)).double(), blocks=_blocks(mode))
         saved[mode] = saved_tensor_bytes(lambda: sgflow.fused_loss(model, x1, **kw)[0])["bytes"]
     assert saved["all"] < saved["attention"] < saved["none"], saved
 
@@ -205,8 +213,9 @@ def test_fused_under_bf16_autocast_tracks_float32(config, shape, recompute):
     from sgflow.nn import build_model
 
     torch.manual_seed(0)
-    overrides = {} if config == "mlp" else {"zero_init": False, "recompute": recompute}
+    overrides = {} if config == "mlp" else {"zero_init": False}
     model = build_model(config, shape[1:], **overrides)
+    fused_model = model if recompute is None else sgflow.dualize(model, blocks=_blocks(recompute))
     x1, kw = _inputs(shape, seed=8)
     x1 = x1.float()
     kw = {k: (v.float() if v.is_floating_point() else v) for k, v in kw.items()}
@@ -222,11 +231,11 @@ def test_fused_under_bf16_autocast_tracks_float32(config, shape, recompute):
         saved_dtypes.append(t.dtype)
         return t
 
-    g32 = flat(sgflow.fused_loss(model, x1, **kw)[0])
+    g32 = flat(sgflow.fused_loss(fused_model, x1, **kw)[0])
     ref32 = flat(sgflow.sgflow_loss(model, x1, **kw)[0])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss16, _ = sgflow.fused_loss(model, x1, **kw)
+            loss16, _ = sgflow.fused_loss(fused_model, x1, **kw)
         ref_loss16, _ = sgflow.sgflow_loss(model, x1, **kw)
     assert loss16.dtype == torch.float32 and torch.isfinite(loss16)
     g16, ref16 = flat(loss16), flat(ref_loss16)

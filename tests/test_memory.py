@@ -85,16 +85,16 @@ def test_sees_autograd_backward_and_func_transforms():
     w.grad = None
 
 
-@pytest.mark.parametrize("recompute", ["attention", "all"])
-def test_fused_peak_memory_at_most_flow_matching_on_cifar10_unet(recompute):
+@pytest.mark.parametrize("blocks", ["auto", "all"])
+def test_fused_peak_memory_at_most_flow_matching_on_cifar10_unet(blocks):
     """The memory target, on CPU: one backward of the fused SGFlow loss on the cifar10 U-Net (53.7M
     parameters; 16x16 images, batch 4 to keep it quick) holds at most the tensor bytes that flow matching's
     holds at its peak. Gradient buffers exist before the step (as after the first step of training), so
     both peaks are activations and temporaries only."""
     # Both meters: tensors per op, and the allocator itself (kernel scratch included).
-    peaks = _load_benchmark("peak_vs_allocator").measure_peaks("cifar10", 16, 4, recompute)
+    peaks = _load_benchmark("peak_vs_allocator").measure_peaks("cifar10", 16, 4, blocks)
     (fm, fm_alloc), (fused, fused_alloc) = peaks["flow_matching"], peaks["sgflow_fused"]
-    print(f"peak ({recompute}), tensors / allocator: flow matching {fm / 2**20:.1f} / {fm_alloc / 2**20:.1f} MiB, "
+    print(f"peak (blocks={blocks}), tensors / allocator: flow matching {fm / 2**20:.1f} / {fm_alloc / 2**20:.1f} MiB, "
           f"fused SGFlow {fused / 2**20:.1f} / {fused_alloc / 2**20:.1f} MiB ({fused / fm:.2f}x / {fused_alloc / fm_alloc:.2f}x)")
     assert fm > 50 * 2**20  # the network really ran (activations of 4 images through 53.7M params)
     assert fused <= 1.0 * fm
