@@ -22,10 +22,10 @@ timeout 220 python3 -m pytest -q -p no:cacheprovider -rs tests/kernels tests/ops
 timeout 60 python3 benchmarks/bench_groupnorm_silu.py --stage --out "$OUT/bench_groupnorm_silu.json" 2>&1 | tail -n 20
 timeout 60 python3 benchmarks/bench_attention.py --quick --out "$OUT/bench_attention" 2>&1 | tail -n 20
 
-# 3. The paper's memory table on the cifar10 U-Net at batch 128 (triton backend): every method, the
-#    hand-written fused path and the same network dualized through its own forward (sgflow.dualize).
+# 3. The paper's memory table on the cifar10 U-Net at batch 128 (triton backend): every method, the fused
+#    path being the network's one forward dualized (sgflow.dualize, blocks chosen by measurement).
 timeout 150 python3 benchmarks/memory.py --device cuda --config cifar10 --batch 128 --steps 5 --warmup 2 \
-  --backend triton --track-peak --methods flow_matching,meanflow,sgflow_reference,sgflow_fused,sgflow_dualized \
+  --backend triton --track-peak --methods flow_matching,meanflow,sgflow_reference,sgflow_fused \
   --out "$OUT/memory_triton" 2>"$OUT/memory_triton.err" | tee "$OUT/memory_triton.txt"
 # 4. Users' networks (sgflow.testnets, third-party style) on the dualized fused path vs flow matching, fp32.
 for spec in 'adm|3,32,32|{"channel_mult": [1,2,2], "num_res_blocks": 2, "model_channels": 128}' \

@@ -535,8 +535,8 @@ _CACHE_ATTR = "_sgflow_dualized"
 
 
 def as_dual_model(model: nn.Module):
-    """What the fused losses call: ``model`` itself if it has ``dual_forward`` (a DualizedModel or
-    a hand-written dual network) and is not wrapped for data parallel; otherwise a DualizedModel with
+    """What the fused losses call: ``model`` itself if it has ``dual_forward`` (a DualizedModel, or a
+    network that defines its own) and is not wrapped for data parallel; otherwise a DualizedModel with
     default settings, built once per model and kept in the model's ``__dict__`` (not a submodule:
     parameters and state_dict are unchanged)."""
     if isinstance(model, DualizedModel):
