@@ -7,17 +7,19 @@ What is compiled, and why each case is here:
   ``aot_eager`` (dynamo + AOTAutograd, kernels run eagerly: the tracing is what is tested), compared
   with eager to fp32 tolerance. One small network also goes through ``inductor`` (generated C++; slow to
   compile on a small CPU, so only once) inside the flow-map sampler, the way sampling uses it.
-* Training: ``sgflow.fused_loss`` (primal and tangent through the network's dual forward), compiled
-  as one graph, must give eager's loss, diagnostics and parameter gradients (backward through the
-  AOTAutograd backward graph): the ``"mlp"`` network on 2-D data with ``aot_eager`` and ``inductor``,
-  and a small U-Net at 8x8 with ``aot_eager`` (torch backend without recomputation, and the default
-  backend with recomputed attention blocks: both trace as one graph). Compiled, the loss evaluates sg[f~(t, t, X_t)]
+* Training: ``sgflow.fused_loss`` (primal and tangent through sgflow.dualize of the network's one
+  forward), compiled on the model's very first call and, on a copy, after an eager step, must give
+  eager's loss, diagnostics and parameter gradients (backward through the AOTAutograd backward graphs):
+  the ``"mlp"`` network on 2-D data with ``aot_eager`` and ``inductor``, and a small U-Net at 8x8 with
+  ``aot_eager`` (torch backend, and the default backend with the recomputed blocks the profile chose).
+  The dual forward itself runs between graphs (below). Compiled, the loss evaluates sg[f~(t, t, X_t)]
   on the whole batch and reduces by masked sums (``sgflow.losses.sgflow._aligned_rows``) instead of
   boolean-mask row selections; the same values are checked eagerly too, for the edge cases of the split
   (all rows one term, both terms), without a compile. The value checks of the inputs become
   ``torch._assert_async`` when compiled: a wrong time must still raise.
-* Graph breaks (``torch._dynamo.explain``): every loss that should trace as one graph does (0 breaks),
-  and for networks whose dual forward still breaks the graph, the breaks are attributed by where they
+* Graph breaks (``torch._dynamo.explain``): every loss traces as one graph (0 breaks) on a network
+  whose own ``dual_forward`` is plain torch ops, and for networks whose dual forward breaks the graph
+  (every dualized one today), the breaks are attributed by where they
   happen: none may come from the loss side (sgflow.losses, sgflow.checks, ...); those of the dual
   forward (sgflow.autodual, sgflow.ops, ...) are recorded with their reasons by strict xfails, which
   turn into failures once the breaks are gone so that the marker is removed. Each explain run's loss

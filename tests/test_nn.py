@@ -209,6 +209,8 @@ def test_build_model_names_and_shapes():
         UNet.from_config("imagenet")
     with pytest.raises(ValueError, match="num_groups"):
         UNet(channels=12, num_groups=8)
+    with pytest.raises(ValueError, match=r"recompute='all'\) is gone.*sgflow.dualize\(net, blocks="):
+        build_model("tiny", (3, 8, 8), recompute="all")
 
 
 BAD_INPUTS = [

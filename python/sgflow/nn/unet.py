@@ -182,8 +182,13 @@ class UNet(FlowMapNet):
         mid_attn: bool = True,
         zero_init: bool = True,
         eps: float = 1e-6,
+        recompute=None,
     ):
         super().__init__()
+        if recompute is not None:  # the option of the deleted hand-written dual forward (older configs)
+            raise ValueError(
+                f"UNet(recompute={recompute!r}) is gone: the fused losses choose the recomputed blocks by measurement; "
+                "to fix them, pass sgflow.dualize(net, blocks=...) (e.g. blocks=[sgflow.nn.AttnBlock] or 'all') to the loss")
         channel_mult = tuple(int(m) for m in channel_mult)
         attn_levels = tuple(int(a) for a in attn_levels)
         if in_channels < 1 or channels < 1 or num_blocks < 1 or not channel_mult or min(channel_mult) < 1:
