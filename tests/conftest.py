@@ -21,6 +21,16 @@ def one_thread():
 
 
 @pytest.fixture(autouse=True)
+def _plan_small_networks(monkeypatch):
+    """Tests run small networks: let ``dualize(blocks="auto")`` recompute blocks at any size, so that the
+    recomputation paths are what the equivalence tests exercise (in use, a step whose plain forward keeps
+    under 16 MiB recomputes nothing; tests/test_plan.py checks that default)."""
+    import sgflow.autodual.plan as plan
+
+    monkeypatch.setattr(plan, "MIN_PLANNED_BYTES", 0)
+
+
+@pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)
     yield

@@ -271,3 +271,23 @@ def test_row_sliced_blocks_give_the_reference_gradients(batch, monkeypatch):
         assert ref[n].abs().max() > 0, n
         err = (got[n] - ref[n]).norm() / ref[n].norm()
         assert err <= 1e-10, (n, float(err))
+
+
+def test_small_steps_recompute_nothing_by_default(monkeypatch):
+    """Under MIN_PLANNED_BYTES saved by the plain forward (the demo's MLP keeps ~1 MiB), recomputation
+    costs time for no memory that matters: nothing is recomputed; the same costs over it are planned."""
+    import sgflow.autodual.plan as plan_mod
+
+    monkeypatch.setattr(plan_mod, "MIN_PLANNED_BYTES", 16 * MiB)  # the library's default (conftest lowers it)
+    costs = [_cost("a", 10, 1, 5, 1.0), _cost("b", 10, 1, 5, 1.0)]
+    plan = choose_blocks(costs, 0, 0, budget=0.5)
+    assert plan.blocks == [] and "not memory-bound" in str(plan)
+    big = [_cost("a", 40, 1, 20, 1.0), _cost("b", 40, 1, 20, 1.0)]
+    assert choose_blocks(big, 0, 0, budget=0.5).blocks
+    torch.manual_seed(0)
+    from sgflow.nn import build_model
+
+    model = build_model("mlp-small", (2,))
+    dual = sgflow.dualize(model)
+    sgflow.fused_loss(dual, torch.randn(256, 2))[0].backward()
+    assert dual.plan is not None and dual.blocks == [] and dual.splits == {}

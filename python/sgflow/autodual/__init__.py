@@ -217,9 +217,9 @@ def _patched(model: nn.Module, blocks: Sequence[str], splits: dict | None = None
 
 
 def _any_dual(args, kwargs) -> bool:
-    from torch.utils._pytree import tree_flatten
+    from sgflow.autodual.tensor import has_dual
 
-    return any(isinstance(a, DualTensor) for a in tree_flatten((args, kwargs))[0])
+    return has_dual(args, kwargs)
 
 
 def _wrap_forward(orig, path: str, is_block: bool, split=None):

@@ -50,11 +50,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from sgflow.autodual.tensor import DualTensor, make_dual
 
 __all__ = ["BlockCost", "BlockPlan", "RowSplit", "profile_blocks", "choose_blocks", "ELEMENTWISE_FLOPS_PER_BYTE",
-           "MAX_ROW_SLICES", "MIN_ROW_SLICE_GAIN"]
+           "MAX_ROW_SLICES", "MIN_ROW_SLICE_GAIN", "MIN_PLANNED_BYTES"]
 
 # Recomputing a block also re-runs its elementwise ops (norms, activations, the tangent's products),
 # which FlopCounterMode does not count; each byte the block keeps is charged this many FLOPs.
 ELEMENTWISE_FLOPS_PER_BYTE = 16.0
+# Below this many bytes saved by the plain forward nothing is recomputed: such a step is not memory-bound,
+# and recomputation's fixed per-op costs dominate (the demo's MLP: +25% step time for ~1 MiB).
+MIN_PLANNED_BYTES = 16 * 2**20
 # A block is split into at most this many row slices (each slice is a separate checkpoint and a
 # separate set of kernel launches; the gain halves with each doubling).
 MAX_ROW_SLICES = 4
@@ -141,7 +144,9 @@ class BlockPlan:
         lines.append(f"outside blocks: kept {self.outside_kept * mib:.2f} MiB, plain {self.outside_plain * mib:.2f} MiB")
         lines.append(f"estimated dual kept {self.estimate() * mib:.2f} MiB = {self.estimate() / max(self.plain_total, 1):.2f}x "
                      f"the plain forward's {self.plain_total * mib:.2f} MiB (budget {self.budget}x); "
-                     f"{len(self.blocks)} of {len(self.costs)} blocks recomputed")
+                     f"{len(self.blocks)} of {len(self.costs)} blocks recomputed"
+                     + (f" (the plain forward keeps under {MIN_PLANNED_BYTES * mib:.0f} MiB: not memory-bound)"
+                        if self.plain_total < MIN_PLANNED_BYTES else ""))
         return "\n".join(lines)
 
 
@@ -152,8 +157,11 @@ def choose_blocks(costs: list, outside_kept: int, outside_plain: int, budget: fl
     block replaces any of its children already chosen). Then, while it still exceeds it and
     ``split_rows``, double the row slices of the recomputed block with the most live intermediates,
     if it maps rows to rows (``BlockCost.rows``), up to :data:`MAX_ROW_SLICES` and while a doubling frees
-    at least :data:`MIN_ROW_SLICE_GAIN` bytes."""
+    at least :data:`MIN_ROW_SLICE_GAIN` bytes. Nothing is recomputed where the plain forward keeps less
+    than :data:`MIN_PLANNED_BYTES`."""
     plan = BlockPlan(costs=list(costs), outside_kept=outside_kept, outside_plain=outside_plain, budget=budget)
+    if plan.plain_total < MIN_PLANNED_BYTES:
+        return plan
     target = budget * plan.plain_total
     by_path = {c.path: c for c in costs}
     chosen: set = set()

@@ -218,7 +218,30 @@ def fail(func, why: str, hint: str = "") -> DualizeError:
 # Helpers shared by the rules
 
 
+def has_dual(args, kwargs=None) -> bool:
+    """Whether any leaf of ``(args, kwargs)`` is a DualTensor (flat arguments without pytree: this runs
+    for every module call and Function.apply of a dual forward)."""
+    for seq in (args, () if not kwargs else kwargs.values()):
+        for a in seq:
+            if isinstance(a, DualTensor):
+                return True
+            if isinstance(a, (list, tuple, dict)):
+                return any(isinstance(x, DualTensor) for x in tree_flatten((args, kwargs))[0])
+    return False
+
+
+_FLAT = (list, tuple, dict)
+
+
 def unwrap_primals(tree):
+    """``tree`` with every DualTensor replaced by its primal (a flat tuple / list / dict without pytree)."""
+    t = type(tree)
+    if t is tuple or t is list:
+        if not any(isinstance(a, _FLAT) for a in tree):
+            return t(primal(a) for a in tree)
+    elif t is dict:
+        if not any(isinstance(a, _FLAT) for a in tree.values()):
+            return {k: primal(a) for k, a in tree.items()}
     return tree_map(primal, tree)
 
 
@@ -263,7 +286,7 @@ def original_apply(cls):
 
 
 def _apply(cls, *args, **kwargs):
-    if any(isinstance(a, DualTensor) for a in tree_flatten((args, kwargs))[0]):
+    if has_dual(args, kwargs):
         # Its registered rule, or (through the forward-AD rule) its own jvp; an error otherwise.
         return dispatch(original_apply(cls), args, kwargs)
     return _ORIG_APPLY.__func__(cls, *args, **kwargs)
