@@ -219,29 +219,35 @@ def fail(func, why: str, hint: str = "") -> DualizeError:
 
 
 def has_dual(args, kwargs=None) -> bool:
-    """Whether any leaf of ``(args, kwargs)`` is a DualTensor (flat arguments without pytree: this runs
-    for every module call and Function.apply of a dual forward)."""
-    for seq in (args, () if not kwargs else kwargs.values()):
-        for a in seq:
-            if isinstance(a, DualTensor):
-                return True
-            if isinstance(a, (list, tuple, dict)):
-                return any(isinstance(x, DualTensor) for x in tree_flatten((args, kwargs))[0])
-    return False
+    """Whether any leaf of ``(args, kwargs)`` is a DualTensor. Plain tuples, lists and dicts are walked
+    here, not with pytree: this runs for every module call and Function.apply of a dual forward."""
+    return _has_dual(args) or (bool(kwargs) and _has_dual(kwargs))
 
 
-_FLAT = (list, tuple, dict)
+def _has_dual(a) -> bool:
+    t = type(a)
+    if t is tuple or t is list:
+        return any(_has_dual(x) for x in a)
+    if t is dict:
+        return any(_has_dual(x) for x in a.values())
+    if isinstance(a, DualTensor):
+        return True
+    if t is torch.Size or not isinstance(a, (tuple, list, dict)):
+        return False
+    return any(isinstance(x, DualTensor) for x in tree_flatten(a)[0])  # namedtuples and other containers
 
 
 def unwrap_primals(tree):
-    """``tree`` with every DualTensor replaced by its primal (a flat tuple / list / dict without pytree)."""
+    """``tree`` with every DualTensor replaced by its primal. Plain tuples, lists and dicts are walked
+    here (cheaper than pytree for the small argument structures of one op, e.g. a shape tuple);
+    other containers (namedtuples, ...) go through pytree."""
     t = type(tree)
     if t is tuple or t is list:
-        if not any(isinstance(a, _FLAT) for a in tree):
-            return t(primal(a) for a in tree)
-    elif t is dict:
-        if not any(isinstance(a, _FLAT) for a in tree.values()):
-            return {k: primal(a) for k, a in tree.items()}
+        return t(unwrap_primals(a) for a in tree)
+    if t is dict:
+        return {k: unwrap_primals(a) for k, a in tree.items()}
+    if t is torch.Size or not isinstance(tree, (tuple, list, dict)):
+        return primal(tree)
     return tree_map(primal, tree)
 
 
