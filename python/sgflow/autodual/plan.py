@@ -20,8 +20,8 @@ It then recomputes candidates in decreasing order of bytes freed per unit of cos
 kept bytes, its inputs replacing what it keeps, over ``cost``; a block replacing its chosen sub-blocks
 when that pays), until the estimated dual saved bytes, plus the largest recomputed block's (its dual
 intermediates are live again while its backward runs), are at most ``budget`` times the plain forward's. The default 0.5 leaves room
-for what a step's peak holds besides saved tensors: measured peaks of 0.52-0.59x flow matching's on the
-cifar10 U-Net, the ADM and EDM U-Nets and the DiT of the README.
+for what a step's peak holds besides saved tensors: measured peaks of 0.51-0.56x flow matching's on the
+cifar10 U-Net, the ADM and EDM U-Nets, the DiT and the token-attention MLP of the README.
 
 Where recomputing every block that pays still leaves the estimate above the budget (a shallow network
 at a large batch: one block's dual intermediates are then a large part of the peak), the largest
