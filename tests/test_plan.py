@@ -148,8 +148,16 @@ def test_bad_blocks_and_budget_are_named():
         sgflow.dualize(model, blocks="bogus")
 
 
-def test_bad_tangents_of_a_dualized_model_are_named():
-    dual = sgflow.dualize(testnets.build("mlp", (2,)))
+def _sgflow_nn_mlp():
+    from sgflow.nn import build_model
+
+    return build_model("mlp-small", (2,))
+
+
+@pytest.mark.parametrize("make", [pytest.param(lambda: testnets.build("mlp", (2,)), id="testnets-mlp"),
+                                  pytest.param(_sgflow_nn_mlp, id="sgflow-nn-mlp")])
+def test_bad_tangents_of_a_dualized_model_are_named(make):
+    dual = sgflow.dualize(make())
     t, x = torch.rand(3), torch.randn(3, 2)
     with pytest.raises(ValueError, match=r"x_dot must have x's shape \(3, 2\), got \(3, 3\)"):
         dual.dual_forward(t, t, x, None, None, torch.randn(3, 3))
