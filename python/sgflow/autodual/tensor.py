@@ -281,6 +281,8 @@ def call_flat(func, flat, spec):
 # Custom autograd Functions: Function.apply does not go through __torch_function__, so a Function
 # applied to dual tensors would run its forward on them without a graph (gradients silently lost).
 
+# Whatever object the class holds (a Python classmethod up to torch 2.13, a C classmethod_descriptor
+# from 2.14): both are descriptors, so only ``__get__`` is used, never a version's private attribute.
 _ORIG_APPLY = torch.autograd.Function.__dict__["apply"]
 _HOOK_LOCK = threading.Lock()
 _HOOK_DEPTH = 0
@@ -295,7 +297,7 @@ def _apply(cls, *args, **kwargs):
     if has_dual(args, kwargs):
         # Its registered rule, or (through the forward-AD rule) its own jvp; an error otherwise.
         return dispatch(original_apply(cls), args, kwargs)
-    return _ORIG_APPLY.__func__(cls, *args, **kwargs)
+    return original_apply(cls)(*args, **kwargs)
 
 
 @contextlib.contextmanager
