@@ -12,7 +12,7 @@ import torch
 
 from sgflow.dual import dual_forward
 from sgflow.losses.common import bcast, draw_batch, mean_sq
-from sgflow.losses.sgflow import flow_map_tangent, reduce_sgflow, sgflow_rows
+from sgflow.losses.sgflow import check_teacher, flow_map_tangent, reduce_sgflow, sgflow_rows
 
 
 def fused_loss(
@@ -28,6 +28,8 @@ def fused_loss(
     split_fraction: float = 0.5,
     both_terms: bool = False,
     generator: torch.Generator | None = None,
+    teacher=None,
+    teacher_mode: str = "second",
 ):
     """SGFlow loss via the network's dual forward; gradients equal :func:`sgflow.sgflow_loss`'s.
 
@@ -37,10 +39,12 @@ def fused_loss(
     forward (see module doc). Arguments and the returned ``(loss, info)`` are those of
     :func:`sgflow.sgflow_loss`; ``model`` is any ``nn.Module`` (or callable) ``model(t, u, x)``, a
     :class:`sgflow.DualizedModel`, or a DistributedDataParallel of one (its forward, and so its
-    gradient sync, runs).
+    gradient sync, runs). ``teacher`` / ``teacher_mode``: distillation from a velocity ``v(t, x)``, as in
+    :func:`sgflow.sgflow_loss` (its bias and variance per mode are stated there).
     """
+    check_teacher(teacher, teacher_mode)
     b = draw_batch(x1, interpolant=interpolant, time_sampler=time_sampler, noise=noise, t=t, u=u, generator=generator)
-    rows = sgflow_rows(model, b, split, both_terms, split_fraction, generator)
+    rows = sgflow_rows(model, b, split, both_terms, split_fraction, generator, teacher, teacher_mode)
     tr, ur, xr = b.t[rows.index], b.u[rows.index], b.xt[rows.index]
     u_dot = torch.zeros_like(ur)
     ftilde, ftilde_dot = dual_forward(model, tr, ur, xr, rows.t_dot, u_dot, rows.x_dot)

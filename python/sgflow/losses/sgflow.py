@@ -52,8 +52,55 @@ class SGFlowRows:
     aligned: bool = False
 
 
-def sgflow_rows(model, b: Batch, split: torch.Tensor | None, both_terms: bool, split_fraction: float, generator) -> SGFlowRows:
+TEACHER_MODES = ("second", "both")
+
+
+def check_teacher(teacher, teacher_mode: str) -> None:
+    """Validate ``teacher=`` / ``teacher_mode=`` of the SGFlow losses (see :func:`sgflow_loss`)."""
+    if teacher_mode not in TEACHER_MODES:
+        raise ValueError(f"teacher_mode must be one of {', '.join(repr(m) for m in TEACHER_MODES)}; got {teacher_mode!r}")
+    if teacher is None:
+        if teacher_mode != "second":
+            raise ValueError(f"teacher_mode={teacher_mode!r} needs a teacher: pass teacher=v(t, x)")
+    elif not callable(teacher):
+        raise TypeError(f"teacher must be a callable v(t, x) -> [B, *D], got {type(teacher).__name__}")
+
+
+def teacher_velocity(teacher, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The teacher's velocity v(t, x) without a graph (no saved activations; its parameters get no
+    gradient and keep their ``requires_grad``), checked to match x in shape, dtype and device."""
+    with torch.no_grad():
+        v = teacher(t, x)
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"teacher(t, x) must return a tensor, got {type(v).__name__}")
+    if v.shape != x.shape or v.dtype != x.dtype or v.device != x.device:
+        raise ValueError(f"teacher(t, x) returned {tuple(v.shape)} {v.dtype} on {v.device}; expected x's "
+                         f"{tuple(x.shape)} {x.dtype} on {x.device}")
+    return v.detach()
+
+
+def _teacher_rows(b: Batch, split, teacher) -> SGFlowRows:
+    """``teacher_mode="both"``: Xdot_t replaced by v = teacher(t, X_t) in both terms, so the second term
+    ||J (v - v)||^2 vanishes and every sample takes one first-term row, direction (1, 0, v) off the
+    diagonal; diagonal rows (t = u) keep direction (1, 0, Xdot_t), i.e. flow matching
+    ||Xdot_t - f~(t, t, X_t)||^2, as without a teacher. ``split`` is checked and otherwise unused."""
+    batch = b.x1.shape[0]
+    if split is not None:
+        check_split(split, batch, b.x1)
+    index = torch.arange(batch, device=b.x1.device)
+    first = torch.ones(batch, dtype=torch.bool, device=b.x1.device)
+    v = teacher_velocity(teacher, b.t, b.xt)
+    x_dot = torch.where(bcast(b.t == b.u, v), b.xdot, v)
+    return SGFlowRows(index=index, first=first, t_dot=first.to(b.x1.dtype), x_dot=x_dot, v_hat=v,
+                      aligned=torch.compiler.is_compiling())
+
+
+def sgflow_rows(model, b: Batch, split: torch.Tensor | None, both_terms: bool, split_fraction: float, generator,
+                teacher=None, teacher_mode: str = "second") -> SGFlowRows:
     """Assign each sample its JVP direction(s) and compute sg[f~(t, t, X_t)] where needed.
+
+    With ``teacher`` (a callable v(t, x)), v = teacher(t, X_t) replaces sg[f~(t, t, X_t)]
+    (``teacher_mode="second"``), or Xdot_t in both terms (``"both"``: :func:`_teacher_rows`).
 
     Eagerly sg[f~(t, t, X_t)] is evaluated on the second-term rows only (a boolean-mask selection,
     whose size depends on the split). While ``torch.compile`` traces this, shapes must not depend on
@@ -63,6 +110,8 @@ def sgflow_rows(model, b: Batch, split: torch.Tensor | None, both_terms: bool, s
     statistics then span the whole batch).
     """
     batch = b.x1.shape[0]
+    if teacher is not None and teacher_mode == "both":
+        return _teacher_rows(b, split, teacher)
     if both_terms:
         if split is not None:
             raise ValueError("pass either split= or both_terms=True, not both")
@@ -77,13 +126,16 @@ def sgflow_rows(model, b: Batch, split: torch.Tensor | None, both_terms: bool, s
         index = torch.arange(batch, device=b.x1.device)
         first = split
     if torch.compiler.is_compiling():
-        return _aligned_rows(model, b, index, first)
+        return _aligned_rows(model, b, index, first, teacher)
     second_idx = index[~first]
     xdot = b.xdot[index]
     if second_idx.numel():
-        with torch.no_grad():
-            ts = b.t[second_idx]
-            v_hat = check_model_output(model(ts, ts, b.xt[second_idx]), b.xt[second_idx], "model(t, t, x)").detach()
+        ts, xs = b.t[second_idx], b.xt[second_idx]
+        if teacher is not None:
+            v_hat = teacher_velocity(teacher, ts, xs)
+        else:
+            with torch.no_grad():
+                v_hat = check_model_output(model(ts, ts, xs), xs, "model(t, t, x)").detach()
         x_dot = xdot.clone()
         x_dot[~first] = xdot[~first] - v_hat
     else:
@@ -93,14 +145,18 @@ def sgflow_rows(model, b: Batch, split: torch.Tensor | None, both_terms: bool, s
     return SGFlowRows(index=index, first=first, t_dot=t_dot, x_dot=x_dot, v_hat=v_hat)
 
 
-def _aligned_rows(model, b: Batch, index: torch.Tensor, first: torch.Tensor) -> SGFlowRows:
+def _aligned_rows(model, b: Batch, index: torch.Tensor, first: torch.Tensor, teacher=None) -> SGFlowRows:
     """:func:`sgflow_rows` with data-independent shapes (for ``torch.compile``: no graph break).
 
-    sg[f~(t, t, X_t)] of every sample, gathered per row (``index`` is fixed-size), and the second-term
-    tangent Xdot_t - v_hat selected by ``torch.where``: the eager rows' x_dot exactly.
+    sg[f~(t, t, X_t)] (or the teacher's v(t, X_t)) of every sample, gathered per row (``index`` is
+    fixed-size), and the second-term tangent Xdot_t - v_hat selected by ``torch.where``: the eager
+    rows' x_dot exactly.
     """
-    with torch.no_grad():
-        v_all = check_model_output(model(b.t, b.t, b.xt), b.xt, "model(t, t, x)").detach()
+    if teacher is not None:
+        v_all = teacher_velocity(teacher, b.t, b.xt)
+    else:
+        with torch.no_grad():
+            v_all = check_model_output(model(b.t, b.t, b.xt), b.xt, "model(t, t, x)").detach()
     v_hat = v_all[index]
     xdot = b.xdot[index]
     x_dot = torch.where(bcast(first, xdot), xdot, xdot - v_hat)
@@ -413,6 +469,8 @@ def sgflow_loss(
     generator: torch.Generator | None = None,
     jvp: str = "auto",
     decompose: bool = True,
+    teacher=None,
+    teacher_mode: str = "second",
 ):
     """Reference SGFlow loss for any network; its gradient is the SGFlow update.
 
@@ -433,6 +491,27 @@ def sgflow_loss(
             layer / group / batch / instance / RMS norm and scaled-dot-product attention from
             primitive ops, because torch 2.13's higher-order gradients of layer, batch and instance
             norm are silently wrong. ``False`` runs the network's ops as they are (for audits).
+        teacher: distillation (default None: the paper's L_sg exactly). A callable ``v(t, x) -> [B, *D]``
+            (t: [B]) giving a velocity of the same interpolant, e.g. a flow-matching network's
+            f~(t, t, x) (:func:`sgflow.train.load_teacher`). It runs under ``torch.no_grad`` (no graph, no
+            saved activations; its parameters get no gradient and keep their ``requires_grad``), as it
+            is called: put a module in eval mode. Its output must match x in shape, dtype and device.
+        teacher_mode: where v = teacher(t, X_t) goes. With v_true = E[Xdot_t | X_t] and the ideal loss
+            L = E||d_t f + (d_x f) v_true||^2 (off the diagonal):
+
+            - ``"second"`` (default): v replaces sg[f~(t, t, X_t)] in the second term,
+              E||d_t f + (d_x f) Xdot_t||^2 - E||(d_x f)(Xdot_t - v)||^2 = L - E||(d_x f)(v - v_true)||^2.
+              With the exact velocity it is an unbiased estimate of L and of its gradient (per sample
+              it differs by a zero-mean cross term: high variance); a teacher error e = v - v_true biases
+              it by -E||(d_x f) e||^2, which rewards a large Jacobian along e (bounded by the teacher's
+              error rather than by the model's own, unlike L_sg).
+            - ``"both"``: v replaces Xdot_t in both terms, so the second vanishes and each sample gives
+              ||d_t f + (d_x f) v||^2: the ideal loss per sample with the exact velocity (no
+              conditional noise: lower variance), biased by a teacher error (it then fits the
+              teacher's flow, a loss bounded below by 0). One row per sample: ``split`` and
+              ``both_terms`` do not apply.
+
+            Either way diagonal rows (t = u) keep flow matching against Xdot_t, as without a teacher.
 
     Returns:
         ``(loss, info)``: the scalar mean_first ||JVP_1 f||^2 - mean_second ||JVP_2 f||^2 (squared
@@ -441,7 +520,8 @@ def sgflow_loss(
     """
     check_not_ddp(model, "sgflow_loss")
     check_jvp_method(jvp)
+    check_teacher(teacher, teacher_mode)
     b = draw_batch(x1, interpolant=interpolant, time_sampler=time_sampler, noise=noise, t=t, u=u, generator=generator)
     with decomposed() if decompose else contextlib.nullcontext():
-        rows = sgflow_rows(model, b, split, both_terms, split_fraction, generator)
+        rows = sgflow_rows(model, b, split, both_terms, split_fraction, generator, teacher, teacher_mode)
     return sgflow_loss_on_rows(model, b, rows, jvp=jvp, decompose=decompose)
