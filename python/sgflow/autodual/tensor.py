@@ -293,11 +293,22 @@ def original_apply(cls):
     return _ORIG_APPLY.__get__(None, cls)
 
 
+def _call_original(cls, args, kwargs):
+    return original_apply(cls)(*args, **kwargs)
+
+
+if not isinstance(_ORIG_APPLY, classmethod):
+    # torch 2.14: dynamo cannot trace ``classmethod_descriptor.__get__`` (an InternalTorchDynamoError when a
+    # compiled dual forward applies a Function on plain tensors, e.g. a recomputed layer_norm's); the plain
+    # apply then runs eagerly (a graph break inside the network, where breaks are allowed).
+    _call_original = torch.compiler.disable(_call_original)
+
+
 def _apply(cls, *args, **kwargs):
     if has_dual(args, kwargs):
         # Its registered rule, or (through the forward-AD rule) its own jvp; an error otherwise.
         return dispatch(original_apply(cls), args, kwargs)
-    return original_apply(cls)(*args, **kwargs)
+    return _call_original(cls, args, kwargs)
 
 
 @contextlib.contextmanager
