@@ -297,6 +297,79 @@ def test_dualddp_wraps_the_plain_network_only(one_rank_group):
         DualDDP(model)
 
 
+def _fsdp1(net):
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    return FSDP(net, use_orig_params=True, device_id=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("name,instead", [("sgflow_loss", "Use sgflow.fused_loss"), ("meanflow_loss", "Use sgflow.fused_meanflow_loss"),
+                                          ("lagrangian_loss", "Train the plain module"), ("eulerian_loss", "Train the plain module")])
+def test_jvp_losses_refuse_fsdp1_saying_what_to_do(one_rank_group, name, instead):
+    """Issue 19 (4): sgflow_loss on an FSDP1 model crashed both processes (a segfault inside FSDP's unshard)."""
+    from sgflow.nn import build_model
+
+    model = _fsdp1(build_model("mlp", (2,)))
+    with pytest.raises(TypeError, match="cannot take an FSDP1 FullyShardedDataParallel model") as info:
+        getattr(sgflow, name)(model, torch.randn(4, 2))
+    assert instead in str(info.value)
+    if name == "sgflow_loss":  # what the message says to use works on the same model
+        sgflow.fused_loss(model, torch.randn(4, 2))[0].backward()
+
+
+def _fsdp_worker(rank, store, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=timedelta(seconds=60))
+    finished = False
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        for wrap in ("fsdp2", "fsdp1"):
+            net = _net("mlp")
+            if wrap == "fsdp2":
+                from torch.distributed.device_mesh import init_device_mesh
+                from torch.distributed.fsdp import fully_shard
+
+                model = fully_shard(net, mesh=init_device_mesh("cpu", (2,)))
+            else:
+                model = _fsdp1(net)
+            b = _rank_slice(_batch("mlp"), rank)
+            grads, error = [], None
+            try:
+                for _ in range(ITERS):
+                    model.zero_grad(set_to_none=True)
+                    _loss("fused", model, b).backward()
+                    if wrap == "fsdp2":  # DTensor shards: gather the whole gradient
+                        grads.append({n: p.grad.full_tensor().clone() for n, p in net.named_parameters()})
+                    else:
+                        with FSDP.summon_full_params(model, with_grads=True):
+                            grads.append({n.replace("_fsdp_wrapped_module.", ""): p.grad.clone()
+                                          for n, p in model.named_parameters()})
+            except Exception as e:  # recorded for the test
+                error = f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}"
+            torch.save({"grads": grads, "error": error}, os.path.join(out_dir, f"{wrap}.rank{rank}.pt"))
+        finished = True
+    finally:
+        _leave_group(finished)
+    _exit_now()
+
+
+def test_fused_loss_through_fsdp2_and_fsdp1_equals_one_process(tmp_path):
+    """The way to shard: sgflow.fused_loss through FSDP2 (fully_shard) and FSDP1 (use_orig_params=True) on 2
+    gloo ranks gives the gradients of one process on the whole batch."""
+    _spawn(_fsdp_worker, (str(tmp_path / "store"), str(tmp_path)))
+    ref = _one_process_grads("fused")
+    for wrap in ("fsdp2", "fsdp1"):
+        for r in range(2):
+            res = torch.load(tmp_path / f"{wrap}.rank{r}.pt", weights_only=True)
+            assert res["error"] is None, res["error"]
+            for it in range(ITERS):
+                assert set(res["grads"][it]) == set(ref), f"{wrap}: parameter names {sorted(res['grads'][it])}"
+                for name, g_ref in ref.items():
+                    err = ((res["grads"][it][name] - g_ref).norm() / g_ref.norm()).item()
+                    assert err <= 1e-12, f"{wrap} rank {r}: {name} (iteration {it}) relative error {err:.3g}"
+
+
 # ------------------------------------------------------------------------------------------------
 # `sgflow train` under 2 processes.
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sgflow.checks import check_data, check_like, check_model_output, check_time_pair, check_times
+from sgflow.checks import check_data, check_finite, check_like, check_model_output, check_time_pair, check_times
 from sgflow.interpolants import Interpolant, get_interpolant
 from sgflow.times import TimeSampler, random_tensor
 
@@ -51,16 +51,21 @@ def draw_batch(
 ) -> Batch:
     """Validate inputs and draw whatever was not given explicitly.
 
+    Every loss starts here: x1 and a given ``noise`` must be finite (a ``ValueError`` naming the tensor and
+    its first bad index, :func:`sgflow.checks.check_finite`).
+
     ``diagonal=True`` (flow matching) sets u = t and ignores ``u``. Explicit ``noise``, ``t`` and
     ``u`` make two loss implementations comparable on identical inputs.
     """
     check_data(x1)
+    check_finite(x1, "x1")
     batch = x1.shape[0]
     interp = get_interpolant(interpolant)
     if noise is None:
         noise = random_tensor("randn", x1.shape, x1.device, x1.dtype, generator)
     else:
         check_like(noise, x1, "noise")
+        check_finite(noise, "noise")
     if t is not None:
         check_times(t, batch, x1, "t")
     if u is not None and not diagonal:
