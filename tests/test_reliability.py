@@ -73,3 +73,122 @@ def test_non_finite_images_name_the_full_index():
     x1[1, 2, 4, 7] = float("nan")
     with pytest.raises(ValueError, match=r"x1\[1, 2, 4, 7\] = nan"):
         sgflow.fused_loss(model, x1)
+
+
+# ------------------------------------------------------------------------------------------------
+# (1) Checkpoints only from a finite state; (2) verified on load; (5) no resume backwards; non-finite weights
+# refused by sample / eval / resume.
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A finished 6-step run (checkpoint at step 6)."""
+    out = tmp_path / "run"
+    train(TrainConfig(**CFG, out_dir=str(out)))
+    return out
+
+
+def test_a_diverging_run_never_writes_a_non_finite_checkpoint(tmp_path):
+    """lr 10 with a checkpoint every 5 steps and a log every 10: the run stops with a clear error at its
+    first save after the weights went non-finite, and no NaN checkpoint is ever written (before: step 5
+    with NaN weights)."""
+    out = tmp_path / "lr10"
+    cfg = TrainConfig(**{**CFG, "model": None, "model_kwargs": {}, "batch_size": 64, "lr": 10.0, "steps": 40,
+                         "ckpt_every": 5, "log_every": 10, "out_dir": str(out)})
+    with pytest.raises(sgflow.train.TrainingDiverged, match="training diverged"):
+        train(cfg)
+    if (out / "checkpoint.pt").exists():
+        ckpt = read_checkpoint(out)
+        for key in ("model", "ema"):
+            assert all(torch.isfinite(v).all() for v in ckpt[key].values())
+
+
+@pytest.mark.parametrize("where", ["weight", "optimizer"])
+def test_the_last_good_checkpoint_is_kept_when_the_state_goes_non_finite(tmp_path, monkeypatch, where):
+    """A NaN appears after step 7 (between two logged steps): the save at step 8 is refused with a message
+    naming the tensor, and checkpoint.pt still holds step 6, finite; a resume from it continues."""
+    out = tmp_path / "run"
+    original = Trainer.train_step
+
+    def poisoned(self):
+        res = original(self)
+        if self.step == 7:
+            with torch.no_grad():
+                if where == "weight":
+                    next(self.model.parameters())[0].fill_(float("nan"))
+                else:
+                    next(iter(self.optimizer.state.values()))["exp_avg_sq"].fill_(float("inf"))
+        return res
+
+    monkeypatch.setattr(Trainer, "train_step", poisoned)
+    cfg = TrainConfig(**{**CFG, "steps": 12, "ckpt_every": 2, "log_every": 100, "out_dir": str(out)})
+    with pytest.raises(sgflow.train.TrainingDiverged, match=r"not finite at step 8; no checkpoint written \(the last one, step 6"):
+        train(cfg)
+    ckpt = read_checkpoint(out)
+    assert ckpt["step"] == 6
+    sgflow.train._check_finite_checkpoint(ckpt)
+    monkeypatch.setattr(Trainer, "train_step", original)
+    assert train(cfg, resume=out).step == 12
+
+
+def _write_non_finite(src: str, dst, key: str):
+    ckpt = torch.load(os.path.join(src, "checkpoint.pt"), weights_only=True)
+    name = next(iter(ckpt[key]))
+    ckpt[key][name] = torch.full_like(ckpt[key][name], float("nan"))
+    torch.save(ckpt, dst)
+    return name
+
+
+def test_sample_eval_and_resume_refuse_non_finite_weights(run_dir, tmp_path):
+    """A checkpoint with NaN weights (what a diverged run of an earlier sgflow could write): sample, eval
+    and resume each refuse with one line (before: samples of NaN with exit 0, a nan table, a traceback)."""
+    bad = tmp_path / "nan_ema.pt"
+    _write_non_finite(str(run_dir), bad, "ema")
+    line = _one_error_line(_cli("sample", str(bad), "--out", str(tmp_path / "s"), "--n", "10", "--device", "cpu"),
+                           "holds non-finite values", "EMA weights")
+    assert str(bad) in line
+    _one_error_line(_cli("eval", str(bad), "--n", "50", "--steps", "1", "--device", "cpu"), "holds non-finite values")
+    _one_error_line(_cli("train", "--resume", str(bad), "--steps", "8", "--no-progress", "--out", str(tmp_path / "r")),
+                    "holds non-finite values")
+    # The raw weights are checked when they are what is used.
+    bad_raw = tmp_path / "nan_model.pt"
+    _write_non_finite(str(run_dir), bad_raw, "model")
+    _one_error_line(_cli("sample", str(bad_raw), "--raw", "--n", "10", "--out", str(tmp_path / "s2"), "--device", "cpu"),
+                    "holds non-finite values", "weights")
+    with pytest.raises(CheckpointError, match="holds non-finite values"):
+        Trainer(TrainConfig(**{**CFG, "steps": 8, "out_dir": str(tmp_path / "r2")}), resume=bad_raw)
+
+
+def test_a_damaged_checkpoint_is_a_one_line_error(run_dir, tmp_path):
+    """64 bytes overwritten in the middle of checkpoint.pt: 'damaged' (before: it loaded, and the resume
+    reported a diverged loss)."""
+    data = bytearray((run_dir / "checkpoint.pt").read_bytes())
+    rng = random.Random(0)
+    for trial in range(5):
+        mid = len(data) // 2 + rng.randrange(-len(data) // 4, len(data) // 4)
+        bad = bytearray(data)
+        bad[mid:mid + 64] = bytes((b + 1 + rng.randrange(255)) % 256 for b in bad[mid:mid + 64])
+        path = tmp_path / f"damaged{trial}.pt"
+        path.write_bytes(bytes(bad))
+        with pytest.raises(CheckpointError, match="is damaged"):
+            read_checkpoint(path)
+    _one_error_line(_cli("train", "--resume", str(path), "--steps", "8", "--no-progress", "--out", str(tmp_path / "r")),
+                    "is damaged")
+    _one_error_line(_cli("sample", str(path), "--n", "10", "--out", str(tmp_path / "s"), "--device", "cpu"), "is damaged")
+
+
+def test_checkpoints_of_earlier_versions_still_load(run_dir, tmp_path):
+    """The check uses the CRC-32s torch.save has always written: a checkpoint written by plain torch.save (as
+    earlier sgflow versions did) loads and resumes."""
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    old = tmp_path / "old.pt"
+    torch.save(ckpt, old)
+    assert read_checkpoint(old)["step"] == 6
+    assert train(TrainConfig(**{**CFG, "steps": 7, "out_dir": str(tmp_path / "r")}), resume=old).step == 7
+
+
+def test_resume_below_the_checkpoints_step_is_an_error(run_dir, tmp_path):
+    """--steps 3 on a checkpoint at step 6 (before: exit 0, 'trained ... to step 6 in 0.0s')."""
+    with pytest.raises(CheckpointError, match="is at step 6, past the 3 steps asked for"):
+        Trainer(TrainConfig(**{**CFG, "steps": 3, "out_dir": str(run_dir)}), resume=run_dir)
+    _one_error_line(_cli("train", "--resume", str(run_dir), "--steps", "3", "--no-progress"),
+                    "is at step 6, past the 3 steps asked for")

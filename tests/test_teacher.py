@@ -243,3 +243,117 @@ def test_bad_teacher_arguments():
         sgflow.fused_loss(model, x1, teacher_mode="both")
     with pytest.raises(TypeError, match="must return a tensor"):
         sgflow.sgflow_loss(model, x1, teacher=lambda t, x: x.tolist())
+
+
+# ------------------------------------------------------------------ trainer and command line
+SMALL = ["--data", "ring8", "--model", "mlp-small", "--model-opt", "hidden=32", "--model-opt", "depth=2",
+         "--model-opt", "time_scale=30", "--batch-size", "32", "--no-progress", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def fm_run(tmp_path_factory):
+    """A small flow-matching checkpoint on ring8: the teacher of the CLI tests."""
+    from sgflow.cli import main
+
+    out = tmp_path_factory.mktemp("teacher") / "fm"
+    assert main(["train", *SMALL, "--method", "flow_matching", "--steps", "4", "--out", str(out), "--no-figures"]) == 0
+    return out
+
+
+def _err(capsys):
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("sgflow: error: "), err
+    return err
+
+
+@pytest.mark.parametrize("mode", ["second", "both"])
+def test_train_with_a_teacher_checkpoint(fm_run, tmp_path, capsys, mode):
+    from sgflow.cli import main
+    from sgflow.train import TeacherVelocity, Trainer, read_checkpoint
+
+    out = tmp_path / "student"
+    assert main(["train", *SMALL, "--method", "sgflow_fused", "--teacher", str(fm_run), "--teacher-mode", mode,
+                 "--steps", "3", "--out", str(out), "--no-figures"]) == 0
+    cfg = read_checkpoint(out)["config"]
+    assert cfg.teacher == str(fm_run) and cfg.teacher_mode == mode
+    trainer = Trainer(cfg, resume=out)
+    try:
+        assert isinstance(trainer.teacher, TeacherVelocity) and not trainer.teacher.training
+        assert not any(p.requires_grad for p in trainer.teacher.parameters())
+        info = trainer.train_step()
+        assert all(p.grad is None for p in trainer.teacher.parameters())
+        if mode == "both":
+            assert float(info["term2"]) == 0.0
+    finally:
+        trainer.close()
+
+
+def test_teacher_run_resumes_exactly(fm_run, tmp_path):
+    from sgflow.train import TrainConfig, Trainer, train
+
+    kw = dict(method="sgflow_fused", data="ring8", model="mlp-small", model_kwargs={"hidden": 32, "depth": 2},
+              batch_size=32, progress=False, figures=False, teacher=str(fm_run), teacher_schedule="linear", steps=6)
+    full = train(TrainConfig(out_dir=str(tmp_path / "a"), **kw))
+    half = Trainer(TrainConfig(out_dir=str(tmp_path / "b"), **kw))  # the same run, stopped after 3 steps
+    for _ in range(3):
+        half.train_step()
+    half.save_checkpoint()
+    half.close()
+    resumed = train(TrainConfig(out_dir=str(tmp_path / "b"), **kw), resume=tmp_path / "b")
+    for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_teacher_errors_are_one_line(fm_run, tmp_path, capsys):
+    from sgflow.cli import main
+
+    # Another data shape: a 16-D mixture's student, a 2-D teacher.
+    gmm = ["--data", "gmm", "--data-opt", "dim=16", "--model", "mlp-small", "--batch-size", "16", "--no-progress"]
+    assert main(["train", *gmm, "--method", "sgflow_fused", "--teacher", str(fm_run), "--steps", "1",
+                 "--out", str(tmp_path / "a")]) == 1
+    assert "is for data of shape [2] (ring8), but this run's data has shape [16]" in _err(capsys)
+    # Not an sgflow checkpoint.
+    bogus = tmp_path / "bogus.pt"
+    torch.save({"weights": torch.zeros(2)}, bogus)
+    assert main(["train", *SMALL, "--method", "sgflow_fused", "--teacher", str(bogus), "--steps", "1",
+                 "--out", str(tmp_path / "b")]) == 1
+    assert "teacher: " in _err(capsys)
+    # An sgflow checkpoint of a method this sgflow does not know.
+    ckpt = torch.load(fm_run / "checkpoint.pt", weights_only=True)
+    ckpt["config"]["method"] = "mystery_flow"
+    odd = tmp_path / "odd.pt"
+    torch.save(ckpt, odd)
+    assert main(["train", *SMALL, "--method", "sgflow_fused", "--teacher", str(odd), "--steps", "1",
+                 "--out", str(tmp_path / "c")]) == 1
+    assert "checkpoint of method 'mystery_flow'" in _err(capsys)
+    # A missing file; a teacher for a method that is not SGFlow; a bad mode.
+    assert main(["train", *SMALL, "--method", "sgflow_fused", "--teacher", str(tmp_path / "nope"), "--steps", "1",
+                 "--out", str(tmp_path / "d")]) == 1
+    assert "not found" in _err(capsys)
+    assert main(["train", *SMALL, "--method", "meanflow_fused", "--teacher", str(fm_run), "--steps", "1",
+                 "--out", str(tmp_path / "e")]) == 1
+    assert "a teacher distils into SGFlow" in _err(capsys)
+    assert main(["train", *SMALL, "--teacher", str(fm_run), "--teacher-mode", "first", "--out", str(tmp_path / "f")]) == 2
+
+
+def test_distill_trains_a_teacher_then_the_student(tmp_path, capsys):
+    from sgflow.cli import main
+    from sgflow.train import read_checkpoint
+
+    out = tmp_path / "d"
+    assert main(["distill", "--data", "ring8", "--model", "mlp-small", "--model-opt", "hidden=32", "--batch-size", "32",
+                 "--teacher-steps", "3", "--steps", "2", "--out", str(out), "--no-progress"]) == 0
+    assert "distilled sgflow_fused on ring8" in capsys.readouterr().out
+    teacher = read_checkpoint(out / "teacher")
+    student = read_checkpoint(out)
+    assert teacher["config"].method == "flow_matching" and teacher["step"] == 3
+    assert student["config"].teacher == str(out / "teacher" / "checkpoint.pt") and student["step"] == 2
+    # From an existing teacher; the data set is the teacher's.
+    out2 = tmp_path / "d2"
+    assert main(["distill", "--teacher", str(out / "teacher"), "--model", "mlp-small", "--model-opt", "hidden=32",
+                 "--batch-size", "32", "--steps", "2", "--out", str(out2), "--no-progress"]) == 0
+    assert read_checkpoint(out2)["config"].data == "ring8"
+    assert main(["distill", "--teacher", str(out / "teacher"), "--teacher-steps", "3", "--out", str(tmp_path / "x")]) == 1
+    assert "either --teacher" in _err(capsys)
+    assert main(["distill", "--data", "ring8", "--teacher-steps", "2", "--out", str(out)]) == 1
+    assert "already holds a teacher" in _err(capsys)

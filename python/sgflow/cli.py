@@ -92,7 +92,8 @@ _TRAIN_FIELDS = {
     "lr_schedule": "lr_schedule", "ema_decay": "ema_decay", "seed": "seed", "interpolant": "interpolant",
     "time_dist": "time_dist", "diagonal_fraction": "diagonal_fraction", "out": "out_dir", "log_every": "log_every",
     "sample_every": "sample_every", "ckpt_every": "ckpt_every", "sample_steps": "sample_steps", "device": "device",
-    "divergence_threshold": "divergence_threshold",
+    "divergence_threshold": "divergence_threshold", "teacher": "teacher", "teacher_mode": "teacher_mode",
+    "teacher_schedule": "teacher_schedule",
 }
 
 
@@ -137,6 +138,7 @@ def _add_train(sub):
     a("--device", default=None, help="auto, cpu, cuda or cuda:N (default auto)")
     a("--divergence-threshold", type=float, default=None, help="stop when |loss| or the gradient norm exceeds this "
       f"(0: only on NaN/inf; default {d.divergence_threshold:g})")
+    _add_teacher_options(a, d)
     a("--resume", default=None, metavar="CKPT", help="continue from a checkpoint file or run directory; 'auto': "
       "from OUT/checkpoint.pt when it exists")
     a("--overwrite", action="store_true", help="start a fresh run even where OUT already holds one")
@@ -144,6 +146,19 @@ def _add_train(sub):
     a("--no-figures", action="store_true", help="no PNG figures")
     a("--threads", type=int, default=None, help="CPU threads for torch")
     p.set_defaults(func=cmd_train)
+
+
+def _add_teacher_options(a, d) -> None:
+    from sgflow.losses.sgflow import TEACHER_MODES
+    from sgflow.train import TEACHER_SCHEDULES
+
+    a("--teacher", default=None, metavar="CKPT", help="distil SGFlow from this checkpoint's velocity (its EMA f~(t, t, x)): "
+      "a flow-matching run, or any sgflow run, of the same data (method sgflow or sgflow_fused)")
+    a("--teacher-mode", default=None, choices=TEACHER_MODES, help="second: the teacher replaces the stop-gradient "
+      f"velocity in L_sg's second term; both: Xdot_t too (the ideal loss per sample); default {d.teacher_mode}")
+    a("--teacher-schedule", default=None, choices=TEACHER_SCHEDULES, help="constant: the teacher throughout; linear: "
+      "blended into the model's own velocity by the end; warm: the teacher for the first half only "
+      f"(default {d.teacher_schedule})")
 
 
 def build_train_config(args):
@@ -208,6 +223,95 @@ def cmd_train(args) -> int:
             print(f"trained {cfg.method} on {cfg.data} to step {trainer.step} in {trainer.wall_time:.1f}s{loss}{where}")
     finally:
         trainer.close()
+    return 0
+
+
+# ---------------------------------------------------------------------- distill
+# The optimiser settings the distillation table was measured with (those of `sgflow demo` and the quality table).
+DISTILL_DEFAULTS = dict(lr=3e-3, warmup=100, lr_schedule="cosine", ema_decay=0.995, grad_clip=1.0)
+
+
+def _add_distill(sub):
+    from sgflow.train import TrainConfig
+
+    d = TrainConfig()
+    p = sub.add_parser("distill", help="distil a few-step SGFlow flow map from a velocity model (trains one if none)",
+                       description="Distil SGFlow from a teacher velocity: --teacher CKPT (a flow-matching or sgflow "
+                       "checkpoint of the same data), or, without one, train a flow-matching teacher first "
+                       "(--teacher-steps, into OUT/teacher). The student goes to OUT.")
+    a = p.add_argument
+    a("--data", default=None, help="data set (default: the teacher's, else ring8)")
+    a("--data-root", default=None, help="directory of the cifar10 / folder data")
+    a("--data-opt", action="append", metavar="K=V", help="data set option, e.g. dim=16 (gmm); repeatable")
+    a("--model", default=None, help="network config of the student (and of a trained teacher; default: the data set's)")
+    a("--model-opt", action="append", metavar="K=V", help="network override; repeatable")
+    a("--method", default="sgflow_fused", choices=("sgflow_fused", "sgflow"), help="student loss (default sgflow_fused)")
+    a("--steps", type=int, default=2000, help="student training steps (default 2000)")
+    a("--teacher-steps", type=int, default=None, help="flow-matching steps of the teacher trained when --teacher is "
+      "not given (default: --steps)")
+    a("--batch-size", type=int, default=d.batch_size)
+    a("--lr", type=float, default=DISTILL_DEFAULTS["lr"], help=f"learning rate of both runs (default {DISTILL_DEFAULTS['lr']})")
+    a("--seed", type=int, default=0)
+    a("--out", default="runs/distill", help="output directory of the student (default runs/distill)")
+    a("--overwrite", action="store_true", help="start fresh where OUT (or OUT/teacher) already holds a run")
+    a("--device", default="auto")
+    a("--no-progress", action="store_true")
+    a("--threads", type=int, default=None)
+    _add_teacher_options(a, d)
+    p.set_defaults(func=cmd_distill)
+
+
+def cmd_distill(args) -> int:
+    from sgflow.train import Trainer, TrainConfig, read_checkpoint
+
+    _set_threads(args.threads)
+    out = Path(args.out)
+    common = dict(DISTILL_DEFAULTS, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
+                  progress=not args.no_progress, figures=False, log_every=50)
+    data_kwargs = _parse_kv(args.data_opt, "--data-opt")
+    if args.data_root is not None:
+        data_kwargs["root"] = args.data_root
+    model_kwargs = _parse_kv(args.model_opt, "--model-opt")
+    if args.teacher is not None and args.teacher_steps is not None:
+        raise CLIError("pass either --teacher CKPT or --teacher-steps N (to train one), not both")
+    if args.teacher is not None:
+        teacher = args.teacher
+        if args.data is None:  # the teacher's data set and network
+            tcfg = read_checkpoint(teacher)["config"]
+            data, data_kwargs = tcfg.data, dict(tcfg.data_kwargs, **data_kwargs)
+        else:
+            data = args.data
+    else:
+        data = args.data or "ring8"
+        steps = args.steps if args.teacher_steps is None else args.teacher_steps
+        if steps < 1:
+            raise CLIError(f"--teacher-steps must be >= 1, got {steps}")
+        tdir = out / "teacher"
+        if (tdir / "checkpoint.pt").exists() and not args.overwrite:
+            raise CLIError(f"{tdir} already holds a teacher: pass --teacher {tdir} to use it, or --overwrite")
+        tcfg = TrainConfig(method="flow_matching", data=data, data_kwargs=data_kwargs, model=args.model,
+                           model_kwargs=model_kwargs, steps=steps, out_dir=str(tdir), **common)
+        print(f"training the flow-matching teacher on {data} ({steps} steps) -> {tdir}", file=sys.stderr)
+        trainer = Trainer(tcfg)
+        try:
+            trainer.run()
+        finally:
+            trainer.close()
+        teacher = str(tdir / "checkpoint.pt")
+    if (out / "checkpoint.pt").exists() and not args.overwrite:
+        raise CLIError(f"{out} already holds a run (checkpoint.pt): pass --overwrite or another --out")
+    given = {k: getattr(args, k) for k in ("teacher_mode", "teacher_schedule") if getattr(args, k) is not None}
+    cfg = TrainConfig(method=args.method, data=data, data_kwargs=data_kwargs, model=args.model, model_kwargs=model_kwargs,
+                      steps=args.steps, out_dir=str(out), teacher=teacher, **given, **common)
+    trainer = Trainer(cfg)
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+    last = trainer.history[-1] if trainer.history else {}
+    loss = f", final loss {last['loss']:.4g}" if "loss" in last else ""
+    print(f"distilled {cfg.method} on {data} from {teacher} ({cfg.teacher_mode}, {cfg.teacher_schedule}) to step "
+          f"{trainer.step} in {trainer.wall_time:.1f}s{loss}; outputs in {out}; sample with: sgflow sample {out} --steps 1 2 4")
     return 0
 
 
@@ -475,6 +579,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"sgflow {__version__}")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
     _add_train(sub)
+    _add_distill(sub)
     _add_sample(sub)
     _add_eval(sub)
     _add_demo(sub)

@@ -149,6 +149,12 @@ class TrainConfig:
     progress: bool = True
     figures: bool = True
     divergence_threshold: float = 1e6
+    # Distillation (SGFlow methods only): ``teacher`` is a checkpoint (file or run directory) of the same data whose
+    # EMA diagonal f~(t, t, x) is the teacher velocity (see :func:`load_teacher`); ``teacher_mode`` and
+    # ``teacher_schedule`` as in :data:`TEACHER_SCHEDULES` and :func:`sgflow.sgflow_loss`.
+    teacher: str | None = None
+    teacher_mode: str = "second"
+    teacher_schedule: str = "constant"
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -234,7 +240,8 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     fn = methods[cfg.method]
     params = inspect.signature(fn).parameters
     has_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    reserved = {"noise", "t", "u", "split", "generator", "interpolant", "time_sampler"}
+    reserved = {"noise", "t", "u", "split", "generator", "interpolant", "time_sampler", "teacher", "teacher_mode"}
+    _validate_teacher(cfg)
     for k in cfg.loss_kwargs:
         if k in reserved:
             raise ConfigError(f"loss option {k!r} is set by the trainer; use the training options instead")
@@ -317,8 +324,56 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _first_non_finite(groups) -> str | None:
+    """``groups``: (label, {name: value}) pairs. The "label 'name'" of the first floating-point tensor holding a
+    NaN or inf, or None when all are finite (one reduction per tensor, one sync for the whole check)."""
+    entries = [(label, name, v) for label, named in groups for name, v in named.items()
+               if torch.is_tensor(v) and v.is_floating_point() and v.numel()]
+    if not entries:
+        return None
+    flags = torch.stack([torch.isfinite(v).all().to("cpu") for _, _, v in entries])
+    if bool(flags.all()):
+        return None
+    label, name, _ = entries[int((~flags).nonzero()[0, 0])]
+    return f"{label} {name!r}"
+
+
+def _optimizer_tensors(opt_state: dict) -> dict:
+    """The tensors of an optimizer state_dict's per-parameter state (Adam's moments...), by "param.key"."""
+    return {f"{i}.{k}": v for i, st in (opt_state or {}).get("state", {}).items() for k, v in st.items()}
+
+
+def _check_finite_checkpoint(ckpt: dict, keys=("model", "ema", "optimizer")) -> None:
+    """A one-line :class:`CheckpointError` when the weights (or optimizer state) of a checkpoint are not finite
+    (a checkpoint written by a diverged run of an sgflow before checkpoints were checked on save)."""
+    labels = {"model": "weights", "ema": "EMA weights", "optimizer": "optimizer state"}
+    groups = [(labels[k], _optimizer_tensors(ckpt.get(k)) if k == "optimizer" else ckpt.get(k) or {}) for k in keys]
+    bad = _first_non_finite(groups)
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {ckpt['path']} holds non-finite values ({bad} has NaN or inf): it was "
+                              "written by a diverged run; use an earlier checkpoint or train again")
+
+
+def _verify_zip(path: Path) -> None:
+    """Check every record of a torch.save zip archive against the CRC-32 that torch.save stored for it in the
+    archive (torch.load never checks them): a damaged file is a one-line :class:`CheckpointError`. Every
+    checkpoint has them, those of earlier sgflow versions included. Reads the file once (~1 GB/s)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint {path} is damaged ({str(e).strip()[:160] or type(e).__name__}): "
+                              "its bytes changed after it was written; use another copy or checkpoint") from None
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} is damaged: record {bad!r} fails its CRC-32 check (its bytes changed "
+                              "after it was written); use another copy or checkpoint")
+
+
 def read_checkpoint(path, map_location="cpu") -> dict:
-    """Load and sanity-check an sgflow checkpoint file (weights-only unpickling: no code runs)."""
+    """Load and sanity-check an sgflow checkpoint file (weights-only unpickling: no code runs).
+
+    The archive's CRC-32s are verified first (a damaged file is a :class:`CheckpointError` saying so). The
+    values are not checked here: :func:`load_model` and a resume refuse non-finite weights."""
     path = Path(os.path.expanduser(str(path)))
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -329,6 +384,7 @@ def read_checkpoint(path, map_location="cpu") -> dict:
         path = cand
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"cannot read checkpoint {path}: not a valid PyTorch file (torch.save zip archive)")
+    _verify_zip(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises assorted types for truncated/garbage files
@@ -369,9 +425,77 @@ def load_model(path, device="cpu", use_ema: bool = True):
     shape = tuple(ckpt.get("data_shape") or ())
     if not shape:
         raise CheckpointError(f"{ckpt['path']} is incomplete: no data shape")
+    _check_finite_checkpoint(ckpt, ("ema" if use_ema else "model",))
     net, _ = build_network(cfg.model, shape, **cfg.model_kwargs)
     _load_state(net, ckpt["ema" if use_ema else "model"], "EMA weights" if use_ema else "weights", ckpt["path"], cfg)
     return net.to(device).eval(), cfg, ckpt
+
+
+# How the teacher velocity v_T enters over a run of ``steps`` steps (step s, 0-based): "constant": v_T throughout;
+# "linear": the blend a v_T + (1 - a) sg[f~(t, t, X_t)] of the teacher and the model's own diagonal with
+# a = 1 - s / steps; "warm": v_T for the first half of the steps, then the model's own v_hat (the paper's L_sg).
+TEACHER_SCHEDULES = ("constant", "linear", "warm")
+
+# Methods whose checkpoint's diagonal f~(t, t, x) is trained as the velocity (flow matching on t = u).
+TEACHER_METHODS = ("flow_matching", "sgflow", "sgflow_fused", "meanflow", "meanflow_fused", "lagrangian", "eulerian",
+                   "progressive")
+
+
+def _validate_teacher(cfg: TrainConfig) -> None:
+    from sgflow.losses.sgflow import TEACHER_MODES
+
+    if cfg.teacher_mode not in TEACHER_MODES:
+        raise ConfigError(f"unknown teacher mode {cfg.teacher_mode!r}; expected one of: {', '.join(TEACHER_MODES)}")
+    if cfg.teacher_schedule not in TEACHER_SCHEDULES:
+        raise ConfigError(f"unknown teacher schedule {cfg.teacher_schedule!r}; expected one of: "
+                          f"{', '.join(TEACHER_SCHEDULES)}")
+    if cfg.teacher is not None:
+        if not isinstance(cfg.teacher, str) or not cfg.teacher:
+            raise ConfigError(f"teacher must be a checkpoint path, got {cfg.teacher!r}")
+        if not cfg.method.startswith("sgflow"):
+            raise ConfigError(f"a teacher distils into SGFlow (method sgflow or sgflow_fused), not {cfg.method!r}")
+
+
+class TeacherVelocity(torch.nn.Module):
+    """``v(t, x) = net(t, t, x)``: the diagonal of a flow-map network (or a flow-matching network's velocity)
+    as a teacher for :func:`sgflow.sgflow_loss`'s ``teacher=``. Frozen (no parameter requires grad), eval mode."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net.requires_grad_(False)
+        self.eval()
+
+    def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.net(t, t, x)
+
+    def train(self, mode: bool = True):  # stays in eval mode (dropout off) whatever its owner does
+        return super().train(False)
+
+
+def load_teacher(path, data_shape=None, device="cpu", interpolant: str | None = None) -> TeacherVelocity:
+    """A teacher velocity from an sgflow checkpoint: its EMA network's diagonal f~(t, t, x), frozen.
+
+    Any method in :data:`TEACHER_METHODS` (all train their diagonal by flow matching). ``data_shape`` /
+    ``interpolant``: this run's, which the teacher must share. Raises :class:`CheckpointError` (one line) for a
+    checkpoint of another data shape or interpolant, or of an unknown kind.
+    """
+    try:
+        ckpt = read_checkpoint(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"teacher: {e}") from None
+    cfg = ckpt["config"]
+    if cfg.method not in TEACHER_METHODS:
+        raise CheckpointError(f"teacher {ckpt['path']} is a checkpoint of method {cfg.method!r}, whose diagonal is not a "
+                              f"velocity; expected one of: {', '.join(TEACHER_METHODS)}")
+    shape = tuple(ckpt.get("data_shape") or ())
+    if data_shape is not None and shape != tuple(data_shape):
+        raise CheckpointError(f"teacher {ckpt['path']} is for data of shape {list(shape)} ({cfg.data}), but this run's "
+                              f"data has shape {list(data_shape)}")
+    if interpolant is not None and cfg.interpolant != interpolant:
+        raise CheckpointError(f"teacher {ckpt['path']} was trained on the {cfg.interpolant!r} interpolant, this run uses "
+                              f"{interpolant!r} (the velocities differ)")
+    net, _, _ = load_model(ckpt["path"], device=device, use_ema=True)
+    return TeacherVelocity(net)
 
 
 class Trainer:
@@ -392,6 +516,10 @@ class Trainer:
         if resume is not None:
             ckpt = read_checkpoint(resume)
             self._check_resume(ckpt["config"], cfg, ckpt["path"])
+            if cfg.steps < int(ckpt["step"]):
+                raise CheckpointError(f"checkpoint {ckpt['path']} is at step {int(ckpt['step'])}, past the {cfg.steps} "
+                                      f"steps asked for: ask for more steps than {int(ckpt['step'])} to train further")
+            _check_finite_checkpoint(ckpt)
         self.dist = D.init_distributed(cfg.device)
         try:
             self._setup(cfg, ckpt, model)
@@ -446,6 +574,11 @@ class Trainer:
             self._restore(ckpt)
         self._build_scheduler(ckpt)
         self._wrap_data_parallel()
+        self.teacher = None
+        if cfg.teacher is not None:
+            with torch.random.fork_rng(devices=[]):  # building its network draws nothing from the run's RNG
+                self.teacher = load_teacher(cfg.teacher, self.data_shape, self.device, cfg.interpolant)
+
 
     def _build_scheduler(self, ckpt) -> None:
         """``self.scheduler``: a LambdaLR of :func:`lr_factor` under this run's config, at ``self.step``.
@@ -553,9 +686,28 @@ class Trainer:
         x1 = x1[lo:hi].to(dev, non_blocking=nb)
         kw = dict(noise=noise[lo:hi].to(dev, non_blocking=nb), t=t[lo:hi].to(dev), u=u[lo:hi].to(dev),
                   interpolant=cfg.interpolant, generator=self.loss_gen, **cfg.loss_kwargs)
+        if self.teacher is not None:
+            kw.update(self._teacher_kwargs())
         if split is not None:
             kw["split"] = split[lo:hi].to(dev)
         return x1, kw
+
+    def _teacher_kwargs(self) -> dict:
+        """``teacher=`` / ``teacher_mode=`` for this step under ``config.teacher_schedule``."""
+        cfg = self.config
+        if cfg.teacher_schedule == "warm" and self.step >= cfg.steps // 2:
+            return {}  # the model's own v_hat: the paper's L_sg
+        a = 1.0 - self.step / max(cfg.steps, 1) if cfg.teacher_schedule == "linear" else 1.0
+        teacher, model = self.teacher, self.model
+        if a < 1.0:
+            def teacher(t, x, _t=self.teacher):  # a v_T + (1 - a) sg[f~(t, t, x)]
+                return a * _t(t, x) + (1.0 - a) * model(t, t, x)
+        kw = {"teacher": teacher, "teacher_mode": cfg.teacher_mode}
+        if cfg.teacher_mode == "both" and "update" in cfg.loss_kwargs:
+            # No second term is left (Xdot_t -> v_T in both): one plain squared loss per sample, the same under
+            # either update rule; the paper's estimator takes it (the semi update refuses it).
+            kw["update"] = "paper"
+        return kw
 
     def train_step(self) -> dict:
         """One optimisation step; returns the loss's (detached, on-device) info dict plus grad_norm and lr."""
@@ -618,13 +770,26 @@ class Trainer:
         }
 
     def save_checkpoint(self, path=None) -> Path | None:
-        """Write ``checkpoint.pt`` (rank 0 only; every rank must call it). Returns the path on rank 0."""
+        """Write ``checkpoint.pt`` (rank 0 only; every rank must call it). Returns the path on rank 0.
+
+        Only from a finite state: when a weight, EMA weight or optimizer moment holds a NaN or inf (a run
+        diverging between two logged steps) it raises :class:`TrainingDiverged` on every rank and writes
+        nothing, so the last good checkpoint stays."""
+        bad = _first_non_finite([("weight", self.model.state_dict()), ("EMA weight", self.ema.state_dict()),
+                                 ("optimizer state", _optimizer_tensors(self.optimizer.state_dict()))])
+        if bad is not None:
+            kept = getattr(self, "_saved_step", None)
+            raise TrainingDiverged(
+                f"training diverged: {bad} is not finite at step {self.step}; no checkpoint written"
+                + (f" (the last one, step {kept}, is kept)" if kept is not None else "")
+                + f"; lower the learning rate (now {self.config.lr}) or add warm-up steps")
         state = self.state_dict()
         if not self.dist.is_main or self.out_dir is None and path is None:
             return None
         path = Path(path) if path is not None else self.out_dir / "checkpoint.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
         _atomic_save(state, path)
+        self._saved_step = self.step
         return path
 
     @torch.no_grad()
@@ -773,5 +938,6 @@ __all__ = [
     "build_network", "read_checkpoint", "load_model", "generate", "paired_split", "lr_at", "lr_factor",
     "ema_decay_at", "ema_multi_avg_fn",
     "ConfigError", "CheckpointError", "TrainingDiverged", "DatasetError", "RESUMABLE_OVERRIDES",
+    "load_teacher", "TeacherVelocity", "TEACHER_SCHEDULES", "TEACHER_METHODS",
     "MANUAL_ALLREDUCE_METHODS",
 ]
