@@ -192,3 +192,37 @@ def test_resume_below_the_checkpoints_step_is_an_error(run_dir, tmp_path):
         Trainer(TrainConfig(**{**CFG, "steps": 3, "out_dir": str(run_dir)}), resume=run_dir)
     _one_error_line(_cli("train", "--resume", str(run_dir), "--steps", "3", "--no-progress"),
                     "is at step 6, past the 3 steps asked for")
+
+
+# ------------------------------------------------------------------------------------------------
+# (6) Smaller ones: `sgflow quality --no-progress`, check_gradients on zero-initialised layers, DDP splits.
+
+def test_quality_accepts_no_progress(tmp_path):
+    """`sgflow train` accepts --no-progress; `sgflow quality` rejected it."""
+    proc = _cli("quality", "--preset", "smoke", "--datasets", "ring8", "--methods", "flow_matching", "--seeds", "0",
+                "--train-steps", "3", "--n-eval", "50", "--no-memory", "--no-progress", "--out", str(tmp_path / "q"),
+                timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "wrote " in proc.stdout and "[" not in proc.stdout.split("wrote ")[0].split("->")[-1]
+    assert (tmp_path / "q" / "quality.json").exists()
+
+
+def test_check_gradients_audits_zero_initialised_networks():
+    """The README's tiny U-Net (zero-initialised output layer): most parameters had an exactly zero reference
+    gradient, so the audit checked little. Now its zero tensors get small values on the float64 copy."""
+    from sgflow.audit import check_gradients
+    from sgflow.nn import build_model
+
+    torch.manual_seed(0)
+    model = build_model("tiny", (3, 7, 5)).eval()
+    zero = [n for n, p in model.named_parameters() if not p.any()]
+    assert zero, "the test needs a zero-initialised network"
+    x1 = torch.randn(3, 3, 7, 5, generator=torch.Generator().manual_seed(1))
+    report = check_gradients(model, x1, directions=2, include_raw_torch=False)
+    assert set(zero) <= set(report.perturbed_params)
+    assert report.zero_grad_params == [], report.zero_grad_params
+    assert report.ok(), report
+    assert "zero-initialised parameters given small random values" in str(report)
+    assert all(not p.any() for n, p in model.named_parameters() if n in zero)  # the caller's model is untouched
+    off = check_gradients(model, x1, directions=1, include_raw_torch=False, perturb_zero=False)
+    assert len(off.zero_grad_params) > len(zero) and off.perturbed_params == []

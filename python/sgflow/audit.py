@@ -69,6 +69,8 @@ class GradientReport:
     whose reference gradient is exactly zero. reference_jvp: ``"forward"`` or ``"double_vjp"`` (what
     ``jvp="auto"`` used), with forward_ad_failure the reason for a switch. num_params: parameter
     count (entries), num_tensors: parameter tensors. eps, directions: the FD settings.
+    perturbed_params: the all-zero (zero-initialised) parameters given small random values on the float64
+    copy before the audit, so that the layers behind them get a gradient (``perturb_zero=True``).
     """
 
     fd: list[float]
@@ -83,6 +85,7 @@ class GradientReport:
     num_tensors: int
     eps: float
     directions: int
+    perturbed_params: list[str] = field(default_factory=list)
     paths: list[PathCheck] = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -120,7 +123,10 @@ class GradientReport:
         fvr = "n/a (fused path raised)" if self.fused_vs_reference is None else f"{self.fused_vs_reference:.2e}"
         lines.append(f"fused vs reference, full gradient: {fvr}")
         zero = ", ".join(self.zero_grad_params) if self.zero_grad_params else "none"
-        lines.append(f"parameters with exactly zero reference gradient: {zero}")
+        if self.perturbed_params:
+            lines.append(f"zero-initialised parameters given small random values on the float64 copy: "
+                         f"{len(self.perturbed_params)} ({', '.join(self.perturbed_params)})")
+        lines.append(f"parameters with exactly zero reference gradient (not audited): {zero}")
         return "\n".join(lines)
 
 
@@ -175,6 +181,7 @@ def check_gradients(
     both_terms: bool = False,
     interpolant="linear",
     include_raw_torch: bool = True,
+    perturb_zero: bool = True,
 ) -> GradientReport:
     r"""Audit a network's SGFlow gradients against finite differences, in float64.
 
@@ -192,6 +199,10 @@ def check_gradients(
         interpolant: ``"linear"``, ``"trig"`` or an Interpolant.
         include_raw_torch: also audit ``sgflow_loss(..., decompose=False, jvp="forward")`` (its
             exception text is recorded if it raises).
+        perturb_zero: give every parameter tensor that is exactly zero (a zero-initialised output layer,
+            as in ``sgflow.nn``'s U-Net) small random values on the float64 copy first (std 0.1 / sqrt(fan in),
+            from ``seed``), so that it and the layers before it have a gradient to audit; the names are in
+            ``report.perturbed_params``, and ``report.zero_grad_params`` lists what still has none.
 
     Returns:
         :class:`GradientReport` (``print(report)`` shows a table; ``report.ok(tol)``).
@@ -213,6 +224,17 @@ def check_gradients(
         raise ValueError("check_gradients: the model has no parameters that require grad")
     names = [n for n, _ in named]
     params = [p for _, p in named]
+    perturbed = []
+    if perturb_zero:
+        # Zero-initialised layers (output convs, adaLN gates) make every gradient before them exactly zero:
+        # an audit at such a point checks little. Its own generator: the batch and directions are unchanged.
+        g_init = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for n, p in named:
+                if p.numel() and not bool(p.any()):
+                    fan_in = p[0].numel() if p.dim() > 1 else 1
+                    p.copy_(random_tensor("randn", p.shape, p.device, torch.float64, g_init) * (0.1 / math.sqrt(fan_in)))
+                    perturbed.append(n)
     device = params[0].device
     x1 = x1.detach().to(device=device, dtype=torch.float64)
     buffers0 = [b.detach().clone() for b in model64.buffers()]
@@ -311,4 +333,5 @@ def check_gradients(
         num_tensors=len(params),
         eps=eps,
         directions=directions,
+        perturbed_params=perturbed,
     )

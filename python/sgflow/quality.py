@@ -811,6 +811,7 @@ def add_arguments(p) -> None:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement of step 2")
     p.add_argument("--cache-dir", default=None, help="where the digits feature classifier is cached")
     p.add_argument("--render", action="store_true", help="only recompute the summary, table and figure from --out's quality.json")
+    p.add_argument("--no-progress", action="store_true", help="no line per trained run (as `sgflow train --no-progress`)")
 
 
 def config_from_args(args) -> QualityConfig:
@@ -885,7 +886,13 @@ def run_from_args(args, prog: str = "sgflow quality") -> dict:
     command = command_line(args, prog)
     print(f"quality table ({cfg.preset}): {len(cfg.datasets)} data set(s) x {len(cfg.seeds)} seed(s) x "
           f"{len(cfg.methods)} methods -> {out}", flush=True)
-    return run_quality(cfg, out, log=lambda s: print(s, flush=True), command=command)
+    quiet = getattr(args, "no_progress", False)
+
+    def log(line: str) -> None:
+        if not (quiet and line.startswith("[")):  # --no-progress: no per-run lines ("[  12.3s] ring8 seed 0 ...")
+            print(line, flush=True)
+
+    return run_quality(cfg, out, log=log, command=command)
 
 
 __all__ = [
