@@ -9,6 +9,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a test of a minute or more (deselect with -m 'not slow')")
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a module of small problems (float64 checks, tracing on tiny tensors): as

@@ -226,3 +226,99 @@ def test_check_gradients_audits_zero_initialised_networks():
     assert all(not p.any() for n, p in model.named_parameters() if n in zero)  # the caller's model is untouched
     off = check_gradients(model, x1, directions=1, include_raw_torch=False, perturb_zero=False)
     assert len(off.zero_grad_params) > len(zero) and off.perturbed_params == []
+
+
+# ------------------------------------------------------------------------------------------------
+# Fault injection: kill -9 during saves, damaged bytes; every resume continues bit-exact or refuses with one line.
+
+FAULT_ARGS = ["train", "--data", "ring8", "--model", "mlp-small", "--model-opt", "hidden=16", "--model-opt", "depth=1",
+              "--batch-size", "16", "--lr", "1e-2", "--log-every", "2", "--ckpt-every", "1", "--no-progress",
+              "--no-figures", "--device", "cpu", "--threads", "1"]
+FAULT_STEPS = 24
+
+
+def _final_state(out):
+    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    return ckpt
+
+
+def _assert_same_state(a, b):
+    assert a["step"] == b["step"]
+    for key in ("model", "ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs from the uninterrupted run"
+    for pid, st in a["optimizer"]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, b["optimizer"]["state"][pid][k]), f"optimizer state {pid}.{k} differs"
+    assert torch.equal(a["rng"]["stream"], b["rng"]["stream"])
+
+
+def _run_and_kill(args, out, rng):
+    """Start a training process and SIGKILL it during (or right after) its k-th save, k random in 1..3: the
+    moment checkpoint.pt.tmp appears, after a random 0-3 ms. Returns True when it was killed (False: it finished)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "sgflow.cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=env)
+    tmp = os.path.join(out, "checkpoint.pt.tmp")
+    saves, target, seen = 0, rng.randint(1, 3), False
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        now = os.path.exists(tmp)
+        if now and not seen:
+            saves += 1
+            if saves == target:
+                time.sleep(rng.random() * 0.003)
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return True
+        seen = now
+        time.sleep(0.0002)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    return False
+
+
+@pytest.mark.slow  # ~12 fresh processes (torch's import alone ~3 s each): 40-130 s on 2 shared cores
+def test_fault_injection_kills_during_saves_and_damaged_bytes(tmp_path):
+    """>= 10 kill -9 during checkpoint saves (a save every step) and, every third kill, damaged bytes in the
+    checkpoint: each resume either continues and the run ends bit-exact to an uninterrupted one, or refuses
+    with one line (a damaged file); never a non-finite checkpoint, never a traceback."""
+    from sgflow.cli import build_train_config, make_parser
+
+    ref_out, out = str(tmp_path / "straight"), str(tmp_path / "killed")
+    # The uninterrupted run, in this process (one thread, as the killed processes' --threads 1).
+    cfg, _ = build_train_config(make_parser().parse_args([*FAULT_ARGS, "--steps", str(FAULT_STEPS), "--out", ref_out]))
+    train(cfg)
+    reference = _final_state(ref_out)
+
+    rng = random.Random(19)
+    args = [*FAULT_ARGS, "--steps", str(FAULT_STEPS), "--out", out, "--resume", "auto"]
+    kills = damaged = 0
+    t0 = time.monotonic()
+    while True:
+        if not _run_and_kill(args, out, rng):
+            break
+        kills += 1
+        ckpt_path = os.path.join(out, "checkpoint.pt")
+        if not os.path.exists(ckpt_path):
+            continue  # killed during the very first save: the next start begins afresh
+        ckpt = read_checkpoint(ckpt_path)  # the kill never leaves a damaged checkpoint.pt behind
+        assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+        if kills % 3 == 0:
+            good = open(ckpt_path, "rb").read()
+            bad = bytearray(good)
+            at = rng.randrange(len(bad) // 4, 3 * len(bad) // 4)
+            bad[at:at + 64] = bytes((b + 1 + rng.randrange(255)) % 256 for b in bad[at:at + 64])
+            with open(ckpt_path, "wb") as f:
+                f.write(bad)
+            with pytest.raises(CheckpointError, match="is damaged"):  # what --resume auto reads first
+                read_checkpoint(ckpt_path)
+            if damaged == 0:  # and once through the CLI: one line
+                _one_error_line(_cli(*args), "is damaged")
+            damaged += 1
+            with open(ckpt_path, "wb") as f:  # the user restores a good copy
+                f.write(good)
+        assert time.monotonic() - t0 < 240, "fault injection is taking too long"
+    assert kills >= 10, f"only {kills} kills before the run finished: raise FAULT_STEPS"
+    assert damaged >= 3
+    _assert_same_state(_final_state(out), reference)
