@@ -4,7 +4,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install demo test test-fast bench-cpu
+.PHONY: install demo test test-newest test-fast bench-cpu
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "torch==2.13.0"
@@ -17,6 +17,17 @@ demo: install
 
 test: install
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests
+
+# The whole suite on the newest torch setup.py allows (torch==2.14.1), in a fresh virtual environment .venv-newest.
+# Its editable install rebuilds sgflow._C in python/sgflow/ against that torch: `make install` (or `make test`)
+# rebuilds it for the pinned one.
+NEWEST_TORCH ?= 2.14.1
+test-newest:
+	$(PYTHON) -m venv .venv-newest
+	.venv-newest/bin/python -m pip install -q "torch==$(NEWEST_TORCH)" triton setuptools wheel
+	SGFLOW_BUILD_CUDA=0 .venv-newest/bin/python -m pip install -q --no-build-isolation -e ".[test]"
+	.venv-newest/bin/python -c "import torch; print('torch', torch.__version__)"
+	.venv-newest/bin/python -m pytest -q -p no:cacheprovider tests
 
 bench-cpu: install
 	$(PYTHON) -m pytest -q -p no:cacheprovider benchmarks/test_cpu_benchmarks.py --benchmark-json=benchmarks/results/cpu.json
