@@ -158,7 +158,7 @@ def test_error_missing_dataset_path(capsys, tmp_path):
 
 
 def test_error_bad_batch_size(capsys, monkeypatch):
-    _user_error(capsys, ["train", "--batch-size", "1", "--steps", "1"], "at least 2 samples")
+    _user_error(capsys, ["train", "--batch-size", "1", "--steps", "1", "--loss-opt", "update=paper"], "at least 2 samples")
     _user_error(capsys, ["train", "--batch-size", "0", "--steps", "1"], "batch size")
     monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.setenv("RANK", "0")

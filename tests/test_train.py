@@ -158,7 +158,7 @@ def test_bad_checkpoints(tmp_path):
 
 @pytest.mark.parametrize("change,match", [
     (dict(method="nope"), "unknown method"),
-    (dict(batch_size=1), "at least 2 samples"),
+    (dict(batch_size=1, loss_kwargs={"update": "paper"}), "at least 2 samples"),
     (dict(batch_size=0), "batch size"),
     (dict(lr=-1.0), "learning rate"),
     (dict(betas=(0.9, 1.5)), "betas"),
@@ -181,7 +181,8 @@ def test_batch_must_divide_over_processes():
     with pytest.raises(ConfigError, match="not divisible by the number of processes 3"):
         validate_config(TrainConfig(batch_size=8), world_size=3)
     with pytest.raises(ConfigError, match="at least 2 samples per process"):
-        validate_config(TrainConfig(batch_size=4), world_size=4)
+        validate_config(TrainConfig(batch_size=4, loss_kwargs={}), world_size=4)  # the paper's split batch
+    validate_config(TrainConfig(batch_size=4), world_size=4)  # the default semi update: one row per sample
     validate_config(TrainConfig(method="flow_matching", batch_size=4), world_size=4)
 
 
@@ -345,8 +346,9 @@ def test_divergence_is_caught(tmp_path):
 def test_multiprocess_sgflow_needs_even_batch_per_process():
     from sgflow.train import ConfigError, TrainConfig, validate_config
 
-    validate_config(TrainConfig(method="sgflow", batch_size=8), world_size=2)
+    validate_config(TrainConfig(method="sgflow", batch_size=8, loss_kwargs={}), world_size=2)
     with pytest.raises(ConfigError, match="even batch per process"):
-        validate_config(TrainConfig(method="sgflow", batch_size=6), world_size=2)
+        validate_config(TrainConfig(method="sgflow", batch_size=6, loss_kwargs={}), world_size=2)
+    validate_config(TrainConfig(method="sgflow", batch_size=6), world_size=2)  # semi: no split to balance
     validate_config(TrainConfig(method="sgflow", batch_size=6, loss_kwargs={"both_terms": True}), world_size=2)
     validate_config(TrainConfig(method="flow_matching", batch_size=6), world_size=2)

@@ -37,6 +37,7 @@ import copy
 import dataclasses
 import functools
 import inspect
+import collections
 import json
 import math
 import os
@@ -87,6 +88,10 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
+class SGFlowInstabilityWarning(RuntimeWarning):
+    """SGFlow's second term is outgrowing its first: the run is heading for divergence (see the message)."""
+
+
 def available_methods() -> dict:
     """Method name -> loss function: :data:`sgflow.LOSSES`, plus ``sgflow_fused`` when
     :func:`sgflow.fused_loss` exists and ``meanflow_fused`` when :func:`sgflow.fused_meanflow_loss`
@@ -105,6 +110,21 @@ def default_sampler(method: str) -> str:
     return "euler" if method == "flow_matching" else "flow_map"
 
 
+# The training recipe of a method where it differs from its loss function's own defaults (which stay the
+# papers' losses). SGFlow: the semi-gradient update (sgflow.losses.semi), chosen by measurement: with the
+# paper's update SGFlow diverged on the 16-D mixture on 3 of 3 seeds (docs/quality.md, "The SGFlow recipe").
+METHOD_DEFAULTS = {"sgflow": {"update": "semi"}, "sgflow_fused": {"update": "semi"}}
+
+# Early warning: the geometric mean of SGFlow's term2 / term1 over the last INSTABILITY_STEPS steps above
+# INSTABILITY_RATIO. The two terms are equal in expectation at the solution; L_sg = L_ideal - E||J (v_hat - v)||^2
+# with L_ideal >= 0, so a persistently larger second term means the loss is falling by growing the Jacobian along
+# the velocity error. Measured (gmm16, paper update, lr 3e-3): the per-step ratio sits at 0.7-1.5 (window mean
+# ~1.05), then goes 2 -> 20 -> 300 within ~15 steps; the window mean passes 1.5 with the loss near -50, 4 steps
+# before it passes -1e3. The default recipe's window mean stays below 1.3 on every shipped data set.
+INSTABILITY_RATIO = 1.5
+INSTABILITY_STEPS = 10
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run (stored in every checkpoint).
@@ -116,7 +136,9 @@ class TrainConfig:
     stop-gradient substitutes) defaults to 0.5: with 0.25 SGFlow diverged on ``moons`` (the velocity
     estimate lagged and the second term, which is maximised, blew up).
     ``sample_every`` / ``ckpt_every`` = 0: only at the end (``figures=False``: no PNGs at all).
-    ``loss_kwargs`` go to the loss (e.g. ``{"both_terms": True}`` for SGFlow); ``sample_steps``: step
+    ``loss_kwargs`` go to the loss; ``None`` (default) takes the method's training recipe,
+    :data:`METHOD_DEFAULTS` (SGFlow: ``{"update": "semi"}``), a dict is used exactly as given (``{}``: the
+    loss's own defaults, for SGFlow the paper's L_sg with a split batch); ``sample_steps``: step
     counts in the figures. ``divergence_threshold``: stop when |loss| or the gradient norm exceeds it
     (0: only on NaN/inf).
     """
@@ -139,7 +161,7 @@ class TrainConfig:
     interpolant: str = "linear"
     time_dist: str = "uniform"
     diagonal_fraction: float = 0.5
-    loss_kwargs: dict = field(default_factory=dict)
+    loss_kwargs: dict | None = None
     out_dir: str | None = "runs/sgflow"
     log_every: int = 10
     sample_every: int = 0
@@ -151,10 +173,16 @@ class TrainConfig:
     divergence_threshold: float = 1e6
     # Distillation (SGFlow methods only): ``teacher`` is a checkpoint (file or run directory) of the same data whose
     # EMA diagonal f~(t, t, x) is the teacher velocity (see :func:`load_teacher`); ``teacher_mode`` and
-    # ``teacher_schedule`` as in :data:`TEACHER_SCHEDULES` and :func:`sgflow.sgflow_loss`.
+    # ``teacher_schedule`` as in :data:`TEACHER_SCHEDULES` and :func:`sgflow.sgflow_loss`. Default "both" (the teacher
+    # in both terms: the ideal loss per sample) by measurement: it beat "second" (semi or paper update) and the
+    # schedules on ring8 and gmm16, 3 seeds each (README, "Distil your own model"; benchmarks/distill.py).
     teacher: str | None = None
-    teacher_mode: str = "second"
+    teacher_mode: str = "both"
     teacher_schedule: str = "constant"
+
+    def __post_init__(self):
+        if self.loss_kwargs is None:
+            self.loss_kwargs = dict(METHOD_DEFAULTS.get(self.method, {}))
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -193,12 +221,13 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     if cfg.batch_size % world_size:
         raise ConfigError(f"batch size {cfg.batch_size} is not divisible by the number of processes {world_size}")
     local = cfg.batch_size // world_size
-    if cfg.method.startswith("sgflow") and local < 2 and not cfg.loss_kwargs.get("both_terms", False):
+    one_row = cfg.loss_kwargs.get("both_terms", False) or cfg.loss_kwargs.get("update") == "semi"
+    if cfg.method.startswith("sgflow") and local < 2 and not one_row:
         raise ConfigError(
             f"method {cfg.method!r} splits each batch between its two terms and needs at least 2 samples per "
             f"process; got batch size {cfg.batch_size} over {world_size} process(es)"
         )
-    if cfg.method.startswith("sgflow") and world_size > 1 and local % 2 and not cfg.loss_kwargs.get("both_terms", False):
+    if cfg.method.startswith("sgflow") and world_size > 1 and local % 2 and not one_row:
         # Each process averages each term over its own rows; only with an even per-process batch does
         # every process hold exactly half first-term rows, so that the averaged update equals one process's.
         raise ConfigError(
@@ -511,11 +540,13 @@ class Trainer:
     def __init__(self, config: TrainConfig, resume=None, model: torch.nn.Module | None = None):
         self.config = cfg = copy.deepcopy(config)
         world = D.env_world_size()
-        validate_config(cfg, world)
         ckpt = None
         if resume is not None:
             ckpt = read_checkpoint(resume)
+            # Before validating: an option that differs from the checkpoint's is the error to report.
             self._check_resume(ckpt["config"], cfg, ckpt["path"])
+        validate_config(cfg, world)
+        if ckpt is not None:
             if cfg.steps < int(ckpt["step"]):
                 raise CheckpointError(f"checkpoint {ckpt['path']} is at step {int(ckpt['step'])}, past the {cfg.steps} "
                                       f"steps asked for: ask for more steps than {int(ckpt['step'])} to train further")
@@ -561,6 +592,7 @@ class Trainer:
         params = inspect.signature(self.loss_fn).parameters
         self.use_paired_split = (
             "split" in params and "split_fraction" not in cfg.loss_kwargs and not cfg.loss_kwargs.get("both_terms", False)
+            and cfg.loss_kwargs.get("update", "paper") != "semi"
         )
         # One CPU stream for data, noise, times and the split (same on every rank, device-independent);
         # a per-rank generator on the training device for draws inside the loss (e.g. progressive's s).
@@ -568,6 +600,8 @@ class Trainer:
         self.loss_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 7919 * (info.rank + 1))
         torch.manual_seed(cfg.seed + 104729 * info.rank)  # dropout etc.: different per rank
         self.step = 0
+        self.instability: dict | None = None  # step, ratio, gain2 where the early warning fired
+        self._log_ratios = collections.deque(maxlen=INSTABILITY_STEPS)
         self.history: list[dict] = []
         self.out_dir = Path(os.path.expanduser(cfg.out_dir)) if cfg.out_dir else None
         if ckpt is not None:
@@ -578,7 +612,6 @@ class Trainer:
         if cfg.teacher is not None:
             with torch.random.fork_rng(devices=[]):  # building its network draws nothing from the run's RNG
                 self.teacher = load_teacher(cfg.teacher, self.data_shape, self.device, cfg.interpolant)
-
 
     def _build_scheduler(self, ckpt) -> None:
         """``self.scheduler``: a LambdaLR of :func:`lr_factor` under this run's config, at ``self.step``.
@@ -850,6 +883,7 @@ class Trainer:
         try:
             while self.step < cfg.steps:
                 out = self.train_step()
+                self._watch_instability(out)
                 last = self.step == cfg.steps
                 if self.step % cfg.log_every == 0 or last:
                     if self.device.type == "cuda":
@@ -879,6 +913,45 @@ class Trainer:
         self.wall_time = time.perf_counter() - t_start
         return self
 
+    def _watch_instability(self, out: dict) -> None:
+        """Warn once (and remember the step) when SGFlow's second term outgrows its first: the geometric
+        mean of term2 / term1 over the last :data:`INSTABILITY_STEPS` steps above :data:`INSTABILITY_RATIO`.
+        Checked every step (a float of a scalar the loss already computed), since a run on the paper's update
+        can go from ratio 2 to 300 within 15 steps."""
+        ratio = out.get("ratio")
+        if ratio is None or self.instability is not None:
+            return
+        r = float(ratio)
+        self._log_ratios.append(math.log(max(r, 1e-30)) if math.isfinite(r) else math.inf)
+        if len(self._log_ratios) < INSTABILITY_STEPS:
+            return
+        mean_log = sum(self._log_ratios) / len(self._log_ratios)
+        if not mean_log > math.log(INSTABILITY_RATIO):
+            return
+        r = math.exp(mean_log) if math.isfinite(mean_log) else math.inf
+        cfg = self.config
+        gain = float(out["gain2"]) if "gain2" in out else float("nan")
+        self.instability = {"step": self.step, "ratio": r, "gain2": gain}
+        if self.dist.is_main:
+            warnings.warn(f"step {self.step}: {self._instability_cause(r, gain)}; this run is likely to diverge. "
+                          f"{self._instability_advice()}", SGFlowInstabilityWarning, stacklevel=2)
+
+    @staticmethod
+    def _instability_cause(ratio: float, gain: float) -> str:
+        return (f"SGFlow's second term is {ratio:.3g}x its first (mean over {INSTABILITY_STEPS} steps; about 1 near a "
+                f"solution) and the Jacobian's gain "
+                f"along Xdot - v_hat is {gain:.3g}: since L_sg = L_ideal - E||J (v_hat - v)||^2, the loss is falling by "
+                f"growing the Jacobian along the error of the velocity estimate f~(t, t, x)")
+
+    def _instability_advice(self) -> str:
+        cfg = self.config
+        fixes = []
+        if cfg.loss_kwargs.get("update", "paper") != "semi":
+            fixes.append("use the semi-gradient update (the default recipe; --loss-opt update=semi)")
+        fixes.append(f"raise the diagonal fraction (now {cfg.diagonal_fraction})")
+        fixes.append(f"lower the learning rate (now {cfg.lr})")
+        return "Fixes: " + "; ".join(fixes)
+
     def _check_divergence(self, vals: dict) -> None:
         """Stop on a non-finite loss or gradient norm, or (``divergence_threshold`` > 0) on one whose
         magnitude exceeds it: SGFlow's second term is maximised, so a run whose velocity estimate
@@ -887,6 +960,11 @@ class Trainer:
         for key, name in (("loss", "loss"), ("grad_norm", "gradient norm")):
             v = vals[key]
             if not math.isfinite(v) or (lim and abs(v) > lim):
+                if self.instability is not None:
+                    w = self.instability
+                    raise TrainingDiverged(
+                        f"training diverged: the {name} reached {v:.3g} at step {self.step}. Cause, seen from step "
+                        f"{w['step']}: {self._instability_cause(w['ratio'], w['gain2'])}. {self._instability_advice()}")
                 raise TrainingDiverged(
                     f"training diverged: the {name} reached {v:.3g} at step {self.step}; lower the learning rate "
                     f"(now {cfg.lr}), add warm-up steps, or raise the diagonal fraction (now {cfg.diagonal_fraction})"
@@ -938,6 +1016,7 @@ __all__ = [
     "build_network", "read_checkpoint", "load_model", "generate", "paired_split", "lr_at", "lr_factor",
     "ema_decay_at", "ema_multi_avg_fn",
     "ConfigError", "CheckpointError", "TrainingDiverged", "DatasetError", "RESUMABLE_OVERRIDES",
+    "METHOD_DEFAULTS", "SGFlowInstabilityWarning",
     "load_teacher", "TeacherVelocity", "TEACHER_SCHEDULES", "TEACHER_METHODS",
     "MANUAL_ALLREDUCE_METHODS",
 ]

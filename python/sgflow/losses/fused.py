@@ -12,7 +12,8 @@ import torch
 
 from sgflow.dual import dual_forward
 from sgflow.losses.common import bcast, draw_batch, mean_sq
-from sgflow.losses.sgflow import check_teacher, flow_map_tangent, reduce_sgflow, sgflow_rows
+from sgflow.losses.semi import semi_loss
+from sgflow.losses.sgflow import check_teacher, flow_map_tangent, reduce_sgflow, semi_setup, sgflow_rows, velocity_estimate
 
 
 def fused_loss(
@@ -30,6 +31,7 @@ def fused_loss(
     generator: torch.Generator | None = None,
     teacher=None,
     teacher_mode: str = "second",
+    update: str = "paper",
 ):
     """SGFlow loss via the network's dual forward; gradients equal :func:`sgflow.sgflow_loss`'s.
 
@@ -40,10 +42,21 @@ def fused_loss(
     :func:`sgflow.sgflow_loss`; ``model`` is any ``nn.Module`` (or callable) ``model(t, u, x)``, a
     :class:`sgflow.DualizedModel`, or a DistributedDataParallel of one (its forward, and so its
     gradient sync, runs). ``teacher`` / ``teacher_mode``: distillation from a velocity ``v(t, x)``, as in
-    :func:`sgflow.sgflow_loss` (its bias and variance per mode are stated there).
+    :func:`sgflow.sgflow_loss` (its bias and variance per mode are stated there). ``update="semi"``: the
+    semi-gradient update of :mod:`sgflow.losses.semi` (the target JVP without a graph).
     """
     check_teacher(teacher, teacher_mode)
+    semi_setup(update, split, both_terms, teacher_mode, teacher)
     b = draw_batch(x1, interpolant=interpolant, time_sampler=time_sampler, noise=noise, t=t, u=u, generator=generator)
+    if update == "semi":
+        v_hat = velocity_estimate(model, b, teacher)
+
+        def jvp_of_f(t_, u_, x_, t_dot, x_dot):
+            u_dot = torch.zeros_like(u_)
+            ft, ft_dot = dual_forward(model, t_, u_, x_, t_dot, u_dot, x_dot)
+            return flow_map_tangent(x_dot, t_dot, u_dot, t_, u_, ft, ft_dot)
+
+        return semi_loss(jvp_of_f, b, v_hat)
     rows = sgflow_rows(model, b, split, both_terms, split_fraction, generator, teacher, teacher_mode)
     tr, ur, xr = b.t[rows.index], b.u[rows.index], b.xt[rows.index]
     u_dot = torch.zeros_like(ur)

@@ -28,6 +28,7 @@ import torch
 from sgflow.checks import check_model_output, check_not_ddp, check_split
 from sgflow.decompose import decomposed
 from sgflow.losses.common import Batch, bcast, draw_batch, flow_map, mean_sq
+from sgflow.losses.semi import check_update, semi_loss
 from sgflow.times import random_tensor
 
 JVP_METHODS = ("auto", "forward", "double_vjp")
@@ -93,6 +94,27 @@ def _teacher_rows(b: Batch, split, teacher) -> SGFlowRows:
     x_dot = torch.where(bcast(b.t == b.u, v), b.xdot, v)
     return SGFlowRows(index=index, first=first, t_dot=first.to(b.x1.dtype), x_dot=x_dot, v_hat=v,
                       aligned=torch.compiler.is_compiling())
+
+
+def semi_setup(update: str, split, both_terms: bool, teacher_mode: str, teacher) -> None:
+    """Refuse the paper-estimator options that ``update="semi"`` has no use for (one row per sample)."""
+    check_update(update)
+    if update != "semi":
+        return
+    if split is not None or both_terms:
+        raise ValueError("update='semi' takes one row per sample (the second term is its stop-gradient "
+                         "target): split= and both_terms= apply to update='paper' only")
+    if teacher is not None and teacher_mode == "both":
+        raise ValueError("teacher_mode='both' leaves no second term; update='semi' applies to the paper's two "
+                         "terms: use teacher_mode='second' with it")
+
+
+def velocity_estimate(model, b: Batch, teacher=None) -> torch.Tensor:
+    """v_hat [B, *D]: sg[f~(t, t, X_t)], or the teacher's v(t, X_t), without a graph."""
+    if teacher is not None:
+        return teacher_velocity(teacher, b.t, b.xt)
+    with torch.no_grad():
+        return check_model_output(model(b.t, b.t, b.xt), b.xt, "model(t, t, x)").detach()
 
 
 def _data_parallel() -> bool:
@@ -202,15 +224,28 @@ def _reduce_aligned(per_row: torch.Tensor, rows: SGFlowRows, b: Batch):
     with torch.no_grad():
         diag = mean_sq(b.xdot[rows.index] - rows.v_hat)
         diag_fm = torch.where(first, zero, diag).sum() / n2.clamp(min=1).to(diag.dtype)
+    with torch.no_grad():
+        w2 = torch.where(first, zero, mean_sq(rows.x_dot)).sum() / n2.clamp(min=1).to(per_row.dtype)
     info = {
         "loss": loss.detach(),
         "term1": term1.detach(),
         "term2": term2.detach(),
+        **_warning_signals(term1.detach(), term2.detach(), w2),
         "diag_fm": diag_fm,
         "n_first": n1,
         "n_second": n2,
     }
     return loss, info
+
+
+def _warning_signals(term1: torch.Tensor, term2: torch.Tensor, w2: torch.Tensor) -> dict:
+    """``ratio`` = term2 / term1 and ``gain2`` = RMS ||J (Xdot - v_hat)|| / ||Xdot - v_hat|| (1 at J = I).
+
+    Near the solution the two terms are equal in expectation (ratio ~ 1); since
+    L_sg = L_ideal - E||J (v_hat - v)||^2 and L_ideal >= 0, a ratio well above 1 says the loss is
+    falling by growing the Jacobian along the velocity estimate's error (the trainer warns on it)."""
+    tiny = torch.finfo(term1.dtype).tiny
+    return {"ratio": term2 / term1.clamp(min=tiny), "gain2": (term2 / w2.clamp(min=tiny)).sqrt()}
 
 
 def reduce_sgflow(jvp_f: torch.Tensor, rows: SGFlowRows, b: Batch):
@@ -230,10 +265,12 @@ def reduce_sgflow(jvp_f: torch.Tensor, rows: SGFlowRows, b: Batch):
     loss = term1 - term2
     second_idx = rows.index[~rows.first]
     diag_fm = mean_sq(b.xdot[second_idx] - rows.v_hat).mean().detach() if n2 else zero
+    w2 = mean_sq(rows.x_dot[~rows.first]).mean().detach() if n2 else zero
     info = {
         "loss": loss.detach(),
         "term1": term1.detach(),
         "term2": term2.detach(),
+        **_warning_signals(term1.detach(), term2.detach(), w2),
         "diag_fm": diag_fm,
         "n_first": torch.tensor(n1),
         "n_second": torch.tensor(n2),
@@ -495,6 +532,7 @@ def sgflow_loss(
     decompose: bool = True,
     teacher=None,
     teacher_mode: str = "second",
+    update: str = "paper",
 ):
     """Reference SGFlow loss for any network; its gradient is the SGFlow update.
 
@@ -539,6 +577,12 @@ def sgflow_loss(
               ``both_terms`` do not apply.
 
             Either way diagonal rows (t = u) keep flow matching against Xdot_t, as without a teacher.
+        update: ``"paper"`` (default): the gradient of L_sg above. ``"semi"``: the semi-gradient
+            update (:mod:`sgflow.losses.semi`), E||JVP_(1,0,v_hat) f + sg[JVP_(0,0,Xdot-v_hat) f]||^2
+            with one graph row per sample: L_sg's gradient without the part that rewards a larger
+            Jacobian along the velocity error (equal to L_sg's in expectation when v_hat is the exact
+            velocity; the training recipe's default, see :data:`sgflow.train.METHOD_DEFAULTS`).
+            ``split`` / ``both_terms`` do not apply to it.
 
     Returns:
         ``(loss, info)``: the scalar mean_first ||JVP_1 f||^2 - mean_second ||JVP_2 f||^2 (squared
@@ -548,7 +592,16 @@ def sgflow_loss(
     check_not_ddp(model, "sgflow_loss")
     check_jvp_method(jvp)
     check_teacher(teacher, teacher_mode)
+    semi_setup(update, split, both_terms, teacher_mode, teacher)
     b = draw_batch(x1, interpolant=interpolant, time_sampler=time_sampler, noise=noise, t=t, u=u, generator=generator)
+    if update == "semi":
+        with decomposed() if decompose else contextlib.nullcontext():
+            v_hat = velocity_estimate(model, b, teacher)
+
+        def jvp_of_f(t_, u_, x_, t_dot, x_dot):
+            return flow_map_jvp(model, t_, u_, x_, t_dot, torch.zeros_like(u_), x_dot, jvp=jvp, decompose=decompose)[1]
+
+        return semi_loss(jvp_of_f, b, v_hat, jvp_target=lambda *a: jvp_of_f(*a).detach())
     with decomposed() if decompose else contextlib.nullcontext():
         rows = sgflow_rows(model, b, split, both_terms, split_fraction, generator, teacher, teacher_mode)
     return sgflow_loss_on_rows(model, b, rows, jvp=jvp, decompose=decompose)
