@@ -360,10 +360,12 @@ def _first_non_finite(groups) -> str | None:
                if torch.is_tensor(v) and v.is_floating_point() and v.numel()]
     if not entries:
         return None
-    flags = torch.stack([torch.isfinite(v).all().to("cpu") for _, _, v in entries])
-    if bool(flags.all()):
+    by_device: dict = {}
+    for _, _, v in entries:
+        by_device.setdefault(v.device, []).append(torch.isfinite(v).all())
+    if all(bool(torch.stack(flags).all()) for flags in by_device.values()):  # one sync per device
         return None
-    label, name, _ = entries[int((~flags).nonzero()[0, 0])]
+    label, name, _ = next(e for e in entries if not bool(torch.isfinite(e[2]).all()))
     return f"{label} {name!r}"
 
 
