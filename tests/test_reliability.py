@@ -311,14 +311,24 @@ def test_fault_injection_kills_during_saves_and_damaged_bytes(tmp_path):
             bad[at:at + 64] = bytes((b + 1 + rng.randrange(255)) % 256 for b in bad[at:at + 64])
             with open(ckpt_path, "wb") as f:
                 f.write(bad)
-            with pytest.raises(CheckpointError, match="is damaged"):  # what --resume auto reads first
-                read_checkpoint(ckpt_path)
-            if damaged == 0:  # and once through the CLI: one line
-                _one_error_line(_cli(*args), "is damaged")
-            damaged += 1
+            try:  # what --resume auto reads first
+                same = read_checkpoint(ckpt_path)
+            except CheckpointError as e:
+                assert "is damaged" in str(e)
+                if damaged == 0:  # and once through the CLI: one line
+                    _one_error_line(_cli(*args), "is damaged")
+                damaged += 1
+            else:  # only bytes no reader uses (a record's alignment padding) can change unnoticed
+                _assert_same_state(same, ckpt)
             with open(ckpt_path, "wb") as f:  # the user restores a good copy
                 f.write(good)
-        assert time.monotonic() - t0 < 240, "fault injection is taking too long"
+        assert time.monotonic() - t0 < 400, "fault injection is taking too long"
     assert kills >= 10, f"only {kills} kills before the run finished: raise FAULT_STEPS"
     assert damaged >= 3
     _assert_same_state(_final_state(out), reference)
+
+
+def test_resume_at_the_checkpoints_step_says_so(run_dir):
+    proc = _cli("train", "--resume", str(run_dir), "--steps", "6", "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "is already at step 6: nothing to train" in proc.stderr and "trained" not in proc.stdout

@@ -218,6 +218,11 @@ def cmd_train(args) -> int:
     cfg, resume = build_train_config(args)
     trainer = Trainer(cfg, resume=resume)
     try:
+        if resume and trainer.step >= cfg.steps:  # (below the checkpoint's step the Trainer refused)
+            if trainer.dist.is_main:
+                print(f"{resume} is already at step {trainer.step}: nothing to train (pass --steps above "
+                      f"{trainer.step} to continue)", file=sys.stderr)
+            return 0
         if resume and trainer.dist.is_main:
             print(f"resuming from {resume} at step {trainer.step}", file=sys.stderr)
         if trainer.dist.enabled and trainer.dist.is_main:
