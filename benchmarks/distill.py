@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from sgflow.evaluate import evaluate_points
-from sgflow.quality import DATA_SPECS, QualityConfig
+from sgflow.quality import _SMALL_MLP, DATA_SPECS, DataSpec, QualityConfig
 from sgflow.train import TrainConfig, Trainer, TrainingDiverged
 
 # name -> (method, loss_kwargs (None: the method's recipe), teacher mode, teacher schedule, steps multiplier, taught)
@@ -39,6 +39,8 @@ VARIANTS = {
     "meanflow_2x": ("meanflow_fused", PAPER, "second", "constant", 2, False),
 }
 NFE = (1, 2, 4)
+# The quality table's data sets plus the 32- and 64-D mixtures (the 16-D one's network and settings).
+SPECS = dict(DATA_SPECS, **{f"gmm{d}": DataSpec(f"gmm{d}", "gmm", {"dim": d}, "mlp-small", _SMALL_MLP) for d in (32, 64)})
 
 
 def config(spec, method, steps, seed, out_dir=None, **kw) -> TrainConfig:
@@ -86,7 +88,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     log = out / "runs.jsonl"
     for data in args.data:
-        spec = DATA_SPECS[data]
+        spec = SPECS[data]
         dataset = spec.dataset()
         for seed in args.seeds:
             cache = {}

@@ -269,13 +269,14 @@ def _err(capsys):
 @pytest.mark.parametrize("mode", ["second", "both"])
 def test_train_with_a_teacher_checkpoint(fm_run, tmp_path, capsys, mode):
     from sgflow.cli import main
-    from sgflow.train import TeacherVelocity, Trainer, read_checkpoint
+    from sgflow.train import TeacherVelocity, TrainConfig, Trainer, read_checkpoint
 
     out = tmp_path / "student"
     assert main(["train", *SMALL, "--method", "sgflow_fused", "--teacher", str(fm_run), "--teacher-mode", mode,
                  "--steps", "3", "--out", str(out), "--no-figures"]) == 0
     cfg = read_checkpoint(out)["config"]
     assert cfg.teacher == str(fm_run) and cfg.teacher_mode == mode
+    assert TrainConfig().teacher_mode == "both"  # the measured default
     trainer = Trainer(cfg, resume=out)
     try:
         assert isinstance(trainer.teacher, TeacherVelocity) and not trainer.teacher.training
