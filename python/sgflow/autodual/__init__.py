@@ -82,12 +82,15 @@ def select_blocks(model: nn.Module, blocks="auto") -> list[str]:
     """Module paths (relative to the unwrapped model) that are recomputed in backward.
 
     ``blocks``:
-      - ``"all"``: the outermost submodules with parameters that are not plain containers
-        (``nn.ModuleList``/``ModuleDict`` and exact ``nn.Sequential`` trunks of composite modules
-        are looked into): residual blocks, attention blocks, transformer blocks, the time-embedding
-        MLP, the in/out layers;
+      - ``"all"``: the blocks of the network, found through any nesting: the outermost submodules
+        with parameters, looking into plain containers (``nn.ModuleList``/``ModuleDict`` and exact
+        ``nn.Sequential`` trunks of composite modules) and through *wrappers* (a composite child
+        holding at least :data:`WRAPPER_SHARE` of its parent's parameters is looked into: the backbone
+        ``self.net`` of the thin ``forward(t, u, x)`` module around it): residual blocks, attention blocks, transformer blocks, the
+        time-embedding MLP, the in/out layers. A wrapper's own small layers are blocks too;
       - ``"auto"``: the same list here; :class:`DualizedModel` replaces it on its first training
-        call by the blocks its profile chooses (:mod:`sgflow.autodual.plan`);
+        call by the blocks its profile chooses among :func:`candidate_blocks` (any depth;
+        :mod:`sgflow.autodual.plan`);
       - ``"none"`` / ``None``: no recomputation (every intermediate is kept: fastest, most memory);
       - a sequence of module types: the outermost submodules of those types;
       - a sequence of module paths (``"blocks.0"``, ``"input_blocks.3"``);
@@ -100,8 +103,8 @@ def select_blocks(model: nn.Module, blocks="auto") -> list[str]:
         raise ValueError(f"dualize: blocks must be 'auto', 'all', 'none', a callable, module types or module paths "
                          f"(a list), got {blocks!r}")
     if isinstance(blocks, str):
-        accept = _auto_accept
-    elif callable(blocks) and not isinstance(blocks, type):
+        return _frontier(model)
+    if callable(blocks) and not isinstance(blocks, type):
         accept = blocks
     else:
         items = list(blocks)
@@ -132,23 +135,78 @@ def select_blocks(model: nn.Module, blocks="auto") -> list[str]:
     return chosen
 
 
+# A composite child holding at least this share of a module's parameters makes the module a wrapper
+# (``select_blocks(..., "all")`` looks through it): a thin flow-map wrapper around a backbone (100%), a
+# backbone whose block list holds nearly all its weights. A residual block's largest stage holds 40-70%.
+WRAPPER_SHARE = 0.9
+
+
+def _n_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def _trunk(m: nn.Module, child: nn.Module) -> bool:
+    """Whether ``child`` (composite) holds at least :data:`WRAPPER_SHARE` of ``m``'s parameters: ``m`` is
+    then a wrapper around it, and the blocks are inside ``child``. (Not asked of a plain container: a
+    container whose one block holds all its parameters is a list of that one block.)"""
+    total = _n_params(m)
+    return total > 0 and any(True for _ in child.children()) and _n_params(child) >= WRAPPER_SHARE * total
+
+
+def _frontier(model: nn.Module) -> list[str]:
+    """``blocks="all"``: the outermost blocks with parameters, looking into plain containers and through
+    wrappers (a child holding nearly all its parent's parameters is looked into, not taken whole)."""
+    chosen: list[str] = []
+
+    def walk(m: nn.Module, prefix: str):
+        for name, child in m.named_children():
+            path = f"{prefix}.{name}" if prefix else name
+            if not any(True for _ in child.parameters()):
+                continue
+            if _is_plain_container(child) or (not _is_plain_container(m) and _trunk(m, child)):
+                walk(child, path)
+            else:
+                chosen.append(path)
+
+    walk(model, "")
+    return chosen
+
+
+_LINEAR_MAPS = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding)
+
+
 def _auto_accept(path, m) -> bool:
     return not _is_plain_container(m) and any(True for _ in m.parameters())
 
 
 def candidate_blocks(model: nn.Module) -> dict:
-    """What ``blocks="auto"`` chooses from: ``{path: parent}``, the outermost blocks of
-    :func:`select_blocks` (parent ``None``) followed by each one's own outermost blocks (a residual
-    block and the attention block it wraps; the stages of a residual block), so that the profile can
-    recompute a whole block or only the parts of it that pay."""
+    """What ``blocks="auto"`` chooses from: ``{path: parent}`` at any depth, each candidate followed by
+    the candidates inside it (``parent``: the nearest enclosing candidate, ``None`` at the top).
+
+    Candidates: the blocks of ``blocks="all"`` (:func:`select_blocks`: through containers and wrappers),
+    the wrappers it looked through (recomputing a whole backbone is a choice too), and every composite
+    submodule with parameters inside them (a residual block's stages, a transformer block's attention
+    and MLP; through ModuleLists inside ModuleLists and ``nn.Sequential`` trunks), so that the plan can
+    recompute a whole block or only the parts of it that pay, and the single layers with parameters
+    inside them (a norm layer keeps more than its input), except linear maps (``nn.Linear``,
+    convolutions, embeddings: recomputed alone they free nothing, keeping their input either way) where
+    they are not blocks of ``"all"``."""
     model = _inner(model)
+    frontier = set(_frontier(model))
     out: dict = {}
-    mods = dict(model.named_modules())
-    for path in select_blocks(model, "auto"):
-        out[path] = None
-        inner = select_blocks(mods[path], _auto_accept)
-        for sub in inner:
-            out[f"{path}.{sub}"] = path
+
+    def walk(m: nn.Module, prefix: str, parent):
+        for name, child in m.named_children():
+            path = f"{prefix}.{name}" if prefix else name
+            if not any(True for _ in child.parameters()):
+                continue
+            if (path in frontier or not isinstance(child, _LINEAR_MAPS)) and not _is_plain_container(child):
+                out[path] = parent
+                walk(child, path, path)
+            else:
+                walk(child, path, parent)
+
+    walk(model, "", None)
     return out
 
 
@@ -441,9 +499,14 @@ class DualizedModel(nn.Module):
         blocks: which submodules are recomputed in backward (see :func:`dualize` and :func:`select_blocks`).
         budget: ``blocks="auto"``'s target, a fraction of the plain forward's saved bytes.
         split_rows: whether ``blocks="auto"`` may run recomputed blocks in row slices of the batch.
+        strict_budget: where no choice of ``blocks="auto"`` meets the budget, raise
+            :class:`~sgflow.autodual.plan.OverBudgetError` (default False: one
+            :class:`~sgflow.autodual.plan.BudgetWarning` with the plan's table, and the plan with the lowest
+            estimate is used).
     """
 
-    def __init__(self, model: nn.Module, blocks="auto", save=None, budget: float = 0.5, split_rows: bool = True):
+    def __init__(self, model: nn.Module, blocks="auto", save=None, budget: float = 0.5, split_rows: bool = True,
+                 strict_budget: bool = False):
         super().__init__()
         if isinstance(model, DualizedModel):
             model = model.module
@@ -455,6 +518,7 @@ class DualizedModel(nn.Module):
         self.budget = float(budget)
         self.plan = None  # sgflow.autodual.plan.BlockPlan, once "auto" has profiled
         self.split_rows = bool(split_rows)
+        self.strict_budget = bool(strict_budget)
         self.splits: dict = {}  # path -> RowSplit: recomputed blocks run in row slices (chosen by the plan)
         _context_fn(save)  # validates
         self.save = save
@@ -478,12 +542,26 @@ class DualizedModel(nn.Module):
     def make_plan(self, t, u, x, t_dot, u_dot, x_dot):
         """Profile the candidate blocks on these inputs and recompute the ones that pay
         (:mod:`sgflow.autodual.plan`); ``blocks="auto"`` does this on its first training call.
-        Returns the :class:`~sgflow.autodual.plan.BlockPlan` (also kept as ``self.plan``)."""
-        from sgflow.autodual.plan import profile_blocks
+        Returns the :class:`~sgflow.autodual.plan.BlockPlan` (also kept as ``self.plan``).
+
+        Where no choice meets the budget: one :class:`~sgflow.autodual.plan.BudgetWarning` holding the
+        plan's table (the plan with the lowest estimate is used), or with ``strict_budget``
+        :class:`~sgflow.autodual.plan.OverBudgetError` (no plan is kept)."""
+        import warnings
+
+        from sgflow.autodual.plan import BudgetWarning, OverBudgetError, profile_blocks
 
         inner = _inner(self.module)
-        self.plan = profile_blocks(inner, (t, u, x), (t_dot, u_dot, x_dot), candidate_blocks(inner),
-                                   lambda m, i, g: dual_call(m, i, g)[0], self.budget, self.split_rows)
+        plan = profile_blocks(inner, (t, u, x), (t_dot, u_dot, x_dot), candidate_blocks(inner),
+                              lambda m, i, g: dual_call(m, i, g)[0], self.budget, self.split_rows)
+        if not plan.meets_budget:
+            msg = (f"dualize({type(inner).__name__}): no choice of recomputed blocks meets the budget of "
+                   f"{self.budget}x the plain forward's saved bytes (estimated {plan.estimate() / max(plan.plain_total, 1):.2f}x); "
+                   f"pass a larger budget, blocks=, or a smaller batch. The plan:\n{plan}")
+            if self.strict_budget:
+                raise OverBudgetError(msg)
+            warnings.warn(msg, BudgetWarning, stacklevel=3)
+        self.plan = plan
         self.blocks = list(self.plan.blocks)
         self.splits = dict(self.plan.splits)
         return self.plan
@@ -501,7 +579,8 @@ class DualizedModel(nn.Module):
         return self.last_report
 
 
-def dualize(model: nn.Module, blocks="auto", save=None, budget: float = 0.5, split_rows: bool = True) -> DualizedModel:
+def dualize(model: nn.Module, blocks="auto", save=None, budget: float = 0.5, split_rows: bool = True,
+            strict_budget: bool = False) -> DualizedModel:
     """Give any network the fused dual path through its own forward (see :mod:`sgflow.autodual`).
 
     Args:
@@ -509,7 +588,7 @@ def dualize(model: nn.Module, blocks="auto", save=None, budget: float = 0.5, spl
             built from ``torch.nn`` modules and ``torch.nn.functional`` / tensor ops.
         blocks: which submodules are recomputed in backward. ``"auto"`` (default): chosen by
             measurement on the first training call (:mod:`sgflow.autodual.plan`: the blocks and
-            sub-blocks that free the most saved bytes per FLOP of recomputation, until the dual
+            sub-blocks, at any depth, that free the most saved bytes per FLOP of recomputation, until the dual
             forward keeps at most ``budget`` x what the plain forward keeps); or fixed, see
             :func:`select_blocks`.
         budget: ``"auto"``'s target, a fraction of the plain forward's saved bytes (default 0.5).
@@ -517,6 +596,10 @@ def dualize(model: nn.Module, blocks="auto", save=None, budget: float = 0.5, spl
             the batch (each its own checkpoint, so one slice's intermediates are live in backward),
             where recomputing is not enough for the budget. Only blocks the profile finds to map rows
             to rows, without random draws, are split.
+        strict_budget: where no choice of ``"auto"`` meets the budget, raise
+            :class:`sgflow.autodual.plan.OverBudgetError` on the first training call; by default one
+            :class:`sgflow.autodual.plan.BudgetWarning` (with the plan's table) is issued and the
+            choice with the lowest estimate is used.
         save: what a block keeps besides its inputs. ``None``: nothing (its whole dual forward is
             recomputed in backward: least memory); ``"matmul"``: the outputs of its convolutions and
             matrix products (selective checkpointing: backward recomputes only the elementwise ops;
@@ -528,7 +611,7 @@ def dualize(model: nn.Module, blocks="auto", save=None, budget: float = 0.5, spl
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"dualize expects an nn.Module, got {type(model).__name__}")
-    return DualizedModel(model, blocks, save, budget, split_rows)
+    return DualizedModel(model, blocks, save, budget, split_rows, strict_budget)
 
 
 _CACHE_ATTR = "_sgflow_dualized"

@@ -4,9 +4,10 @@ Recomputing a block in backward trades its saved activations (the dual forward k
 tangent intermediates, about twice what flow matching keeps) for its inputs plus one more dual forward
 of it. Which blocks are worth it depends on the network and the batch: a 32x32 residual block keeps
 many bytes per FLOP, a 4x4 one few; an attention block keeps several activations for little matmul
-work. So on the first training call ``"auto"`` profiles the candidates
-(:func:`sgflow.autodual.candidate_blocks`: the outermost blocks and their own sub-blocks) once, on the
-real inputs:
+work. So on the first training call
+``"auto"`` profiles the candidates (:func:`sgflow.autodual.candidate_blocks`: blocks at any depth, found
+through thin wrappers, ModuleLists inside ModuleLists and ``nn.Sequential`` trunks, with the composite
+modules inside them) once, on the real inputs:
 
 - ``kept``: bytes autograd saves inside the candidate on the dual forward (activations, parameters
   excluded, each storage once);
@@ -16,12 +17,19 @@ real inputs:
   the dual forward runs them on primal and tangent), plus ``ELEMENTWISE_FLOPS_PER_BYTE`` per byte
   kept: the cost of recomputing it.
 
-It then recomputes candidates in decreasing order of bytes freed per unit of cost (the drop in
-kept bytes, its inputs replacing what it keeps, over ``cost``; a block replacing its chosen sub-blocks
-when that pays), until the estimated dual saved bytes, plus the largest recomputed block's (its dual
-intermediates are live again while its backward runs), are at most ``budget`` times the plain forward's. The default 0.5 leaves room
-for what a step's peak holds besides saved tensors: measured peaks of 0.51-0.56x flow matching's on the
-cifar10 U-Net, the ADM and EDM U-Nets, the DiT and the token-attention MLP of the README.
+It then chooses a *frontier* of the candidate tree (no two nested: a block replaces its chosen
+descendants) so that the estimated dual saved bytes, plus the largest recomputed block's (its dual
+intermediates are live again while its backward runs), are at most ``budget`` times the plain
+forward's: for each bound on that largest block, recomputing the eligible candidates in decreasing order
+of bytes freed per unit of cost, and keeping the cheapest choice that meets the budget
+(:func:`choose_blocks`). Without the bound, the greedy choice recomputes the whole backbone behind a
+wrapper (it frees the most bytes) and then holds all of it again in backward: 2.1x flow matching on a
+DiT. The default 0.5 leaves room
+for what a step's peak holds besides saved tensors: measured peaks of 0.43-0.56x flow matching's on the
+cifar10 U-Net, the ADM and EDM U-Nets, the DiT (wrapped or not) and the token-attention MLP of the README.
+Where no choice meets the budget, :class:`~sgflow.autodual.DualizedModel` warns once
+(:class:`BudgetWarning`, with the plan's table) or, with ``strict_budget=True``, raises
+:class:`OverBudgetError`.
 
 Where recomputing every block that pays still leaves the estimate above the budget (a shallow network
 at a large batch: one block's dual intermediates are then a large part of the peak), the largest
@@ -50,7 +58,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from sgflow.autodual.tensor import DualTensor, make_dual
 
 __all__ = ["BlockCost", "BlockPlan", "RowSplit", "profile_blocks", "choose_blocks", "ELEMENTWISE_FLOPS_PER_BYTE",
-           "MAX_ROW_SLICES", "MIN_ROW_SLICE_GAIN", "MIN_PLANNED_BYTES"]
+           "MAX_ROW_SLICES", "MIN_ROW_SLICE_GAIN", "MIN_PLANNED_BYTES", "ROW_SLICE_OVERHEAD", "BudgetWarning",
+           "OverBudgetError"]
 
 # Recomputing a block also re-runs its elementwise ops (norms, activations, the tangent's products),
 # which FlopCounterMode does not count; each byte the block keeps is charged this many FLOPs.
@@ -64,6 +73,15 @@ MAX_ROW_SLICES = 4
 # ... and only where a doubling frees at least this many bytes: on small activations the extra launches
 # and copies cost more than the memory is worth.
 MIN_ROW_SLICE_GAIN = 2**20
+
+
+class BudgetWarning(UserWarning):
+    """``dualize(model, blocks="auto")``: no choice of recomputed blocks meets the budget (the message
+    holds the plan's table). ``dualize(..., strict_budget=True)`` raises :class:`OverBudgetError` instead."""
+
+
+class OverBudgetError(RuntimeError):
+    """``dualize(model, strict_budget=True)``: no choice of recomputed blocks meets the budget."""
 
 
 @dataclass(frozen=True)
@@ -82,7 +100,7 @@ class BlockCost:
     """What one candidate block keeps and costs (bytes and FLOPs for the profiled inputs)."""
 
     path: str
-    parent: str | None = None  # the candidate it lies in (candidates are two levels deep)
+    parent: str | None = None  # the nearest candidate it lies in (None at the top), at any depth
     own: int = 0  # bytes saved by the dual forward inside it but outside its child candidates
     kept: int = 0  # bytes saved inside it by the dual forward (children included)
     boundary: int = 0  # bytes of its inputs, primal and tangent
@@ -112,6 +130,23 @@ class BlockPlan:
     def plain_total(self) -> int:
         return self.outside_plain + sum(c.plain for c in self.costs if c.parent is None)
 
+    @property
+    def target(self) -> float:
+        """The budget in bytes: ``budget`` x the plain forward's saved bytes."""
+        return self.budget * self.plain_total
+
+    @property
+    def meets_budget(self) -> bool:
+        """Whether the estimate is within the budget (always, where the step is not memory-bound)."""
+        return self.plain_total < MIN_PLANNED_BYTES or self.estimate() <= self.target
+
+    def cost(self) -> float:
+        """What the recomputation costs (:attr:`BlockCost.cost` of the recomputed blocks, a block in
+        ``k`` row slices ``1 + ROW_SLICE_OVERHEAD * (k - 1)`` times its own)."""
+        by_path = {c.path: c for c in self.costs}
+        return sum(by_path[p].cost * (1 + ROW_SLICE_OVERHEAD * ((self.splits[p].chunks if p in self.splits else 1) - 1))
+                   for p in self.blocks)
+
     def estimate(self, chosen=None) -> int:
         """Estimated bytes the dual forward keeps with ``chosen`` recomputed (default: the plan's),
         plus the largest recomputed block's dual intermediates (live again in its backward)."""
@@ -125,8 +160,10 @@ class BlockPlan:
 
     def _kept(self, chosen: set) -> int:
         kept = self.outside_kept
+        inside: set = set()  # candidates within a recomputed block (parents are listed before children)
         for c in self.costs:
-            if c.parent is not None and c.parent in chosen:
+            if c.parent is not None and (c.parent in chosen or c.parent in inside):
+                inside.add(c.path)
                 continue  # inside a recomputed block: only the block's inputs are kept
             kept += c.boundary if c.path in chosen else c.own
         return kept
@@ -146,50 +183,136 @@ class BlockPlan:
                      f"the plain forward's {self.plain_total * mib:.2f} MiB (budget {self.budget}x); "
                      f"{len(self.blocks)} of {len(self.costs)} blocks recomputed"
                      + (f" (the plain forward keeps under {MIN_PLANNED_BYTES * mib:.0f} MiB: not memory-bound)"
-                        if self.plain_total < MIN_PLANNED_BYTES else ""))
+                        if self.plain_total < MIN_PLANNED_BYTES else "")
+                     + ("" if self.meets_budget else "; OVER BUDGET: no choice of blocks meets it"))
         return "\n".join(lines)
 
 
 def choose_blocks(costs: list, outside_kept: int, outside_plain: int, budget: float = 0.5,
                   split_rows: bool = True) -> BlockPlan:
-    """Greedy choice: while the estimate (:meth:`BlockPlan.estimate`) exceeds ``budget`` x the plain
-    forward's saved bytes, recompute the candidate that lowers it most per unit of added cost (a
-    block replaces any of its children already chosen). Then, while it still exceeds it and
-    ``split_rows``, double the row slices of the recomputed block with the most live intermediates,
-    if it maps rows to rows (``BlockCost.rows``), up to :data:`MAX_ROW_SLICES` and while a doubling frees
-    at least :data:`MIN_ROW_SLICE_GAIN` bytes. Nothing is recomputed where the plain forward keeps less
+    """The frontier of candidates to recompute (no two nested: a block replaces its chosen descendants),
+    over a candidate tree of any depth (``BlockCost.parent``; a parent listed before its children).
+
+    The estimate (:meth:`BlockPlan.estimate`) is what the dual forward keeps plus the largest recomputed
+    block's intermediates (live again in its backward). The second term makes a greedy choice by bytes
+    freed blind: recomputing the whole backbone frees the most bytes and is live whole again in backward.
+    So for each bound ``L`` on that term (the candidates' own sizes, ascending), only candidates keeping
+    at most ``L`` are eligible, and among them the greedy choice recomputes the candidate that lowers the
+    kept bytes most per unit of added cost (:attr:`BlockCost.cost`; a block replacing its chosen
+    descendants) until the estimate is at most ``budget`` x the plain forward's saved bytes. Then, while it
+    still exceeds it and ``split_rows``, the recomputed block with the most live intermediates is run in
+    twice the row slices, if it maps rows to rows (``BlockCost.rows``), up to :data:`MAX_ROW_SLICES`
+    and while a doubling frees at least :data:`MIN_ROW_SLICE_GAIN` bytes. Of the choices that meet the
+    budget the cheapest is kept (recomputation cost, a block in ``k`` row slices charged
+    ``1 + ROW_SLICE_OVERHEAD * (k - 1)`` times its own); where none does, the one with the lowest estimate
+    (``BlockPlan.meets_budget`` is then False; among estimates within :data:`ESTIMATE_TIE` of the
+    lowest, the one keeping least outside the live term). Nothing is recomputed where the plain forward keeps less
     than :data:`MIN_PLANNED_BYTES`."""
-    plan = BlockPlan(costs=list(costs), outside_kept=outside_kept, outside_plain=outside_plain, budget=budget)
-    if plan.plain_total < MIN_PLANNED_BYTES:
-        return plan
-    target = budget * plan.plain_total
-    by_path = {c.path: c for c in costs}
-    chosen: set = set()
-    while plan.estimate(chosen) > target:
-        current = plan._kept(chosen)
-        best, best_score, best_set = None, 0.0, None
-        for c in costs:
-            if c.path in chosen or (c.parent is not None and c.parent in chosen):
-                continue
-            replaced = {p for p in chosen if by_path[p].parent == c.path}
-            trial = (chosen - replaced) | {c.path}
-            gain = current - plan._kept(trial)
-            extra = c.cost - sum(by_path[p].cost for p in replaced)
-            if gain > 0:
-                score = gain / max(extra, 1.0)
-                if score > best_score:
-                    best, best_score, best_set = c, score, trial
-        if best is None:
-            break
-        chosen = best_set
-    plan.blocks = [c.path for c in costs if c.path in chosen]
-    while split_rows and plan.blocks and plan.estimate() > target:
+    costs = list(costs)
+    base = BlockPlan(costs=costs, outside_kept=outside_kept, outside_plain=outside_plain, budget=budget)
+    if base.plain_total < MIN_PLANNED_BYTES:
+        return base
+    target = budget * base.plain_total
+    if base.estimate([]) <= target:
+        return base
+    tree = _Tree(costs)
+    bounds = sorted({c.kept for c in costs if c.kept > c.boundary})
+    if len(bounds) > MAX_PLAN_BOUNDS:  # evenly spaced ranks, the largest included
+        bounds = [bounds[(len(bounds) - 1) * i // (MAX_PLAN_BOUNDS - 1)] for i in range(MAX_PLAN_BOUNDS)]
+    plans = [base]
+    for bound in bounds:
+        chosen = tree.greedy({i for i, c in enumerate(costs) if c.kept <= bound}, outside_kept, target)
+        plan = BlockPlan(costs=costs, outside_kept=outside_kept, outside_plain=outside_plain, budget=budget,
+                         blocks=[c.path for i, c in enumerate(costs) if i in chosen])
+        if split_rows:
+            _split(plan, target)
+        plans.append(plan)
+    within = [p for p in plans if p.estimate() <= target]
+    if within:
+        return min(within, key=BlockPlan.cost)
+    # None meets the budget: the lowest estimate; within ESTIMATE_TIE of it, the one keeping least for the
+    # whole backward (the largest block's term is live during its own backward only).
+    lowest = min(p.estimate() for p in plans)
+    return min((p for p in plans if p.estimate() <= lowest * (1 + ESTIMATE_TIE)),
+               key=lambda p: (p._kept(set(p.blocks)), p.cost()))
+
+
+# Estimates within this fraction of each other are a tie (then the choice keeping less for the whole
+# backward wins).
+ESTIMATE_TIE = 0.01
+# At most this many bounds on the largest recomputed block are tried (each one greedy choice).
+MAX_PLAN_BOUNDS = 32
+# A block run in k row slices is charged 1 + ROW_SLICE_OVERHEAD * (k - 1) times its recomputation cost
+# when choices are compared (each slice launches every op of the block again).
+ROW_SLICE_OVERHEAD = 0.5
+
+
+def _split(plan: BlockPlan, target: float) -> None:
+    by_path = {c.path: c for c in plan.costs}
+    while plan.blocks and plan.estimate() > target:
         top = max((by_path[p] for p in plan.blocks), key=plan._live)
         n = plan.splits[top.path].chunks * 2 if top.path in plan.splits else 2
         if top.rows is None or n > MAX_ROW_SLICES or top.batch < n or plan._live(top) - top.kept // n < MIN_ROW_SLICE_GAIN:
             break
         plan.splits[top.path] = RowSplit(n, top.rows.args, top.rows.kwargs)
-    return plan
+
+
+class _Tree:
+    """The candidates as a tree (indices into ``costs``, parents before children) for the greedy choice."""
+
+    def __init__(self, costs):
+        self.costs = costs
+        index = {c.path: i for i, c in enumerate(costs)}
+        self.parent = [index.get(c.parent) if c.parent is not None else None for c in costs]
+        self.children = [[] for _ in costs]
+        for i, p in enumerate(self.parent):
+            if p is not None:
+                self.children[p].append(i)
+
+    def greedy(self, eligible: set, outside_kept: int, target: float) -> set:
+        costs, parent, children = self.costs, self.parent, self.children
+        n = len(costs)
+        chosen: set = set()
+        while True:
+            # Post-order (children after parents in the list: walk it backwards): what each subtree keeps
+            # and what its chosen blocks cost; the largest recomputed block's intermediates.
+            contrib = [0] * n
+            ccost = [0.0] * n
+            for i in range(n - 1, -1, -1):
+                c = costs[i]
+                if i in chosen:
+                    contrib[i], ccost[i] = c.boundary, c.cost
+                else:
+                    contrib[i] = c.own + sum(contrib[j] for j in children[i])
+                    ccost[i] = sum(ccost[j] for j in children[i])
+            kept = outside_kept + sum(contrib[i] for i in range(n) if parent[i] is None)
+            live = max((costs[i].kept for i in chosen), default=0)
+            if kept + live <= target:
+                return chosen
+            covered = [False] * n
+            for i in range(n):
+                p = parent[i]
+                covered[i] = p is not None and (covered[p] or p in chosen)
+            best, best_score = None, 0.0
+            for i in eligible:
+                if i in chosen or covered[i]:
+                    continue
+                gain = contrib[i] - costs[i].boundary
+                if gain > 0:
+                    score = gain / max(costs[i].cost - ccost[i], 1.0)
+                    if score > best_score:
+                        best, best_score = i, score
+            if best is None:
+                return chosen
+            chosen = {j for j in chosen if not self._inside(j, best)} | {best}
+
+    def _inside(self, j: int, i: int) -> bool:
+        p = self.parent[j]
+        while p is not None:
+            if p == i:
+                return True
+            p = self.parent[p]
+        return False
 
 
 class _Saved:
@@ -320,9 +443,11 @@ def _preserved_state(model: nn.Module, devices):
 
 
 @contextlib.contextmanager
-def _profiling(model: nn.Module, paths, saved: _Saved, costs: dict, dual: bool):
+def _profiling(model: nn.Module, paths, saved: _Saved, costs: dict, dual: bool, row_check=frozenset()):
     """Patch the candidates' forwards: each runs with its own saved bytes, inputs and FLOPs counted,
-    and returns detached outputs, so only one candidate's graph is alive at a time."""
+    and returns detached outputs, so only one candidate's graph is alive at a time. On the dual pass the
+    candidates in ``row_check`` are also checked for mapping rows to rows (each check one more forward of
+    the candidate on half the batch)."""
     from sgflow.autodual import patched_forwards
 
     mods = dict(model.named_modules())
@@ -351,7 +476,9 @@ def _profiling(model: nn.Module, paths, saved: _Saved, costs: dict, dual: bool):
                     c.flops += 2 * fc.get_total_flops()
             finally:
                 saved.stack.pop()
-            if dual and c.batch == 0:  # first call of this candidate: does it map rows to rows?
+            if dual and c.batch == 0 and path not in row_check:
+                c.rows, c.batch = None, -1  # too small to be worth row slices: not checked
+            elif dual and c.batch == 0:  # first call of this candidate: does it map rows to rows?
                 drew = any(not torch.equal(a, b) for a, b in zip(rng, _rng_states(args, kwargs)))
                 checking.append(path)
                 try:
@@ -386,14 +513,22 @@ def profile_blocks(model: nn.Module, inputs, tangents, candidates, run_dual, bud
         del out
         for p, c in costs.items():
             c.plain = plain.bytes.get(p, 0)
+        # Row slices of a candidate free about what its plain forward keeps (half its dual intermediates):
+        # only those that could free MIN_ROW_SLICE_GAIN are checked.
+        subtree = {p: c.plain for p, c in costs.items()}
+        for p in reversed(list(costs)):
+            if costs[p].parent is not None:
+                subtree[costs[p].parent] += subtree[p]
+        row_check = {p for p, b in subtree.items() if b >= MIN_ROW_SLICE_GAIN} if split_rows else set()
         torch.random.set_rng_state(state)  # the same dropout draws as the plain pass
         dual = _Saved(params)
-        with torch.enable_grad(), dual.hooks(), _profiling(model, list(candidates), dual, costs, dual=True):
+        with torch.enable_grad(), dual.hooks(), _profiling(model, list(candidates), dual, costs, dual=True,
+                                                           row_check=row_check):
             out = run_dual(model, inputs, tangents)
         del out
         for p, c in costs.items():
             c.own = c.kept = dual.bytes.get(p, 0)
-    for c in costs.values():  # a parent's totals include its children's
+    for c in reversed(list(costs.values())):  # a parent's totals include its descendants' (children listed after)
         if c.parent is not None:
             costs[c.parent].kept += c.kept
             costs[c.parent].plain += c.plain
