@@ -11,6 +11,13 @@ until freed, so gradients and temporaries too) and the median step time. ``--tra
 tracked peak on GPU as well, next to the allocator's, as a check of one against the other. Every
 number is also given as a ratio to flow matching measured in the same run. Results go to
 ``--out`` (CSV and JSON).
+
+Every device also reports ``aten_ops``: the ATen ops one full training step dispatches (forward,
+backward, Adam step; counted by a ``TorchDispatchMode``, :class:`sgflow.memory.OpCounter`, on a step of
+its own after the timed ones), the host-side work a step cannot go below on a GPU (each op is a launch
+or a dispatch), with ``--op-breakdown N`` the N most dispatched ops per method. ``--wrap`` puts
+``--network`` behind the thin flow-map wrapper users write (``forward(t, u, x)`` calling the backbone
+held as ``self.net``): what ``sgflow.dualize``'s plan must see through.
 """
 from __future__ import annotations
 
@@ -25,7 +32,7 @@ from pathlib import Path
 import torch
 
 import sgflow
-from sgflow.memory import peak_tensor_bytes, saved_tensor_bytes
+from sgflow.memory import count_aten_ops, peak_tensor_bytes, saved_tensor_bytes
 from sgflow import testnets
 from sgflow.nn import build_model
 
@@ -61,6 +68,19 @@ def _dualized(model):
     if id(model) not in _DUALIZED:
         _DUALIZED[id(model)] = sgflow.dualize(model, **DUALIZE_KW)
     return _DUALIZED[id(model)]
+
+
+class FlowMapWrapper(torch.nn.Module):
+    """The thin wrapper a flow-map user writes around a backbone: ``forward(t, u, x)`` with the backbone
+    held as ``self.net`` (``u - t`` rebuilt into the second time, as a wrapper feeding it to a class or
+    extra embedding would)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, t, u, x):
+        return self.net(t, t + (u - t), x)
 
 
 def _sync(device):
@@ -113,6 +133,17 @@ def run_method(name, model, opt, x1, args, device):
             row["tracked_peak_error"] = "out of memory"
             opt.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
+    opt.zero_grad(set_to_none=True)
+
+    def counted_step():
+        loss = step()
+        loss.backward()
+        opt.step()
+
+    counts = count_aten_ops(counted_step)
+    row["aten_ops"] = counts["ops"]
+    if args.op_breakdown:
+        row["aten_ops_top"] = dict(counts["by_op"].most_common(args.op_breakdown))
     return row
 
 
@@ -136,6 +167,10 @@ def main(argv=None):
                    help="sgflow_fused with --blocks auto: kept bytes target, x the plain forward's (default 0.5)")
     p.add_argument("--track-peak", action="store_true",
                    help="also count live tensor bytes per op on GPU (always on for CPU; slows that one step)")
+    p.add_argument("--wrap", action="store_true",
+                   help="--network behind a thin flow-map wrapper (forward(t, u, x) -> self.net(...))")
+    p.add_argument("--op-breakdown", type=int, default=0, metavar="N",
+                   help="also record the N most dispatched ATen ops of one step per method")
     p.add_argument("--out", default="benchmarks/results/memory")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -151,6 +186,8 @@ def main(argv=None):
         shape = tuple(int(v) for v in (args.shape or f"3,{size},{size}").split(","))
         model = testnets.build(args.network, shape, **json.loads(args.net_kw)).to(device)
         config, size = args.network, "x".join(map(str, shape))
+        if args.wrap:
+            model, config = FlowMapWrapper(model), f"wrapped {config}"
     else:
         shape = (3, size, size)
         model = build_model(config, shape).to(device)
@@ -180,7 +217,8 @@ def _add_ratios(rows, device):
     ref = next((r for r in rows if r["method"] == "flow_matching" and "error" not in r), None)
     # (key, header, bytes per unit): GPU peak in GiB, CPU byte counts in MiB.
     columns = [("peak_bytes", "peak GiB", 2**30), ("tracked_peak_bytes", "tracked peak " + ("GiB" if device.type == "cuda" else "MiB"),
-               2**30 if device.type == "cuda" else 2**20), ("saved_bytes", "saved MiB", 2**20), ("step_ms", "step ms", 1)]
+               2**30 if device.type == "cuda" else 2**20), ("saved_bytes", "saved MiB", 2**20), ("step_ms", "step ms", 1),
+               ("aten_ops", "ATen ops", 1)]
     columns = [c for c in columns if any(c[0] in r for r in rows)]
     for r in rows:
         if ref and "error" not in r:
@@ -193,9 +231,9 @@ def _add_ratios(rows, device):
 def _write(out: Path, meta, rows):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    fields = sorted({k for r in rows for k in r}, key=lambda k: (k != "method", k))
+    fields = sorted({k for r in rows for k in r if k != "aten_ops_top"}, key=lambda k: (k != "method", k))
     with out.with_suffix(".csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
 
@@ -208,7 +246,7 @@ def _print_table(meta, rows, columns, n_params):
         if "error" in r:
             print(f"{r['method']:<18} {r['error']}")
             continue
-        print(f"{r['method']:<18}" + "".join(f" {r.get(key, float('nan')) / unit:>{max(10, len(header))}.{1 if key == 'step_ms' else 2}f} "
+        print(f"{r['method']:<18}" + "".join(f" {r.get(key, float('nan')) / unit:>{max(10, len(header))}.{1 if key == 'step_ms' else 0 if key == 'aten_ops' else 2}f} "
                                             f"{r.get(key + '_ratio', float('nan')):>6.2f}" for key, header, unit in columns))
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from typing import Callable
 
 import torch
@@ -133,6 +134,41 @@ def peak_tensor_bytes(step: Callable[[], object]) -> dict:
     with PeakTensorBytes() as mode:
         result = step()
     return {"peak_bytes": mode.peak, "end_bytes": mode.current, "ops": mode.ops, "result": result}
+
+
+class OpCounter(TorchDispatchMode):
+    """ATen ops dispatched in a region, in total and per op: ``with OpCounter() as c: ...``; ``c.ops``,
+    ``c.by_op`` (a ``Counter`` of op names such as ``"aten.mul.Tensor"``).
+
+    Every op that reaches the dispatcher's Python mode is counted once: the forward's, autograd's
+    backward's (its device threads included) and an optimizer's. Ops decomposed before dispatch
+    (CompositeImplicit ops: ``F.linear`` is counted as the ``addmm`` / ``view`` it becomes) are counted as
+    what they become; what runs inside one kernel is one op. On a GPU each op is (at least) a launch or a
+    dispatch: the host-side cost of a step. One instance per region.
+    """
+
+    sgflow_observer = True  # holds no op outputs
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_op: Counter = Counter()
+        self._lock = threading.Lock()
+
+    @property
+    def ops(self) -> int:
+        return sum(self.by_op.values())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        with self._lock:
+            self.by_op[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_aten_ops(step: Callable[[], object]) -> dict:
+    """Run ``step()`` under :class:`OpCounter`; return ``{"ops", "by_op", "result"}``."""
+    with OpCounter() as mode:
+        result = step()
+    return {"ops": mode.ops, "by_op": mode.by_op, "result": result}
 
 
 def cpu_allocator_peak_bytes(step: Callable[[], object]) -> dict:
