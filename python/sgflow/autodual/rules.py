@@ -1031,6 +1031,8 @@ class _PointwiseDual(torch.autograd.Function):
         ctx.save_for_backward(x, x_dot)
         ctx.set_materialize_grads(False)
         y = spec.f(x, extra)
+        if spec.jvp is not None:  # f'(x) x_dot as one op (no temporaries, no chunks)
+            return y, spec.jvp(x, y, extra, x_dot)
         yf = _flat(y) if y.is_contiguous() else _flat(y.contiguous())
         xf, xdf = _flat(x), _flat(x_dot)
         y_dot = torch.empty(x.shape, dtype=y.dtype, device=x.device)
@@ -1047,6 +1049,24 @@ class _PointwiseDual(torch.autograd.Function):
         xf, xdf = _flat(x), _flat(x_dot)
         gf = None if g is None else _flat(g)
         gdf = None if g_dot is None else _flat(g_dot)
+        if spec.jvp is not None:
+            # The first-derivative terms as one op each; only g_dot x_dot f''(x) runs in chunks.
+            y = spec.f(x, extra) if spec.needs_y else None
+            dxd = spec.jvp(x, y, extra, g_dot) if need_xd and g_dot is not None else None
+            dx = None
+            if need_x and g is not None:
+                dx = spec.jvp(x, y, extra, g)
+            if need_x and g_dot is not None:
+                if dx is None:
+                    dx = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+                elif not dx.is_contiguous():
+                    dx = dx.contiguous()
+                yf = None if y is None else _flat(y if y.is_contiguous() else y.contiguous())
+                dxf = dx.view(-1)
+                for lo, hi in _chunks(x):
+                    ys = None if yf is None else yf[lo:hi]
+                    dxf[lo:hi].add_(spec.d2(xf[lo:hi], ys, extra).mul_(gdf[lo:hi]).mul_(xdf[lo:hi]))
+            return dx, dxd, None, None
         dx = torch.zeros(x.shape, dtype=x.dtype, device=x.device) if need_x and (g is not None or g_dot is not None) else None
         dxd = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_xd and g_dot is not None else None
         for lo, hi in _chunks(x):
@@ -1065,10 +1085,12 @@ class _PointwiseDual(torch.autograd.Function):
 
 
 class _Spec:
-    """f, f', f'' of an elementwise op (``extra``: its non-tensor arguments)."""
+    """f, f', f'' of an elementwise op (``extra``: its non-tensor arguments); ``jvp(x, y, extra, v)``,
+    where given: ``f'(x) v`` as one ATen op (PyTorch's own backward kernel of f), instead of ``d1``'s
+    chain of small ops per chunk."""
 
-    def __init__(self, f, d1, d2, needs_y=False):
-        self.f, self.d1, self.d2, self.needs_y = f, d1, d2, needs_y
+    def __init__(self, f, d1, d2, needs_y=False, jvp=None):
+        self.f, self.d1, self.d2, self.needs_y, self.jvp = f, d1, d2, needs_y, jvp
 
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -1110,19 +1132,24 @@ def _silu_d2(x, y, e):
     return s * (1.0 - s) * (2.0 + x * (1.0 - 2.0 * s))
 
 
+_aten = torch.ops.aten
+
 _SPECS = {
-    "silu": _Spec(lambda x, e: F.silu(x), _silu_d1, _silu_d2),
+    "silu": _Spec(lambda x, e: F.silu(x), _silu_d1, _silu_d2, jvp=lambda x, y, e, v: _aten.silu_backward(v, x)),
     "exp": _Spec(lambda x, e: torch.exp(x), lambda x, y, e: torch.exp(x), lambda x, y, e: torch.exp(x)),
     "log": _Spec(lambda x, e: torch.log(x), lambda x, y, e: 1.0 / x, lambda x, y, e: -1.0 / (x * x)),
     "sin": _Spec(lambda x, e: torch.sin(x), lambda x, y, e: torch.cos(x), lambda x, y, e: -torch.sin(x)),
     "cos": _Spec(lambda x, e: torch.cos(x), lambda x, y, e: -torch.sin(x), lambda x, y, e: -torch.cos(x)),
-    "tanh": _Spec(lambda x, e: torch.tanh(x), lambda x, y, e: 1.0 - y * y, lambda x, y, e: -2.0 * y * (1.0 - y * y), True),
-    "sigmoid": _Spec(lambda x, e: torch.sigmoid(x), _sig_d1, lambda x, y, e: y * (1.0 - y) * (1.0 - 2.0 * y), True),
+    "tanh": _Spec(lambda x, e: torch.tanh(x), lambda x, y, e: 1.0 - y * y, lambda x, y, e: -2.0 * y * (1.0 - y * y), True,
+                  jvp=lambda x, y, e, v: _aten.tanh_backward(v, y)),
+    "sigmoid": _Spec(lambda x, e: torch.sigmoid(x), _sig_d1, lambda x, y, e: y * (1.0 - y) * (1.0 - 2.0 * y), True,
+                     jvp=lambda x, y, e, v: _aten.sigmoid_backward(v, y)),
     "sqrt": _Spec(lambda x, e: torch.sqrt(x), lambda x, y, e: 0.5 / y, lambda x, y, e: -0.25 / (y * y * y), True),
     "rsqrt": _Spec(lambda x, e: torch.rsqrt(x), lambda x, y, e: -0.5 * y * y * y, lambda x, y, e: 0.75 * y.pow(5), True),
     "relu": _Spec(lambda x, e: torch.relu(x), lambda x, y, e: (x > 0).to(x.dtype), lambda x, y, e: torch.zeros_like(x)),
     "square": _Spec(lambda x, e: x * x, lambda x, y, e: 2.0 * x, lambda x, y, e: torch.full_like(x, 2.0)),
-    "gelu": _Spec(lambda x, approx: F.gelu(x, approximate=approx), _gelu_d1, _gelu_d2),
+    "gelu": _Spec(lambda x, approx: F.gelu(x, approximate=approx), _gelu_d1, _gelu_d2,
+                  jvp=lambda x, y, approx, v: _aten.gelu_backward(v, x, approximate=approx)),
 }
 
 
