@@ -358,3 +358,27 @@ def test_distill_trains_a_teacher_then_the_student(tmp_path, capsys):
     assert "either --teacher" in _err(capsys)
     assert main(["distill", "--data", "ring8", "--teacher-steps", "2", "--out", str(out)]) == 1
     assert "already holds a teacher" in _err(capsys)
+
+
+@pytest.mark.parametrize("make,shape", [NETWORKS[0], NETWORKS[3], NETWORKS[5]])
+def test_fused_equals_reference_with_a_teacher_semi_update_float64(make, shape):
+    """The trainer's SGFlow recipe (update="semi") with a teacher in the second term."""
+    torch.manual_seed(11)
+    model = make().double()
+    torch.manual_seed(12)
+    teacher_net = make().double().eval()
+    teacher = lambda t, x: teacher_net(t, t, x)  # noqa: E731
+    params = [p for p in model.parameters() if p.requires_grad]
+    x1, kw = _gen_batch(shape, seed=14)
+    del kw["split"]
+    loss_ref, _ = sgflow.sgflow_loss(model, x1, teacher=teacher, update="semi", **kw)
+    g_ref = torch.autograd.grad(loss_ref, params, allow_unused=True)
+    loss_f, _ = sgflow.fused_loss(model, x1, teacher=teacher, update="semi", **kw)
+    g_f = torch.autograd.grad(loss_f, params, allow_unused=True)
+    assert rel_err(loss_f, loss_ref) <= 1e-10
+    assert rel_err(_flat(g_f, params), _flat(g_ref, params)) <= 1e-10
+    assert all(p.grad is None for p in teacher_net.parameters())
+    # "both" leaves no second term: the same loss under either update.
+    both_semi, _ = sgflow.fused_loss(model, x1, teacher=teacher, teacher_mode="both", update="semi", **kw)
+    both_paper, _ = sgflow.fused_loss(model, x1, teacher=teacher, teacher_mode="both", **kw)
+    assert torch.equal(both_semi, both_paper)
