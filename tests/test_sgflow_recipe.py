@@ -7,6 +7,8 @@ second part (sgflow/losses/semi.py). Checked here exactly in float64, fused agai
 in training: the paper's update on the 16-D mixture trips the early warning before the loss passes -1e3,
 the default recipe does not.
 """
+import copy
+import dataclasses
 import math
 import warnings
 
@@ -75,13 +77,43 @@ NETWORKS = [
 ]
 
 
-@pytest.mark.parametrize("make,shape", NETWORKS)
-def test_semi_update_fused_equals_reference_float64(make, shape):
+CASES = [pytest.param(*p.values, False, id=p.id + "-own-target") for p in NETWORKS] + [
+    pytest.param(*p.values, True, id=p.id + "-ema-target") for p in NETWORKS if p.id.startswith(("dit", "attnmlp"))]
+
+
+@pytest.mark.parametrize("make,shape,with_target", CASES)
+def test_semi_update_fused_equals_reference_float64(make, shape, with_target):
     torch.manual_seed(0)
     model = make().double()
     x1, kw = _batch(shape, seed=11, n_diag=1)
     kw["update"] = "semi"
+    if with_target:
+        # A target network as the trainer's EMA would be: the same architecture, other weights, no grad.
+        target = copy.deepcopy(model).requires_grad_(False)
+        with torch.no_grad():
+            for p in target.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        kw["target"] = target
     _assert_fused_equals_reference(model, model, (x1, kw), 1e-10)
+    if with_target:
+        assert all(p.grad is None for p in target.parameters())
+
+
+def test_target_network_gives_v_hat_and_the_stop_gradient_target():
+    """With target=T: loss = mean ||JVP_(1,0,v_T) f + sg[J_T (Xdot - v_T)]||^2, v_T = T~(t, t, X_t)."""
+    model, target = _mlp(4, seed=0), _mlp(4, seed=1)
+    x1, kw = _batch((5, 4), seed=2, n_diag=1)
+    loss, _ = sgflow.sgflow_loss(model, x1, update="semi", target=target, **kw)
+    t, u, noise = kw["t"], kw["u"], kw["noise"]
+    xt, xdot = (1 - t)[:, None] * noise + t[:, None] * x1, x1 - noise
+    ones, zeros = torch.ones_like(t), torch.zeros_like(t)
+    with decomposed():
+        v_t = target(t, t, xt).detach()
+        e = torch.func.jvp(lambda a, b, c: flow_map(model, a, b, c), (t, u, xt), (ones, zeros, v_t))[1]
+        r2 = torch.func.jvp(lambda a, b, c: flow_map(target, a, b, c), (t, u, xt), (zeros, zeros, xdot - v_t))[1].detach()
+    torch.testing.assert_close(loss, mean_sq(e + r2).mean(), rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="pass update='semi' with it"):
+        sgflow.fused_loss(model, x1, target=target, **kw)
 
 
 def test_semi_update_with_the_exact_velocity_is_unbiased_for_the_ideal_gradient():
@@ -130,8 +162,9 @@ def test_semi_update_with_the_exact_velocity_is_unbiased_for_the_ideal_gradient(
     ({"update": "fast"}, "update must be one of"),
     ({"update": "semi", "both_terms": True}, "apply to update='paper' only"),
     ({"update": "semi", "split": torch.tensor([True, False, True])}, "apply to update='paper' only"),
-    ({"update": "semi", "teacher": lambda t, x: x, "teacher_mode": "both"}, "teacher_mode='both' leaves no second term"),
-], ids=["unknown", "both-terms", "split", "teacher-both"])
+    ({"update": "semi", "split_fraction": 0.3}, "apply to update='paper' only"),
+    ({"update": "paper", "target": lambda t, u, x: x}, "pass update=.semi. with it"),
+], ids=["unknown", "both-terms", "split", "split-fraction", "target-without-semi"])
 def test_semi_update_refuses_paper_only_options(fn, kw, match):
     model = _mlp(2)
     with pytest.raises(ValueError, match=match):
@@ -140,8 +173,8 @@ def test_semi_update_refuses_paper_only_options(fn, kw, match):
 
 # ------------------------------------------------------------------ the trainer's recipe
 def test_default_recipe_is_the_semi_update_and_explicit_options_are_kept():
-    assert METHOD_DEFAULTS["sgflow"] == METHOD_DEFAULTS["sgflow_fused"] == {"update": "semi"}
-    assert TrainConfig(method="sgflow_fused").loss_kwargs == {"update": "semi"}
+    assert METHOD_DEFAULTS["sgflow"] == METHOD_DEFAULTS["sgflow_fused"] == {"update": "semi", "target": "ema"}
+    assert TrainConfig(method="sgflow_fused").loss_kwargs == {"update": "semi", "target": "ema"}
     assert TrainConfig(method="meanflow").loss_kwargs == {}
     # An explicit dict (a checkpoint of an older run included) is used exactly as given.
     assert TrainConfig(method="sgflow", loss_kwargs={}).loss_kwargs == {}
@@ -156,9 +189,15 @@ def test_cli_loss_options_add_to_the_default_recipe():
     args = make_parser().parse_args(["train", "--method", "sgflow_fused", "--out", "/nonexistent/x", "--loss-opt", "update=paper",
                                      "--loss-opt", "both_terms=true"])
     cfg, _ = build_train_config(args)
-    assert cfg.loss_kwargs == {"update": "paper", "both_terms": True}
+    assert cfg.loss_kwargs == {"update": "paper", "both_terms": True}  # choosing the update replaces the recipe
+    args = make_parser().parse_args(["train", "--method", "sgflow_fused", "--out", "/nonexistent/x", "--loss-opt",
+                                     "split_fraction=0.3"])
+    cfg, _ = build_train_config(args)
+    assert cfg.loss_kwargs == {"update": "semi", "target": "ema", "split_fraction": 0.3}
+    with pytest.raises(ValueError, match="apply to update='paper' only"):  # not silently ignored
+        Trainer(dataclasses.replace(cfg, out_dir=None, steps=1, progress=False, figures=False)).run()
     args = make_parser().parse_args(["train", "--method", "sgflow_fused", "--out", "/nonexistent/x"])
-    assert build_train_config(args)[0].loss_kwargs == {"update": "semi"}
+    assert build_train_config(args)[0].loss_kwargs == {"update": "semi", "target": "ema"}
 
 
 def _gmm16_trainer(loss_kwargs, steps, seed=0):
@@ -177,7 +216,7 @@ def test_early_warning_fires_before_the_paper_update_diverges():
     with pytest.warns(SGFlowInstabilityWarning, match=r"L_sg = L_ideal - E\|\|J \(v_hat - v\)\|\|\^2"):
         with pytest.raises(TrainingDiverged, match="Cause, seen from step") as err:
             tr.run()
-    assert "update=semi" in str(err.value)
+    assert "semi-gradient update" in str(err.value)
     first_big = next(h["step"] for h in tr.history if h["loss"] < -1e3)
     assert tr.instability is not None and tr.instability["step"] < first_big
 

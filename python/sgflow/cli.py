@@ -116,8 +116,8 @@ def _add_train(sub):
     a("--data-opt", action="append", metavar="K=V", help="data set option, e.g. dim=16 (gmm), pad=4 (digits); repeatable")
     a("--model", default=None, help="network config: mlp, mlp-small, tiny, digits, cifar10 (default: the data set's)")
     a("--model-opt", action="append", metavar="K=V", help="network override, e.g. hidden=512; repeatable")
-    a("--loss-opt", action="append", metavar="K=V", help="loss option added to the method's recipe, e.g. update=paper "
-      "(SGFlow's paper update; the default is update=semi) or both_terms=true; repeatable")
+    a("--loss-opt", action="append", metavar="K=V", help="loss option added to the method's recipe (SGFlow's: update=semi target=ema); "
+      "update=paper replaces it with the paper's update, e.g. with both_terms=true; repeatable")
     a("--steps", type=int, default=None, help=f"total optimisation steps (default {d.steps})")
     a("--batch-size", type=int, default=None, help=f"global batch size (default {d.batch_size})")
     a("--lr", type=float, default=None, help=f"Adam learning rate (default {d.lr})")
@@ -196,8 +196,8 @@ def build_train_config(args):
         if (out / "checkpoint.pt").exists() and not args.overwrite:
             raise CLIError(f"{out} already holds a run (checkpoint.pt): pass --resume auto to continue it, "
                            "--overwrite to start over, or another --out")
-        if "loss_kwargs" in given:
-            # --loss-opt adds to (or overrides) the method's training recipe, e.g. update=paper.
+        if "loss_kwargs" in given and "update" not in given["loss_kwargs"]:
+            # --loss-opt adds to the method's training recipe; one that picks the update (update=paper) replaces it.
             from sgflow.train import METHOD_DEFAULTS
 
             method = given.get("method", TrainConfig().method)

@@ -57,7 +57,16 @@ METHODS = {
     "progressive": ("progressive", "progressive", "progressive"),
     "meanflow": ("MeanFlow", "meanflow_fused", "meanflow"),
     "sgflow": ("SGFlow", "sgflow_fused", "sgflow"),
+    "sgflow_paper": ("SGFlow (paper recipe)", "sgflow_fused", "sgflow"),
+    "oracle": ("ideal loss, exact v (bound)", "sgflow_fused", "sgflow"),
 }
+# Loss options per method key where they differ from the trainer's recipe (None: sgflow.train.METHOD_DEFAULTS).
+# "sgflow" is the default recipe (the semi-gradient update with the EMA as its target network); "sgflow_paper" the
+# paper's L_sg with the batch split half/half between its terms. "oracle" (mixtures only) trains the ideal loss
+# E||d_t f + (d_x f) v||^2 with the mixture's exact velocity v (sgflow_loss's teacher=v, teacher_mode="both"): what
+# any flow-map loss with a perfect velocity could reach with this network and budget.
+METHOD_LOSS_KWARGS = {"sgflow_paper": {}}
+ORACLE_METHODS = ("oracle",)
 
 SAMPLER_LABELS = {"flow_map": "jumps", "euler": "Euler", "heun": "Heun"}
 METRIC_LABELS = {
@@ -67,7 +76,7 @@ METRIC_LABELS = {
 }
 # Drawing order and colours of the figure (matplotlib's tab10, one per method).
 COLORS = {"flow_matching": "#1f77b4", "lagrangian": "#8c564b", "eulerian": "#9467bd", "progressive": "#7f7f7f",
-          "meanflow": "#ff7f0e", "sgflow": "#d62728"}
+          "meanflow": "#ff7f0e", "sgflow": "#d62728", "sgflow_paper": "#e377c2", "oracle": "#2ca02c"}
 
 
 # ---------------------------------------------------------------------- networks and data
@@ -127,6 +136,10 @@ DATA_SPECS = {
     "gmm16": DataSpec("gmm16", "gmm", {"dim": 16}, "mlp-small", _SMALL_MLP),
     "digits": DataSpec("digits", "digits", {}, "mlp", {"hidden": 256, "depth": 4, "time_dim": 64, "time_scale": 30.0},
                        network="flat", batch_size=128),
+    # The other shipped data sets (the recipe's stability sweep): mixtures in 8-64 dimensions and the 2-D sets
+    # without an exact flow map (energy distance only).
+    **{f"gmm{d}": DataSpec(f"gmm{d}", "gmm", {"dim": d}, "mlp-small", _SMALL_MLP) for d in (8, 32, 64)},
+    **{n: DataSpec(n, n, {}, "mlp-small", _SMALL_MLP) for n in ("checkerboard", "moons", "spirals")},
 }
 
 
@@ -141,10 +154,10 @@ class QualityConfig:
     """
 
     datasets: tuple = ("ring8", "grid9", "gmm16", "digits")
-    methods: tuple = tuple(METHODS)
+    methods: tuple = tuple(METHODS)  # "oracle" runs on the mixtures only (it needs the exact velocity)
     seeds: tuple = (0, 1, 2)
     nfe: tuple = (1, 2, 4, 8, 16)
-    train_steps: dict = field(default_factory=lambda: {"ring8": 2000, "grid9": 2000, "gmm16": 2000, "digits": 2000})
+    train_steps: dict = field(default_factory=lambda: {d: 2000 for d in DATA_SPECS})
     lr: float = 3e-3
     warmup: int = 100
     lr_schedule: str = "cosine"
@@ -246,12 +259,18 @@ def train_method(key: str, spec: DataSpec, seed: int, cfg: QualityConfig):
         model=spec.model, model_kwargs=dict(spec.model_kwargs), steps=steps, batch_size=spec.batch_size,
         lr=cfg.lr, warmup=cfg.warmup, lr_schedule=cfg.lr_schedule, ema_decay=cfg.ema_decay, grad_clip=cfg.grad_clip,
         seed=int(seed), time_dist=cfg.time_dist, diagonal_fraction=cfg.diagonal_fraction, out_dir=None,
-        log_every=25, progress=False, figures=False, device=cfg.device,
+        log_every=25, progress=False, figures=False, device=cfg.device, loss_kwargs=METHOD_LOSS_KWARGS.get(key),
+        teacher_mode="both",
     )
     torch.manual_seed(seed)
     net = spec.build_network(dataset.shape)
     untrained = copy.deepcopy(net).eval()
     trainer = Trainer(tc, model=net)
+    if key in ORACLE_METHODS:
+        mixture = getattr(dataset, "mixture", None)
+        if mixture is None:
+            raise ValueError(f"the oracle needs a data set with an exact velocity (a Gaussian mixture), not {spec.key!r}")
+        trainer.teacher = mixture.velocity  # the trainer's teacher path, with the exact velocity
     rec = {"method": key, "training_method": tc.method, "dataset": spec.key, "seed": int(seed), "steps": steps,
            "step_ms": None, "step_ms_mean": None, "peak_bytes": None, "final_loss": None, "train_s": None,
            "diverged": None}
@@ -377,6 +396,8 @@ def run_quality(cfg: QualityConfig, out_dir, log=print, command: str | None = No
                 eval_seed = 10_000 + int(seed)  # evaluation noise apart from the training stream
                 untrained = None
                 for key in cfg.methods:
+                    if key in ORACLE_METHODS and getattr(dataset, "mixture", None) is None:
+                        continue  # no exact velocity
                     model, untrained, rec = train_method(key, spec, seed, cfg)
                     t_eval = time.perf_counter()
                     ev = evaluate_method(model, key, dataset, cfg, eval_seed, cache)

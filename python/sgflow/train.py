@@ -113,7 +113,7 @@ def default_sampler(method: str) -> str:
 # The training recipe of a method where it differs from its loss function's own defaults (which stay the
 # papers' losses). SGFlow: the semi-gradient update (sgflow.losses.semi), chosen by measurement: with the
 # paper's update SGFlow diverged on the 16-D mixture on 3 of 3 seeds (docs/quality.md, "The SGFlow recipe").
-METHOD_DEFAULTS = {"sgflow": {"update": "semi"}, "sgflow_fused": {"update": "semi"}}
+METHOD_DEFAULTS = {"sgflow": {"update": "semi", "target": "ema"}, "sgflow_fused": {"update": "semi", "target": "ema"}}
 
 # Early warning: the geometric mean of SGFlow's term2 / term1 over the last INSTABILITY_STEPS steps above
 # INSTABILITY_RATIO. The two terms are equal in expectation at the solution; L_sg = L_ideal - E||J (v_hat - v)||^2
@@ -271,6 +271,9 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     has_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     reserved = {"noise", "t", "u", "split", "generator", "interpolant", "time_sampler", "teacher", "teacher_mode"}
     _validate_teacher(cfg)
+    if "target" in cfg.loss_kwargs and cfg.loss_kwargs["target"] != "ema":
+        raise ConfigError(f"loss option target must be 'ema' (the run's EMA weights as the semi update's target "
+                          f"network), got {cfg.loss_kwargs['target']!r}")
     for k in cfg.loss_kwargs:
         if k in reserved:
             raise ConfigError(f"loss option {k!r} is set by the trainer; use the training options instead")
@@ -721,6 +724,8 @@ class Trainer:
         x1 = x1[lo:hi].to(dev, non_blocking=nb)
         kw = dict(noise=noise[lo:hi].to(dev, non_blocking=nb), t=t[lo:hi].to(dev), u=u[lo:hi].to(dev),
                   interpolant=cfg.interpolant, generator=self.loss_gen, **cfg.loss_kwargs)
+        if kw.get("target") == "ema":
+            kw["target"] = self.ema  # the semi update's target network: this run's EMA weights
         if self.teacher is not None:
             kw.update(self._teacher_kwargs())
         if split is not None:
@@ -742,6 +747,7 @@ class Trainer:
             # No second term is left (Xdot_t -> v_T in both): one plain squared loss per sample, the same under
             # either update rule; the paper's estimator takes it (the semi update refuses it).
             kw["update"] = "paper"
+            kw["target"] = None  # and no target network for it
         return kw
 
     def train_step(self) -> dict:
@@ -949,7 +955,8 @@ class Trainer:
         cfg = self.config
         fixes = []
         if cfg.loss_kwargs.get("update", "paper") != "semi":
-            fixes.append("use the semi-gradient update (the default recipe; --loss-opt update=semi)")
+            fixes.append("use the default recipe, the semi-gradient update with the EMA as its target (drop "
+                         "--loss-opt update=paper; in Python loss_kwargs=None)")
         fixes.append(f"raise the diagonal fraction (now {cfg.diagonal_fraction})")
         fixes.append(f"lower the learning rate (now {cfg.lr})")
         return "Fixes: " + "; ".join(fixes)

@@ -32,6 +32,7 @@ def fused_loss(
     teacher=None,
     teacher_mode: str = "second",
     update: str = "paper",
+    target=None,
 ):
     """SGFlow loss via the network's dual forward; gradients equal :func:`sgflow.sgflow_loss`'s.
 
@@ -43,20 +44,30 @@ def fused_loss(
     :class:`sgflow.DualizedModel`, or a DistributedDataParallel of one (its forward, and so its
     gradient sync, runs). ``teacher`` / ``teacher_mode``: distillation from a velocity ``v(t, x)``, as in
     :func:`sgflow.sgflow_loss` (its bias and variance per mode are stated there). ``update="semi"``: the
-    semi-gradient update of :mod:`sgflow.losses.semi` (the target JVP without a graph).
+    semi-gradient update of :mod:`sgflow.losses.semi` (the target JVP without a graph, through ``target``
+    when given: a target network such as the model's EMA, see :func:`sgflow.sgflow_loss`).
     """
     check_teacher(teacher, teacher_mode)
-    semi_setup(update, split, both_terms, teacher_mode, teacher)
+    semi = semi_setup(update, split, both_terms, teacher_mode, teacher, target, split_fraction)
     b = draw_batch(x1, interpolant=interpolant, time_sampler=time_sampler, noise=noise, t=t, u=u, generator=generator)
-    if update == "semi":
-        v_hat = velocity_estimate(model, b, teacher)
+    if semi:
+        tgt = model if target is None else target
+        v_hat = velocity_estimate(tgt, b, teacher)
 
-        def jvp_of_f(t_, u_, x_, t_dot, x_dot):
-            u_dot = torch.zeros_like(u_)
-            ft, ft_dot = dual_forward(model, t_, u_, x_, t_dot, u_dot, x_dot)
-            return flow_map_tangent(x_dot, t_dot, u_dot, t_, u_, ft, ft_dot)
+        def jvp_with(net):
+            def jvp_of_f(t_, u_, x_, t_dot, x_dot):
+                u_dot = torch.zeros_like(u_)
+                ft, ft_dot = dual_forward(net, t_, u_, x_, t_dot, u_dot, x_dot)
+                return flow_map_tangent(x_dot, t_dot, u_dot, t_, u_, ft, ft_dot)
+            return jvp_of_f
 
-        return semi_loss(jvp_of_f, b, v_hat)
+        target_jvp = jvp_with(tgt)
+
+        def jvp_target(*args):
+            with torch.no_grad():
+                return target_jvp(*args)
+
+        return semi_loss(jvp_with(model), b, v_hat, jvp_target=jvp_target)
     rows = sgflow_rows(model, b, split, both_terms, split_fraction, generator, teacher, teacher_mode)
     tr, ur, xr = b.t[rows.index], b.u[rows.index], b.xt[rows.index]
     u_dot = torch.zeros_like(ur)
