@@ -23,8 +23,9 @@ Why (v = E[Xdot | X_t] the true velocity, r = d_t f + J v the ideal residual, L 
 Both equal grad L in expectation when v_hat = v, so the true flow map (with the exact velocity on
 the diagonal) is a stationary point of both; on the diagonal (t = u, J = I) both are flow matching.
 The semi update drops the term 2<e, dr2> of L_sg's gradient, so it is *not* the gradient of L_sg:
-it is the training recipe's default (:data:`sgflow.train.METHOD_DEFAULTS`), the losses' default stays
-the paper's ``update="paper"``.
+it is the training recipe's default (:data:`sgflow.train.METHOD_DEFAULTS`, with the run's EMA as the target
+network that gives v_hat and r2: the losses' ``target=``), the losses' default stays the paper's
+``update="paper"``.
 
 Cost per sample: one JVP row with the graph (direction (1, 0, v_hat)) and, off the diagonal, one JVP
 without a graph (direction (0, 0, Xdot - v_hat); on the diagonal r2 = Xdot - v_hat needs no network).
@@ -53,9 +54,10 @@ def semi_loss(jvp_of_f: Callable, b: Batch, v_hat: torch.Tensor, jvp_target: Cal
     Args:
         jvp_of_f: ``jvp_of_f(t, u, x, t_dot, x_dot) -> JVP of f`` ([R] times, [R, *D] x; u_dot = 0),
             with the graph when grad mode is on.
-        jvp_target: the same without a graph, for r2 (default: ``jvp_of_f`` under ``torch.no_grad``;
-            the reference passes one that detaches, since its double-VJP JVP needs grad mode).
         b: the drawn batch. v_hat: [B, *D] the detached velocity estimate at (t, X_t).
+        jvp_target: the JVP for r2, without a graph, of the model or of a target network (default:
+            ``jvp_of_f`` under ``torch.no_grad``; the reference passes one that detaches, since its
+            double-VJP JVP needs grad mode).
 
     Returns:
         ``(loss, info)``: loss = mean_B ||e + sg[r2]||^2 (its value is mean ||r1||^2); info holds the
