@@ -9,7 +9,7 @@ PIP := $(PYTHON) -m pip
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "torch==2.13.0"
 	@$(PYTHON) -c "import triton" 2>/dev/null || $(PIP) install -q triton || echo "triton unavailable: kernel tests will be skipped"
-	$(PIP) install -q --no-build-isolation -e ".[test]"
+	$(PIP) install -q --no-build-isolation -e ".[app,test]"
 	@$(PYTHON) -c "from sgflow.ops import cpp_ext as e; print('sgflow._C (C++ kernels, backend cpp):', 'built' if e.available() else 'NOT built: ' + e.reason())"
 
 demo: install
@@ -25,7 +25,7 @@ NEWEST_TORCH ?= 2.14.1
 test-newest:
 	$(PYTHON) -m venv .venv-newest
 	.venv-newest/bin/python -m pip install -q "torch==$(NEWEST_TORCH)" triton setuptools wheel
-	SGFLOW_BUILD_CUDA=0 .venv-newest/bin/python -m pip install -q --no-build-isolation -e ".[test]"
+	SGFLOW_BUILD_CUDA=0 .venv-newest/bin/python -m pip install -q --no-build-isolation -e ".[app,test]"
 	.venv-newest/bin/python -c "import torch; print('torch', torch.__version__)"
 	.venv-newest/bin/python -m pytest -q -p no:cacheprovider tests
 

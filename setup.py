@@ -25,6 +25,8 @@ CPP_SOURCES = [
     "csrc/gn_silu_dual_cpu_avx512.cpp",
 ]
 CUDA_SOURCES = ["csrc/gn_silu_dual_cuda.cu", "csrc/gn_silu_dual_cuda_binding.cpp"]
+# The extra "app" (pip install "sgflow[app]"); sgflow/_extras.py names it in its ImportErrors.
+APP_REQUIRES = ["tqdm", "pillow", "matplotlib>=3.5", "torchdiffeq"]
 
 
 def _mode(name: str) -> str:
@@ -150,10 +152,13 @@ setup(
     package_dir={"": "python", "sgflow_kernels": "sgflow_kernels"},
     python_requires=">=3.10",
     # The torch versions the test suite passes on (2.13: `make test`; 2.14: `make test-newest`).
-    install_requires=["torch>=2.13,<2.15", "numpy", "tqdm", "pillow", "matplotlib>=3.5", "torchdiffeq"],
+    # The library (losses, dual engine, ops, networks, samplers) needs torch and numpy only; the app
+    # (CLI, trainer progress bars, evaluation, quality table, figures) comes with the extra "app".
+    install_requires=["torch>=2.13,<2.15", "numpy"],
     extras_require={
+        "app": APP_REQUIRES,
         "kernels": ["triton>=3.0"],
-        "test": ["triton>=3.0", "pytest", "pytest-benchmark", "scikit-learn"],
+        "test": APP_REQUIRES + ["triton>=3.0", "pytest", "pytest-benchmark", "scikit-learn"],
         "data": ["scikit-learn"],
     },
     entry_points={"console_scripts": ["sgflow=sgflow.cli:main"]},

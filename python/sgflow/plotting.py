@@ -18,10 +18,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import LinearSegmentedColormap, LogNorm
-from matplotlib.figure import Figure
-from PIL import Image
+try:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import LinearSegmentedColormap, LogNorm
+    from matplotlib.figure import Figure
+    from PIL import Image
+except ImportError as _exc:  # the app's extra: sgflow's core needs neither
+    from sgflow._extras import missing_message
+
+    raise ImportError(missing_message(_exc.name or "matplotlib", "sgflow.plotting (figures)")) from _exc
 
 DATA_COLOR = (40, 90, 170)
 MODEL_COLOR = (215, 80, 40)

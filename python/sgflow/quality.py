@@ -662,8 +662,10 @@ def figure(results: dict, path) -> Path:
     Heun dashed; the untrained network dotted grey), seeds shaded min-max; one row per data set."""
     # A Figure with its own Agg canvas: files only, no display, and neither pyplot's global figure list
     # nor the process's backend (matplotlib.use) is touched.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from sgflow._extras import require
+
+    FigureCanvasAgg = require("matplotlib.backends.backend_agg", "the quality figure").FigureCanvasAgg
+    Figure = require("matplotlib.figure", "the quality figure").Figure
 
     cfg, summary = results["config"], results.get("summary") or summarize(results)
     ds = list(summary)

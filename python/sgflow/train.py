@@ -880,7 +880,9 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def run(self) -> "Trainer":
         """Train from the current step to ``config.steps``; writes logs, figures and checkpoints."""
-        from tqdm.auto import tqdm
+        from sgflow._extras import require
+
+        tqdm = require("tqdm.auto", "the trainer's progress bar").tqdm
 
         cfg, info = self.config, self.dist
         self._prepare_out_dir()

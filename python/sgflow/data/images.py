@@ -147,7 +147,9 @@ def folder_dataset(root=None, size: int = 32, channels: int = 3, hflip: bool = T
     Read with Pillow (no torchvision needed) and held in memory as uint8: fine for up to a few
     hundred thousand small images. ``channels`` is 3 (RGB) or 1 (grayscale).
     """
-    from PIL import Image
+    from sgflow._extras import require
+
+    Image = require("PIL.Image", "the 'folder' data set (reads images with Pillow)")
 
     p = _need_dir(root, "folder")
     if channels not in (1, 3):

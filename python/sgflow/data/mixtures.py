@@ -80,7 +80,9 @@ class GaussianMixture:
 
     def flow_map(self, t: float, u: float, x: torch.Tensor, rtol: float = 1e-8, atol: float = 1e-8) -> torch.Tensor:
         """Exact f(t, u, x): integrate dx/ds = velocity(s, x) from s=t to s=u (dopri5). x: [n, d]."""
-        from torchdiffeq import odeint
+        from sgflow._extras import require
+
+        odeint = require("torchdiffeq", "the exact flow map of a mixture (an ODE solve)").odeint
 
         if not 0.0 <= t <= u <= 1.0:
             raise ValueError(f"need 0 <= t <= u <= 1, got t={t}, u={u}")
