@@ -38,3 +38,40 @@ def test_memory_benchmark_reports_aten_ops_against_flow_matching_behind_a_wrappe
     assert len(rows["sgflow_fused"]["aten_ops_top"]) == 3
     assert "ATen ops" in capsys.readouterr().out
     assert "aten_ops_ratio" in out.with_suffix(".csv").read_text().splitlines()[0]
+
+
+def _gelu_dual_grads(x, x_dot, g, g_dot, approx):
+    """(y, y_dot) of the dual rule and the gradients of <g, y> + <g_dot, y_dot> w.r.t. x and x_dot."""
+    import sgflow
+
+    x = x.clone().requires_grad_()
+    x_dot = x_dot.clone().requires_grad_()
+    d = sgflow.autodual.make_dual(x, x_dot)
+    out = torch.nn.functional.gelu(d, approximate=approx)
+    y, y_dot = sgflow.autodual.primal(out), sgflow.autodual.tangent(out)
+    gx, gxd = torch.autograd.grad((y * g).sum() + (y_dot * g_dot).sum(), (x, x_dot))
+    return y, y_dot, gx, gxd
+
+
+def test_pointwise_duals_are_one_op_per_tangent_and_exact_over_chunks(monkeypatch):
+    """GELU (tanh and erf), float64, over many chunks of the f'' term: y_dot, and the gradients through
+    it, equal torch.func.jvp of F.gelu and autograd of that; the forward's tangent is one ATen op
+    (gelu_backward) whatever the size."""
+    import sgflow.autodual.rules as rules
+
+    monkeypatch.setattr(rules, "POINTWISE_CHUNK", {"cpu": 64, "cuda": 64})  # 4 * 64 elements per f'' chunk
+    g = torch.Generator().manual_seed(0)
+    x, x_dot, gy, gyd = (torch.randn(7, 131, dtype=torch.float64, generator=g) * 2 for _ in range(4))
+    for approx in ("tanh", "none"):
+        y, y_dot, gx, gxd = _gelu_dual_grads(x, x_dot, gy, gyd, approx)
+        xr, xdr = x.clone().requires_grad_(), x_dot.clone().requires_grad_()
+        yr, ydr = torch.func.jvp(lambda a: torch.nn.functional.gelu(a, approximate=approx), (xr,), (xdr,))
+        rx, rxd = torch.autograd.grad((yr * gy).sum() + (ydr * gyd).sum(), (xr, xdr))
+        for a, b in ((y, yr), (y_dot, ydr), (gx, rx), (gxd, rxd)):
+            assert (a - b).abs().max() <= 1e-12 * b.abs().max(), approx
+    counts = []
+    for n in (64, 64 * 1024):
+        d = torch.randn(n, dtype=torch.float64)
+        counts.append(count_aten_ops(lambda: torch.nn.functional.gelu(
+            __import__("sgflow").autodual.make_dual(d, d), approximate="tanh"))["by_op"])
+    assert counts[0] == counts[1] and counts[0]["aten.gelu_backward.default"] == 1
