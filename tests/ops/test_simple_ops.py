@@ -1,28 +1,30 @@
-"""Simple dual ops (conv2d, linear, silu, sinusoidal embedding, groupnorm) vs torch.func.jvp + autograd.
+"""The dual GroupNorm op (``GroupNormDual``, applied by the engine's GroupNorm rule) vs torch.func.jvp +
+autograd, and the sinusoidal embedding's convention.
 
-Every op is checked in float64 on CPU: the reference ``*_dual_ref`` and the functional API (autograd
-Function) must give the JVP of the plain op, and the Function's backward must give the gradients of
-<g, y> + <g_dot, y_dot> w.r.t. inputs, tangents and parameters, also when only one cotangent is used.
-Then: ``torch.func.vmap`` / ``grad`` through the functional APIs against a loop of plain calls, and the
-bf16 accuracy of the ops against float64 on the same bf16-rounded inputs.
+Checked in float64 on CPU: the reference ``groupnorm_dual_ref`` and the autograd Function must give the
+JVP of the plain op, and the Function's backward must give the gradients of <g, y> + <g_dot, y_dot>
+w.r.t. inputs, tangents and parameters, also when only one cotangent is used. Then: ``torch.func.vmap``
+/ ``grad`` through the Function against a loop of plain calls, and its bf16 accuracy against float64 on
+the same bf16-rounded inputs.
 """
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from sgflow.ops.activation import silu_dual, silu_dual_ref
-from sgflow.ops.conv import conv2d_dual, conv2d_dual_ref
-from sgflow.ops.embedding import sinusoidal_embedding, sinusoidal_embedding_dual, sinusoidal_embedding_dual_ref
-from sgflow.ops.groupnorm import groupnorm_dual, groupnorm_dual_ref
-from sgflow.ops.linear import linear_dual, linear_dual_ref
+from sgflow.ops.embedding import sinusoidal_embedding
+from sgflow.ops.groupnorm import GroupNormDual, groupnorm_dual_ref
 from sgflow.testing import dual_grads, grad_errors, jvp_reference, rel_err
 
 TOL = 1e-10
 D = torch.float64
+
+
+def groupnorm_dual(x, x_dot, weight, bias, num_groups, eps=1e-5):
+    """GroupNormDual as the engine's GroupNorm rule applies it."""
+    return GroupNormDual.apply(x, x_dot, weight, bias, int(num_groups), float(eps))
 
 
 def _randn(*shape, gen):
@@ -71,92 +73,6 @@ def _compare(plain, ref, dual, primals, tangents, params, drop=None):
     return max(errs.values())
 
 
-CONV_CASES = [
-    # (B, Cin, Cout, H, W, k, stride, padding, bias)
-    pytest.param(2, 3, 5, 7, 5, 3, 1, 1, True, id="3x3-pad1-odd-7x5"),
-    pytest.param(1, 4, 6, 8, 12, 3, 2, 1, True, id="3x3-stride2-8x12"),
-    pytest.param(3, 5, 2, 7, 7, 3, 2, 1, False, id="3x3-stride2-nobias-odd"),
-    pytest.param(2, 63, 7, 4, 3, 1, 1, 0, True, id="1x1-63ch"),
-]
-
-
-@pytest.mark.parametrize("b,cin,cout,h,w,k,stride,padding,bias", CONV_CASES)
-@pytest.mark.parametrize("drop", [None, "g", "g_dot"], ids=["both", "tangent-only", "primal-only"])
-def test_conv2d_dual(b, cin, cout, h, w, k, stride, padding, bias, drop):
-    gen = torch.Generator().manual_seed(1)
-    x, xd = _randn(b, cin, h, w, gen=gen), _randn(b, cin, h, w, gen=gen)
-    weight = _randn(cout, cin, k, k, gen=gen) / math.sqrt(cin * k * k)
-    params = [weight] + ([_randn(cout, gen=gen)] if bias else [])
-
-    def plain(x_, *p):
-        return F.conv2d(x_, p[0], p[1] if len(p) > 1 else None, stride=stride, padding=padding)
-
-    def ref(x_, xd_, *p):
-        return conv2d_dual_ref(x_, xd_, p[0], p[1] if len(p) > 1 else None, stride, padding)
-
-    def dual(x_, xd_, *p):
-        return conv2d_dual(x_, xd_, p[0], p[1] if len(p) > 1 else None, stride, padding)
-
-    _compare(plain, ref, dual, [x], [xd], params, drop)
-
-
-LINEAR_CASES = [
-    pytest.param((5, 7), 3, True, id="2d-7to3"),
-    pytest.param((2, 3, 6), 9, True, id="3d-6to9"),
-    pytest.param((1, 4), 4, False, id="nobias-B1"),
-]
-
-
-@pytest.mark.parametrize("shape,dout,bias", LINEAR_CASES)
-@pytest.mark.parametrize("drop", [None, "g", "g_dot"], ids=["both", "tangent-only", "primal-only"])
-def test_linear_dual(shape, dout, bias, drop):
-    gen = torch.Generator().manual_seed(2)
-    x, xd = _randn(*shape, gen=gen), _randn(*shape, gen=gen)
-    params = [_randn(dout, shape[-1], gen=gen)] + ([_randn(dout, gen=gen)] if bias else [])
-
-    def plain(x_, *p):
-        return F.linear(x_, *p)
-
-    def ref(x_, xd_, *p):
-        return linear_dual_ref(x_, xd_, *p)
-
-    def dual(x_, xd_, *p):
-        return linear_dual(x_, xd_, *p)
-
-    _compare(plain, ref, dual, [x], [xd], params, drop)
-
-
-@pytest.mark.parametrize("shape", [pytest.param((7,), id="1d"), pytest.param((2, 3, 5, 4), id="4d")])
-@pytest.mark.parametrize("drop", [None, "g", "g_dot"], ids=["both", "tangent-only", "primal-only"])
-def test_silu_dual(shape, drop):
-    gen = torch.Generator().manual_seed(3)
-    x, xd = 3 * _randn(*shape, gen=gen), _randn(*shape, gen=gen)
-    _compare(F.silu, silu_dual_ref, silu_dual, [x], [xd], [], drop)
-
-
-@pytest.mark.parametrize(
-    "dim,max_period",
-    [pytest.param(16, 10000, id="dim16"), pytest.param(7, 10000, id="odd-dim7"), pytest.param(64, 100, id="dim64-period100")],
-)
-@pytest.mark.parametrize("drop", [None, "g", "g_dot"], ids=["both", "tangent-only", "primal-only"])
-def test_sinusoidal_embedding_dual(dim, max_period, drop):
-    gen = torch.Generator().manual_seed(4)
-    # Times in [0, 1] as the networks see them, at the default scale (DEFAULT_SCALE = 1: omega_0 = 1).
-    s = torch.rand(5, generator=gen, dtype=D)
-    sd = _randn(5, gen=gen)
-
-    def plain(s_):
-        return sinusoidal_embedding(s_, dim, max_period)
-
-    def ref(s_, sd_):
-        return sinusoidal_embedding_dual_ref(s_, sd_, dim, max_period)
-
-    def dual(s_, sd_):
-        return sinusoidal_embedding_dual(s_, sd_, dim, max_period)
-
-    _compare(plain, ref, dual, [s], [sd], [], drop)
-
-
 def test_sinusoidal_embedding_convention():
     s = torch.tensor([0.0, 0.5], dtype=D)
     emb = sinusoidal_embedding(s, 8)
@@ -199,48 +115,19 @@ def test_groupnorm_dual(b, c, groups, spatial, affine, drop):
     _compare(plain, ref, dual, [x], [xd], params, drop)
 
 
-def test_bad_inputs_raise():
-    x = torch.randn(2, 3, 4, 4, dtype=D)
-    w = torch.randn(5, 3, 3, 3, dtype=D)
-    with pytest.raises(ValueError, match="x_dot has shape"):
-        conv2d_dual(x, x[:1], w, None)
-    with pytest.raises(ValueError, match="weight must have shape"):
-        conv2d_dual(x, x, torch.randn(5, 4, 3, 3, dtype=D), None)
-    with pytest.raises(ValueError, match="input features"):
-        linear_dual(torch.randn(2, 3, dtype=D), torch.randn(2, 3, dtype=D), torch.randn(4, 5, dtype=D))
-    with pytest.raises(ValueError, match="x_dot has shape"):
-        silu_dual(x, x[0])
-    with pytest.raises(ValueError, match="1-d tensor"):
-        sinusoidal_embedding_dual(x, x, 8)
-    with pytest.raises(ValueError, match="not divisible"):
-        groupnorm_dual(x, x, None, None, 2)
-
-
 # ----------------------------------------------------------------------------------------------------
 # torch.func transforms: the Functions have setup_context + generate_vmap_rule
 # ----------------------------------------------------------------------------------------------------
 def _vmap_case(name, gen):
     """``(op, batched, params)``: ``op(*batched_items, *params) -> (y, y_dot)``; batched tensors carry a
     leading vmap dim of 3 over an op batch of 1 (the odd sizes of the cases above)."""
-    if name == "linear":
-        batched = [_randn(3, 1, 2, 7, gen=gen), _randn(3, 1, 2, 7, gen=gen)]
-        return (lambda x, xd, w, b: linear_dual(x, xd, w, b)), batched, [_randn(5, 7, gen=gen), _randn(5, gen=gen)]
-    if name == "conv2d":
-        batched = [_randn(3, 1, 4, 7, 5, gen=gen), _randn(3, 1, 4, 7, 5, gen=gen)]
-        params = [_randn(6, 4, 3, 3, gen=gen) / 6, _randn(6, gen=gen)]
-        return (lambda x, xd, w, b: conv2d_dual(x, xd, w, b, 2, 1)), batched, params
-    if name == "silu":
-        return silu_dual, [3 * _randn(3, 1, 63, gen=gen), _randn(3, 1, 63, gen=gen)], []
-    if name == "groupnorm":
-        batched = [2 * _randn(3, 1, 63, 7, 5, gen=gen) + 0.5, _randn(3, 1, 63, 7, 5, gen=gen)]
-        params = [1 + 0.3 * _randn(63, gen=gen), 0.3 * _randn(63, gen=gen)]
-        return (lambda x, xd, w, b: groupnorm_dual(x, xd, w, b, 7)), batched, params
-    assert name == "embedding"
-    batched = [torch.rand(3, 5, generator=gen, dtype=D), _randn(3, 5, gen=gen)]
-    return (lambda s_, sd_: sinusoidal_embedding_dual(s_, sd_, 7)), batched, []
+    assert name == "groupnorm"
+    batched = [2 * _randn(3, 1, 63, 7, 5, gen=gen) + 0.5, _randn(3, 1, 63, 7, 5, gen=gen)]
+    params = [1 + 0.3 * _randn(63, gen=gen), 0.3 * _randn(63, gen=gen)]
+    return (lambda x, xd, w, b: groupnorm_dual(x, xd, w, b, 7)), batched, params
 
 
-VMAP_OPS = [pytest.param(n, id=n) for n in ("linear", "conv2d", "silu", "groupnorm", "embedding")]
+VMAP_OPS = [pytest.param(n, id=n) for n in ("groupnorm",)]
 
 
 @pytest.mark.parametrize("name", VMAP_OPS)
@@ -324,80 +211,3 @@ def test_groupnorm_dual_bf16_within_exact_rounding():
                         inputs, cots, ["y", "y_dot", 0, 1])
     for k, (err, exact) in errs.items():
         assert err <= 1.3 * exact, f"{k}: bf16 error {err:.3g} vs exact-rounded {exact:.3g}"
-
-
-@pytest.mark.parametrize("drop", [None, "g"], ids=["both", "tangent-only"])
-def test_silu_dual_bf16_within_exact_rounding(drop):
-    """dx = G y' + G_dot x_dot y'' in bf16 within 1.3x exact math rounded to bf16; "tangent-only"
-    (G = 0) isolates the second-derivative term (y'' in bf16: 3.7-4.4x, both terms 2.7-2.8x)."""
-    gen = torch.Generator().manual_seed(8)
-    shape = (1, 63, 7, 5)
-    inputs = _rounded(3 * _randn(*shape, gen=gen), _randn(*shape, gen=gen))
-    cots = _rounded(_randn(*shape, gen=gen), _randn(*shape, gen=gen))
-    if drop == "g":
-        cots[0] = torch.zeros_like(cots[0])
-    errs = _bf16_errors(silu_dual, silu_dual_ref, inputs, cots, ["y", "y_dot", 0, 1])
-    for k, (err, exact) in errs.items():
-        assert err <= 1.3 * exact, f"{k}: bf16 error {err:.3g} vs exact-rounded {exact:.3g}"
-
-
-@pytest.mark.parametrize("op", ["linear", "conv2d"])
-def test_weight_grad_bf16_one_stacked_product(op):
-    """dW = G^T x + G_dot^T x_dot as one product on the stacked streams rounds once: within 1.2x the
-    error of exact math rounded to bf16. Two bf16 products summed in bf16 (the former backward, rebuilt
-    here) err 1.45-1.5x; the new one must not be worse than that."""
-    gen = torch.Generator().manual_seed(9)
-    if op == "linear":
-        xs, ws, gs = (129, 63), (31, 63), (129, 31)
-        dual, ref = linear_dual, linear_dual_ref
-
-        def two_products(x, xd, g, gd):
-            return g.t() @ x + gd.t() @ xd
-    else:
-        xs, ws, gs = (3, 63, 7, 5), (10, 63, 3, 3), (3, 10, 7, 5)
-
-        def dual(*a):
-            return conv2d_dual(*a, 1, 1)
-
-        def ref(*a):
-            return conv2d_dual_ref(*a, 1, 1)
-
-        def two_products(x, xd, g, gd):
-            from torch.nn.grad import conv2d_weight
-            return conv2d_weight(x, ws, g, padding=1) + conv2d_weight(xd, ws, gd, padding=1)
-    inputs = _rounded(_randn(*xs, gen=gen), _randn(*xs, gen=gen), _randn(*ws, gen=gen) / 8, _randn(ws[0], gen=gen))
-    cots = _rounded(_randn(*gs, gen=gen), _randn(*gs, gen=gen))
-    (err, exact), = _bf16_errors(dual, ref, inputs, cots, [2]).values()
-    x, xd = inputs[0], inputs[1]
-    err_old = rel_err(two_products(*(t.to(B16) for t in (x, xd, *cots))), two_products(x, xd, *cots))
-    print(f"{op} dW bf16: stacked {err:.3e}, two products {err_old:.3e}, exact-rounded {exact:.3e}")
-    assert err <= 1.2 * exact, f"bf16 dW error {err:.3g} vs exact-rounded {exact:.3g}"
-    assert err <= err_old
-
-
-def test_recompute_dual_finds_unlisted_parameters_and_replays_dropout():
-    """recompute_dual (torch.utils.checkpoint underneath) gives every tensor the block reads its gradient,
-    listed in ``params`` or not (it used to give an unlisted parameter grad=None without a word), and
-    replays the block's dropout mask in the recomputation."""
-    from sgflow.ops.recompute import recompute_dual
-
-    gen = torch.Generator().manual_seed(3)
-    x = torch.randn(5, 7, generator=gen, dtype=torch.float64, requires_grad=True)
-    xd = torch.randn(5, 7, generator=gen, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(7, generator=gen, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(7, generator=gen, dtype=torch.float64, requires_grad=True)  # never listed
-
-    def block(a, a_dot):
-        mask = (torch.rand(a.shape, dtype=a.dtype) > 0.3).to(a.dtype)
-        return torch.tanh(a * w + v) * mask, (1 - torch.tanh(a * w + v) ** 2) * w * a_dot * mask
-
-    grads = []
-    for run in (block, lambda a, a_dot: recompute_dual(block, a, a_dot, params=[w])):
-        torch.manual_seed(11)
-        y, y_dot = run(x, xd)
-        grads.append(torch.autograd.grad(y.square().sum() + y_dot.square().sum(), (x, xd, w, v)))
-    for name, a, r in zip(("x", "x_dot", "w", "v"), *grads):
-        assert r.abs().max() > 0, name
-        torch.testing.assert_close(a, r, rtol=1e-12, atol=0, msg=name)
-    with pytest.raises(TypeError, match="params must be tensors"):
-        recompute_dual(block, x, xd, params=["w"])

@@ -35,18 +35,17 @@ Saved: x, x_dot and weight only; backward recomputes the per-(sample, group) sta
 the modern ``setup_context`` form (which sees only inputs and outputs) and ``torch.func`` transforms
 (vmap, grad) compose with it.
 
-Module layout (see docs/DESIGN.md): :func:`groupnorm_dual_ref`, :class:`GroupNormDual`,
-:func:`groupnorm_dual`.
+Module layout (see docs/DESIGN.md): :func:`groupnorm_dual_ref`, :class:`GroupNormDual` (applied by the
+dual engine's GroupNorm rule, sgflow.autodual.rules, which casts half/bf16 and autocast inputs to fp32).
 """
 from __future__ import annotations
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from sgflow.ops.backend import autocast_dual
 from sgflow_kernels.dtypes import acc_dtype as _acc_dtype
 
-__all__ = ["groupnorm_dual_ref", "GroupNormDual", "groupnorm_dual"]
+__all__ = ["groupnorm_dual_ref", "GroupNormDual"]
 
 
 def _grouped(x: torch.Tensor, num_groups: int) -> torch.Tensor:
@@ -154,26 +153,3 @@ class GroupNormDual(torch.autograd.Function):
             db = gg.sum((0, 3)).reshape(-1).to(ctx.bias_dtype)
         return dx, dxd, dw, db, None, None
 
-
-@autocast_dual
-def groupnorm_dual(x, x_dot, weight, bias, num_groups, eps=1e-5):
-    """Dual GroupNorm (no activation): ``(group_norm(x), J x_dot)``.
-
-    Args:
-        x, x_dot: [B, C, *spatial], C divisible by ``num_groups``.
-        weight, bias: [C] affine parameters (either may be None).
-        num_groups: number of channel groups; eps: variance floor.
-
-    Returns:
-        ``(y, y_dot)`` of x's shape; differentiable in x, x_dot, weight and bias.
-    """
-    if x.dim() < 2:
-        raise ValueError(f"groupnorm_dual expects x of shape [B, C, *spatial], got {tuple(x.shape)}")
-    if x.shape[1] % num_groups:
-        raise ValueError(f"{x.shape[1]} channels are not divisible into {num_groups} groups")
-    if x_dot.shape != x.shape or x_dot.dtype != x.dtype or x_dot.device != x.device:
-        raise ValueError(f"x_dot must match x in shape, dtype and device; got {tuple(x_dot.shape)} vs {tuple(x.shape)}")
-    for name, p in (("weight", weight), ("bias", bias)):
-        if p is not None and p.shape != (x.shape[1],):
-            raise ValueError(f"{name} must have shape [{x.shape[1]}], got {tuple(p.shape)}")
-    return GroupNormDual.apply(x.contiguous(), x_dot.contiguous(), weight, bias, int(num_groups), float(eps))
