@@ -228,6 +228,7 @@ def test_fused_step_compiled_mlp(backend):
         step(model, x1, {**kw, "t": t_nan})
 
 
+@pytest.mark.slow  # ~16 s each: `make test-slow`
 @pytest.mark.parametrize("backend", ["torch", None], ids=["torch-backend", "default-backend"])
 def test_fused_step_compiled_unet(backend, monkeypatch):
     """The fused step through sgflow.dualize compiled (graph breaks in the dual forward, see below), with

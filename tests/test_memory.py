@@ -85,6 +85,7 @@ def test_sees_autograd_backward_and_func_transforms():
     w.grad = None
 
 
+@pytest.mark.slow  # ~17 s each: `make test-slow`
 @pytest.mark.parametrize("blocks", ["auto", "all"])
 def test_fused_peak_memory_at_most_flow_matching_on_cifar10_unet(blocks):
     """The memory target, on CPU: one backward of the fused SGFlow loss on the cifar10 U-Net (53.7M
