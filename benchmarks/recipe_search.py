@@ -28,22 +28,13 @@ import torch
 
 import sgflow
 from sgflow.cli import _parse_kv
-from sgflow.dual import dual_forward
 from sgflow.losses.common import draw_batch, mean_sq
+from sgflow.losses.fused import dual_jvp_of_f
 from sgflow.losses.semi import semi_loss
-from sgflow.losses.sgflow import flow_map_tangent
 from sgflow.quality import DATA_SPECS, evaluate_method, preset
 from sgflow.train import TrainConfig, Trainer, TrainingDiverged
 
 _EXACT = {}  # the current data set's mixture (for --oracle)
-
-
-def _jvp_of(model):
-    def jvp_of_f(t, u, x, t_dot, x_dot):
-        u_dot = torch.zeros_like(u)
-        ft, ft_dot = dual_forward(model, t, u, x, t_dot, u_dot, x_dot)
-        return flow_map_tangent(x_dot, t_dot, u_dot, t, u, ft, ft_dot)
-    return jvp_of_f
 
 
 def search_loss(model, x1, *, interpolant="linear", time_sampler=None, noise=None, t=None, u=None, split=None,
@@ -53,7 +44,7 @@ def search_loss(model, x1, *, interpolant="linear", time_sampler=None, noise=Non
     diag = b.t == b.u
     with torch.no_grad():
         v_hat = _EXACT["mix"].velocity(b.t, b.xt).to(x1.dtype) if oracle else model(b.t, b.t, b.xt).detach()
-    jvp_of_f = _jvp_of(model)
+    jvp_of_f = dual_jvp_of_f(model)
     if variant == "semi":
         # Target c J (Xdot - v_hat): Xdot moved to v_hat + c (Xdot - v_hat) (linear in it; the diagonal's too).
         b.xdot = v_hat + c * (b.xdot - v_hat)

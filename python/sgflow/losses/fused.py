@@ -16,6 +16,16 @@ from sgflow.losses.semi import semi_loss
 from sgflow.losses.sgflow import check_teacher, flow_map_tangent, reduce_sgflow, semi_setup, sgflow_rows, velocity_estimate
 
 
+def dual_jvp_of_f(model):
+    """``jvp_of_f(t, u, x, t_dot, x_dot) -> JVP of f`` (u_dot = 0) through ``model``'s dual forward, for
+    :func:`sgflow.losses.semi.semi_loss`. t, t_dot: [R]; x, x_dot: [R, *D]."""
+    def jvp_of_f(t, u, x, t_dot, x_dot):
+        u_dot = torch.zeros_like(u)
+        ft, ft_dot = dual_forward(model, t, u, x, t_dot, u_dot, x_dot)
+        return flow_map_tangent(x_dot, t_dot, u_dot, t, u, ft, ft_dot)
+    return jvp_of_f
+
+
 def fused_loss(
     model,
     x1: torch.Tensor,
@@ -54,20 +64,13 @@ def fused_loss(
         tgt = model if target is None else target
         v_hat = velocity_estimate(tgt, b, teacher)
 
-        def jvp_with(net):
-            def jvp_of_f(t_, u_, x_, t_dot, x_dot):
-                u_dot = torch.zeros_like(u_)
-                ft, ft_dot = dual_forward(net, t_, u_, x_, t_dot, u_dot, x_dot)
-                return flow_map_tangent(x_dot, t_dot, u_dot, t_, u_, ft, ft_dot)
-            return jvp_of_f
-
-        target_jvp = jvp_with(tgt)
+        target_jvp = dual_jvp_of_f(tgt)
 
         def jvp_target(*args):
             with torch.no_grad():
                 return target_jvp(*args)
 
-        return semi_loss(jvp_with(model), b, v_hat, jvp_target=jvp_target)
+        return semi_loss(dual_jvp_of_f(model), b, v_hat, jvp_target=jvp_target)
     rows = sgflow_rows(model, b, split, both_terms, split_fraction, generator, teacher, teacher_mode)
     tr, ur, xr = b.t[rows.index], b.u[rows.index], b.xt[rows.index]
     u_dot = torch.zeros_like(ur)
