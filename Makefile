@@ -24,14 +24,16 @@ test-slow: install
 	$(PYTHON) -m pytest -q -p no:cacheprovider -m slow tests
 
 # The whole suite on the newest torch setup.py allows (torch==2.14.1), in a fresh virtual environment .venv-newest.
+# --use-pep517: with the venv's own pip and a new setuptools, a legacy editable install re-runs pip with build
+# isolation (no torch there) and sgflow._C silently goes unbuilt; ninja: torch's BuildExtension needs it.
 # Its editable install rebuilds sgflow._C in python/sgflow/ against that torch: `make install` (or `make test`)
 # rebuilds it for the pinned one.
 NEWEST_TORCH ?= 2.14.1
 test-newest:
 	$(PYTHON) -m venv .venv-newest
-	.venv-newest/bin/python -m pip install -q "torch==$(NEWEST_TORCH)" triton setuptools wheel
-	SGFLOW_BUILD_CUDA=0 .venv-newest/bin/python -m pip install -q --no-build-isolation -e ".[app,test]"
-	.venv-newest/bin/python -c "import torch; print('torch', torch.__version__)"
+	.venv-newest/bin/python -m pip install -q "torch==$(NEWEST_TORCH)" triton setuptools wheel ninja
+	SGFLOW_BUILD_CUDA=0 .venv-newest/bin/python -m pip install -q --no-build-isolation --use-pep517 -e ".[app,test]"
+	.venv-newest/bin/python -c "import torch; from sgflow.ops import cpp_ext as e; print('torch', torch.__version__, '| sgflow._C:', 'built' if e.available() else 'NOT built: ' + e.reason())"
 	.venv-newest/bin/python -m pytest -q -p no:cacheprovider tests
 
 bench-cpu: install
