@@ -137,8 +137,8 @@ class TrainConfig:
     estimate lagged and the second term, which is maximised, blew up).
     ``sample_every`` / ``ckpt_every`` = 0: only at the end (``figures=False``: no PNGs at all).
     ``loss_kwargs`` go to the loss; ``None`` (default) takes the method's training recipe,
-    :data:`METHOD_DEFAULTS` (SGFlow: ``{"update": "semi", "target": "ema"}``), a dict is used exactly as given (``{}``: the
-    loss's own defaults, for SGFlow the paper's L_sg with a split batch); ``sample_steps``: step
+    :data:`METHOD_DEFAULTS` (SGFlow: ``{"update": "semi", "target": "ema"}``), a dict is used exactly as
+    given (``{}``: the loss's own defaults, for SGFlow the paper's L_sg with a split batch); ``sample_steps``: step
     counts in the figures. ``divergence_threshold``: stop when |loss| or the gradient norm exceeds it
     (0: only on NaN/inf).
     """
