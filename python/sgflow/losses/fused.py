@@ -62,7 +62,7 @@ def fused_loss(
     b = draw_batch(x1, interpolant=interpolant, time_sampler=time_sampler, noise=noise, t=t, u=u, generator=generator)
     if semi:
         tgt = model if target is None else target
-        v_hat = velocity_estimate(tgt, b, teacher)
+        v_hat = velocity_estimate(tgt, b.t, b.xt, teacher)
 
         target_jvp = dual_jvp_of_f(tgt)
 

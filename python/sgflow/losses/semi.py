@@ -96,10 +96,19 @@ def semi_loss(jvp_of_f: Callable, b: Batch, v_hat: torch.Tensor, jvp_target: Cal
             "loss": loss.detach(),
             "term1": term1,
             "term2": term2,
-            "ratio": term2 / term1.clamp(min=torch.finfo(per.dtype).tiny),
-            "gain2": (term2 / w2.clamp(min=torch.finfo(per.dtype).tiny)).sqrt(),
+            **warning_signals(term1, term2, w2),
             "diag_fm": (mean_sq(w) * diagm).sum() / diagm.sum().clamp(min=1),
             "n_first": torch.tensor(b.t.shape[0]),
             "n_second": n_off.long(),
         }
     return loss, info
+
+
+def warning_signals(term1: torch.Tensor, term2: torch.Tensor, w2: torch.Tensor) -> dict:
+    """``ratio`` = term2 / term1 and ``gain2`` = RMS ||J (Xdot - v_hat)|| / ||Xdot - v_hat|| (1 at J = I).
+
+    Near the solution the two terms are equal in expectation (ratio ~ 1); since
+    L_sg = L_ideal - E||J (v_hat - v)||^2 and L_ideal >= 0, a ratio well above 1 says the loss is
+    falling by growing the Jacobian along the velocity estimate's error (the trainer warns on it)."""
+    tiny = torch.finfo(term1.dtype).tiny
+    return {"ratio": term2 / term1.clamp(min=tiny), "gain2": (term2 / w2.clamp(min=tiny)).sqrt()}

@@ -28,7 +28,7 @@ import torch
 from sgflow.checks import check_model_output, check_not_ddp, check_split
 from sgflow.decompose import decomposed
 from sgflow.losses.common import Batch, bcast, draw_batch, flow_map, mean_sq
-from sgflow.losses.semi import check_update, semi_loss
+from sgflow.losses.semi import check_update, semi_loss, warning_signals
 from sgflow.times import random_tensor
 
 JVP_METHODS = ("auto", "forward", "double_vjp")
@@ -114,12 +114,13 @@ def semi_setup(update: str, split, both_terms: bool, teacher_mode: str, teacher,
     return not (teacher is not None and teacher_mode == "both")
 
 
-def velocity_estimate(model, b: Batch, teacher=None) -> torch.Tensor:
-    """v_hat [B, *D]: sg[f~(t, t, X_t)], or the teacher's v(t, X_t), without a graph."""
+def velocity_estimate(model, t: torch.Tensor, x: torch.Tensor, teacher=None) -> torch.Tensor:
+    """v_hat [R, *D] at times t [R] and points x [R, *D]: sg[f~(t, t, x)], or the teacher's v(t, x), without
+    a graph (the velocity both SGFlow updates hold fixed)."""
     if teacher is not None:
-        return teacher_velocity(teacher, b.t, b.xt)
+        return teacher_velocity(teacher, t, x)
     with torch.no_grad():
-        return check_model_output(model(b.t, b.t, b.xt), b.xt, "model(t, t, x)").detach()
+        return check_model_output(model(t, t, x), x, "model(t, t, x)").detach()
 
 
 def _data_parallel() -> bool:
@@ -181,12 +182,7 @@ def sgflow_rows(model, b: Batch, split: torch.Tensor | None, both_terms: bool, s
     second_idx = index[~first]
     xdot = b.xdot[index]
     if second_idx.numel():
-        ts, xs = b.t[second_idx], b.xt[second_idx]
-        if teacher is not None:
-            v_hat = teacher_velocity(teacher, ts, xs)
-        else:
-            with torch.no_grad():
-                v_hat = check_model_output(model(ts, ts, xs), xs, "model(t, t, x)").detach()
+        v_hat = velocity_estimate(model, b.t[second_idx], b.xt[second_idx], teacher)
         x_dot = xdot.clone()
         x_dot[~first] = xdot[~first] - v_hat
     else:
@@ -203,12 +199,7 @@ def _aligned_rows(model, b: Batch, index: torch.Tensor, first: torch.Tensor, tea
     fixed-size), and the second-term tangent Xdot_t - v_hat selected by ``torch.where``: the eager
     rows' x_dot exactly.
     """
-    if teacher is not None:
-        v_all = teacher_velocity(teacher, b.t, b.xt)
-    else:
-        with torch.no_grad():
-            v_all = check_model_output(model(b.t, b.t, b.xt), b.xt, "model(t, t, x)").detach()
-    v_hat = v_all[index]
+    v_hat = velocity_estimate(model, b.t, b.xt, teacher)[index]
     xdot = b.xdot[index]
     x_dot = torch.where(bcast(first, xdot), xdot, xdot - v_hat)
     return SGFlowRows(index=index, first=first, t_dot=first.to(b.x1.dtype), x_dot=x_dot, v_hat=v_hat, aligned=True)
@@ -235,22 +226,12 @@ def _reduce_aligned(per_row: torch.Tensor, rows: SGFlowRows, b: Batch):
         "loss": loss.detach(),
         "term1": term1.detach(),
         "term2": term2.detach(),
-        **_warning_signals(term1.detach(), term2.detach(), w2),
+        **warning_signals(term1.detach(), term2.detach(), w2),
         "diag_fm": diag_fm,
         "n_first": n1,
         "n_second": n2,
     }
     return loss, info
-
-
-def _warning_signals(term1: torch.Tensor, term2: torch.Tensor, w2: torch.Tensor) -> dict:
-    """``ratio`` = term2 / term1 and ``gain2`` = RMS ||J (Xdot - v_hat)|| / ||Xdot - v_hat|| (1 at J = I).
-
-    Near the solution the two terms are equal in expectation (ratio ~ 1); since
-    L_sg = L_ideal - E||J (v_hat - v)||^2 and L_ideal >= 0, a ratio well above 1 says the loss is
-    falling by growing the Jacobian along the velocity estimate's error (the trainer warns on it)."""
-    tiny = torch.finfo(term1.dtype).tiny
-    return {"ratio": term2 / term1.clamp(min=tiny), "gain2": (term2 / w2.clamp(min=tiny)).sqrt()}
 
 
 def reduce_sgflow(jvp_f: torch.Tensor, rows: SGFlowRows, b: Batch):
@@ -275,7 +256,7 @@ def reduce_sgflow(jvp_f: torch.Tensor, rows: SGFlowRows, b: Batch):
         "loss": loss.detach(),
         "term1": term1.detach(),
         "term2": term2.detach(),
-        **_warning_signals(term1.detach(), term2.detach(), w2),
+        **warning_signals(term1.detach(), term2.detach(), w2),
         "diag_fm": diag_fm,
         "n_first": torch.tensor(n1),
         "n_second": torch.tensor(n2),
@@ -609,7 +590,7 @@ def sgflow_loss(
     if semi:
         tgt = model if target is None else target
         with decomposed() if decompose else contextlib.nullcontext():
-            v_hat = velocity_estimate(tgt, b, teacher)
+            v_hat = velocity_estimate(tgt, b.t, b.xt, teacher)
 
         def jvp_with(net):
             def jvp_of_f(t_, u_, x_, t_dot, x_dot):
