@@ -22,13 +22,11 @@ from sgflow.losses.sgflow import flow_map_jvp
 from sgflow.memory import saved_tensor_bytes
 from sgflow.testing import rel_err
 
+from test_dualize import _flat, gen_batch
+
 D64 = torch.float64
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _flat(grads, like):
-    return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(grads, like)])
 
 
 def _mlp(dim, seed=0):
@@ -122,16 +120,12 @@ def test_teacher_equal_to_the_models_diagonal_is_todays_loss_bit_for_bit():
 
 # ------------------------------------------------------------------ fused = reference on the test networks
 def _gen_batch(shape, seed):
-    g = torch.Generator().manual_seed(seed)
-    n = shape[0]
-    x1 = torch.randn(shape, dtype=D64, generator=g)
-    noise = torch.randn(shape, dtype=D64, generator=g)
-    t = torch.rand(n, dtype=D64, generator=g) * 0.7
-    u = torch.clamp(t + 0.1 + torch.rand(n, dtype=D64, generator=g) * 0.5, max=1.0)
-    u[-1] = t[-1]  # one diagonal row
-    split = torch.zeros(n, dtype=torch.bool)
-    split[0::2] = True
-    return x1, dict(noise=noise, t=t, u=u, split=split)
+    """test_dualize's float64 batch, its last row on the diagonal and the split alternating."""
+    x1, kw = gen_batch(shape, seed)
+    kw["u"][-1] = kw["t"][-1]  # one diagonal row
+    kw["split"] = torch.zeros(shape[0], dtype=torch.bool)
+    kw["split"][0::2] = True
+    return x1, kw
 
 
 def _sgflow_nn(config, shape, **kw):
@@ -150,25 +144,37 @@ NETWORKS = [
 ]
 
 
-@pytest.mark.parametrize("mode", ["second", "both"])
-@pytest.mark.parametrize("make,shape", NETWORKS)
-def test_fused_equals_reference_with_a_teacher_float64(make, shape, mode):
+def _teacher_case(make, shape, seed):
+    """(model, teacher network, teacher v(t, x) = its diagonal, x1, loss kwargs) in float64."""
     torch.manual_seed(11)
     model = make().double()
     torch.manual_seed(12)
     teacher_net = make().double().eval()
-    teacher = lambda t, x: teacher_net(t, t, x)  # noqa: E731
+    x1, kw = _gen_batch(shape, seed=seed)
+    return model, teacher_net, (lambda t, x: teacher_net(t, t, x)), x1, kw
+
+
+def _reference_and_fused(model, x1, **kw):
+    """[(loss, info, flat gradient)] of sgflow_loss, then fused_loss, on the same inputs."""
     params = [p for p in model.parameters() if p.requires_grad]
-    x1, kw = _gen_batch(shape, seed=13)
-    loss_ref, info_ref = sgflow.sgflow_loss(model, x1, teacher=teacher, teacher_mode=mode, **kw)
-    g_ref = torch.autograd.grad(loss_ref, params, allow_unused=True)
-    loss_f, info_f = sgflow.fused_loss(model, x1, teacher=teacher, teacher_mode=mode, **kw)
-    g_f = torch.autograd.grad(loss_f, params, allow_unused=True)
+    out = []
+    for fn in (sgflow.sgflow_loss, sgflow.fused_loss):
+        loss, info = fn(model, x1, **kw)
+        out.append((loss, info, _flat(torch.autograd.grad(loss, params, allow_unused=True), params)))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["second", "both"])
+@pytest.mark.parametrize("make,shape", NETWORKS)
+def test_fused_equals_reference_with_a_teacher_float64(make, shape, mode):
+    model, teacher_net, teacher, x1, kw = _teacher_case(make, shape, seed=13)
+    (loss_ref, info_ref, g_ref), (loss_f, info_f, g_f) = _reference_and_fused(
+        model, x1, teacher=teacher, teacher_mode=mode, **kw)
     assert rel_err(loss_f, loss_ref) <= 1e-10
     for key in ("term1", "term2"):
         assert rel_err(info_f[key], info_ref[key]) <= 1e-10, key
-    assert _flat(g_ref, params).abs().max() > 0
-    assert rel_err(_flat(g_f, params), _flat(g_ref, params)) <= 1e-10
+    assert g_ref.abs().max() > 0
+    assert rel_err(g_f, g_ref) <= 1e-10
     assert all(p.grad is None for p in teacher_net.parameters())
 
 
@@ -363,22 +369,14 @@ def test_distill_trains_a_teacher_then_the_student(tmp_path, capsys):
 @pytest.mark.parametrize("make,shape", [NETWORKS[0], NETWORKS[3], NETWORKS[5]])
 def test_fused_equals_reference_with_a_teacher_semi_update_float64(make, shape):
     """The trainer's SGFlow recipe (update="semi") with a teacher in the second term."""
-    torch.manual_seed(11)
-    model = make().double()
-    torch.manual_seed(12)
-    teacher_net = make().double().eval()
-    teacher = lambda t, x: teacher_net(t, t, x)  # noqa: E731
-    params = [p for p in model.parameters() if p.requires_grad]
-    x1, kw = _gen_batch(shape, seed=14)
+    model, teacher_net, teacher, x1, kw = _teacher_case(make, shape, seed=14)
     del kw["split"]
-    loss_ref, _ = sgflow.sgflow_loss(model, x1, teacher=teacher, update="semi", **kw)
-    g_ref = torch.autograd.grad(loss_ref, params, allow_unused=True)
-    loss_f, _ = sgflow.fused_loss(model, x1, teacher=teacher, update="semi", **kw)
-    g_f = torch.autograd.grad(loss_f, params, allow_unused=True)
+    (loss_ref, _, g_ref), (loss_f, _, g_f) = _reference_and_fused(model, x1, teacher=teacher, update="semi", **kw)
     assert rel_err(loss_f, loss_ref) <= 1e-10
-    assert rel_err(_flat(g_f, params), _flat(g_ref, params)) <= 1e-10
+    assert rel_err(g_f, g_ref) <= 1e-10
     assert all(p.grad is None for p in teacher_net.parameters())
     # "both" leaves no second term: the same loss under either update.
     both_semi, _ = sgflow.fused_loss(model, x1, teacher=teacher, teacher_mode="both", update="semi", **kw)
     both_paper, _ = sgflow.fused_loss(model, x1, teacher=teacher, teacher_mode="both", **kw)
     assert torch.equal(both_semi, both_paper)
+
