@@ -380,3 +380,18 @@ def test_fused_equals_reference_with_a_teacher_semi_update_float64(make, shape):
     both_paper, _ = sgflow.fused_loss(model, x1, teacher=teacher, teacher_mode="both", **kw)
     assert torch.equal(both_semi, both_paper)
 
+
+def test_trainer_takes_a_callable_teacher_and_refuses_it_beside_a_checkpoint_or_off_sgflow():
+    """Trainer(teacher=v): the exact velocity of ring8 as the teacher (the quality table's oracle row)."""
+    from sgflow.data import get_dataset
+    from sgflow.train import ConfigError, TrainConfig, Trainer
+
+    v = get_dataset("ring8").mixture.velocity
+    cfg = TrainConfig(method="sgflow_fused", data="ring8", model="mlp-small", steps=3, batch_size=16, out_dir=None,
+                      progress=False, figures=False, log_every=1)
+    tr = Trainer(cfg, teacher=v)
+    assert tr.teacher is v
+    tr.run()
+    assert tr.history[-1]["term2"] == 0  # teacher_mode "both" (the trainer's default): no second term left
+    with pytest.raises(ConfigError, match="in place of config.teacher"):
+        Trainer(TrainConfig(method="meanflow", data="ring8", model="mlp-small", out_dir=None), teacher=v)

@@ -265,12 +265,13 @@ def train_method(key: str, spec: DataSpec, seed: int, cfg: QualityConfig):
     torch.manual_seed(seed)
     net = spec.build_network(dataset.shape)
     untrained = copy.deepcopy(net).eval()
-    trainer = Trainer(tc, model=net)
+    teacher = None
     if key in ORACLE_METHODS:
-        mixture = getattr(dataset, "mixture", None)
-        if mixture is None:
+        teacher = getattr(dataset, "mixture", None)
+        if teacher is None:
             raise ValueError(f"the oracle needs a data set with an exact velocity (a Gaussian mixture), not {spec.key!r}")
-        trainer.teacher = mixture.velocity  # the trainer's teacher path, with the exact velocity
+        teacher = teacher.velocity  # the trainer's teacher path, with the exact velocity
+    trainer = Trainer(tc, model=net, teacher=teacher)
     rec = {"method": key, "training_method": tc.method, "dataset": spec.key, "seed": int(seed), "steps": steps,
            "step_ms": None, "step_ms_mean": None, "peak_bytes": None, "final_loss": None, "train_s": None,
            "diverged": None}

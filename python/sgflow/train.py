@@ -540,9 +540,12 @@ class Trainer:
         resume: a checkpoint path (file or run directory) to continue from; its config must agree
             with ``config`` except for :data:`RESUMABLE_OVERRIDES`.
         model: optional prebuilt network (then ``config.model`` is only recorded, not built).
+        teacher: optional teacher velocity, any callable ``v(t, x)`` (e.g. a mixture's exact velocity), in place
+            of the checkpoint ``config.teacher`` names (not both); used with ``config.teacher_mode`` /
+            ``teacher_schedule``. Not stored in checkpoints: pass it again on resume.
     """
 
-    def __init__(self, config: TrainConfig, resume=None, model: torch.nn.Module | None = None):
+    def __init__(self, config: TrainConfig, resume=None, model: torch.nn.Module | None = None, teacher=None):
         self.config = cfg = copy.deepcopy(config)
         world = D.env_world_size()
         ckpt = None
@@ -558,13 +561,13 @@ class Trainer:
             _check_finite_checkpoint(ckpt)
         self.dist = D.init_distributed(cfg.device)
         try:
-            self._setup(cfg, ckpt, model)
+            self._setup(cfg, ckpt, model, teacher)
         except BaseException:
             D.cleanup(self.dist)
             raise
 
     # ------------------------------------------------------------------ setup
-    def _setup(self, cfg, ckpt, model):
+    def _setup(self, cfg, ckpt, model, teacher=None):
         info = self.dist
         self.device = D.resolve_device(cfg.device, info)
         self.loss_fn = available_methods()[cfg.method]
@@ -613,7 +616,10 @@ class Trainer:
             self._restore(ckpt)
         self._build_scheduler(ckpt)
         self._wrap_data_parallel()
-        self.teacher = None
+        self.teacher = teacher
+        if teacher is not None and (cfg.teacher is not None or not cfg.method.startswith("sgflow")):
+            raise ConfigError("teacher= distils into SGFlow (method sgflow or sgflow_fused) in place of "
+                              "config.teacher, not beside it")
         if cfg.teacher is not None:
             with torch.random.fork_rng(devices=[]):  # building its network draws nothing from the run's RNG
                 self.teacher = load_teacher(cfg.teacher, self.data_shape, self.device, cfg.interpolant)
