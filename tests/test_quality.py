@@ -112,9 +112,13 @@ def test_options_and_their_errors():
     assert cfg.preset == "quick" and cfg.seeds == (3, 4) and cfg.train_steps == {"ring8": 50, "grid9": 50}
     cfg = config_from_args(p.parse_args(["--datasets", "gmm16"]))
     assert cfg.datasets == ("gmm16",) and cfg.train_steps["gmm16"] == QualityConfig().train_steps["gmm16"]
-    assert cfg.diagonal_fraction == 0.5
-    assert config_from_args(p.parse_args(["--diagonal-fraction", "0.75"])).diagonal_fraction == 0.75
-    for argv, msg in ((["--datasets", "cifar"], "unknown data set"), (["--methods", "ddpm"], "unknown method"),
+    assert cfg.diagonal_fraction == 0.5 and cfg.tune and not cfg.preset != "full"
+    assert not config_from_args(p.parse_args(["--quick"])).tune and config_from_args(p.parse_args(["--quick", "--tune"])).tune
+    cfg = config_from_args(p.parse_args(["--no-tune", "--diagonal-fraction", "0.75", "--jobs", "2"]))
+    assert cfg.diagonal_fraction == 0.75 and not cfg.tune and cfg.jobs == 2
+    for argv, msg in ((["--diagonal-fraction", "0.75"], "replaced by the tuned settings"),
+                      (["--lr", "1e-3"], "--lr would be replaced"), (["--tune-seed", "1"], "also a reported seed"),
+                      (["--jobs", "0"], "jobs must be"),(["--datasets", "cifar"], "unknown data set"), (["--methods", "ddpm"], "unknown method"),
                       (["--train-steps", "1"], ">= 2"), (["--seeds", "1", "1"], "distinct"),
                       (["--diagonal-fraction", "1"], "diagonal-fraction"), (["--diagonal-fraction", "0"], "diagonal-fraction")):
         with pytest.raises(ValueError, match=msg):

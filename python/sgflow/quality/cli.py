@@ -1,6 +1,7 @@
 """The options of ``sgflow quality`` and ``benchmarks/quality.py``."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 from pathlib import Path
@@ -24,7 +25,12 @@ def add_arguments(p) -> None:
     p.add_argument("--lr", type=float, default=None, help="peak learning rate of every method (default 3e-3)")
     p.add_argument("--diagonal-fraction", type=float, default=None,
                    help="fraction of training pairs on t = u, for every method (default 0.5)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
+    p.add_argument("--tune", action=argparse.BooleanOptionalAction, default=None,
+                   help="first tune every method's lr and own knob with the same number of trials on --tune-seed "
+                        "(default: on for the full preset, off for quick and smoke)")
+    p.add_argument("--tune-seed", type=int, default=None, help="the seed tuning trials run on (default 100; never a reported seed)")
+    p.add_argument("--jobs", type=int, default=None, help="runs trained at once, one process each (default 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per run (default 1)")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement of step 2")
     p.add_argument("--cache-dir", default=None, help="where the digits feature classifier is cached")
@@ -54,7 +60,9 @@ def config_from_args(args) -> QualityConfig:
             steps[d] = QualityConfig().train_steps.get(d)
     over["train_steps"] = steps
     for name_, val in (("n_eval", args.n_eval), ("lr", args.lr), ("threads", args.threads), ("device", args.device),
-                       ("cache_dir", args.cache_dir), ("diagonal_fraction", args.diagonal_fraction)):
+                       ("cache_dir", args.cache_dir), ("diagonal_fraction", args.diagonal_fraction),
+                       ("tune", getattr(args, "tune", None)), ("tune_seed", getattr(args, "tune_seed", None)),
+                       ("jobs", getattr(args, "jobs", None))):
         if val is not None:
             over[name_] = val
     if args.no_memory:
@@ -67,6 +75,11 @@ def config_from_args(args) -> QualityConfig:
                          f"got {cfg.diagonal_fraction}")
     if cfg.threads is not None and cfg.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {cfg.threads}")
+    if cfg.tune:
+        fixed = [flag for flag, val in (("--lr", args.lr), ("--diagonal-fraction", args.diagonal_fraction)) if val is not None]
+        if fixed:
+            raise ValueError(f"{' and '.join(fixed)} would be replaced by the tuned settings: pass --no-tune to train every "
+                             "method with them")
     check_config(cfg)
     return cfg
 
@@ -81,10 +94,12 @@ def command_line(args, prog: str = "sgflow quality") -> str:
     """The options of parsed ``args`` written back as a command line (for the report's header)."""
     parts = [prog]
     for dest, value in sorted(vars(args).items()):
-        if dest in ("func", "command") or value in (None, False):
+        if dest in ("func", "command") or value is None or (value is False and dest != "tune"):
             continue
         flag = "--" + dest.replace("_", "-")
-        if value is True:
+        if dest == "tune":
+            parts.append("--tune" if value else "--no-tune")
+        elif value is True:
             parts.append(flag)
         elif isinstance(value, (list, tuple)):
             parts += [flag, *map(str, value)]

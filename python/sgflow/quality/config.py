@@ -3,6 +3,7 @@ tuning search space."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -108,14 +109,41 @@ DATA_SPECS = {
 }
 
 
+# The equal tuning budget: every method gets the same number of trials (3 x 2 = 6) over its peak learning rate
+# (centred on the untuned default, 3e-3) and one knob of its own: the share of t = u pairs for the flow-map
+# methods (where their velocity is learnt; MeanFlow's paper trains 75 % there), the EMA decay for flow matching
+# (which trains on t = u only, so the share means nothing to it). Trials run on QualityConfig.tune_seed, which is
+# never a reported seed.
+TUNED_LRS = (1.5e-3, 3e-3, 6e-3)
+TUNING = {key: {"lr": TUNED_LRS, "diagonal_fraction": (0.5, 0.75)} for key in METHODS}
+TUNING["flow_matching"] = {"lr": TUNED_LRS, "ema_decay": (0.995, 0.999)}
+TUNABLE = ("lr", "diagonal_fraction", "ema_decay")  # the QualityConfig fields a trial may set
+
+
+def tuning_trials(key: str, space: dict | None = None) -> list:
+    """Method ``key``'s trials: the Cartesian product of its search space (``TUNING[key]``), as a list of
+    ``{field: value}`` dicts, in a fixed order."""
+    space = TUNING[key] if space is None else space
+    bad = [f for f in space if f not in TUNABLE]
+    if bad:
+        raise ValueError(f"cannot tune {bad} of {key!r}; tunable settings: {', '.join(TUNABLE)}")
+    names = list(space)
+    return [dict(zip(names, vals)) for vals in itertools.product(*(space[n] for n in names))]
+
+
 @dataclass
 class QualityConfig:
-    """What the quality table runs. Every method gets exactly these settings (nothing is searched).
+    """What the quality table runs.
 
     ``train_steps``: optimisation steps per data set key (one budget for all methods and seeds).
     Optimiser settings are those of ``sgflow demo`` (lr 3e-3, 100 warm-up steps, cosine decay, EMA 0.995,
-    gradient clip 1); the time sampler is the library default (uniform, half of the pairs on t = u)
-    and SGFlow splits each batch half/half between its two terms (the trainer's paired split).
+    gradient clip 1); the time sampler is the library default (uniform, half of the pairs on t = u).
+
+    ``tune``: before the reported runs, every method is trained once per trial of its search space
+    (:data:`TUNING`, the same number of trials for every method) on ``tune_seed`` and scored at 1 and 2 NFE;
+    its best trial's settings replace ``lr`` / ``diagonal_fraction`` / ``ema_decay`` for its reported seeds.
+    Without it every method gets exactly the settings above. ``jobs``: runs trained at once, each in its own
+    process with ``threads`` torch threads (step times are then measured side by side).
     """
 
     datasets: tuple = ("ring8", "grid9", "gmm16", "digits")
@@ -136,20 +164,25 @@ class QualityConfig:
     measure_memory: bool = True
     cache_dir: str | None = None
     preset: str = "full"
+    tune: bool = False
+    tune_seed: int = 100
+    tune_nfe: tuple = (1, 2)
+    jobs: int = 1
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        for k in ("datasets", "methods", "seeds", "nfe"):
+        for k in ("datasets", "methods", "seeds", "nfe", "tune_nfe"):
             d[k] = list(d[k])
         return d
 
 
 def preset(name: str = "full", **overrides) -> QualityConfig:
-    """``"full"`` (4 data sets, 3 seeds, 2000 steps: ~17 CPU minutes), ``"quick"`` (ring8 and grid9,
+    """``"full"`` (4 data sets, 3 seeds, 2000 steps, every method tuned: see docs/quality.md for its
+    time), ``"quick"`` (ring8 and grid9,
     2 seeds, 800 steps, 1000 evaluation samples: ~2 CPU minutes) or ``"smoke"`` (ring8, 1 seed, 40
     steps, 256 evaluation samples: a structural check in seconds). ``overrides`` replace fields."""
     if name == "full":
-        cfg = QualityConfig()
+        cfg = QualityConfig(tune=True)
     elif name == "quick":
         cfg = QualityConfig(datasets=("ring8", "grid9"), seeds=(0, 1), train_steps={"ring8": 800, "grid9": 800},
                             n_eval=1000, preset="quick")
@@ -178,6 +211,11 @@ def check_config(cfg: QualityConfig) -> None:
         raise ValueError(f"NFE values must be positive integers, got {list(cfg.nfe)}")
     if cfg.n_eval < 2:
         raise ValueError(f"n_eval must be >= 2, got {cfg.n_eval}")
+    if cfg.tune and cfg.tune_seed in cfg.seeds:
+        raise ValueError(f"the tuning seed {cfg.tune_seed} is also a reported seed {list(cfg.seeds)}: settings chosen "
+                         "on a seed must be reported on others")
+    if not isinstance(cfg.jobs, int) or cfg.jobs < 1:
+        raise ValueError(f"jobs must be an integer >= 1, got {cfg.jobs!r}")
 
 
 def training_method(key: str) -> str:
