@@ -25,6 +25,8 @@ METHODS = {
     "sgflow": ("SGFlow", "sgflow_fused", "sgflow"),
     "sgflow_paper": ("SGFlow (paper recipe)", "sgflow_fused", "sgflow"),
     "oracle": ("ideal loss, exact v (bound)", "sgflow_fused", "sgflow"),
+    "distill": ("SGFlow distilled from flow matching", "sgflow_fused", "sgflow"),
+    "meanflow_2x": ("MeanFlow, 2x steps", "meanflow_fused", "meanflow"),
 }
 # Loss options per method key where they differ from the trainer's recipe (None: sgflow.train.METHOD_DEFAULTS).
 # "sgflow" is the default recipe (the semi-gradient update with the EMA as its target network); "sgflow_paper" the
@@ -33,6 +35,14 @@ METHODS = {
 # any flow-map loss with a perfect velocity could reach with this network and budget.
 METHOD_LOSS_KWARGS = {"sgflow_paper": {}}
 ORACLE_METHODS = ("oracle",)
+# "distill": a flow-matching teacher trained first (same budget and seed, flow matching's tuned settings when the
+# table is tuned, the untuned ones inside tuning trials), then SGFlow's recipe with the teacher's velocity in place of
+# its own diagonal (sgflow.train.Trainer(teacher=...), teacher_mode "both"): 2x the steps in all, and each student
+# step costs one teacher forward more. "meanflow_2x": MeanFlow from scratch with that total budget (2x steps).
+DISTILL_METHODS = ("distill",)
+STEP_MULTIPLIER = {"distill": 1, "meanflow_2x": 2}  # steps of the run itself, times the data set's budget
+# The methods the table runs unless asked (the distillation rows cost 2x: `--methods ... distill meanflow_2x`).
+DEFAULT_METHODS = ("flow_matching", "lagrangian", "eulerian", "progressive", "meanflow", "sgflow", "sgflow_paper", "oracle")
 
 SAMPLER_LABELS = {"flow_map": "jumps", "euler": "Euler", "heun": "Heun"}
 METRIC_LABELS = {
@@ -42,7 +52,8 @@ METRIC_LABELS = {
 }
 # Drawing order and colours of the figure (matplotlib's tab10, one per method).
 COLORS = {"flow_matching": "#1f77b4", "lagrangian": "#8c564b", "eulerian": "#9467bd", "progressive": "#7f7f7f",
-          "meanflow": "#ff7f0e", "sgflow": "#d62728", "sgflow_paper": "#e377c2", "oracle": "#2ca02c"}
+          "meanflow": "#ff7f0e", "sgflow": "#d62728", "sgflow_paper": "#e377c2", "oracle": "#2ca02c",
+          "distill": "#17becf", "meanflow_2x": "#bcbd22"}
 
 
 # ---------------------------------------------------------------------- networks and data
@@ -147,7 +158,7 @@ class QualityConfig:
     """
 
     datasets: tuple = ("ring8", "grid9", "gmm16", "digits")
-    methods: tuple = tuple(METHODS)  # "oracle" runs on the mixtures only (it needs the exact velocity)
+    methods: tuple = DEFAULT_METHODS  # "oracle" runs on the mixtures only (it needs the exact velocity)
     seeds: tuple = (0, 1, 2)
     nfe: tuple = (1, 2, 4, 8, 16)
     train_steps: dict = field(default_factory=lambda: {d: 2000 for d in DATA_SPECS})

@@ -100,44 +100,53 @@ def _compare(a, b) -> str:
     return "worse, seed ranges disjoint" if a["min"] > b["max"] else "worse on the mean, seed ranges overlap"
 
 
+# Whose few-step jumps the verdicts judge, and against which jump rows (besides flow matching's better ODE sampler).
+SUBJECTS = {"sgflow": ("meanflow",), "distill": ("meanflow_2x", "meanflow")}
+
+
 def verdicts(results: dict, few=(1, 2)) -> list:
-    """Per data set, metric and few-step NFE: SGFlow's jumps against MeanFlow's jumps and flow matching's
-    better ODE sampler, and which row is best overall. One dict per comparison (``text`` for humans)."""
+    """Per data set, metric and few-step NFE: SGFlow's jumps (and the distilled SGFlow's, when run) against
+    MeanFlow's jumps (for the distilled one: MeanFlow with its total budget first) and flow matching's better ODE
+    sampler (for the distilled one: its teacher's), and which row is best overall. One dict per comparison
+    (``subject``; ``text`` for humans)."""
     out = []
     summary = results.get("summary") or summarize(results)
     cfg = results["config"]
-    if "sgflow" not in cfg["methods"]:
-        return out
-    for d, sd in summary.items():
-        for metric in metrics_of(d):
-            for k in few:
-                if k not in cfg["nfe"]:
-                    continue
-                sg = _row(sd, "sgflow", "flow_map", metric, k)
-                if sg is None:
-                    continue
-                item = {"dataset": d, "metric": metric, "nfe": k, "sgflow": sg["mean"]}
-                parts = [f"{d}, {METRIC_LABELS[metric]}, {k} NFE: SGFlow {_fmt(sg['mean'])}"]
-                mf = _row(sd, "meanflow", "flow_map", metric, k)
-                if mf is not None:
-                    item["vs_meanflow"] = _compare(sg, mf)
-                    parts.append(f"vs MeanFlow {_fmt(mf['mean'])}: {item['vs_meanflow']}")
-                fm = _best_fm(sd, metric, k)
-                if fm is not None:
-                    item["vs_flow_matching"] = _compare(sg, fm)
-                    parts.append(f"vs flow matching ({SAMPLER_LABELS[fm['sampler']]}) {_fmt(fm['mean'])}: "
-                                 f"{item['vs_flow_matching']}")
-                cands = [r for r in sd["rows"] if r["metric"] == metric and r["nfe"] == k and r["method"] != "untrained"]
-                best = min(cands, key=lambda r: r["mean"])
-                item["best"] = f"{METHODS[best['method']][0]} ({SAMPLER_LABELS[best['sampler']]})"
-                parts.append(f"best row: {item['best']} {_fmt(best['mean'])}")
-                div = {k: sd["cost"].get(k, {}).get("diverged_seeds") for k in ("sgflow", "meanflow", "flow_matching")}
-                div = {k: v for k, v in div.items() if v}
-                if div:
-                    item["diverged"] = div
-                    parts.append("diverged: " + ", ".join(f"{METHODS[k][0]} seeds {v}" for k, v in div.items()))
-                item["text"] = "; ".join(parts)
-                out.append(item)
+    for subject, rivals in SUBJECTS.items():
+        if subject not in cfg["methods"]:
+            continue
+        for d, sd in summary.items():
+            for metric in metrics_of(d):
+                for k in few:
+                    if k not in cfg["nfe"]:
+                        continue
+                    sg = _row(sd, subject, "flow_map", metric, k)
+                    if sg is None:
+                        continue
+                    name = METHODS[subject][0]
+                    item = {"subject": subject, "dataset": d, "metric": metric, "nfe": k, subject: sg["mean"]}
+                    parts = [f"{d}, {METRIC_LABELS[metric]}, {k} NFE: {name} {_fmt(sg['mean'])}"]
+                    for rival in rivals:
+                        mf = _row(sd, rival, "flow_map", metric, k)
+                        if mf is not None:
+                            item[f"vs_{rival}"] = _compare(sg, mf)
+                            parts.append(f"vs {METHODS[rival][0]} {_fmt(mf['mean'])}: {item[f'vs_{rival}']}")
+                    fm = _best_fm(sd, metric, k)
+                    if fm is not None:
+                        item["vs_flow_matching"] = _compare(sg, fm)
+                        parts.append(f"vs flow matching ({SAMPLER_LABELS[fm['sampler']]}) {_fmt(fm['mean'])}: "
+                                     f"{item['vs_flow_matching']}")
+                    cands = [r for r in sd["rows"] if r["metric"] == metric and r["nfe"] == k and r["method"] != "untrained"]
+                    best = min(cands, key=lambda r: r["mean"])
+                    item["best"] = f"{METHODS[best['method']][0]} ({SAMPLER_LABELS[best['sampler']]})"
+                    parts.append(f"best row: {item['best']} {_fmt(best['mean'])}")
+                    div = {m: sd["cost"].get(m, {}).get("diverged_seeds") for m in (subject, *rivals, "flow_matching")}
+                    div = {m: v for m, v in div.items() if v}
+                    if div:
+                        item["diverged"] = div
+                        parts.append("diverged: " + ", ".join(f"{METHODS[m][0]} seeds {v}" for m, v in div.items()))
+                    item["text"] = "; ".join(parts)
+                    out.append(item)
     return out
 
 

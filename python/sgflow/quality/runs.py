@@ -16,9 +16,9 @@ import torch
 
 from sgflow.evaluate import DEFAULT_PAIRS, evaluate_digits, evaluate_points
 from sgflow.memory import peak_tensor_bytes
-from sgflow.train import TrainConfig, Trainer, TrainingDiverged
+from sgflow.train import TeacherVelocity, TrainConfig, Trainer, TrainingDiverged
 
-from .config import DATA_SPECS, METHODS, ORACLE_METHODS, METHOD_LOSS_KWARGS, TUNABLE, TUNING, DataSpec, QualityConfig, \
+from .config import DATA_SPECS, DISTILL_METHODS, METHODS, ORACLE_METHODS, STEP_MULTIPLIER, METHOD_LOSS_KWARGS, TUNABLE, TUNING, DataSpec, QualityConfig, \
     check_config, metrics_of, samplers_for, training_method, tuning_trials
 from .report import _clean, figure, markdown, summarize, verdicts
 
@@ -45,11 +45,14 @@ def initial_network(spec: DataSpec, shape, seed: int):
     return spec.build_network(shape)
 
 
-def train_method(key: str, spec: DataSpec, seed: int, cfg: QualityConfig, settings: dict | None = None):
+def train_method(key: str, spec: DataSpec, seed: int, cfg: QualityConfig, settings: dict | None = None,
+                 teacher_settings: dict | None = None):
     """Train method ``key`` on ``spec`` with ``seed``. Returns ``(EMA model, untrained copy, record)``.
 
     ``settings``: values for ``lr`` / ``diagonal_fraction`` / ``ema_decay`` that replace ``cfg``'s for this
-    run (a tuning trial, or the trial the tuning chose); stored in the record.
+    run (a tuning trial, or the trial the tuning chose); stored in the record. ``teacher_settings``: the same for
+    the flow-matching teacher of a distillation method (``DISTILL_METHODS``), trained first with this seed; its
+    record is the student's ``teacher`` entry, its time counts in ``train_s``.
 
     The network is built right after ``torch.manual_seed(seed)``, so every method starts from the same
     weights for one seed. Steps 1 and 2 run outside the timed loop: step 1 creates Adam's state, step
@@ -58,7 +61,7 @@ def train_method(key: str, spec: DataSpec, seed: int, cfg: QualityConfig, settin
     ``train_s`` and ``diverged`` (the trainer's message, or None).
     """
     dataset = spec.dataset()
-    steps = int(cfg.train_steps[spec.key])
+    steps = int(cfg.train_steps[spec.key]) * STEP_MULTIPLIER.get(key, 1)
     settings = dict(settings or {})
     bad = [k for k in settings if k not in TUNABLE]
     if bad:
@@ -74,7 +77,11 @@ def train_method(key: str, spec: DataSpec, seed: int, cfg: QualityConfig, settin
     )
     net = initial_network(spec, dataset.shape, seed)
     untrained = copy.deepcopy(net).eval()
-    teacher = None
+    teacher, teacher_rec, t0 = None, None, time.perf_counter()
+    if key in DISTILL_METHODS:
+        teacher_net, _, teacher_rec = train_method("flow_matching", spec, seed, dataclasses.replace(cfg, measure_memory=False),
+                                                   teacher_settings)
+        teacher = TeacherVelocity(teacher_net)
     if key in ORACLE_METHODS:
         teacher = getattr(dataset, "mixture", None)
         if teacher is None:
@@ -84,9 +91,10 @@ def train_method(key: str, spec: DataSpec, seed: int, cfg: QualityConfig, settin
     rec = {"method": key, "training_method": tc.method, "dataset": spec.key, "seed": int(seed), "steps": steps,
            "settings": settings,
            "step_ms": None, "step_ms_mean": None, "peak_bytes": None, "final_loss": None, "train_s": None,
-           "diverged": None}
-    t0 = time.perf_counter()
+           "diverged": None, "teacher": teacher_rec}
     try:
+        if teacher_rec is not None and teacher_rec["diverged"]:
+            raise TrainingDiverged(f"the flow-matching teacher diverged: {teacher_rec['diverged']}")
         trainer.train_step()
         if cfg.measure_memory:
             if trainer.device.type == "cuda":
@@ -196,7 +204,7 @@ def _run_job(job: dict) -> dict:
         model = initial_network(spec, dataset.shape, seed).eval()
     else:
         run_cfg = dataclasses.replace(cfg, measure_memory=False) if job.get("tune") else cfg
-        model, _, rec = train_method(key, spec, seed, run_cfg, job.get("settings"))
+        model, _, rec = train_method(key, spec, seed, run_cfg, job.get("settings"), job.get("teacher_settings"))
     t_eval = time.perf_counter()
     if job.get("tune"):
         natural = ("euler", "heun") if key == "flow_matching" else ("flow_map",)
@@ -333,8 +341,8 @@ def run_quality(cfg: QualityConfig, out_dir, log=print, command: str | None = No
         for d in cfg.datasets:
             for seed in cfg.seeds:
                 mine = [k for k in cfg.methods if _applies(k, datasets[d])]
-                jobs += [{"cfg": cfg, "dataset": d, "method": k, "seed": seed, "settings": chosen.get(d, {}).get(k)}
-                         for k in mine]
+                jobs += [{"cfg": cfg, "dataset": d, "method": k, "seed": seed, "settings": chosen.get(d, {}).get(k),
+                          "teacher_settings": chosen.get(d, {}).get("flow_matching")} for k in mine]
                 if mine:
                     jobs.append({"cfg": cfg, "dataset": d, "method": "untrained", "seed": seed})
         for job, res in _execute(jobs, cfg.jobs):
