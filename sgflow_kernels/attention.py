@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from sgflow_kernels._env import interpreting
 from sgflow_kernels.dtypes import acc_dtype
 
 try:  # the exception type moved around between Triton releases
@@ -410,7 +411,7 @@ def _attention_dual_bwd_dq_kernel(
 # Launchers
 # --------------------------------------------------------------------------------------------------
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return interpreting()
 
 
 def _acc_dtypes(dtype: torch.dtype):

@@ -205,11 +205,15 @@ def _aligned_rows(model, b: Batch, index: torch.Tensor, first: torch.Tensor, tea
     return SGFlowRows(index=index, first=first, t_dot=first.to(b.x1.dtype), x_dot=x_dot, v_hat=v_hat, aligned=True)
 
 
-def _reduce_aligned(per_row: torch.Tensor, rows: SGFlowRows, b: Batch):
-    """:func:`reduce_sgflow` by masked sums over all rows, row counts as tensors (no graph break).
+def reduce_sgflow(jvp_f: torch.Tensor, rows: SGFlowRows, b: Batch):
+    """loss = mean over first-term rows of ||JVP||^2 - mean over second-term rows of ||JVP||^2.
 
-    Each term is its rows' sum over max(count, 1): the mean of its rows, 0 for an empty term.
+    Averaging each term over its own rows keeps the estimate unbiased for L_sg (given how many rows each
+    term got); an empty term contributes 0. Each term is a masked sum over its row count (clamped to 1),
+    counts kept as tensors: no boolean-mask selection and no host sync, so the same code runs eagerly and
+    under ``torch.compile``. ``b`` is unused (kept for the callers' signature).
     """
+    per_row = mean_sq(jvp_f)
     first = rows.first
     zero = per_row.new_zeros(())
     n1 = first.sum()
@@ -218,48 +222,17 @@ def _reduce_aligned(per_row: torch.Tensor, rows: SGFlowRows, b: Batch):
     term2 = torch.where(first, zero, per_row).sum() / n2.clamp(min=1).to(per_row.dtype)
     loss = term1 - term2
     with torch.no_grad():
-        diag = mean_sq(b.xdot[rows.index] - rows.v_hat)
-        diag_fm = torch.where(first, zero, diag).sum() / n2.clamp(min=1).to(diag.dtype)
-    with torch.no_grad():
+        # Second-term rows carry the tangent Xdot_t - v_hat: its mean square there is the diagonal velocity's
+        # flow-matching error (diag_fm) and the denominator of the Jacobian gain.
         w2 = torch.where(first, zero, mean_sq(rows.x_dot)).sum() / n2.clamp(min=1).to(per_row.dtype)
     info = {
         "loss": loss.detach(),
         "term1": term1.detach(),
         "term2": term2.detach(),
         **warning_signals(term1.detach(), term2.detach(), w2),
-        "diag_fm": diag_fm,
+        "diag_fm": w2,
         "n_first": n1,
         "n_second": n2,
-    }
-    return loss, info
-
-
-def reduce_sgflow(jvp_f: torch.Tensor, rows: SGFlowRows, b: Batch):
-    """loss = mean over first-term rows of ||JVP||^2 - mean over second-term rows of ||JVP||^2.
-
-    Averaging each term over its own rows keeps the estimate unbiased for L_sg (given how many rows
-    each term got); an empty term contributes 0. Rows built under ``torch.compile``
-    (``rows.aligned``) are reduced by masked sums instead of boolean-mask selections: the same loss.
-    """
-    per_row = mean_sq(jvp_f)
-    if rows.aligned:
-        return _reduce_aligned(per_row, rows, b)
-    zero = per_row.new_zeros(())
-    n1, n2 = int(rows.first.sum()), int((~rows.first).sum())
-    term1 = per_row[rows.first].mean() if n1 else zero
-    term2 = per_row[~rows.first].mean() if n2 else zero
-    loss = term1 - term2
-    second_idx = rows.index[~rows.first]
-    diag_fm = mean_sq(b.xdot[second_idx] - rows.v_hat).mean().detach() if n2 else zero
-    w2 = mean_sq(rows.x_dot[~rows.first]).mean().detach() if n2 else zero
-    info = {
-        "loss": loss.detach(),
-        "term1": term1.detach(),
-        "term2": term2.detach(),
-        **warning_signals(term1.detach(), term2.detach(), w2),
-        "diag_fm": diag_fm,
-        "n_first": torch.tensor(n1),
-        "n_second": torch.tensor(n2),
     }
     return loss, info
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sgflow.ops.groupnorm_silu import apply_dropout_mask
+from sgflow.ops.groupnorm_silu import apply_dropout_mask, make_dropout_mask
 
 __all__ = [
     "dropout_mask",
@@ -33,7 +33,7 @@ def dropout_mask(shape, p: float, device=None) -> torch.Tensor:
     The same draw as ``sgflow.ops.groupnorm_silu.make_dropout_mask``: the fused stage op and the plain
     forward use identical masks for identical RNG states (recomputation in backward replays the state).
     """
-    return torch.empty(tuple(shape), dtype=torch.bool, device=device).bernoulli_(1.0 - p)
+    return make_dropout_mask(shape, p, device)
 
 
 def variance_scaling_(weight: torch.Tensor, scale: float = 1.0) -> torch.Tensor:

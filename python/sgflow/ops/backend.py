@@ -51,7 +51,9 @@ def triton_available() -> bool:
 
 def triton_interpreting() -> bool:
     """True when Triton runs kernels on CPU tensors through its interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    from sgflow_kernels._env import interpreting
+
+    return interpreting()
 
 
 def _usable(choice: str, tensor: torch.Tensor) -> bool:
