@@ -1,0 +1,125 @@
+r"""Dropout (one mask for primal and tangent) and the GroupNorm+SiLU fusions of lazy GroupNorm nodes:
+silu(group_norm) as the fused GroupNorm+SiLU op, kept lazy through a dropout (``F.dropout`` or
+``sgflow.ops.apply_dropout_mask``) so that a following conv runs the fused GroupNorm -> SiLU ->
+(Dropout) -> Conv2d stage. The dropout rules and the fusions call each other, hence one module."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sgflow.autodual.rules.common import _bind
+from sgflow.autodual.rules.structural import inplace_error
+from sgflow.autodual.tensor import DualTensor, fail, make_dual, note_rule
+
+
+def _dropout_rule(func, args, kwargs):
+    """One Bernoulli mask for primal and tangent (the recomputation replays it: RNG state restored)."""
+    b = _bind(args, kwargs, ("input", "p", "training", "inplace"), {"p": 0.5, "training": True, "inplace": False})
+    x, p, training = b["input"], float(b["p"]), b["training"]
+    if b["inplace"]:
+        return inplace_error(func, args, kwargs)
+    if not training or p == 0.0:
+        return x
+    from sgflow.autodual.attention import LazyDual
+
+    if (func is F.dropout and 0.0 < p < 1.0 and isinstance(x, LazyDual) and x._cache is None
+            and x._kind == "gn_silu" and x._parts["p"] == 0.0):
+        return _gn_silu_dropout(x, p)
+    xp = x._primal
+    if p >= 1.0:
+        return make_dual(torch.zeros_like(xp), torch.zeros_like(x._tangent))
+    if func is F.dropout or func is torch.dropout:
+        shape = xp.shape
+    else:  # dropout1d/2d/3d: one draw per (sample, channel)
+        nsp = {F.dropout1d: 1, F.dropout2d: 2, F.dropout3d: 3}[func]
+        batched = xp.dim() == nsp + 2
+        shape = (xp.shape[: 2] if batched else xp.shape[:1]) + (1,) * nsp
+    mask = torch.empty(shape, dtype=xp.dtype, device=xp.device).bernoulli_(1.0 - p).div_(1.0 - p)
+    return make_dual(xp * mask, x._tangent * mask)
+
+
+def _gn_silu(x):
+    """silu(group_norm(...)) of a lazy GroupNorm node: a lazy GroupNorm+SiLU node (a conv that follows
+    takes the fused GroupNorm -> SiLU -> conv stage; any other use runs the fused GroupNorm+SiLU op);
+    None for any other input."""
+    from sgflow.autodual.attention import LazyDual
+
+    if not (isinstance(x, LazyDual) and x._cache is None and x._kind == "gn"):
+        return None
+    parts = dict(x._parts, p=0.0)
+    note_rule("rule:group_norm+silu (fused op)")
+    return LazyDual(x._lazy_shape, x._like, "gn_silu", parts, lambda: _gn_silu_eager(parts))
+
+
+def _gn_silu_eager(parts):
+    from sgflow.ops.groupnorm_silu import groupnorm_silu_dual
+
+    src = parts["x"]
+    y, yd = groupnorm_silu_dual(src._primal, src._tangent.to(src._primal.dtype), parts["w"], parts["b"], parts["g"],
+                                float(parts["eps"]))
+    return make_dual(y, yd)
+
+
+def _gn_silu_dropout(x, p):
+    """Dropout of a lazy GroupNorm+SiLU node, kept lazy so that a following conv fuses all four."""
+    from sgflow.autodual.attention import LazyDual
+
+    parts = dict(x._parts, p=p)
+    mat = x._materialize
+
+    def materialize():
+        # Unfused: the GroupNorm+SiLU op, then this module's dropout rule (one mask for both streams).
+        return _dropout_rule(F.dropout, (mat(), p, True), {})
+
+    return LazyDual(x._lazy_shape, x._like, "gn_silu", parts, materialize)
+
+
+def _dropout_mask_rule(func, args, kwargs):
+    """sgflow.ops.apply_dropout_mask(h, mask, p): on a lazy GroupNorm+SiLU node it stays lazy, carrying the
+    mask, so that a following conv runs the fused stage with it; otherwise a product with the constant
+    multiplier mask / (1 - p) (the same mask for both streams)."""
+    from sgflow.autodual.attention import LazyDual
+
+    b = _bind(args, kwargs, ("h", "mask", "p"), {})
+    h, mask, p = b["h"], b["mask"], float(b["p"])
+    if isinstance(mask, DualTensor):
+        raise fail(func, "the dropout mask must not depend on the dual inputs")
+    if (isinstance(h, LazyDual) and h._cache is None and h._kind == "gn_silu" and h._parts["p"] == 0
+            and mask.dtype == torch.bool and tuple(mask.shape) == tuple(h._lazy_shape) and 0.0 < p < 1.0):
+        parts = dict(h._parts, p=p, mask=mask)
+        mat = h._materialize
+
+        def materialize():
+            return _dropout_mask_rule(func, (mat(), mask, p), {})
+
+        return LazyDual(h._lazy_shape, h._like, "gn_silu", parts, materialize)
+    if not isinstance(h, DualTensor):
+        return func(h, mask, p)
+    hp = h._primal
+    y = func(hp, mask, p)
+    m = mask.to(hp.dtype) * (1.0 / (1.0 - p))
+    return make_dual(y, h._tangent.to(hp.dtype) * m)
+
+
+def _gn_silu_conv(x, w, bias, conf):
+    """The GroupNorm -> SiLU -> (Dropout) -> Conv2d stage as the fused dual op (saves only the stage
+    input, its tangent and the group statistics), or None where the conv does not fit it."""
+    from sgflow.autodual.attention import LazyDual
+
+    if not (isinstance(x, LazyDual) and x._cache is None and x._kind == "gn_silu"):
+        return None
+    stride, pad, dilation, transposed, _, groups = conf
+    if transposed or groups != 1 or any(v != 1 for v in stride) or any(v != 1 for v in dilation) or w.dim() != 4:
+        return None
+    parts = x._parts
+    src = parts["x"]
+    xp = src._primal
+    if xp.dim() != 4 or (w.dtype != xp.dtype and not torch.is_autocast_enabled(xp.device.type)):
+        return None
+    from sgflow.ops.groupnorm_silu import gn_silu_conv_dual
+
+    y, yd = gn_silu_conv_dual(xp, src._tangent.to(xp.dtype), parts["w"], parts["b"], parts["g"], w, bias,
+                              tuple(pad), eps=float(parts["eps"]), dropout_p=float(parts["p"]),
+                              training=parts["p"] > 0, dropout_mask=parts.get("mask"))
+    note_rule("rule:group_norm+silu+conv (fused stage op)")
+    return make_dual(y, yd)
