@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import sys
 import warnings
 import weakref
@@ -27,6 +26,7 @@ import torch
 
 from sgflow.checks import check_model_output, check_not_ddp, check_split
 from sgflow.decompose import decomposed
+from sgflow.forward_ad import missing_forward_ad
 from sgflow.losses.common import Batch, bcast, draw_batch, flow_map, mean_sq
 from sgflow.losses.semi import check_update, semi_loss, warning_signals
 from sgflow.times import random_tensor
@@ -292,19 +292,6 @@ def double_vjp_jvp(
     return out, torch.zeros_like(out) if out_dot is None else out_dot
 
 
-# Messages of torch errors that mean "torch.func.jvp cannot run this": an op (or autograd.Function)
-# without a forward-mode rule, or an in-place update of a captured tensor (BatchNorm's running
-# statistics in training mode), which torch.func transforms refuse and plain autograd allows.
-# Anything else raised under jvp="auto" is a genuine error and propagates.
-_NO_FORWARD_AD = (
-    re.compile(r"Trying to use forward AD with (?P<op>[\w.:]+) that does not support it"),
-    re.compile(r"transform, the function provided attempted to call in-place operation \((?P<inplace>[\w.:]+)\) "
-               r"that would mutate a captured Tensor"),
-    re.compile(r"autograd\.Function with functorch transforms.*must override the setup_context", re.S),
-    re.compile(r"must implement the jvp function for custom autograd\.Function"),
-    re.compile(r"forward[- ]mode AD (is )?not (yet )?(implemented|supported)", re.I),
-)
-
 # model -> {decompose flag: "ok" after forward AD worked, or the failure message after it did not}.
 # Weak keys: a model that goes away takes its entry with it.
 _FORWARD_AD_STATUS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -323,22 +310,6 @@ def forward_ad_failure(model, decompose: bool = True) -> str | None:
     entry = _status_entry(model)
     status = None if entry is None else entry.get(bool(decompose))
     return None if status in (None, "ok") else status
-
-
-def _missing_forward_ad(err: BaseException) -> str | None:
-    """A short description when ``err`` says forward AD is missing for some op, else None."""
-    text = str(err)
-    for pattern in _NO_FORWARD_AD:
-        m = pattern.search(text)
-        if m:
-            groups = m.groupdict()
-            if groups.get("op"):
-                return f"{groups['op']} has no forward-mode AD formula"
-            if groups.get("inplace"):
-                return (f"torch.func.jvp refuses the in-place {groups['inplace']} on a captured tensor "
-                        "(e.g. a BatchNorm running statistic in training mode)")
-            return text.strip().splitlines()[0]
-    return None
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
@@ -423,7 +394,7 @@ def flow_map_jvp(
             try:
                 out = torch.func.jvp(fn, primals, tangents)
             except (RuntimeError, NotImplementedError) as err:
-                reason = _missing_forward_ad(err)
+                reason = missing_forward_ad(err)
                 if reason is None:
                     raise
             else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from sgflow.autodual.tensor import call_flat, dual_leaves, fail, primal, wrap_outputs
+from sgflow.forward_ad import missing_forward_ad
 
 
 def forward_ad(func, args, kwargs):
@@ -30,10 +31,11 @@ def forward_ad(func, args, kwargs):
         msg = str(e)
         if "return only tensors" in msg:
             return _no_tensor_result(func, pflat, spec)
-        if "forward AD" in msg or "forward-mode" in msg or "jvp" in msg.lower() or "not implemented" in msg.lower():
+        reason = missing_forward_ad(e)
+        if reason is not None:
             raise fail(
                 func,
-                f"no sgflow dual rule, and PyTorch's forward AD fails on it ({msg.splitlines()[0]})",
+                f"no sgflow dual rule, and PyTorch's forward AD fails on it ({reason})",
                 "Register one with sgflow.autodual.register_rule, or compute this op outside the model",
             ) from e
         raise
