@@ -27,7 +27,7 @@ timeout 60 python3 benchmarks/bench_attention.py --quick --out "$OUT/bench_atten
 timeout 150 python3 benchmarks/memory.py --device cuda --config cifar10 --batch 128 --steps 5 --warmup 2 \
   --backend triton --track-peak --methods flow_matching,meanflow,sgflow_reference,sgflow_fused \
   --out "$OUT/memory_triton" 2>"$OUT/memory_triton.err" | tee "$OUT/memory_triton.txt"
-# 4. Users' networks (sgflow.testnets, third-party style) on the dualized fused path vs flow matching, fp32.
+# 4. Users' networks (testnets.py at the repository root, third-party style) on the dualized fused path vs flow matching, fp32.
 for spec in 'adm|3,32,32|{"channel_mult": [1,2,2], "num_res_blocks": 2, "model_channels": 128}' \
             'dit|3,32,32|{"depth": 12, "hidden_size": 384, "num_heads": 6}'; do
   IFS='|' read -r net shape kw <<< "$spec"

@@ -33,7 +33,9 @@ import torch
 
 import sgflow
 from sgflow.memory import count_aten_ops, peak_tensor_bytes, saved_tensor_bytes
-from sgflow import testnets
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # testnets.py: the repository root, not the package
+import testnets  # noqa: E402
 from sgflow.nn import build_model
 
 
@@ -152,7 +154,7 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--config", default=None, help="network config (default: cifar10 on GPU, tiny on CPU)")
     p.add_argument("--network", default=None, choices=sorted(testnets.NETWORKS),
-                   help="a third-party-style test network (sgflow.testnets) instead of an sgflow.nn config")
+                   help="a third-party-style test network (testnets) instead of an sgflow.nn config")
     p.add_argument("--shape", default=None, help="data shape without batch for --network, e.g. 3,16,16 or 2")
     p.add_argument("--net-kw", default="{}", help="JSON constructor overrides for --network, e.g. '{\"depth\": 6}'")
     p.add_argument("--image-size", type=int, default=None)

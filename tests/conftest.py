@@ -1,5 +1,9 @@
 import os
 import shutil
+import sys
+
+# The third-party-style test networks (testnets.py) live at the repository root, outside the sgflow package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Kernels are tested on CPU through Triton's interpreter; the flag must be set before triton is imported.
 if shutil.which("nvidia-smi") is None:

@@ -3,7 +3,7 @@
 What is compiled, and why each case is here:
 
 * Sampling: the plain forward ``net(t, u, x)`` of every network (each ``sgflow.nn`` config and each
-  ``sgflow.testnets`` network) with ``fullgraph=True`` (any graph break fails), backend
+  ``testnets`` network) with ``fullgraph=True`` (any graph break fails), backend
   ``aot_eager`` (dynamo + AOTAutograd, kernels run eagerly: the tracing is what is tested), compared
   with eager to fp32 tolerance. One small network also goes through ``inductor`` (generated C++; slow to
   compile on a small CPU, so only once) inside the flow-map sampler, the way sampling uses it.
@@ -40,7 +40,7 @@ import pytest
 import torch
 
 import sgflow
-from sgflow import testnets
+import testnets
 from sgflow.autodual import as_dual_model
 from sgflow.dual import dual_forward
 from sgflow.losses.common import draw_batch
@@ -282,8 +282,9 @@ try:
     _PROJECT_DIRS += (os.path.dirname(os.path.abspath(sgflow_kernels.__file__)),)
 except ImportError:  # pragma: no cover
     pass
+_PROJECT_DIRS += (os.path.abspath(testnets.__file__),)  # the test networks, at the repository root
 # Where a break belongs to the network's dual forward (everything else of the project: the loss side).
-_DUAL_SIDE = ("sgflow/autodual/", "sgflow/ops/", "sgflow/nn/", "sgflow/testnets.py", "sgflow_kernels/")
+_DUAL_SIDE = ("sgflow/autodual/", "sgflow/ops/", "sgflow/nn/", "testnets.py", "sgflow_kernels/")
 
 
 @dataclass
@@ -311,7 +312,10 @@ def _where(reason) -> tuple[str, str]:
     frames = [f for f in reason.user_stack if os.path.abspath(f.filename).startswith(_PROJECT_DIRS)]
     frame = frames[-1] if frames else reason.user_stack[-1]
     path = os.path.abspath(frame.filename).replace(os.sep, "/")
-    rel = path[path.rfind("/sgflow") + 1:] if "/sgflow" in path else os.path.basename(path)
+    if path == os.path.abspath(testnets.__file__).replace(os.sep, "/"):
+        rel = "testnets.py"
+    else:
+        rel = path[path.rfind("/sgflow") + 1:] if "/sgflow" in path else os.path.basename(path)
     side = "dual" if frames and any(rel.startswith(d) for d in _DUAL_SIDE) else "loss"
     return f"{rel}:{frame.lineno} {frame.name}", side
 

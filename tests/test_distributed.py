@@ -83,7 +83,7 @@ def single_process_env(monkeypatch):
 # Gradient equality: one spawn per group of cases runs every case on 2 ranks; the tests compare.
 
 def _net(kind: str) -> torch.nn.Module:
-    from sgflow import testnets
+    import testnets
     from sgflow.nn import build_model
 
     torch.manual_seed(1234)  # the same initial weights in every process

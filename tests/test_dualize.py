@@ -26,7 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import sgflow
 import sgflow.ops.attention as ops_attention
-from sgflow import testnets
+import testnets
 from sgflow.autodual import as_dual_model, dual_call
 from sgflow.decompose import decomposed
 from sgflow.testing import dual_grads, grad_errors, jvp_reference, rel_err

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import sgflow
-from sgflow import testnets
+import testnets
 from sgflow.autodual.plan import BlockCost, BudgetWarning, RowSplit, choose_blocks
 from sgflow.memory import peak_tensor_bytes
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import sgflow
-from sgflow import testnets
+import testnets
 from sgflow.train import CheckpointError, TrainConfig, Trainer, read_checkpoint, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")

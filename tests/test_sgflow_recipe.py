@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import sgflow
-from sgflow import testnets
+import testnets
 from sgflow.nn import build_model
 from sgflow.decompose import decomposed
 from sgflow.losses.common import flow_map, mean_sq

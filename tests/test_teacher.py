@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import sgflow
-from sgflow import testnets
+import testnets
 from sgflow.data.mixtures import gaussian_mixture_2d, random_mixture
 from sgflow.losses.common import draw_batch, mean_sq
 from sgflow.losses.sgflow import flow_map_jvp

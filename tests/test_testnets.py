@@ -1,4 +1,4 @@
-"""Third-party-style test networks (sgflow.testnets): shapes, dtypes, gradients, zero init, build().
+"""Third-party-style test networks (testnets): shapes, dtypes, gradients, zero init, build().
 
 float64 on CPU, small default sizes. torch.func.jvp through these networks is not tested here: the
 fused CPU kernels of F.scaled_dot_product_attention lack forward AD.
@@ -10,8 +10,8 @@ import pathlib
 import pytest
 import torch
 
-from sgflow import testnets
-from sgflow.testnets import NETWORKS, build
+import testnets
+from testnets import NETWORKS, build
 
 D = torch.float64
 

@@ -1,6 +1,7 @@
 """Test networks written the way third-party diffusion code writes them (for tests and benchmarks).
 
-These are NOT part of sgflow's API and are deliberately not built from ``sgflow.nn`` or ``sgflow.ops``:
+They live at the repository's top level, outside the ``sgflow`` package (``import testnets`` from the repository
+root: tests/conftest.py and the benchmarks put it on ``sys.path``). These are NOT part of sgflow's API and are deliberately not built from ``sgflow.nn`` or ``sgflow.ops``:
 they have no ``dual_forward``, and they use only standard ``torch.nn`` modules, ``torch.nn.functional``
 calls and ordinary tensor methods, laid out the way public diffusion code lays them out (module
 containers, ``modulate`` helpers, ``TimestepEmbedSequential``, ...). They exist so that
