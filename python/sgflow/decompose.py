@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from sgflow.normalization import moments as _moments
+
 __all__ = [
     "layer_norm",
     "group_norm",
@@ -64,18 +66,6 @@ def _affine(y: torch.Tensor, weight, bias) -> torch.Tensor:
     if bias is not None:
         y = y + bias
     return y
-
-
-def _moments(xs: torch.Tensor, dims) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean, centred input and biased variance over ``dims`` (kept).
-
-    Two plain means rather than a fused variance kernel: only elementwise and reduction rules enter
-    the derivatives of every order.
-    """
-    mean = xs.mean(dims, keepdim=True)
-    centred = xs - mean
-    var = centred.square().mean(dims, keepdim=True)
-    return mean, centred, var
 
 
 def _verify_batch_size(size: Sequence[int]) -> None:

@@ -43,6 +43,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from sgflow.normalization import moments, normalize_dual
 from sgflow_kernels.dtypes import acc_dtype as _acc_dtype
 
 __all__ = ["groupnorm_dual_ref", "GroupNormDual"]
@@ -68,17 +69,15 @@ def _up(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
 
 def _stats(xg: torch.Tensor, eps: float):
     """Per-(sample, group) mean and inverse std of grouped x [B, G, C/G, n] -> [B, G, 1, 1] each."""
-    mu = _mean(xg)
-    return mu, torch.rsqrt(_mean((xg - mu) ** 2) + eps)
+    mu, _, var = moments(xg, (2, 3))
+    return mu, torch.rsqrt(var + eps)
 
 
 def _groupnorm_dual_forward(x, x_dot, weight, bias, num_groups, eps):
     """The formulas of the module doc in the accumulation dtype: ``(y, y_dot)`` in x's dtype."""
     acc = _acc_dtype(x.dtype)
     xg, dg = _grouped(x.to(acc), num_groups), _grouped(x_dot.to(acc), num_groups)
-    mu, r = _stats(xg, eps)
-    xh = (xg - mu) * r
-    dh = r * (dg - _mean(dg)) - r * _mean(xh * dg) * xh
+    xh, dh = normalize_dual(xg, dg, (2, 3), eps)
     w, b = _affine(_up(weight, acc), num_groups), _affine(_up(bias, acc), num_groups)
     y = xh if w is None else xh * w
     y_dot = dh if w is None else dh * w

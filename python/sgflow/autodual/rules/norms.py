@@ -16,6 +16,7 @@ import torch
 
 from sgflow.autodual.rules.common import _bind, _low_precision, recompute_op
 from sgflow.autodual.tensor import DualTensor, fail, make_dual, primal, tangent
+from sgflow.normalization import normalize_dual
 
 
 # ---------------------------------------------------------------------------------------------
@@ -23,20 +24,9 @@ from sgflow.autodual.tensor import DualTensor, fail, make_dual, primal, tangent
 
 
 def _normalize(x, xd, dims, eps, rms=False):
-    """(x̂, x̂_dot) over ``dims`` (fp32 for half/bf16), per the module-doc formula."""
+    """(x̂, x̂_dot) over ``dims`` (fp32 for half/bf16): :func:`sgflow.normalization.normalize_dual`."""
     acc = torch.float32 if _low_precision(x) else x.dtype
-    x, xd = x.to(acc), xd.to(acc)
-    if rms:
-        r = torch.rsqrt(x.square().mean(dims, keepdim=True) + eps)
-        xh = x * r
-        xhd = r * (xd - xh * (xh * xd).mean(dims, keepdim=True))
-        return xh, xhd
-    mu = x.mean(dims, keepdim=True)
-    xc = x - mu
-    r = torch.rsqrt(xc.square().mean(dims, keepdim=True) + eps)
-    xh = xc * r
-    xhd = r * (xd - xd.mean(dims, keepdim=True) - xh * (xh * xd).mean(dims, keepdim=True))
-    return xh, xhd
+    return normalize_dual(x.to(acc), xd.to(acc), dims, eps, rms=rms)
 
 
 def _norm_dual(x, w, b, affine_shape, normalize, rows=True):
