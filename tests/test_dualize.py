@@ -1352,9 +1352,9 @@ def test_norm_rules_in_row_slices_match_jvp_reference(build, kind, monkeypatch):
     """The normalisation rules' recomputed backward over row slices (forced here on small inputs: every
     sample its own slice) gives the reference gradients; a batch norm in training, whose statistics
     mix the rows, must not be sliced (it would give wrong gradients, not an error)."""
-    import sgflow.autodual.rules.common as rules_common  # the module whose _RecomputeOp reads it
+    import sgflow.ops.recompute as recompute  # the module whose RecomputeOp reads it
 
-    monkeypatch.setattr(rules_common, "ROW_SLICE_MIN_NUMEL", 1)
+    monkeypatch.setattr(recompute, "ROW_SLICE_MIN_NUMEL", 1)
     test_rule_matches_jvp_reference(build, kind, torch.float64, monkeypatch)
 
 

@@ -57,9 +57,9 @@ def test_pointwise_duals_are_one_op_per_tangent_and_exact_over_chunks(monkeypatc
     """GELU (tanh and erf), float64, over many chunks of the f'' term: y_dot, and the gradients through
     it, equal torch.func.jvp of F.gelu and autograd of that; the forward's tangent is one ATen op
     (gelu_backward) whatever the size."""
-    import sgflow.autodual.rules.pointwise as pointwise_rules  # the module whose _chunks reads it
+    import sgflow.ops.pointwise as pointwise_op  # the module whose _chunks reads it
 
-    monkeypatch.setattr(pointwise_rules, "POINTWISE_CHUNK", {"cpu": 64, "cuda": 64})  # 4 * 64 elements per f'' chunk
+    monkeypatch.setattr(pointwise_op, "POINTWISE_CHUNK", {"cpu": 64, "cuda": 64})  # 4 * 64 elements per f'' chunk
     g = torch.Generator().manual_seed(0)
     x, x_dot, gy, gyd = (torch.randn(7, 131, dtype=torch.float64, generator=g) * 2 for _ in range(4))
     for approx in ("tanh", "none"):

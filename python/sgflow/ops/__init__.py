@@ -7,7 +7,9 @@ Function -> functional API; kernels in ``sgflow_kernels/`` (Triton) and ``csrc/`
     attention_dual        softmax(s q k^T) v                       q, k, v: [B, H, N, D]
 
 ``sgflow.ops.groupnorm.GroupNormDual`` (GroupNorm alone) is applied by the dual engine's GroupNorm rule;
-``sgflow.ops.embedding.sinusoidal_embedding`` is the networks' (primal) time embedding.
+``sgflow.ops.embedding.sinusoidal_embedding`` is the networks' (primal) time embedding. The engine's own
+Functions: ``sgflow.ops.conv_linear`` (``DualConv``, ``DualLinear``), ``sgflow.ops.pointwise``
+(``PointwiseDual``), ``sgflow.ops.recompute`` (``RecomputeOp``, ``recompute_op``).
 """
 from sgflow.ops.attention import attention_dual
 from sgflow.ops.groupnorm_silu import gn_silu_conv_dual, groupnorm_silu_dual

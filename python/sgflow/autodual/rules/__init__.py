@@ -23,23 +23,26 @@ both streams.
 Modules, by kind (none imports :mod:`~sgflow.autodual.rules.table`, which imports them all and installs
 the tables; importing this package does that):
 
-- ``common``: helpers (``_bind``, ``_fns``, ``_getters``, ``_fit``, ...) and the op-level recomputation
-  ``recompute_op`` / ``_RecomputeOp`` (its row slices: ``ROW_SLICES``, ``ROW_SLICE_MIN_NUMEL``);
+- ``common``: helpers (``_bind``, ``_fns``, ``_getters``, ``_fit``, ...) and, imported from
+  :mod:`sgflow.ops.recompute`, the op-level recomputation ``recompute_op`` / ``_RecomputeOp`` (its row
+  slices: ``ROW_SLICES``, ``ROW_SLICE_MIN_NUMEL``);
 - ``structural``: ``meta``, ``nondiff``, ``inplace_error``, ``control_flow_error``, ``linear``, ``affine``;
 - ``products``: ``product`` (mul, matmul, einsum; lazy attention), addcmul, ``divide``, pow, softmax;
 - ``fusions``: dropout and the GroupNorm+SiLU(+Dropout)(+Conv) fusions;
-- ``conv_linear``: ``_DualConv``, ``_DualLinear`` and the conv / linear rules;
+- ``conv_linear``: the conv / linear rules (their Functions ``DualConv``, ``DualLinear``: :mod:`sgflow.ops.conv_linear`);
 - ``norms``: group / layer / RMS / batch / instance norm;
 - ``sdpa``: ``F.scaled_dot_product_attention``;
-- ``pointwise``: ``_PointwiseDual``, the ``_SPECS`` of the elementwise ops (``POINTWISE_CHUNK``,
-  ``POINTWISE_D2_CHUNKS``) and their rule;
+- ``pointwise``: the ``_SPECS`` of the elementwise ops and their rule (its Function ``PointwiseDual``
+  and chunk sizes ``POINTWISE_CHUNK``, ``POINTWISE_D2_CHUNKS``: :mod:`sgflow.ops.pointwise`);
 - ``fallback``: ``forward_ad``, PyTorch's forward AD for one op;
 - ``table``: the name tables, ``_install``, ``classify``.
 
-Every name the single-module ``rules`` had is re-exported here. The tunables ``ROW_SLICES``,
-``ROW_SLICE_MIN_NUMEL``, ``POINTWISE_CHUNK`` and ``POINTWISE_D2_CHUNKS`` are read by the code from the
-module that defines them; reading or setting one on this package (``rules.ROW_SLICES = 4``,
-``monkeypatch.setattr(rules, ...)``) reads or sets it there.
+Every name the single-module ``rules`` had is re-exported here (``_RecomputeOp``, ``_DualConv``,
+``_DualLinear``, ``_PointwiseDual``: the Functions of :mod:`sgflow.ops` under their old names). The
+tunables ``ROW_SLICES``, ``ROW_SLICE_MIN_NUMEL`` (:mod:`sgflow.ops.recompute`), ``POINTWISE_CHUNK`` and
+``POINTWISE_D2_CHUNKS`` (:mod:`sgflow.ops.pointwise`) are read by the code from the module that defines
+them; reading or setting one on this package (``rules.ROW_SLICES = 4``, ``monkeypatch.setattr(rules, ...)``)
+reads or sets it there. The rule submodules do not carry them (setting one there would be a no-op).
 """
 from __future__ import annotations
 
@@ -59,8 +62,6 @@ from sgflow.autodual.rules import (  # noqa: F401 - the submodules, by kind
     table,
 )
 from sgflow.autodual.rules.common import (  # noqa: F401
-    ROW_SLICE_MIN_NUMEL,
-    ROW_SLICES,
     _T,
     _bind,
     _fit,
@@ -78,8 +79,6 @@ from sgflow.autodual.rules.conv_linear import (  # noqa: F401
     _autocast_args,
     _conv_conf,
     _conv_rule,
-    _DualConv,
-    _DualLinear,
     _linear_rule,
     _ntuple,
 )
@@ -109,16 +108,11 @@ from sgflow.autodual.rules.pointwise import (  # noqa: F401
     _GELU_A,
     _SPECS,
     _SQRT_2_OVER_PI,
-    POINTWISE_CHUNK,
-    POINTWISE_D2_CHUNKS,
     _aten,
-    _chunks,
-    _flat,
     _gelu_d1,
     _gelu_d2,
     _gelu_tanh_parts,
     _pointwise_rule,
-    _PointwiseDual,
     _sig_d1,
     _silu_d1,
     _silu_d2,
@@ -166,6 +160,9 @@ from sgflow.autodual.rules.table import (  # noqa: F401
     _iter_rule,
     classify,
 )
+from sgflow.ops import pointwise as _ops_pointwise, recompute as _ops_recompute
+from sgflow.ops.conv_linear import DualConv as _DualConv, DualLinear as _DualLinear  # noqa: F401 - old names
+from sgflow.ops.pointwise import PointwiseDual as _PointwiseDual, _chunks, _flat  # noqa: F401 - old names
 from sgflow.autodual.tensor import (  # noqa: F401 - as the single-module rules had them
     DerivedValue,
     DualTensor,
@@ -181,13 +178,13 @@ from sgflow.autodual.tensor import (  # noqa: F401 - as the single-module rules 
     wrap_outputs,
 )
 
-# The tunables, by the submodule whose code reads them: reading or setting one on this package reads or
-# sets it there (a plain re-export would be a copy that the code never reads).
+# The tunables, by the module whose code reads them (sgflow.ops): reading or setting one on this package
+# reads or sets it there (a plain re-export would be a copy that the code never reads).
 _TUNABLES = {
-    "ROW_SLICES": common,
-    "ROW_SLICE_MIN_NUMEL": common,
-    "POINTWISE_CHUNK": pointwise,
-    "POINTWISE_D2_CHUNKS": pointwise,
+    "ROW_SLICES": _ops_recompute,
+    "ROW_SLICE_MIN_NUMEL": _ops_recompute,
+    "POINTWISE_CHUNK": _ops_pointwise,
+    "POINTWISE_D2_CHUNKS": _ops_pointwise,
 }
 
 

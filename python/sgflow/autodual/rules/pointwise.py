@@ -1,7 +1,7 @@
-r"""Pointwise nonlinear ops with explicit derivatives: ``_PointwiseDual`` (saves x and x_dot; f' and f''
-recomputed in chunks, see ``POINTWISE_CHUNK``, read from this module), the ``_SPECS`` of silu, exp, log,
-sin, cos, tanh, sigmoid, sqrt, rsqrt, relu, square, gelu, and their rule (silu of a lazy GroupNorm goes to
-the GroupNorm+SiLU fusion)."""
+r"""Pointwise nonlinear ops with explicit derivatives: the ``_SPECS`` of silu, exp, log, sin, cos, tanh,
+sigmoid, sqrt, rsqrt, relu, square, gelu, and their rule, which applies ``PointwiseDual`` of
+:mod:`sgflow.ops.pointwise` (saves x and x_dot; f' and f'' recomputed in chunks, see its
+``POINTWISE_CHUNK``, read there); silu of a lazy GroupNorm goes to the GroupNorm+SiLU fusion."""
 from __future__ import annotations
 
 import math
@@ -12,94 +12,7 @@ import torch.nn.functional as F
 from sgflow.autodual.rules.fallback import forward_ad
 from sgflow.autodual.rules.fusions import _gn_silu
 from sgflow.autodual.tensor import DualTensor, make_dual
-
-
-# Elements per chunk of the pointwise duals' elementwise work: the derivative formulas' temporaries
-# (half a dozen for tanh-GELU) then cost a chunk each instead of an activation each (on a DiT MLP they
-# set the training step's peak). Large on CUDA, where one pass per op is what matters.
-POINTWISE_CHUNK = {"cpu": 1 << 16, "cuda": 1 << 24}
-
-
-# Where f'(x) v is one op (``_Spec.jvp``), only the f'' term of backward runs in chunks, this many times
-# larger: its temporaries alone (three for tanh-GELU, written in place) use the chunk's budget.
-POINTWISE_D2_CHUNKS = 4
-
-
-def _chunks(x, scale=1):
-    n = x.numel()
-    step = scale * POINTWISE_CHUNK.get(x.device.type, POINTWISE_CHUNK["cuda"])
-    return [(i, min(n, i + step)) for i in range(0, n, step)] or [(0, 0)]
-
-
-def _flat(t):
-    return t.reshape(-1)
-
-
-class _PointwiseDual(torch.autograd.Function):
-    """``(x, x_dot) -> (f(x), f'(x) x_dot)`` for an elementwise f, saving only x and x_dot.
-
-    Backward with cotangents (g, g_dot): ``dx = g f'(x) + g_dot x_dot f''(x)``, ``dx_dot = g_dot f'(x)``,
-    with f' and f'' recomputed from x chunk by chunk (see POINTWISE_CHUNK), never as the autograd
-    graph of the derivative formula.
-    """
-
-    @staticmethod
-    def forward(ctx, x, x_dot, spec, extra):
-        ctx.spec, ctx.extra = spec, extra
-        ctx.save_for_backward(x, x_dot)
-        ctx.set_materialize_grads(False)
-        y = spec.f(x, extra)
-        if spec.jvp is not None:  # f'(x) x_dot as one op (no temporaries, no chunks)
-            return y, spec.jvp(x, y, extra, x_dot)
-        yf = _flat(y) if y.is_contiguous() else _flat(y.contiguous())
-        xf, xdf = _flat(x), _flat(x_dot)
-        y_dot = torch.empty(x.shape, dtype=y.dtype, device=x.device)
-        ydf = y_dot.view(-1)
-        for lo, hi in _chunks(x):
-            torch.mul(spec.d1(xf[lo:hi], yf[lo:hi], extra), xdf[lo:hi], out=ydf[lo:hi])
-        return y, y_dot
-
-    @staticmethod
-    def backward(ctx, g, g_dot):
-        x, x_dot = ctx.saved_tensors
-        spec, extra = ctx.spec, ctx.extra
-        need_x, need_xd = ctx.needs_input_grad[:2]
-        xf, xdf = _flat(x), _flat(x_dot)
-        gf = None if g is None else _flat(g)
-        gdf = None if g_dot is None else _flat(g_dot)
-        if spec.jvp is not None:
-            # The first-derivative terms as one op each; only g_dot x_dot f''(x) runs in chunks.
-            y = spec.f(x, extra) if spec.needs_y else None
-            dxd = spec.jvp(x, y, extra, g_dot) if need_xd and g_dot is not None else None
-            dx = None
-            if need_x and g is not None:
-                dx = spec.jvp(x, y, extra, g)
-            if need_x and g_dot is not None:
-                if dx is None:
-                    dx = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
-                elif not dx.is_contiguous():
-                    dx = dx.contiguous()
-                yf = None if y is None else _flat(y if y.is_contiguous() else y.contiguous())
-                dxf = dx.view(-1)
-                for lo, hi in _chunks(x, POINTWISE_D2_CHUNKS):
-                    ys = None if yf is None else yf[lo:hi]
-                    dxf[lo:hi].add_(spec.d2(xf[lo:hi], ys, extra).mul_(gdf[lo:hi]).mul_(xdf[lo:hi]))
-            return dx, dxd, None, None
-        dx = torch.zeros(x.shape, dtype=x.dtype, device=x.device) if need_x and (g is not None or g_dot is not None) else None
-        dxd = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_xd and g_dot is not None else None
-        for lo, hi in _chunks(x):
-            xs = xf[lo:hi]
-            ys = spec.f(xs, extra) if spec.needs_y else None
-            d1 = spec.d1(xs, ys, extra)
-            if dx is not None:
-                out = dx.view(-1)[lo:hi]
-                if gf is not None:
-                    out.add_(gf[lo:hi] * d1)
-                if gdf is not None:
-                    out.add_(spec.d2(xs, ys, extra).mul_(gdf[lo:hi]).mul_(xdf[lo:hi]))
-            if dxd is not None:
-                torch.mul(gdf[lo:hi], d1, out=dxd.view(-1)[lo:hi])
-        return dx, dxd, None, None
+from sgflow.ops.pointwise import PointwiseDual
 
 
 class _Spec:
@@ -196,7 +109,7 @@ def _pointwise_rule(spec_name):
         xp, xt = x._primal, x._tangent
         if torch.is_autocast_enabled(xp.device.type):
             return forward_ad(func, args, kwargs)
-        y, yt = _PointwiseDual.apply(xp, xt.to(xp.dtype), spec, extra)
+        y, yt = PointwiseDual.apply(xp, xt.to(xp.dtype), spec, extra)
         return make_dual(y, yt)
 
     return rule

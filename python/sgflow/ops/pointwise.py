@@ -1,0 +1,121 @@
+r"""Dual elementwise op with explicit derivatives: ``(x, x_dot) -> (f(x), f'(x) x_dot)``.
+
+Shapes: ``x, x_dot`` of any one shape; ``y, y_dot`` of x's shape. ``spec`` gives f and its
+derivatives (``extra``: the op's non-tensor arguments, e.g. GELU's ``approximate``):
+``spec.f(x, extra)``, ``spec.d1(x, y, extra) = f'(x)``, ``spec.d2(x, y, extra) = f''(x)``
+(``y = f(x)``, passed where ``spec.needs_y``, else None), and ``spec.jvp(x, y, extra, v) = f'(x) v``
+as one ATen op, or None (the dual engine's ``_Spec`` in sgflow.autodual.rules.pointwise).
+
+Forward
+-------
+    y = f(x),        y_dot = f'(x) x_dot
+
+Backward
+--------
+Cotangents ``G``, ``Gd`` (either may be None):
+
+    dx     = G f'(x) + Gd x_dot f''(x)
+    dx_dot = Gd f'(x)
+
+Saved: x and x_dot only. f' and f'' are recomputed from x over flat chunks of
+``POINTWISE_CHUNK[device type]`` elements (``POINTWISE_D2_CHUNKS`` times that for the f'' term where
+``spec.jvp`` does the f' terms in one op), never kept as the autograd graph of the derivative formula:
+the formulas' temporaries (half a dozen for tanh-GELU) cost a chunk each instead of an activation each.
+
+Module layout (see docs/DESIGN.md): :class:`PointwiseDual` (applied by the dual engine's elementwise
+rule, sgflow.autodual.rules.pointwise, with the specs of silu, exp, log, sin, cos, tanh, sigmoid, sqrt,
+rsqrt, relu, square, gelu); no kernels.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["PointwiseDual", "POINTWISE_CHUNK", "POINTWISE_D2_CHUNKS"]
+
+
+# Elements per chunk of the pointwise duals' elementwise work: the derivative formulas' temporaries
+# (half a dozen for tanh-GELU) then cost a chunk each instead of an activation each (on a DiT MLP they
+# set the training step's peak). Large on CUDA, where one pass per op is what matters.
+POINTWISE_CHUNK = {"cpu": 1 << 16, "cuda": 1 << 24}
+
+
+# Where f'(x) v is one op (``_Spec.jvp``), only the f'' term of backward runs in chunks, this many times
+# larger: its temporaries alone (three for tanh-GELU, written in place) use the chunk's budget.
+POINTWISE_D2_CHUNKS = 4
+
+
+def _chunks(x, scale=1):
+    n = x.numel()
+    step = scale * POINTWISE_CHUNK.get(x.device.type, POINTWISE_CHUNK["cuda"])
+    return [(i, min(n, i + step)) for i in range(0, n, step)] or [(0, 0)]
+
+
+def _flat(t):
+    return t.reshape(-1)
+
+
+class PointwiseDual(torch.autograd.Function):
+    """``(x, x_dot) -> (f(x), f'(x) x_dot)`` for an elementwise f, saving only x and x_dot.
+
+    Backward with cotangents (g, g_dot): ``dx = g f'(x) + g_dot x_dot f''(x)``, ``dx_dot = g_dot f'(x)``,
+    with f' and f'' recomputed from x chunk by chunk (see POINTWISE_CHUNK), never as the autograd
+    graph of the derivative formula.
+    """
+
+    @staticmethod
+    def forward(ctx, x, x_dot, spec, extra):
+        ctx.spec, ctx.extra = spec, extra
+        ctx.save_for_backward(x, x_dot)
+        ctx.set_materialize_grads(False)
+        y = spec.f(x, extra)
+        if spec.jvp is not None:  # f'(x) x_dot as one op (no temporaries, no chunks)
+            return y, spec.jvp(x, y, extra, x_dot)
+        yf = _flat(y) if y.is_contiguous() else _flat(y.contiguous())
+        xf, xdf = _flat(x), _flat(x_dot)
+        y_dot = torch.empty(x.shape, dtype=y.dtype, device=x.device)
+        ydf = y_dot.view(-1)
+        for lo, hi in _chunks(x):
+            torch.mul(spec.d1(xf[lo:hi], yf[lo:hi], extra), xdf[lo:hi], out=ydf[lo:hi])
+        return y, y_dot
+
+    @staticmethod
+    def backward(ctx, g, g_dot):
+        x, x_dot = ctx.saved_tensors
+        spec, extra = ctx.spec, ctx.extra
+        need_x, need_xd = ctx.needs_input_grad[:2]
+        xf, xdf = _flat(x), _flat(x_dot)
+        gf = None if g is None else _flat(g)
+        gdf = None if g_dot is None else _flat(g_dot)
+        if spec.jvp is not None:
+            # The first-derivative terms as one op each; only g_dot x_dot f''(x) runs in chunks.
+            y = spec.f(x, extra) if spec.needs_y else None
+            dxd = spec.jvp(x, y, extra, g_dot) if need_xd and g_dot is not None else None
+            dx = None
+            if need_x and g is not None:
+                dx = spec.jvp(x, y, extra, g)
+            if need_x and g_dot is not None:
+                if dx is None:
+                    dx = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+                elif not dx.is_contiguous():
+                    dx = dx.contiguous()
+                yf = None if y is None else _flat(y if y.is_contiguous() else y.contiguous())
+                dxf = dx.view(-1)
+                for lo, hi in _chunks(x, POINTWISE_D2_CHUNKS):
+                    ys = None if yf is None else yf[lo:hi]
+                    dxf[lo:hi].add_(spec.d2(xf[lo:hi], ys, extra).mul_(gdf[lo:hi]).mul_(xdf[lo:hi]))
+            return dx, dxd, None, None
+        dx = torch.zeros(x.shape, dtype=x.dtype, device=x.device) if need_x and (g is not None or g_dot is not None) else None
+        dxd = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_xd and g_dot is not None else None
+        for lo, hi in _chunks(x):
+            xs = xf[lo:hi]
+            ys = spec.f(xs, extra) if spec.needs_y else None
+            d1 = spec.d1(xs, ys, extra)
+            if dx is not None:
+                out = dx.view(-1)[lo:hi]
+                if gf is not None:
+                    out.add_(gf[lo:hi] * d1)
+                if gdf is not None:
+                    out.add_(spec.d2(xs, ys, extra).mul_(gdf[lo:hi]).mul_(xdf[lo:hi]))
+            if dxd is not None:
+                torch.mul(gdf[lo:hi], d1, out=dxd.view(-1)[lo:hi])
+        return dx, dxd, None, None
