@@ -1,0 +1,287 @@
+"""One dual call: ``model(*inputs)`` and its JVP through the model's own forward (:func:`dual_call`).
+
+For the duration of one call every submodule's ``forward`` is patched (:func:`patched_forwards`,
+``_patched``, ``_wrap_forward``): the module path is tracked for error messages and the report, and the
+recomputed blocks run under non-reentrant ``torch.utils.checkpoint`` (``_checkpointed``: DualTensors cross
+the checkpoint boundary as their two plain tensors), in row slices of the batch where the plan split them
+(``_row_slices`` / ``_cat_rows``: inputs sliced along dim 0, outputs concatenated). ``save="matmul"`` keeps
+the outputs of a block's convolutions and matrix products (selective checkpointing, ``_context_fn``).
+
+Shapes: each input and its tangent the same shape (t, u, t_dot, u_dot: [B]; x, x_dot: [B, *D] for a flow
+map); returns ``(out, out_dot)`` of the model's output shape. Every name here is importable from
+:mod:`sgflow.autodual` too.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from sgflow.autodual.blocks import _inner
+from sgflow.autodual.tensor import (
+    STATE,
+    DualizeError,
+    DualTensor,
+    make_dual,
+    function_hook,
+    recording,
+)
+
+__all__ = ["dual_call", "patched_forwards"]
+
+
+@contextlib.contextmanager
+def patched_forwards(wrapping):
+    """Replace ``module.forward`` by ``make(module.forward)`` on the instances of ``wrapping`` (pairs
+    ``(module, make)``) for the duration of the block, then put back exactly what was there (an
+    instance attribute of the user's own, or none)."""
+    saved = []
+    for mod, make in wrapping:
+        saved.append((mod, "forward" in mod.__dict__, mod.__dict__.get("forward")))
+        mod.forward = make(mod.forward)
+    try:
+        yield
+    finally:
+        for mod, had, prev in saved:
+            if had:
+                mod.forward = prev
+            else:
+                del mod.forward
+
+
+@contextlib.contextmanager
+def _patched(model: nn.Module, blocks: Sequence[str], splits: dict | None = None):
+    """Route every submodule's forward through a wrapper that tracks the module path (for error
+    messages and the report) and runs the chosen blocks under non-reentrant checkpointing (in row
+    slices where ``splits`` has a :class:`~sgflow.autodual.plan.RowSplit` for them).
+
+    Patches live on the instances only for the duration of one dual forward: a model copied later
+    (EMA, deepcopy) never sees them, and the recomputation in backward calls the original forwards.
+    """
+    inner = _inner(model) if isinstance(model, nn.Module) else None
+    block_set = set(blocks)
+    modules = inner.named_modules() if inner is not None else ()
+    splits = splits or {}
+    with patched_forwards((mod, functools.partial(_wrap_forward, path=path or "<model>", is_block=path in block_set,
+                                                  split=splits.get(path)))
+                          for path, mod in modules):
+        yield
+
+
+def _any_dual(args, kwargs) -> bool:
+    from sgflow.autodual.tensor import has_dual
+
+    return has_dual(args, kwargs)
+
+
+def _wrap_forward(orig, path: str, is_block: bool, split=None):
+    @functools.wraps(orig)
+    def forward(*args, **kwargs):
+        STATE.stack.append(path)
+        try:
+            if is_block and not getattr(STATE, "in_block", False) and torch.is_grad_enabled() and _any_dual(args, kwargs):
+                STATE.in_block = True
+                try:
+                    slices = _row_slices(split, args, kwargs) if split is not None else None
+                    if slices is None:
+                        return _checkpointed(orig, args, kwargs)
+                    return _cat_rows([_checkpointed(orig, a, k) for a, k in slices], path)
+                finally:
+                    STATE.in_block = False
+            return orig(*args, **kwargs)
+        finally:
+            STATE.stack.pop()
+
+    return forward
+
+
+def _checkpointed(orig, args, kwargs):
+    """``orig(*args, **kwargs)`` under non-reentrant checkpointing, every DualTensor crossing the checkpoint
+    boundary as its two plain tensors (primal, tangent), in and out. Checkpoint keeps its inputs as saved
+    tensors: under a saved-tensor hook of the caller's (a memory meter, offloading) a DualTensor came back
+    from it as a plain tensor, so the block was recomputed without its tangent (a checkpoint error at
+    best)."""
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    flat, spec = tree_flatten((args, kwargs))
+    plain, layout = _to_plain(flat)
+    out_layout = []
+
+    def run(*tensors):
+        a, k = tree_unflatten(_from_plain(tensors, layout), spec)
+        oflat, ospec = tree_flatten(orig(*a, **k))
+        result, olayout = _to_plain(oflat)
+        out_layout[:] = [(olayout, ospec)]
+        return tuple(result)
+
+    ctx_fn = STATE.context_fn
+    extra = {} if ctx_fn is None else {"context_fn": ctx_fn}
+    res = checkpoint(_hooked(run), *plain, use_reentrant=False, preserve_rng_state=True, **extra)
+    olayout, ospec = out_layout[0]
+    return tree_unflatten(_from_plain(res, olayout), ospec)
+
+
+def _to_plain(flat):
+    """Leaves -> (plain tensors, layout): a DualTensor becomes (primal, tangent); non-tensors stay in the
+    layout as constants."""
+    plain, layout = [], []
+    for a in flat:
+        if isinstance(a, DualTensor):
+            plain += [a._primal, a._tangent]
+            layout.append("dual")
+        elif isinstance(a, torch.Tensor):
+            plain.append(a)
+            layout.append("tensor")
+        else:
+            layout.append(("const", a))
+    return plain, tuple(layout)
+
+
+def _from_plain(tensors, layout):
+    it = iter(tensors)
+    leaves = []
+    for kind in layout:
+        if kind == "dual":
+            p = next(it)
+            leaves.append(make_dual(p, next(it)))
+        elif kind == "tensor":
+            leaves.append(next(it))
+        else:
+            leaves.append(kind[1])
+    return leaves
+
+
+def _row_slices(split, args, kwargs):
+    """``split.chunks`` pairs (args, kwargs), the inputs ``split`` names sliced along dim 0; None where
+    this call does not fit the layout the profile saw (then the block runs whole, as recomputed blocks
+    always may)."""
+    named = [args[i] for i in split.args if i < len(args)] + [kwargs[k] for k in split.kwargs if k in kwargs]
+    if not named or not all(isinstance(a, torch.Tensor) and a.dim() >= 1 for a in named):
+        return None
+    n = named[0].shape[0]
+    if n < split.chunks or any(a.shape[0] != n for a in named):
+        return None
+    bounds = [n * j // split.chunks for j in range(split.chunks + 1)]
+    return [([a.narrow(0, lo, hi - lo) if i in split.args else a for i, a in enumerate(args)],
+             {k: a.narrow(0, lo, hi - lo) if k in split.kwargs else a for k, a in kwargs.items()})
+            for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def _cat_rows(outs, path: str):
+    """The row slices' outputs (same structure, tensors or None) concatenated along dim 0."""
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    flat = [tree_flatten(o) for o in outs]
+    spec = flat[0][1]
+    if any(f[1] != spec for f in flat):
+        raise DualizeError(f"dualize: block {path!r} returned differently structured outputs for two row slices; "
+                           f"pass split_rows=False to dualize")
+    leaves = []
+    for parts in zip(*(f[0] for f in flat)):
+        if all(p is None for p in parts):
+            leaves.append(None)
+        elif all(isinstance(p, torch.Tensor) and p.dim() >= 1 for p in parts):
+            leaves.append(torch.cat(list(parts)))
+        else:
+            raise DualizeError(f"dualize: block {path!r}, run in row slices, returned an output that is not rows "
+                               f"of a tensor; pass split_rows=False to dualize")
+    return tree_unflatten(leaves, spec)
+
+
+# ATen ops whose outputs a block keeps with save="matmul" (recomputing them costs FLOPs; the
+# elementwise rest of the block is recomputed from them in backward).
+_MATMUL_OPS = None
+
+
+def _matmul_ops():
+    global _MATMUL_OPS
+    if _MATMUL_OPS is None:
+        a = torch.ops.aten
+        _MATMUL_OPS = {a.convolution.default, a.mm.default, a.addmm.default, a.bmm.default, a.baddbmm.default,
+                       a._scaled_dot_product_flash_attention_for_cpu.default}
+    return _MATMUL_OPS
+
+
+def _save_matmul_policy(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op in _matmul_ops() else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _context_fn(save):
+    if save is None or save == "none":
+        return None
+    if save == "matmul":
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        return functools.partial(create_selective_checkpoint_contexts, _save_matmul_policy)
+    raise ValueError(f"dualize: save must be None or 'matmul', got {save!r}")
+
+
+def _hooked(fn):
+    """``fn`` with custom autograd Functions routed to the dual dispatch: in forward the dual call has
+    the hook on already; this keeps it on for the block's recomputation in backward."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with function_hook():
+            return fn(*args, **kwargs)
+
+    return run
+
+
+def _zero_tangent(t: torch.Tensor | None) -> bool:
+    """Whether an input's tangent is known to be zero (the input is then passed as a plain tensor).
+    Compiled, a zero-valued tangent is carried instead: testing the values is a graph break."""
+    if t is None:
+        return True
+    if t.requires_grad or torch.compiler.is_compiling():
+        return False
+    return not bool(t.any())
+
+
+def _check_tangents(inputs, tangents) -> None:
+    """Each tangent: None, or a floating tensor of its input's shape on its input's device (another
+    floating dtype is cast to the input's). Inputs that are not tensors are left to the forward's checks."""
+    if len(inputs) != len(tangents):
+        raise ValueError(f"dualize: {len(tangents)} tangents for {len(inputs)} inputs")
+    names = ("t", "u", "x") if len(inputs) == 3 else tuple(f"input {i}" for i in range(len(inputs)))
+    for name, x, t in zip(names, inputs, tangents):
+        if t is None or not isinstance(x, torch.Tensor):
+            continue
+        dot = f"{name}_dot" if len(name) == 1 else f"the tangent of {name}"
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"dualize: {dot} must be a tensor of {name}'s shape {tuple(x.shape)} or None, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"dualize: {dot} must be a floating-point tensor, got dtype {t.dtype}")
+        if t.shape != x.shape:
+            raise ValueError(f"dualize: {dot} must have {name}'s shape {tuple(x.shape)}, got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"dualize: {dot} is on {t.device} but {name} is on {x.device}")
+
+
+def dual_call(model: nn.Module, inputs: Sequence[torch.Tensor], tangents: Sequence[torch.Tensor | None],
+              blocks: Sequence[str] = (), report: dict | None = None, save=None, splits: dict | None = None):
+    """``model(*inputs)`` and its JVP along ``tangents`` through the model's own forward.
+
+    Inputs with a zero (or None) tangent are passed as plain tensors. Returns ``(out, out_dot)``;
+    ``out_dot`` is zeros when the output does not depend on the dual inputs.
+    """
+    _check_tangents(inputs, tangents)
+    args = [x if _zero_tangent(t) else make_dual(x, t.to(x.dtype)) for x, t in zip(inputs, tangents)]
+    prev = STATE.context_fn
+    STATE.context_fn = _context_fn(save)
+    try:
+        with _patched(model, blocks, splits), recording(report), function_hook():
+            out = model(*args)
+    finally:
+        STATE.context_fn = prev
+    if isinstance(out, DualTensor):
+        return out._primal, out._tangent
+    if isinstance(out, torch.Tensor):
+        return out, torch.zeros_like(out)
+    raise DualizeError(f"dualize: the model must return one tensor, got {type(out).__name__}")
