@@ -2,7 +2,8 @@
 // gn_silu_dual_cuda_binding.cpp for CUDA tensors when built with CUDA). Fake (meta) implementations,
 // the forward's autograd formula (the backward op) and loop vmap rules are registered from Python
 // (sgflow/ops/cpp_ext.py); the torch and Triton backends register twins of these schemas
-// (gn_silu_dual_*_torch, gn_silu_dual_*_triton) in sgflow/ops/groupnorm_silu.py.
+// (gn_silu_dual_*_torch, gn_silu_dual_*_triton) in sgflow/ops/gn_silu_library.py;
+// tests/ops/test_schemas.py checks that all three agree.
 //
 // Contracts (the same as the torch backend's _gn_silu_dual_fwd_torch / _gn_silu_dual_bwd_torch):
 //   x, x_dot: [B, C, *spatial] f32/f64/bf16/f16, any strides; weight, bias: [C] or None;

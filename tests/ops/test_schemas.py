@@ -1,5 +1,5 @@
 """The op schemas are written three times: in C++ (csrc/sgflow_ops.cpp, ``TORCH_LIBRARY``), as Python strings for
-the torch-backend custom ops (ops/groupnorm_silu.py) and as annotations of the Triton ops (``triton_op`` infers
+the torch-backend custom ops (ops/gn_silu_library.py) and as annotations of the Triton ops (``triton_op`` infers
 its schema from them). The backends are interchangeable only while these agree: names, types, defaults and
 aliasing of every argument and the return types.
 
