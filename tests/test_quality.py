@@ -149,6 +149,7 @@ def test_render_reproduces_the_report_from_the_json(smoke, tmp_path):
 
 def test_a_diverged_seed_makes_the_mean_infinite_not_absent(smoke):
     from sgflow.quality import markdown, summarize
+    from sgflow.quality.report import _clean
 
     out, _ = smoke
     saved = json.loads((out / "quality.json").read_text())
@@ -160,6 +161,9 @@ def test_a_diverged_seed_makes_the_mean_infinite_not_absent(smoke):
              if (r["method"], r["sampler"], r["metric"], r["nfe"]) == ("sgflow", "flow_map", "energy", 1))
     assert s["mean"] == math.inf
     saved["verdicts"] = []
+    assert "| SGFlow | jumps | diverged |" in markdown(saved)
+    # Read back from JSON, that infinite mean is a null: the report recomputes the summary instead of failing.
+    saved["summary"] = json.loads(json.dumps(_clean(saved["summary"])))
     assert "| SGFlow | jumps | diverged |" in markdown(saved)
 
 

@@ -1,7 +1,8 @@
 """The quality table: every method trained alike, sampled at 1-16 network evaluations, scored.
 
-Every method (flow matching, Lagrangian, Eulerian, progressive, MeanFlow, SGFlow) is trained on the same
-network, data, step budget, optimiser settings and seeds by :class:`sgflow.train.Trainer`, then its EMA
+Every method (flow matching, Lagrangian, Eulerian, progressive, MeanFlow, SGFlow; optionally SGFlow distilled
+from flow matching and MeanFlow with that total budget) is trained on the same network, data, step budget
+and seeds by :class:`sgflow.train.Trainer`, then its EMA
 weights are sampled at each number of network evaluations (NFE) in ``nfe`` with
 
 - flow-map jumps (``flow_map``, k jumps = k NFE) for the flow-map methods,
@@ -16,8 +17,11 @@ same runs give the training time per step (median over logging intervals, fastes
 tensor memory of one training step (:class:`sgflow.memory.PeakTensorBytes`, measured on step 2, which
 is not timed).
 
-Nothing is tuned inside: every method gets the settings of :class:`QualityConfig`. To compare settings
-(equally for every method), run the table once per setting and call :func:`compare_settings`.
+Tuning (``QualityConfig.tune``, on in the full preset): every method first trains the same number of trials
+over its learning rate and one knob of its own (:data:`sgflow.quality.config.TUNING`) on a seed that is never
+reported, and its best trial's settings are used on the reported seeds. Without it every method gets the
+settings of :class:`QualityConfig`; to compare one setting across whole tables, run the table once per setting
+and call :func:`compare_settings`. ``jobs``: runs trained at once, in worker processes (same numbers).
 
     from sgflow.quality import preset, run_quality
     results = run_quality(preset("quick"), "out/quality_quick")   # JSON, Markdown table, PNG figure

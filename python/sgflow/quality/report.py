@@ -31,6 +31,15 @@ def _stats(values: list) -> dict:
     return {"values": vals, "mean": statistics.fmean(vals), "std": std, "min": min(vals), "max": max(vals)}
 
 
+def _summary(results: dict) -> dict:
+    """``results["summary"]`` when it was computed in this process, else recomputed from the runs: a summary
+    read back from JSON has its infinite means stored as null, which the tables cannot rank."""
+    summary = results.get("summary")
+    if summary and all(r["mean"] is not None for sd in summary.values() for r in sd["rows"]):
+        return summary
+    return summarize(results)
+
+
 def summarize(results: dict) -> dict:
     """Per data set: ``rows`` (one per method, sampler, metric and NFE: mean/std/min/max over seeds),
     ``floor`` (noise floor over seeds), ``exact_energy`` and ``cost`` (per method: step time, fastest
@@ -110,7 +119,7 @@ def verdicts(results: dict, few=(1, 2)) -> list:
     sampler (for the distilled one: its teacher's), and which row is best overall. One dict per comparison
     (``subject``; ``text`` for humans)."""
     out = []
-    summary = results.get("summary") or summarize(results)
+    summary = _summary(results)
     cfg = results["config"]
     for subject, rivals in SUBJECTS.items():
         if subject not in cfg["methods"]:
@@ -171,7 +180,7 @@ def markdown(results: dict, diagonal: bool = True) -> str:
     metric (mean ± std over seeds, best mean per column in bold), the cost table and the verdicts.
 
     ``diagonal=False``: only each method's natural sampler (jumps; Euler and Heun for flow matching)."""
-    cfg, summary = results["config"], results.get("summary") or summarize(results)
+    cfg, summary = results["config"], _summary(results)
     m = results["machine"]
     nfe = cfg["nfe"]
     lines = ["# Quality vs network evaluations", ""]
@@ -305,7 +314,7 @@ def figure(results: dict, path) -> Path:
     FigureCanvasAgg = require("matplotlib.backends.backend_agg", "the quality figure").FigureCanvasAgg
     Figure = require("matplotlib.figure", "the quality figure").Figure
 
-    cfg, summary = results["config"], results.get("summary") or summarize(results)
+    cfg, summary = results["config"], _summary(results)
     ds = list(summary)
     ncol = max(len(metrics_of(d)) for d in ds)
     fig = Figure(figsize=(5.2 * ncol, 3.6 * len(ds)))
