@@ -29,8 +29,7 @@ dualized.py (``WRAPPER_SHARE`` read and set through to blocks.py) and defines :f
 """
 from __future__ import annotations
 
-import sys as _sys
-import types as _types
+from sgflow._forwarding import forward_globals
 from typing import Callable
 
 from sgflow.autodual import rules as _rules  # noqa: F401 - installs the rule tables
@@ -108,15 +107,4 @@ def register_rule(*funcs: Callable, kind: str = "rule:user"):
 # Module globals that the code reads from (or, for the lazy ``_MATMUL_OPS``, writes to) the module that
 # defines them: reading or setting one on this package reads or sets it there (a plain re-export would be
 # a copy that the code never reads).
-_FORWARDED = {"WRAPPER_SHARE": _blocks, "_MATMUL_OPS": _call}
-
-
-class _AutodualModule(_types.ModuleType):
-    """This package's module type: ``_FORWARDED`` as properties that read and write their home module."""
-
-
-for _name, _home in _FORWARDED.items():
-    setattr(_AutodualModule, _name, property(lambda self, _h=_home, _n=_name: getattr(_h, _n),
-                                             lambda self, value, _h=_home, _n=_name: setattr(_h, _n, value)))
-del _name, _home
-_sys.modules[__name__].__class__ = _AutodualModule
+forward_globals(__name__, {"WRAPPER_SHARE": _blocks, "_MATMUL_OPS": _call})

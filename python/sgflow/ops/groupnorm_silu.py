@@ -42,8 +42,7 @@ setting it here reads or sets it there.
 """
 from __future__ import annotations
 
-import sys as _sys
-import types as _types
+from sgflow._forwarding import forward_globals
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -228,14 +227,7 @@ def groupnorm_silu_dual(
 
 # The torch backend's tunable, by the module whose code reads it: reading or setting it on this module
 # reads or sets it there (a plain re-export would be a copy that the code never reads once replaced).
-class _GroupNormSiLUModule(_types.ModuleType):
-    """This module's type: ``CHUNK_ELEMENTS`` as a property that reads and writes ``gn_silu_torch``'s."""
-
-    CHUNK_ELEMENTS = property(lambda self: _gn_silu_torch.CHUNK_ELEMENTS,
-                              lambda self, value: setattr(_gn_silu_torch, "CHUNK_ELEMENTS", value))
-
-
-_sys.modules[__name__].__class__ = _GroupNormSiLUModule
+forward_globals(__name__, {"CHUNK_ELEMENTS": _gn_silu_torch})
 
 
 _register_eagerly()

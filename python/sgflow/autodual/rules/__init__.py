@@ -46,8 +46,7 @@ reads or sets it there. The rule submodules do not carry them (setting one there
 """
 from __future__ import annotations
 
-import sys as _sys
-import types as _types
+from sgflow._forwarding import forward_globals
 
 from sgflow.autodual.rules import (  # noqa: F401 - the submodules, by kind
     common,
@@ -188,12 +187,4 @@ _TUNABLES = {
 }
 
 
-class _RulesModule(_types.ModuleType):
-    """This package's module type: ``_TUNABLES`` as properties that read and write their home module."""
-
-
-for _name, _home in _TUNABLES.items():
-    setattr(_RulesModule, _name, property(lambda self, _h=_home, _n=_name: getattr(_h, _n),
-                                          lambda self, value, _h=_home, _n=_name: setattr(_h, _n, value)))
-del _name, _home
-_sys.modules[__name__].__class__ = _RulesModule
+forward_globals(__name__, _TUNABLES)
