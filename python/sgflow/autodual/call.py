@@ -83,7 +83,7 @@ def _wrap_forward(orig, path: str, is_block: bool, split=None):
     def forward(*args, **kwargs):
         STATE.stack.append(path)
         try:
-            if is_block and not getattr(STATE, "in_block", False) and torch.is_grad_enabled() and _any_dual(args, kwargs):
+            if is_block and not STATE.in_block and torch.is_grad_enabled() and _any_dual(args, kwargs):
                 STATE.in_block = True
                 try:
                     slices = _row_slices(split, args, kwargs) if split is not None else None

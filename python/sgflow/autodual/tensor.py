@@ -41,10 +41,17 @@ class DualizeError(RuntimeError):
 
 
 class _State(threading.local):
+    """The dual forward's per-thread state, every field declared here (``tests/test_dualize.py`` checks that
+    no other attribute appears during a dual call)."""
+
+    FIELDS = ("stack", "report", "context_fn", "in_block", "last_key")
+
     def __init__(self):
         self.stack: list[str] = []  # module paths of the dual forward in progress
         self.report: dict | None = None  # (path, op) -> rule, while a dual forward records
         self.context_fn = None  # checkpoint context_fn of the blocks (selective saving), per dual forward
+        self.in_block = False  # inside a block's checkpointed forward (blocks do not nest)
+        self.last_key = None  # (path, op) of the op being dispatched, for the report's rule entry
 
 
 STATE = _State()
@@ -204,7 +211,7 @@ def dispatch(func, args, kwargs):
 
 def note_rule(kind: str) -> None:
     """Let a rule name the special path it took for the op being dispatched (e.g. a fused op)."""
-    report, key = STATE.report, getattr(STATE, "last_key", None)
+    report, key = STATE.report, STATE.last_key
     if report is not None and key is not None:
         report[key] = kind
 
