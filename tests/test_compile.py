@@ -258,7 +258,7 @@ def test_aligned_rows_equal_eager_rows(case):
         tr, ur, xr = b.t[rows.index], b.u[rows.index], b.xt[rows.index]
         u_dot = torch.zeros_like(ur)
         f, f_dot = dual_forward(model, tr, ur, xr, rows.t_dot, u_dot, rows.x_dot)
-        return reduce_sgflow(flow_map_tangent(rows.x_dot, rows.t_dot, u_dot, tr, ur, f, f_dot), rows, b)
+        return reduce_sgflow(flow_map_tangent(rows.x_dot, rows.t_dot, u_dot, tr, ur, f, f_dot), rows)
 
     eager = sgflow_rows(model, b, split, both, 0.5, None)
     assert not eager.aligned

@@ -4,6 +4,7 @@ Tiny runs on ring8 (12 steps, 128 evaluation samples): what is checked is the bo
 the same trials on a seed that is never reported, the chosen trial is the one used, a distillation run trains
 its teacher first, runs in worker processes give the same numbers as in this one), not quality.
 """
+import dataclasses
 import math
 
 import pytest
@@ -100,7 +101,7 @@ def test_distillation_trains_its_teacher_first_and_meanflow_2x_twice_the_steps(t
 def test_worker_processes_give_the_same_numbers(tmp_path):
     cfg = _tiny(methods=("flow_matching", "sgflow"))
     one = run_quality(cfg, tmp_path / "one", log=lambda s: None)
-    two = run_quality(cfg.__class__(**{**cfg.__dict__, "jobs": 2}), tmp_path / "two", log=lambda s: None)
+    two = run_quality(dataclasses.replace(cfg, jobs=2), tmp_path / "two", log=lambda s: None)
     key = lambda e: (e["method"], e["seed"])  # noqa: E731
     assert sorted(map(key, one["evals"])) == sorted(map(key, two["evals"]))
     for a, b in zip(sorted(one["evals"], key=key), sorted(two["evals"], key=key)):

@@ -76,7 +76,7 @@ def fused_loss(
     u_dot = torch.zeros_like(ur)
     ftilde, ftilde_dot = dual_forward(model, tr, ur, xr, rows.t_dot, u_dot, rows.x_dot)
     jvp_f = flow_map_tangent(rows.x_dot, rows.t_dot, u_dot, tr, ur, ftilde, ftilde_dot)
-    return reduce_sgflow(jvp_f, rows, b)
+    return reduce_sgflow(jvp_f, rows)
 
 
 def fused_meanflow_loss(model, x1, *, interpolant="linear", time_sampler=None, noise=None, t=None, u=None, generator=None):

@@ -205,13 +205,13 @@ def _aligned_rows(model, b: Batch, index: torch.Tensor, first: torch.Tensor, tea
     return SGFlowRows(index=index, first=first, t_dot=first.to(b.x1.dtype), x_dot=x_dot, v_hat=v_hat, aligned=True)
 
 
-def reduce_sgflow(jvp_f: torch.Tensor, rows: SGFlowRows, b: Batch):
+def reduce_sgflow(jvp_f: torch.Tensor, rows: SGFlowRows):
     """loss = mean over first-term rows of ||JVP||^2 - mean over second-term rows of ||JVP||^2.
 
     Averaging each term over its own rows keeps the estimate unbiased for L_sg (given how many rows each
     term got); an empty term contributes 0. Each term is a masked sum over its row count (clamped to 1),
     counts kept as tensors: no boolean-mask selection and no host sync, so the same code runs eagerly and
-    under ``torch.compile``. ``b`` is unused (kept for the callers' signature).
+    under ``torch.compile``.
     """
     per_row = mean_sq(jvp_f)
     first = rows.first
@@ -442,7 +442,7 @@ def sgflow_loss_on_rows(model, b: Batch, rows: SGFlowRows, *, jvp: str = "auto",
     """
     tr, ur, xr = b.t[rows.index], b.u[rows.index], b.xt[rows.index]
     _, jvp_f = flow_map_jvp(model, tr, ur, xr, rows.t_dot, torch.zeros_like(ur), rows.x_dot, jvp=jvp, decompose=decompose)
-    return reduce_sgflow(jvp_f, rows, b)
+    return reduce_sgflow(jvp_f, rows)
 
 
 def sgflow_loss(
