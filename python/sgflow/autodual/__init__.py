@@ -34,14 +34,16 @@ from typing import Callable
 
 from sgflow.autodual import rules as _rules  # noqa: F401 - installs the rule tables
 from sgflow.autodual.tensor import (  # noqa: F401 - re-exported
-    STATE,
+    AT_REST,
+    DualContext,
     DualizeError,
     DualTensor,
     is_dual,
     make_dual,
     primal,
+    current,
+    dual_context,
     function_hook,
-    recording,
     register,
     tangent,
 )

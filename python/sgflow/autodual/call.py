@@ -23,12 +23,13 @@ from torch.utils.checkpoint import checkpoint
 
 from sgflow.autodual.blocks import _inner
 from sgflow.autodual.tensor import (
-    STATE,
+    AT_REST,
     DualizeError,
     DualTensor,
+    current,
+    dual_context,
     make_dual,
     function_hook,
-    recording,
 )
 
 __all__ = ["dual_call", "patched_forwards"]
@@ -81,20 +82,25 @@ def _any_dual(args, kwargs) -> bool:
 def _wrap_forward(orig, path: str, is_block: bool, split=None):
     @functools.wraps(orig)
     def forward(*args, **kwargs):
-        STATE.stack.append(path)
+        ctx = current()
+        if ctx is AT_REST:
+            # A thread the model starts itself (nn.DataParallel's replicas): a context of its own there.
+            with dual_context():
+                return forward(*args, **kwargs)
+        ctx.stack.append(path)
         try:
-            if is_block and not STATE.in_block and torch.is_grad_enabled() and _any_dual(args, kwargs):
-                STATE.in_block = True
+            if is_block and not ctx.in_block and torch.is_grad_enabled() and _any_dual(args, kwargs):
+                ctx.in_block = True
                 try:
                     slices = _row_slices(split, args, kwargs) if split is not None else None
                     if slices is None:
                         return _checkpointed(orig, args, kwargs)
                     return _cat_rows([_checkpointed(orig, a, k) for a, k in slices], path)
                 finally:
-                    STATE.in_block = False
+                    ctx.in_block = False
             return orig(*args, **kwargs)
         finally:
-            STATE.stack.pop()
+            ctx.stack.pop()
 
     return forward
 
@@ -118,7 +124,7 @@ def _checkpointed(orig, args, kwargs):
         out_layout[:] = [(olayout, ospec)]
         return tuple(result)
 
-    ctx_fn = STATE.context_fn
+    ctx_fn = current().context_fn
     extra = {} if ctx_fn is None else {"context_fn": ctx_fn}
     res = checkpoint(_hooked(run), *plain, use_reentrant=False, preserve_rng_state=True, **extra)
     olayout, ospec = out_layout[0]
@@ -273,13 +279,8 @@ def dual_call(model: nn.Module, inputs: Sequence[torch.Tensor], tangents: Sequen
     """
     _check_tangents(inputs, tangents)
     args = [x if _zero_tangent(t) else make_dual(x, t.to(x.dtype)) for x, t in zip(inputs, tangents)]
-    prev = STATE.context_fn
-    STATE.context_fn = _context_fn(save)
-    try:
-        with _patched(model, blocks, splits), recording(report), function_hook():
-            out = model(*args)
-    finally:
-        STATE.context_fn = prev
+    with dual_context(report=report, context_fn=_context_fn(save)), _patched(model, blocks, splits), function_hook():
+        out = model(*args)
     if isinstance(out, DualTensor):
         return out._primal, out._tangent
     if isinstance(out, torch.Tensor):

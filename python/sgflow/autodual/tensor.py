@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -40,25 +41,63 @@ class DualizeError(RuntimeError):
     """A network cannot be dualized as written (the message names the op and the module path)."""
 
 
-class _State(threading.local):
-    """The dual forward's per-thread state, every field declared here (``tests/test_dualize.py`` checks that
-    no other attribute appears during a dual call)."""
+@dataclass(slots=True)  # slots: a field not declared here cannot be set
+class DualContext:
+    """The state of one dual forward, every field declared: created and pushed by
+    :func:`sgflow.autodual.call.dual_call` (:func:`dual_context`) for the call's duration, on its thread.
 
-    FIELDS = ("stack", "report", "context_fn", "in_block", "last_key")
+    Outside a dual forward (a block's recomputation in backward, on autograd's thread; plain code) there
+    is none: :func:`current` then returns :data:`AT_REST`, whose fields the code only reads.
+    """
+
+    report: dict | None = None  # (path, op) -> rule, while the call records a report
+    context_fn: Callable | None = None  # checkpoint context_fn of the blocks (selective saving)
+    stack: list = field(default_factory=list)  # module paths of the forwards in progress
+    in_block: bool = False  # inside a block's checkpointed forward (blocks do not nest)
+    last_key: tuple | None = None  # (path, op) of the op being dispatched, for the report's rule entry
+
+
+class _AtRest(DualContext):
+    """The context where no dual forward runs: its fields read as the defaults and cannot be set (a
+    write there would leak into every later call on every thread)."""
+
+    __slots__ = ("_frozen",)
 
     def __init__(self):
-        self.stack: list[str] = []  # module paths of the dual forward in progress
-        self.report: dict | None = None  # (path, op) -> rule, while a dual forward records
-        self.context_fn = None  # checkpoint context_fn of the blocks (selective saving), per dual forward
-        self.in_block = False  # inside a block's checkpointed forward (blocks do not nest)
-        self.last_key = None  # (path, op) of the op being dispatched, for the report's rule entry
+        super().__init__(stack=())  # a tuple: nothing can be appended either
+        object.__setattr__(self, "_frozen", True)
+
+    def __setattr__(self, name, value):
+        if getattr(self, "_frozen", False):
+            raise AttributeError(f"sgflow.autodual: no dual forward runs on this thread; cannot set {name}")
+        object.__setattr__(self, name, value)
 
 
-STATE = _State()
+AT_REST = _AtRest()  # the read-only stand-in where no dual forward runs
+_LOCAL = threading.local()  # .ctx: this thread's DualContext in use, absent at rest
+
+
+def current() -> DualContext:
+    """This thread's dual-forward context (:data:`AT_REST` outside one)."""
+    return getattr(_LOCAL, "ctx", None) or AT_REST
+
+
+@contextlib.contextmanager
+def dual_context(report: dict | None = None, context_fn: Callable | None = None):
+    """Push a fresh :class:`DualContext` on this thread for one dual forward; the previous one (an
+    enclosing dual call's, or none) is back afterwards."""
+    prev = getattr(_LOCAL, "ctx", None)
+    ctx = DualContext(report=report, context_fn=context_fn)
+    _LOCAL.ctx = ctx
+    try:
+        yield ctx
+    finally:
+        _LOCAL.ctx = prev
 
 
 def current_path() -> str:
-    return STATE.stack[-1] if STATE.stack else "<model>"
+    stack = current().stack
+    return stack[-1] if stack else "<model>"
 
 
 class DualTensor(torch.Tensor):
@@ -197,7 +236,8 @@ def dispatch(func, args, kwargs):
         from sgflow.autodual import rules as _r
 
         rule, kind = _r.inplace_error, "error"
-    report = STATE.report
+    ctx = current()
+    report = ctx.report
     if report is not None and kind != "meta":
         key = (current_path(), op_name(func))
         old = report.get(key)
@@ -205,13 +245,14 @@ def dispatch(func, args, kwargs):
             report[key] = kind
         elif kind not in old.split(" | "):
             report[key] = f"{old} | {kind}"
-        STATE.last_key = key
+        ctx.last_key = key
     return rule(func, args, kwargs)
 
 
 def note_rule(kind: str) -> None:
     """Let a rule name the special path it took for the op being dispatched (e.g. a fused op)."""
-    report, key = STATE.report, STATE.last_key
+    ctx = current()
+    report, key = ctx.report, ctx.last_key
     if report is not None and key is not None:
         report[key] = kind
 
@@ -336,13 +377,3 @@ def function_hook():
             _HOOK_DEPTH -= 1
             if _HOOK_DEPTH == 0:
                 torch.autograd.Function.apply = _ORIG_APPLY
-
-
-@contextlib.contextmanager
-def recording(report: dict | None):
-    prev = STATE.report
-    STATE.report = report
-    try:
-        yield
-    finally:
-        STATE.report = prev
