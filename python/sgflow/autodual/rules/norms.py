@@ -16,7 +16,7 @@ import torch
 
 from sgflow.autodual.rules.common import _bind, _low_precision, recompute_op
 from sgflow.autodual.tensor import DualTensor, fail, make_dual, primal, tangent
-from sgflow.normalization import normalize_dual
+from sgflow.normalization import LayerNormDual, normalize_dual
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,7 +124,24 @@ def _layer_norm_rule(func, args, kwargs):
     shape = _normalized_shape(b["normalized_shape"])
     dims = tuple(range(x._primal.dim() - len(shape), x._primal.dim()))
     eps = b["eps"]
-    return _norm_dual(x, b["weight"], b["bias"], shape, lambda xp, xt: _normalize(xp, xt, dims, eps), rows=0 not in dims)
+    w, bias = b["weight"], b["bias"]
+    if not isinstance(w, DualTensor) and not isinstance(bias, DualTensor):
+        return _layer_norm_plain_affine(x, w, bias, shape, eps)
+    return _norm_dual(x, w, bias, shape, lambda xp, xt: _normalize(xp, xt, dims, eps), rows=0 not in dims)
+
+
+def _layer_norm_plain_affine(x, w, bias, shape, eps):
+    """Dual layer norm with plain (or no) affine parameters: the ``LayerNormDual`` op (PyTorch's layer-norm
+    kernels for the primal, the tangent and every first-derivative term; two ops forward), in fp32 for
+    half/bf16 inputs and under autocast (output fp32 under autocast, as PyTorch's autocast runs it)."""
+    xp, xt = x._primal, x._tangent
+    autocast = torch.is_autocast_enabled(xp.device.type)
+    acc = torch.float32 if _low_precision(xp) or autocast else xp.dtype
+    with torch.autocast(xp.device.type, enabled=False):
+        y, yd = LayerNormDual.apply(xp.to(acc), xt.to(acc), None if w is None else w.to(acc),
+                                    None if bias is None else bias.to(acc), shape, eps)
+    out_dtype = torch.float32 if autocast else xp.dtype
+    return make_dual(y.to(out_dtype), yd.to(out_dtype))
 
 
 def _rms_norm_rule(func, args, kwargs):
