@@ -75,3 +75,33 @@ def test_pointwise_duals_are_one_op_per_tangent_and_exact_over_chunks(monkeypatc
         counts.append(count_aten_ops(lambda: torch.nn.functional.gelu(
             __import__("sgflow").autodual.make_dual(d, d), approximate="tanh"))["by_op"])
     assert counts[0] == counts[1] and counts[0]["aten.gelu_backward.default"] == 1
+
+
+def test_pointwise_second_derivative_term_runs_in_split_chunks_exactly(monkeypatch):
+    """SiLU and GELU (tanh, erf), float64, the f'' term of backward over many chunks: gradients equal
+    autograd of torch.func.jvp; the chunks' views come from one ``split`` per tensor (no ``slice`` per
+    chunk) and each chunk costs a bounded number of ops (issue 18: was ~22 for tanh-GELU)."""
+    import sgflow
+    import sgflow.ops.pointwise as pointwise_op
+
+    monkeypatch.setattr(pointwise_op, "POINTWISE_CHUNK", {"cpu": 64, "cuda": 64})
+    g = torch.Generator().manual_seed(1)
+    x, x_dot, gy, gyd = (torch.randn(37, 113, dtype=torch.float64, generator=g) * 2 for _ in range(4))  # 17 chunks
+    n_chunks = -(-x.numel() // (64 * pointwise_op.POINTWISE_D2_CHUNKS))
+    for name, fn, per_chunk in (("silu", torch.nn.functional.silu, 8),
+                                ("gelu-tanh", lambda a: torch.nn.functional.gelu(a, approximate="tanh"), 15),
+                                ("gelu-erf", torch.nn.functional.gelu, 8)):
+        xa, xda = x.clone().requires_grad_(), x_dot.clone().requires_grad_()
+        out = fn(sgflow.autodual.make_dual(xa, xda))
+        y, y_dot = sgflow.autodual.primal(out), sgflow.autodual.tangent(out)
+        loss = (y * gy).sum() + (y_dot * gyd).sum()
+        counted = count_aten_ops(lambda: torch.autograd.grad(loss, (xa, xda)))
+        gx, gxd = counted["result"]
+        xr, xdr = x.clone().requires_grad_(), x_dot.clone().requires_grad_()
+        yr, ydr = torch.func.jvp(fn, (xr,), (xdr,))
+        rx, rxd = torch.autograd.grad((yr * gy).sum() + (ydr * gyd).sum(), (xr, xdr))
+        for a, b in ((gx, rx), (gxd, rxd)):
+            assert (a - b).abs().max() <= 1e-12 * b.abs().max(), name
+        by_op = counted["by_op"]
+        assert by_op["aten.slice.Tensor"] == 0 and by_op["aten.split.Tensor"] >= 1, (name, by_op)
+        assert counted["ops"] <= per_chunk * n_chunks + 25, (name, counted["ops"], n_chunks, by_op)
