@@ -11,19 +11,19 @@ What is compiled, and why each case is here:
   forward), compiled on the model's very first call and, on a copy, after an eager step, must give
   eager's loss, diagnostics and parameter gradients (backward through the AOTAutograd backward graphs):
   the ``"mlp"`` network on 2-D data with ``aot_eager`` and ``inductor``, and a small U-Net at 8x8 with
-  ``aot_eager`` (torch backend, and the default backend with the recomputed blocks the profile chose).
-  The dual forward itself runs between graphs (below). Compiled, the loss evaluates sg[f~(t, t, X_t)]
+  ``aot_eager`` (torch backend, and the default backend with the recomputed blocks the profile chose for
+  the eager steps), and the third-party-style networks of ``testnets``. The dual forward is one node of
+  dynamo's graph that AOTAutograd traces to ATen ops (``sgflow.autodual.traced``). Compiled, the loss evaluates sg[f~(t, t, X_t)]
   on the whole batch and reduces by masked sums (``sgflow.losses.sgflow._aligned_rows``) instead of
   boolean-mask row selections; the same values are checked eagerly too, for the edge cases of the split
   (all rows one term, both terms), without a compile. The value checks of the inputs become
   ``torch._assert_async`` when compiled: a wrong time must still raise.
 * Graph breaks (``torch._dynamo.explain``): every loss traces as one graph (0 breaks) on a network
-  whose own ``dual_forward`` is plain torch ops, and for networks whose dual forward breaks the graph
-  (every dualized one today), the breaks are attributed by where they
-  happen: none may come from the loss side (sgflow.losses, sgflow.checks, ...); those of the dual
-  forward (sgflow.autodual, sgflow.ops, ...) are recorded with their reasons by strict xfails, which
-  turn into failures once the breaks are gone so that the marker is removed. Each explain run's loss
-  and gradients are also compared with eager: a graph-broken trace must still compute the same thing.
+  whose own ``dual_forward`` is plain torch ops, and so does the fused step on dualized networks once
+  the model has been called (its first call breaks once, where the DualizedModel is made outside the
+  graph); breaks are attributed by where they happen (loss side: sgflow.losses, sgflow.checks, ...;
+  dual side: sgflow.autodual, sgflow.ops, ...) so that a failure says where. Each explain run's loss and
+  gradients are also compared with eager.
   A ``generator=`` draw cannot be traced at all (a PyTorch limitation, strict xfail).
 
 CPU time of the whole file on a 2-core machine (one intra-op thread): about 85 s with a cold inductor
@@ -231,9 +231,9 @@ def test_fused_step_compiled_mlp(backend):
 @pytest.mark.slow  # ~16 s each: `make test-slow`
 @pytest.mark.parametrize("backend", ["torch", None], ids=["torch-backend", "default-backend"])
 def test_fused_step_compiled_unet(backend, monkeypatch):
-    """The fused step through sgflow.dualize compiled (graph breaks in the dual forward, see below), with
-    the default backend's registered ops (C++ where built) and the recomputed blocks that the profile
-    chose (torch.utils.checkpoint)."""
+    """The fused step through sgflow.dualize compiled, with the default backend's registered ops (C++ where
+    built) traced into the graph, and the eager twin's recomputed blocks (torch.utils.checkpoint) that the
+    profile chose."""
     if backend is not None:
         monkeypatch.setenv("SGFLOW_BACKEND", backend)
     torch.manual_seed(0)
@@ -446,26 +446,47 @@ def test_no_loss_side_graph_break_whatever_the_network(name):
     _assert_same_step(got, want, rtol=1e-5)
 
 
-# The dual forward's breaks, by network, as measured with torch 2.13 (CPU): the xfail's reason. (The U-Nets'
-# former breaks, the C++ extension's lazy fake registration and the RNG capture of the recomputed blocks, are
-# gone: registration is cached outside dynamo's view and blocks without random draws skip the RNG.)
-_AUTODUAL_BREAKS = (
-    "sgflow.autodual, not PyTorch: function_hook, the context manager that routes torch.autograd.Function.apply "
-    "on dual tensors to the dual dispatch during a dual forward, is an 'Unsupported context manager' to dynamo "
-    "(5 graph breaks; skipping the hook when compiling would silently lose custom Functions' tangents). The "
-    "zero-tangent test bool(t.any()) no longer runs when compiling (a zero tangent is carried instead)")
-
-
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=_AUTODUAL_BREAKS))
-    for name in ("nn-mlp", "nn-unet", "nn-unet-torch", "testnets-mlp")
-])
+@pytest.mark.parametrize("name", ["nn-mlp", "nn-unet", "nn-unet-torch", "testnets-mlp"])
 def test_dual_forward_graph_breaks(name):
-    """The dual forward traces as one graph. The count and reasons are in the failure message."""
+    """The whole fused step, dual forward included, traces as one graph (after the model's first call: see
+    the next test). The count and reasons are in the failure message."""
     trace, _, _ = _dual_trace(name)
-    dual = trace.on("dual")
-    assert trace.graph_breaks == 0 and not dual, (
-        f"{name}: {trace.graph_breaks} graph breaks, {len(dual)} reasons in the dual forward:\n{trace.describe()}")
+    assert trace.graph_breaks == 0 and not trace.breaks, (
+        f"{name}: {trace.graph_breaks} graph breaks:\n{trace.describe()}")
+
+
+def test_first_call_breaks_once_where_the_dual_model_is_made():
+    """On a model never called before, the DualizedModel is made outside the graph (it registers itself where
+    the traced graph finds it): one graph break there, none anywhere else, and still eager's step."""
+    torch.manual_seed(0)
+    model, shape = _dual_case("testnets-mlp")
+    x1, kw = _inputs(shape, batch=4)
+    import copy
+
+    twin = copy.deepcopy(model)
+    trace = _explain(_fused, model, x1, kw)
+    # One reason (dynamo counts it once per frame on the call stack: fused_loss's and as_dual_model's).
+    assert len(trace.breaks) == 1, trace.describe()
+    assert trace.breaks[0].where.startswith("sgflow/autodual/dualized.py"), trace.describe()
+    assert "disable" in trace.breaks[0].reason, trace.describe()
+    got = _loss_and_grads(lambda *_: (trace.loss, trace.info), model, x1, kw)
+    _assert_same_step(got, _loss_and_grads(_fused, twin, x1, kw), rtol=1e-5)
+
+
+# Third-party-style networks (testnets.py): the compiled fused step, first call and after an eager step, with
+# no graph break after the first call. DiT here; the U-Nets (~20 s each to trace) with `make test-slow`.
+@pytest.mark.parametrize("name", [
+    "dit", pytest.param("adm", marks=pytest.mark.slow), pytest.param("edm", marks=pytest.mark.slow)])
+def test_fused_step_compiled_testnets(name):
+    torch.manual_seed(0)
+    shape = TESTNET_SHAPES[name]
+    model = testnets.build(name, shape)
+    x1, kw = _inputs(shape, batch=4)
+    step = _compiled_first_and_after_eager(model, x1, kw, "aot_eager", rtol=1e-5)
+    dynamo.reset()
+    trace = _explain(_fused, model, x1, kw)
+    assert trace.graph_breaks == 0, trace.describe()
+    del step
 
 
 class _TFSubclass(torch.Tensor):
@@ -483,9 +504,9 @@ class _TFSubclass(torch.Tensor):
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
     "PyTorch (torch.compile, 2.13): __torch_function__ is not dispatched for tensor-subclass elements of a TUPLE "
     "argument (torch.cat((a, b)), torch.stack((a, b))); lists are. sgflow.dualize's DualTensor relies on that "
-    "dispatch, so a dual forward traced by dynamo would silently drop the tangent of such a cat. Today the dual "
-    "forward's graph breaks keep dynamo from tracing it (the explain runs above compare with eager); this canary "
-    "turns into a failure once PyTorch dispatches tuples too, the precondition for tracing the dual forward"))
+    "dispatch, so a dual forward traced by dynamo would silently drop the tangent of such a cat. That is why dynamo "
+    "does not look inside the dual forward (sgflow.autodual.traced: one allow_in_graph node, traced by AOTAutograd "
+    "below __torch_function__); this canary turns into a failure once PyTorch dispatches tuples too"))
 def test_dynamo_dispatches_torch_function_inside_tuple_arguments():
     def cat_tuple(x):
         a = x.as_subclass(_TFSubclass)

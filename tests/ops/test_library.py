@@ -93,7 +93,17 @@ def _att_samples(suffix, device="cpu"):
     o, od, lse, mu = fwd(*ins, 0.7)
     g = _gen(3)
     go, god = (torch.randn(o.shape, generator=g, dtype=o.dtype).to(device) for _ in range(2))
+    # q, k, v (and their tangents) as strided views of one [B, N, 3, H, D] projection, as a transformer block
+    # splits its qkv: the op's outputs must have the strides its fake says (inductor checks them).
+    b_, h_, n_, d_ = ATT["q"]
+    qkv = [t.reshape(b_, n_, 3, h_, d_).permute(2, 0, 3, 1, 4).unbind(0)
+           for t in (torch.randn(b_, n_, 3 * h_ * d_, generator=g, dtype=torch.float64).to(device) for _ in range(2))]
+    strided = (*qkv[0], *qkv[1])
+    so, sod, slse, smu = fwd(*strided, 0.7)
+    sgo, sgod = (torch.randn(so.shape, generator=g, dtype=so.dtype).to(device) for _ in range(2))
     return [
+        (f"attention_dual_fwd{suffix}", strided + (0.7,)),
+        (f"attention_dual_bwd{suffix}", (*strided, so, sod, slse, smu, sgo, sgod, 0.7)),
         (f"attention_dual_fwd{suffix}", (*_att_inputs(grad=True, device=device), 0.7)),
         (f"attention_dual_fwd{suffix}", (*_att_inputs(torch.float32, device=device), 0.5)),
         (f"attention_dual_bwd{suffix}", (*ins, o, od, lse, mu, go, god, 0.7)),

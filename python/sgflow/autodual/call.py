@@ -30,6 +30,7 @@ from sgflow.autodual.tensor import (
     dual_context,
     make_dual,
     function_hook,
+    is_traced,
 )
 
 __all__ = ["dual_call", "patched_forwards"]
@@ -242,10 +243,11 @@ def _hooked(fn):
 
 def _zero_tangent(t: torch.Tensor | None) -> bool:
     """Whether an input's tangent is known to be zero (the input is then passed as a plain tensor).
-    Compiled, a zero-valued tangent is carried instead: testing the values is a graph break."""
+    Compiled or traced, a zero-valued tangent is carried instead: its values are unknown there (testing them
+    would be a graph break, or a data-dependent error in AOTAutograd's trace)."""
     if t is None:
         return True
-    if t.requires_grad or torch.compiler.is_compiling():
+    if t.requires_grad or torch.compiler.is_compiling() or is_traced(t):
         return False
     return not bool(t.any())
 

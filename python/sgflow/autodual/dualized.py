@@ -16,6 +16,7 @@ from torch import nn
 
 from sgflow.autodual.blocks import _WRAPPERS, _inner, candidate_blocks, select_blocks
 from sgflow.autodual.call import _context_fn, dual_call
+from sgflow.autodual import traced
 
 __all__ = ["dualize", "DualizedModel", "DualReport", "as_dual_model"]
 
@@ -80,12 +81,18 @@ class DualizedModel(nn.Module):
         _context_fn(save)  # validates
         self.save = save
         self.last_report: DualReport | None = None
+        self._trace_key = traced.register(self)  # how a compiled graph finds this model (autodual/traced.py)
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
     def dual_forward(self, t, u, x, t_dot, u_dot, x_dot):
-        """(f~(t,u,x), JVP of f~ in direction (t_dot, u_dot, x_dot)); t, u, t_dot, u_dot: [B], x, x_dot: [B, *D]."""
+        """(f~(t,u,x), JVP of f~ in direction (t_dot, u_dot, x_dot)); t, u, t_dot, u_dot: [B], x, x_dot: [B, *D].
+
+        Under ``torch.compile`` the dual forward is one node of the graph that AOTAutograd traces to ATen ops
+        (:mod:`sgflow.autodual.traced`): no graph break, and the plan's recomputed blocks do not apply there."""
+        if torch.compiler.is_compiling() and not isinstance(self.module, _WRAPPERS):
+            return traced.dual_forward_compiled(self, t, u, x, t_dot, u_dot, x_dot)
         if self.auto and self.plan is None and torch.is_grad_enabled() and not torch.compiler.is_compiling():
             self.make_plan(t, u, x, t_dot, u_dot, x_dot)
         record = self.last_report is None
@@ -187,6 +194,12 @@ def as_dual_model(model: nn.Module):
         raise TypeError(f"the fused losses need an nn.Module (called as model(t, u, x)), got {type(model).__name__}")
     dual = model.__dict__.get(_CACHE_ATTR)
     if dual is None or dual.module is not model:
-        dual = DualizedModel(model)
-        model.__dict__[_CACHE_ATTR] = dual
+        dual = _new_dual_model(model)
+    return dual
+
+
+@torch.compiler.disable  # made outside a compiled graph (one graph break, on a model's first call only)
+def _new_dual_model(model: nn.Module):
+    dual = DualizedModel(model)
+    model.__dict__[_CACHE_ATTR] = dual
     return dual

@@ -34,7 +34,8 @@ from typing import Any, Callable
 import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-__all__ = ["DualTensor", "DerivedValue", "DualizeError", "make_dual", "primal", "tangent", "is_dual", "dispatch", "op_name"]
+__all__ = ["DualTensor", "DerivedValue", "DualizeError", "make_dual", "primal", "tangent", "is_dual", "is_traced", "dispatch",
+           "op_name"]
 
 
 class DualizeError(RuntimeError):
@@ -114,6 +115,17 @@ class DualTensor(torch.Tensor):
         return f"DualTensor(primal={self._primal!r}, tangent={self._tangent!r})"
 
 
+class _TracedDual(DualTensor):
+    """A DualTensor made while a dual forward is traced (:mod:`sgflow.autodual.traced`): it holds no data, only
+    the primal's metadata; every op on it reaches a rule through ``__torch_function__``. One that gets below
+    it (to the dispatcher) is an error, never a silent computation on an empty tensor."""
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise DualizeError(f"sgflow.dualize: op {func} reached a traced dual tensor below __torch_function__ "
+                           f"(in module '{current_path()}'); please report it with the network")
+
+
 _VALUE_FUNCS = {getattr(torch.Tensor, n) for n in ("__bool__", "item", "tolist", "__int__", "__float__", "__index__",
                                                    "__complex__", "numpy", "__array__") if hasattr(torch.Tensor, n)}
 
@@ -147,10 +159,27 @@ def make_dual(p: torch.Tensor, t: torch.Tensor) -> DualTensor:
         raise DualizeError("nested dual tensors (a dual forward inside another) are not supported")
     if t.shape != p.shape:
         raise DualizeError(f"tangent of shape {tuple(t.shape)} for a primal of shape {tuple(p.shape)}")
-    d = p.as_subclass(DualTensor)
+    if is_traced(p) or is_traced(t):
+        # AOTAutograd's functional tensors cannot be aliased by another subclass: a storage-less wrapper
+        # with the primal's metadata (sgflow.autodual.traced).
+        d = torch.Tensor._make_wrapper_subclass(_TracedDual, p.shape, strides=p.stride(), storage_offset=p.storage_offset(),
+                                                dtype=p.dtype, device=p.device, requires_grad=False)
+    else:
+        d = p.as_subclass(DualTensor)
     d._primal = p
     d._tangent = t
     return d
+
+
+def is_traced(x) -> bool:
+    """Whether ``x`` is a tensor of a trace (AOTAutograd's functional tensor, a fake tensor): its values are
+    unknown and it cannot be aliased by a DualTensor."""
+    if not isinstance(x, torch.Tensor):
+        return False
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return isinstance(x, (FunctionalTensor, FakeTensor)) or torch._guards.detect_fake_mode(x) is not None
 
 
 def is_dual(x: Any) -> bool:

@@ -134,10 +134,22 @@ def _row_chunk(q: torch.Tensor, k: torch.Tensor) -> int:
     return max(1, min(n_q, cap // max(1, b * h * n_k)))
 
 
+def _dense(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``, contiguous.
+
+    Every row chunk multiplies by the *whole* k, k_dot, v, v_dot. A batched matmul of a [B, H, N, D]
+    tensor whose B and H strides do not merge (heads split off the channels, ``x.view(B, N, H, D)
+    .transpose(1, 2)``: diffusers' attention processors, most ViT / DiT code) copies it on every call, so
+    the chunk loop copied them once per chunk: O(chunks x size), quadratic in the batch, the number of
+    chunks growing with it. One copy here instead (none for inputs already contiguous).
+    """
+    return t.to(dtype).contiguous()
+
+
 def _torch_forward(q, k, v, q_dot, k_dot, v_dot, scale):
     """Torch-backend forward. Returns ``(o, o_dot, lse, mu)``; lse, mu: [B, H, Nq] (fp32/fp64)."""
     cdt = _acc_dtype(q.dtype)
-    qc, kc, vc, qdc, kdc, vdc = (t.to(cdt) for t in (q, k, v, q_dot, k_dot, v_dot))
+    qc, kc, vc, qdc, kdc, vdc = (_dense(t, cdt) for t in (q, k, v, q_dot, k_dot, v_dot))
     kt, kdt = kc.transpose(-1, -2), kdc.transpose(-1, -2)
     b, h, n_q, _ = q.shape
     dv = v.shape[-1]
@@ -169,10 +181,10 @@ def _torch_backward(q, k, v, q_dot, k_dot, v_dot, o, o_dot, lse, mu, g, g_dot, s
     the tangent gradients are None when ``g_dot`` is None (they would be exactly zero).
     """
     cdt = _acc_dtype(q.dtype)
-    qc, kc, vc, qdc, kdc, vdc = (t.to(cdt) for t in (q, k, v, q_dot, k_dot, v_dot))
+    qc, kc, vc, qdc, kdc, vdc = (_dense(t, cdt) for t in (q, k, v, q_dot, k_dot, v_dot))
     oc, odc = o.to(cdt), o_dot.to(cdt)
-    gc = None if g is None else g.to(cdt)
-    gdc = None if g_dot is None else g_dot.to(cdt)
+    gc = None if g is None else _dense(g, cdt)  # each row chunk of g (g_dot) goes to 2 (4) matmuls
+    gdc = None if g_dot is None else _dense(g_dot, cdt)
     kt, kdt = kc.transpose(-1, -2), kdc.transpose(-1, -2)
     has_gd = gdc is not None
 
@@ -261,7 +273,7 @@ def _empty_for_none(grads, q):
 @torch.library.custom_op("sgflow::attention_dual_fwd_torch", mutates_args=())
 def _fwd_torch_op(q: Tensor, k: Tensor, v: Tensor, q_dot: Tensor, k_dot: Tensor, v_dot: Tensor,
                   scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _torch_forward(q, k, v, q_dot, k_dot, v_dot, scale)
+    return tuple(o.contiguous() for o in _torch_forward(q, k, v, q_dot, k_dot, v_dot, scale))  # as the fake says
 
 
 @torch.library.custom_op("sgflow::attention_dual_bwd_torch", mutates_args=())
@@ -269,7 +281,9 @@ def _bwd_torch_op(q: Tensor, k: Tensor, v: Tensor, q_dot: Tensor, k_dot: Tensor,
                   o_dot: Tensor, lse: Tensor, mu: Tensor, g_o: OptTensor, g_o_dot: OptTensor,
                   scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     grads = _torch_backward(q, k, v, q_dot, k_dot, v_dot, o, o_dot, lse, mu, g_o, g_o_dot, scale)
-    return _empty_for_none(grads, q)
+    # Contiguous, as the fake says: the gradients of a strided q (a view of one qkv projection) took its strides,
+    # and inductor's check of the fake's strides against the real ones failed.
+    return _empty_for_none(tuple(None if g is None else g.contiguous() for g in grads), q)
 
 
 def _setup_context(ctx, inputs, output):
