@@ -82,6 +82,15 @@ class DualConv(torch.autograd.Function):
         return gx, gxd, gw, gb, None
 
 
+def _rows(t):
+    """``t`` as a [rows, features] matrix (a view where the layout allows, as F.linear's reshape)."""
+    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
+
+
+def _unrows(t, shape):
+    return t if t.shape == shape else t.view(shape)
+
+
 class DualLinear(torch.autograd.Function):
     """``(x, x_dot, W, b) -> (x W^T + b, x_dot W^T)`` as two products sharing W; saves x and x_dot.
     Not one product over the stacked rows ``[x; x_dot]``: the stacked copy of the input is an extra
@@ -95,7 +104,15 @@ class DualLinear(torch.autograd.Function):
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, x_dot, weight)
         ctx.set_materialize_grads(False)
-        return F.linear(x, weight, bias), F.linear(x_dot, weight)
+        if x.dim() < 2 or x_dot.shape != x.shape:
+            return F.linear(x, weight, bias), F.linear(x_dot, weight)
+        # F.linear's own decomposition with one transposed weight for both streams (F.linear makes its
+        # own per call): rows as a matrix, addmm / mm, back to the leading shape.
+        wt = weight.t()
+        out_shape = (*x.shape[:-1], weight.shape[0])
+        x2, xd2 = _rows(x), _rows(x_dot)
+        y = torch.addmm(bias, x2, wt) if bias is not None else torch.mm(x2, wt)
+        return _unrows(y, out_shape), _unrows(torch.mm(xd2, wt), out_shape)
 
     @staticmethod
     def backward(ctx, g, g_dot):
@@ -103,26 +120,29 @@ class DualLinear(torch.autograd.Function):
         need_x, need_xd, need_w, need_b = ctx.needs_input_grad
         if g is None and g_dot is None:
             return None, None, None, None
-        n = x.shape[0]
         dout, din = weight.shape
         gx = gxd = gw = gb = None
         low = x.dtype in (torch.float16, torch.bfloat16)
+        # Every stream as a [rows, features] matrix once (per product, the reshapes and transposes were
+        # half of the backward's ops).
+        g2 = None if g is None else _rows(g)
+        gd2 = None if g_dot is None else _rows(g_dot)
         if need_x and g is not None:
-            gx = g @ weight
+            gx = _unrows(g2 @ weight, x.shape)
         if need_xd and g_dot is not None:
-            gxd = g_dot @ weight
+            gxd = _unrows(gd2 @ weight, x_dot.shape)
         if need_w:
             if g is not None and g_dot is not None and low:
                 # One product over the stacked rows: dW rounded once to half precision.
-                gw = torch.cat([g, g_dot]).reshape(-1, dout).t() @ torch.cat([x, x_dot]).reshape(-1, din)
+                gw = torch.cat([g2, gd2]).t() @ torch.cat([_rows(x), _rows(x_dot)])
             else:
                 # fp32/fp64: two products accumulated in place, without the stacked copies (memory at
                 # the backward peak of a recomputed block).
-                for gg, xx in ((g, x), (g_dot, x_dot)):
+                for gg, xx in ((g2, x), (gd2, x_dot)):
                     if gg is None:
                         continue
-                    term_a, term_b = gg.reshape(-1, dout).t(), xx.reshape(-1, din)
+                    term_a, term_b = gg.t(), _rows(xx)
                     gw = term_a @ term_b if gw is None else gw.addmm_(term_a, term_b)
         if ctx.has_bias and need_b and g is not None:
-            gb = g.reshape(-1, dout).sum(0)
+            gb = g2.sum(0)
         return gx, gxd, gw, gb
