@@ -456,8 +456,9 @@ def test_dual_forward_graph_breaks(name):
 
 
 def test_first_call_breaks_once_where_the_dual_model_is_made():
-    """On a model never called before, the DualizedModel is made outside the graph (it registers itself where
-    the traced graph finds it): one graph break there, none anywhere else, and still eager's step."""
+    """On a model never called before, the DualizedModel is made, and its plan profiled on real tensors, outside
+    the graph (it registers itself where the traced graph finds it): a graph break at each, none anywhere
+    else, and still eager's step."""
     torch.manual_seed(0)
     model, shape = _dual_case("testnets-mlp")
     x1, kw = _inputs(shape, batch=4)
@@ -465,10 +466,11 @@ def test_first_call_breaks_once_where_the_dual_model_is_made():
 
     twin = copy.deepcopy(model)
     trace = _explain(_fused, model, x1, kw)
-    # One reason (dynamo counts it once per frame on the call stack: fused_loss's and as_dual_model's).
-    assert len(trace.breaks) == 1, trace.describe()
-    assert trace.breaks[0].where.startswith("sgflow/autodual/dualized.py"), trace.describe()
-    assert "disable" in trace.breaks[0].reason, trace.describe()
+    # One or two reasons (dynamo counts each once per frame on the call stack and may merge them).
+    assert 1 <= len(trace.breaks) <= 2, trace.describe()
+    for b in trace.breaks:
+        assert b.where.startswith("sgflow/autodual/dualized.py") and "disable" in b.reason, trace.describe()
+    assert as_dual_model(model).plan is not None, "the plan was not made on the compiled first call"
     got = _loss_and_grads(lambda *_: (trace.loss, trace.info), model, x1, kw)
     _assert_same_step(got, _loss_and_grads(_fused, twin, x1, kw), rtol=1e-5)
 

@@ -125,11 +125,46 @@ def _checkpointed(orig, args, kwargs):
         out_layout[:] = [(olayout, ospec)]
         return tuple(result)
 
-    ctx_fn = current().context_fn
-    extra = {} if ctx_fn is None else {"context_fn": ctx_fn}
-    res = checkpoint(_hooked(run), *plain, use_reentrant=False, preserve_rng_state=True, **extra)
+    if any(is_traced(p) for p in plain):
+        res = _traced_checkpoint(run, plain)
+    else:
+        ctx_fn = current().context_fn
+        extra = {} if ctx_fn is None else {"context_fn": ctx_fn}
+        res = checkpoint(_hooked(run), *plain, use_reentrant=False, preserve_rng_state=True, **extra)
     olayout, ospec = out_layout[0]
     return tree_unflatten(_from_plain(res, olayout), ospec)
+
+
+try:  # torch.compile's own counter of checkpointed regions: ours and the user's never share an id
+    from torch._higher_order_ops.wrap import uid as _AC_GRAPH_IDS
+except ImportError:  # pragma: no cover - another torch layout
+    import itertools
+
+    _AC_GRAPH_IDS = itertools.count(10**6)
+
+
+def _prefer_recompute(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _traced_checkpoint(run, plain):
+    """A block of a traced dual forward (sgflow.autodual.traced): checkpointed the way torch.compile
+    checkpoints (its ``tag_activation_checkpoint``): AOTAutograd traces through selective checkpointing with
+    a policy that prefers recomputing every op, which tags the block's nodes so that the partitioner
+    recomputes them in backward instead of keeping them (the RNG replayed by inductor's own functionalized
+    random ops, hence ``preserve_rng_state=False``)."""
+    import torch.fx.traceback as fx_traceback
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    def ctx_fn():
+        fwd_ctx, recompute_ctx = create_selective_checkpoint_contexts(_prefer_recompute)
+        fwd_ctx.ac_graph_id = next(_AC_GRAPH_IDS)  # the partitioner orders and separates regions by it
+        return fwd_ctx, recompute_ctx
+
+    with fx_traceback.preserve_node_meta():
+        return checkpoint(_hooked(run), *plain, use_reentrant=False, preserve_rng_state=False, context_fn=ctx_fn)
 
 
 def _to_plain(flat):

@@ -91,10 +91,13 @@ class DualizedModel(nn.Module):
 
         Under ``torch.compile`` the dual forward is one node of the graph that AOTAutograd traces to ATen ops
         (:mod:`sgflow.autodual.traced`): no graph break, and the plan's recomputed blocks do not apply there."""
+        if self.auto and self.plan is None and torch.is_grad_enabled():
+            if torch.compiler.is_compiling():
+                _make_plan_outside_graph(self, t, u, x, t_dot, u_dot, x_dot)
+            else:
+                self.make_plan(t, u, x, t_dot, u_dot, x_dot)
         if torch.compiler.is_compiling() and not isinstance(self.module, _WRAPPERS):
             return traced.dual_forward_compiled(self, t, u, x, t_dot, u_dot, x_dot)
-        if self.auto and self.plan is None and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            self.make_plan(t, u, x, t_dot, u_dot, x_dot)
         record = self.last_report is None
         rows = {} if record else None
         out = dual_call(self.module, (t, u, x), (t_dot, u_dot, x_dot), self.blocks, rows, getattr(self, "save", None),
@@ -196,6 +199,11 @@ def as_dual_model(model: nn.Module):
     if dual is None or dual.module is not model:
         dual = _new_dual_model(model)
     return dual
+
+
+@torch.compiler.disable  # the profile runs the model on real tensors (one graph break, on the first call only)
+def _make_plan_outside_graph(dual, *inputs):
+    dual.make_plan(*inputs)
 
 
 @torch.compiler.disable  # made outside a compiled graph (one graph break, on a model's first call only)

@@ -10,9 +10,9 @@ traced ``torch.cat((a, b))`` would silently drop a tangent). So dynamo does not 
 in Python with its functional / fake tensors (``torch.func.functional_call`` with the parameters and buffers
 as inputs), and the dual forward's Python — rules, patches, hooks — executes once, leaving only the ATen ops it
 dispatched: primal and tangent of every op in one graph with the loss, differentiated and partitioned like any
-other graph (inductor fuses the pointwise tangent chains; the activations kept for backward are its
-partitioner's choice, ``torch._functorch.config.activation_memory_budget`` trades them for recomputation; the
-eager plan's checkpointed blocks and row slices do not apply).
+other graph (inductor fuses the pointwise tangent chains). The plan's recomputed blocks are tagged for
+recomputation the way torch.compile checkpoints (:func:`sgflow.autodual.call._traced_checkpoint`), so the
+partitioner recomputes them in backward; row slices do not apply.
 
 What makes the dual forward traceable: under tracing, a DualTensor is a storage-less wrapper
 (:func:`~sgflow.autodual.tensor.make_dual`) instead of an alias of its primal (a functional tensor cannot be
@@ -47,15 +47,16 @@ class _DualCall(nn.Module):
     """``dual_call`` of ``model`` as a module forward, so that ``torch.func.functional_call`` can run it with
     the parameters and buffers given as inputs."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, blocks=()):
         super().__init__()
         self.model = model
+        self.blocks = tuple(blocks)
 
     def forward(self, t, u, x, t_dot, u_dot, x_dot):
         from sgflow.autodual.call import dual_call
 
-        # No checkpointed blocks: in one traced graph the partitioner decides what backward keeps.
-        return dual_call(self.model, (t, u, x), (t_dot, u_dot, x_dot))
+        # The blocks are tagged for recomputation (call._traced_checkpoint), not sliced in rows.
+        return dual_call(self.model, (t, u, x), (t_dot, u_dot, x_dot), self.blocks)
 
 
 def _state_names(model: nn.Module) -> list[str]:
@@ -75,7 +76,7 @@ def _dual_graph(key: int, tensors: list, t, u, x, t_dot, u_dot, x_dot):
     if len(names) != len(tensors):
         raise RuntimeError(f"sgflow.dualize: {len(tensors)} parameters and buffers for a model that has {len(names)}")
     state = {"model." + n: v for n, v in zip(names, tensors)}
-    return torch.func.functional_call(_DualCall(model), state, (t, u, x, t_dot, u_dot, x_dot))
+    return torch.func.functional_call(_DualCall(model, dual.blocks), state, (t, u, x, t_dot, u_dot, x_dot))
 
 
 def dual_forward_compiled(dual, t, u, x, t_dot, u_dot, x_dot):
