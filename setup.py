@@ -158,7 +158,7 @@ setup(
     extras_require={
         "app": APP_REQUIRES,
         "kernels": ["triton>=3.0"],
-        "test": APP_REQUIRES + ["triton>=3.0", "pytest", "pytest-benchmark", "scikit-learn"],
+        "test": APP_REQUIRES + ["triton>=3.0", "pytest", "pytest-benchmark", "scikit-learn", "diffusers"],
         "data": ["scikit-learn"],
     },
     entry_points={"console_scripts": ["sgflow=sgflow.cli:main"]},

@@ -17,7 +17,12 @@ backward, Adam step; counted by a ``TorchDispatchMode``, :class:`sgflow.memory.O
 its own after the timed ones), the host-side work a step cannot go below on a GPU (each op is a launch
 or a dispatch), with ``--op-breakdown N`` the N most dispatched ops per method. ``--wrap`` puts
 ``--network`` behind the thin flow-map wrapper users write (``forward(t, u, x)`` calling the backbone
-held as ``self.net``): what ``sgflow.dualize``'s plan must see through.
+held as ``self.net``): what ``sgflow.dualize``'s plan must see through. ``--network diffusers-unet`` /
+``diffusers-dit`` are diffusers' ``UNet2DModel`` / ``DiTTransformer2DModel`` behind such a wrapper already
+(``testnets_diffusers``; needs the ``diffusers`` package), ``--net-kw`` going to the diffusers constructor:
+
+    python benchmarks/memory.py --device cpu --network diffusers-unet --shape 3,32,32 --batch 16 \\
+        --net-kw '{"block_out_channels": [64, 128, 128]}' --methods flow_matching,sgflow_fused --op-breakdown 8
 """
 from __future__ import annotations
 
@@ -36,7 +41,10 @@ from sgflow.memory import count_aten_ops, peak_tensor_bytes, saved_tensor_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # testnets.py: the repository root, not the package
 import testnets  # noqa: E402
+import testnets_diffusers  # noqa: E402  (imports diffusers only when one of its networks is built)
 from sgflow.nn import build_model
+
+NETWORKS = sorted(testnets.NETWORKS) + sorted(testnets_diffusers.NETWORKS)
 
 
 def _naive_meanflow(model, x1, **kw):
@@ -153,8 +161,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--config", default=None, help="network config (default: cifar10 on GPU, tiny on CPU)")
-    p.add_argument("--network", default=None, choices=sorted(testnets.NETWORKS),
-                   help="a third-party-style test network (testnets) instead of an sgflow.nn config")
+    p.add_argument("--network", default=None, choices=NETWORKS,
+                   help="a third-party-style test network (testnets; diffusers-*: diffusers' own models behind a "
+                        "flow-map wrapper, testnets_diffusers) instead of an sgflow.nn config")
     p.add_argument("--shape", default=None, help="data shape without batch for --network, e.g. 3,16,16 or 2")
     p.add_argument("--net-kw", default="{}", help="JSON constructor overrides for --network, e.g. '{\"depth\": 6}'")
     p.add_argument("--image-size", type=int, default=None)
@@ -186,7 +195,8 @@ def main(argv=None):
     torch.manual_seed(0)
     if args.network:
         shape = tuple(int(v) for v in (args.shape or f"3,{size},{size}").split(","))
-        model = testnets.build(args.network, shape, **json.loads(args.net_kw)).to(device)
+        builder = testnets_diffusers.build if args.network in testnets_diffusers.NETWORKS else testnets.build
+        model = builder(args.network, shape, **json.loads(args.net_kw)).to(device)
         config, size = args.network, "x".join(map(str, shape))
         if args.wrap:
             model, config = FlowMapWrapper(model), f"wrapped {config}"

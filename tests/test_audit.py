@@ -197,6 +197,36 @@ def test_audit_refuses_active_dropout(make):
     assert report.reference.fd_error < 1e-6
 
 
+def test_audit_dropout_scan_does_not_call_getattr_fallbacks():
+    """diffusers' models (ConfigMixin) answer a missing attribute such as ``dropout`` from their config
+    through ``__getattr__``, with a FutureWarning on every audit; the scan reads attributes statically
+    (a ``dropout`` rate set on the module is still refused)."""
+    import warnings
+
+    class ConfigLike(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(5, 3)
+
+        def __getattr__(self, name):
+            if name == "dropout":
+                warnings.warn("Accessing config attribute `dropout` directly is deprecated", FutureWarning)
+                return 0.0
+            return super().__getattr__(name)
+
+        def forward(self, t, u, x):
+            return self.lin(_cat_tu(x, t, u))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        report = check_gradients(ConfigLike().train(), _data(4, 3), directions=1, include_raw_torch=False)
+    assert report.reference.fd_error < 1e-6
+    model = ConfigLike().train()
+    model.dropout = 0.2  # a rate of its own: refused as before
+    with pytest.raises(ValueError, match="dropout p=0.2"):
+        check_gradients(model, _data(4, 3))
+
+
 def test_audit_detects_hidden_randomness():
     class Noisy(nn.Module):
         def __init__(self):

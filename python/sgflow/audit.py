@@ -23,6 +23,7 @@ decomposed forward JVP (or the double-VJP value where forward AD is missing).
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -136,11 +137,14 @@ def _check_no_active_dropout(model: nn.Module) -> None:
         if not m.training:
             continue
         p = None
+        # Looked up without __getattr__: diffusers' models answer a missing attribute from their config
+        # with a FutureWarning (their dropout modules are found as modules).
+        rate = inspect.getattr_static(m, "dropout", None)
         if isinstance(m, nn.modules.dropout._DropoutNd):
             p = m.p
-        elif isinstance(getattr(m, "dropout", None), (int, float)) and not isinstance(m.dropout, bool):
+        elif isinstance(rate, (int, float)) and not isinstance(rate, bool):
             # e.g. nn.MultiheadAttention(dropout=p), sgflow.nn's GNSiLUConv(dropout=p)
-            p = float(m.dropout)
+            p = float(rate)
         if p is not None and p > 0:
             label = name or type(m).__name__
             raise ValueError(
