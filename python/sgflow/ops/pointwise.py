@@ -87,9 +87,6 @@ class PointwiseDual(torch.autograd.Function):
         x, x_dot = ctx.saved_tensors
         spec, extra = ctx.spec, ctx.extra
         need_x, need_xd = ctx.needs_input_grad[:2]
-        xf, xdf = _flat(x), _flat(x_dot)
-        gf = None if g is None else _flat(g)
-        gdf = None if g_dot is None else _flat(g_dot)
         if spec.jvp is not None:
             # The first-derivative terms as one op each; only g_dot x_dot f''(x) runs in chunks.
             y = spec.f(x, extra) if spec.needs_y else None
@@ -103,6 +100,7 @@ class PointwiseDual(torch.autograd.Function):
                 elif not dx.is_contiguous():
                     dx = dx.contiguous()
                 yf = None if y is None else _flat(y if y.is_contiguous() else y.contiguous())
+                xf, xdf, gdf = _flat(x), _flat(x_dot), _flat(g_dot)
                 # The chunks' views by one ``split`` per tensor (a slice per chunk and tensor was a third
                 # of the f'' term's ops).
                 step = _chunk_size(x, POINTWISE_D2_CHUNKS)
@@ -111,6 +109,9 @@ class PointwiseDual(torch.autograd.Function):
                 for out, xs, gds, xds, yc in zip(*parts, ys):
                     out.addcmul_(spec.d2(xs, yc, extra).mul_(gds), xds)
             return dx, dxd, None, None
+        xf, xdf = _flat(x), _flat(x_dot)
+        gf = None if g is None else _flat(g)
+        gdf = None if g_dot is None else _flat(g_dot)
         dx = torch.zeros(x.shape, dtype=x.dtype, device=x.device) if need_x and (g is not None or g_dot is not None) else None
         dxd = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_xd and g_dot is not None else None
         for lo, hi in _chunks(x):
