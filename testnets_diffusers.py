@@ -42,7 +42,7 @@ import torch.nn as nn
 
 __all__ = ["DiffusersUNet", "DiffusersDiT", "StepEmbedding", "NETWORKS", "build", "TINY_UNET", "TINY_DIT"]
 
-# Two levels (the second with self-attention), one ResNet per level, 8 groups: a few seconds per float64
+# Two levels (the second with self-attention), one ResNet per level, 8 groups: under a second per float64
 # SGFlow step at 8x8 on one CPU thread.
 TINY_UNET = dict(
     block_out_channels=(16, 32),
