@@ -469,7 +469,9 @@ def test_first_call_breaks_once_where_the_dual_model_is_made():
     # One or two reasons (dynamo counts each once per frame on the call stack and may merge them).
     assert 1 <= len(trace.breaks) <= 2, trace.describe()
     for b in trace.breaks:
-        assert b.where.startswith("sgflow/autodual/dualized.py") and "disable" in b.reason, trace.describe()
+        # torch.compiler.disable's reason, or "marked as skipped" through torch._disable_dynamo (outside_graph)
+        assert b.where.startswith("sgflow/autodual/dualized.py") and ("disable" in b.reason or "skipped" in b.reason), \
+            trace.describe()
     assert as_dual_model(model).plan is not None, "the plan was not made on the compiled first call"
     got = _loss_and_grads(lambda *_: (trace.loss, trace.info), model, x1, kw)
     _assert_same_step(got, _loss_and_grads(_fused, twin, x1, kw), rtol=1e-5)

@@ -84,3 +84,17 @@ def test_app_features_name_the_extra(code, needs):
             raise SystemExit("no ImportError")
     """))
     assert needs in out and "sgflow[app]" in out, out
+
+
+def test_import_sgflow_does_not_import_dynamo():
+    # torch._dynamo takes seconds to import: sgflow marks its compile-only functions lazily (outside_graph,
+    # traced.register), so `import sgflow` alone does not load it.
+    out = _run(textwrap.dedent("""
+        import sys
+        import sgflow
+        sgflow.fused_loss, sgflow.dualize
+        import sgflow.nn, sgflow.ops
+        assert "torch._dynamo" not in sys.modules
+        print("ok")
+    """))
+    assert out.strip() == "ok"

@@ -17,6 +17,7 @@ from torch import nn
 from sgflow.autodual.blocks import _WRAPPERS, _inner, candidate_blocks, select_blocks
 from sgflow.autodual.call import _context_fn, dual_call
 from sgflow.autodual import traced
+from sgflow.autodual.tensor import outside_graph
 
 __all__ = ["dualize", "DualizedModel", "DualReport", "as_dual_model"]
 
@@ -201,12 +202,12 @@ def as_dual_model(model: nn.Module):
     return dual
 
 
-@torch.compiler.disable  # the profile runs the model on real tensors (one graph break, on the first call only)
+@outside_graph  # the profile runs the model on real tensors (one graph break, on the first call only)
 def _make_plan_outside_graph(dual, *inputs):
     dual.make_plan(*inputs)
 
 
-@torch.compiler.disable  # made outside a compiled graph (one graph break, on a model's first call only)
+@outside_graph  # made outside a compiled graph (one graph break, on a model's first call only)
 def _new_dual_model(model: nn.Module):
     dual = DualizedModel(model)
     model.__dict__[_CACHE_ATTR] = dual

@@ -370,6 +370,14 @@ def original_apply(cls):
     return _ORIG_APPLY.__get__(None, cls)
 
 
+def outside_graph(fn):
+    """``fn`` run eagerly, never traced by dynamo (a graph break where compiled code calls it), as
+    ``torch.compiler.disable(fn)``, but through ``torch._disable_dynamo`` where torch has it: that imports
+    ``torch._dynamo`` (seconds) on the first call instead of at ``import sgflow``."""
+    lazy = getattr(torch, "_disable_dynamo", None)
+    return lazy(fn) if lazy is not None else torch.compiler.disable(fn)
+
+
 def _call_original(cls, args, kwargs):
     return original_apply(cls)(*args, **kwargs)
 
@@ -378,7 +386,7 @@ if not isinstance(_ORIG_APPLY, classmethod):
     # torch 2.14: dynamo cannot trace ``classmethod_descriptor.__get__`` (an InternalTorchDynamoError when a
     # compiled dual forward applies a Function on plain tensors, e.g. a recomputed layer_norm's); the plain
     # apply then runs eagerly (a graph break inside the network, where breaks are allowed).
-    _call_original = torch.compiler.disable(_call_original)
+    _call_original = outside_graph(_call_original)
 
 
 def _apply(cls, *args, **kwargs):

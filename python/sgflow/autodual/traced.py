@@ -37,10 +37,21 @@ _KEYS = itertools.count()
 
 
 def register(dual) -> int:
-    """A key by which the traced graph finds ``dual`` (a DualizedModel); called by its constructor."""
+    """A key by which the traced graph finds ``dual`` (a DualizedModel); called by its constructor, which also
+    marks :func:`_dual_graph` for dynamo here rather than at import: ``torch._dynamo`` takes seconds to import,
+    and ``import sgflow`` should not pay them (a dual step imports it anyway)."""
+    global _ALLOWED
+    if not _ALLOWED:
+        import torch._dynamo
+
+        torch._dynamo.allow_in_graph(_dual_graph)
+        _ALLOWED = True
     key = next(_KEYS)
     _MODELS[key] = dual
     return key
+
+
+_ALLOWED = False  # _dual_graph marked allow_in_graph
 
 
 class _DualCall(nn.Module):
@@ -63,11 +74,11 @@ def _state_names(model: nn.Module) -> list[str]:
     return [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
 
 
-@torch._dynamo.allow_in_graph
 def _dual_graph(key: int, tensors: list, t, u, x, t_dot, u_dot, x_dot):
     """(f~, JVP f~) of the DualizedModel registered as ``key``, its parameters then buffers replaced by
-    ``tensors`` (in ``named_parameters()``, ``named_buffers()`` order). One node of dynamo's graph; run by
-    AOTAutograd (and dynamo's own fake-tensor pass) with traced tensors."""
+    ``tensors`` (in ``named_parameters()``, ``named_buffers()`` order). One node of dynamo's graph (marked
+    ``allow_in_graph`` by :func:`register`); run by AOTAutograd (and dynamo's own fake-tensor pass) with
+    traced tensors."""
     dual = _MODELS.get(key)
     if dual is None:
         raise RuntimeError("sgflow.dualize: the dualized model of this compiled graph no longer exists")
