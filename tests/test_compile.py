@@ -477,6 +477,24 @@ def test_first_call_breaks_once_where_the_dual_model_is_made():
     _assert_same_step(got, _loss_and_grads(_fused, twin, x1, kw), rtol=1e-5)
 
 
+def test_compiled_step_of_a_copied_model_after_the_original_is_gone():
+    """A model copied after its first step carries its DualizedModel along (in ``__dict__``); the copy's compiled
+    graph must find the copy's own, not the original's (which may no longer exist)."""
+    import copy
+    import gc
+
+    torch.manual_seed(0)
+    model, shape = _dual_case("testnets-mlp")
+    x1, kw = _inputs(shape, batch=4)
+    _loss_and_grads(_fused, model, x1, kw)  # eager: the DualizedModel is made and kept on the model
+    clone, twin = copy.deepcopy(model), copy.deepcopy(model)
+    assert as_dual_model(clone) is not as_dual_model(model)
+    del model
+    gc.collect()
+    step = torch.compile(_fused, backend="aot_eager")
+    _assert_same_step(_loss_and_grads(step, clone, x1, kw), _loss_and_grads(_fused, twin, x1, kw), rtol=1e-5)
+
+
 # Third-party-style networks (testnets.py): the compiled fused step, first call and after an eager step, with
 # no graph break after the first call. DiT here; the U-Nets (~20 s each to trace) with `make test-slow`.
 @pytest.mark.parametrize("name", [

@@ -84,6 +84,11 @@ class DualizedModel(nn.Module):
         self.last_report: DualReport | None = None
         self._trace_key = traced.register(self)  # how a compiled graph finds this model (autodual/traced.py)
 
+    def __setstate__(self, state):
+        # A copy (deepcopy, pickle) registers itself: the original's key would find the original, or nothing.
+        super().__setstate__(state)
+        self._trace_key = traced.register(self)
+
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
@@ -91,7 +96,8 @@ class DualizedModel(nn.Module):
         """(f~(t,u,x), JVP of f~ in direction (t_dot, u_dot, x_dot)); t, u, t_dot, u_dot: [B], x, x_dot: [B, *D].
 
         Under ``torch.compile`` the dual forward is one node of the graph that AOTAutograd traces to ATen ops
-        (:mod:`sgflow.autodual.traced`): no graph break, and the plan's recomputed blocks do not apply there."""
+        (:mod:`sgflow.autodual.traced`): no graph break; the plan's blocks are tagged for recomputation there
+        (row slices do not apply)."""
         if self.auto and self.plan is None and torch.is_grad_enabled():
             if torch.compiler.is_compiling():
                 _make_plan_outside_graph(self, t, u, x, t_dot, u_dot, x_dot)
