@@ -24,7 +24,8 @@ Layout: ``blocks.py`` which submodules are recomputed (:func:`select_blocks`, :f
 ``call.py`` one dual call (:func:`dual_call`: the forward patching, checkpointed blocks and row slices),
 ``dualized.py`` :func:`dualize`, :class:`DualizedModel`, :func:`as_dual_model`; ``tensor.py`` the DualTensor
 and the dispatch, ``rules/`` the dual rules, ``plan.py`` the measured choice of blocks, ``attention.py`` the
-lazy attention and GroupNorm nodes. This package re-exports every name of blocks.py, call.py and
+lazy attention and GroupNorm nodes, ``traced.py`` the dual forward under torch.compile (one graph node traced by
+AOTAutograd). This package re-exports every name of blocks.py, call.py and
 dualized.py (``WRAPPER_SHARE`` read and set through to blocks.py) and defines :func:`register_rule`.
 """
 from __future__ import annotations
