@@ -495,6 +495,23 @@ def test_compiled_step_of_a_copied_model_after_the_original_is_gone():
     _assert_same_step(_loss_and_grads(step, clone, x1, kw), _loss_and_grads(_fused, twin, x1, kw), rtol=1e-5)
 
 
+@pytest.mark.parametrize("save", [None, "matmul"])
+def test_compiled_step_with_every_block_recomputed(save):
+    """Every block recomputed (tagged for the partitioner in the traced graph; save="matmul": the matrix
+    products' outputs kept), compiled = eager, no graph break after the first call."""
+    torch.manual_seed(0)
+    model, shape = _dual_case("testnets-mlp")
+    dual = sgflow.dualize(model, blocks="all", save=save)
+    assert dual.blocks
+    x1, kw = _inputs(shape, batch=4)
+    want = _loss_and_grads(_fused, dual, x1, kw)
+    step = torch.compile(_fused, backend="aot_eager")
+    _assert_same_step(_loss_and_grads(step, dual, x1, kw), want, rtol=1e-5)
+    dynamo.reset()
+    trace = _explain(_fused, dual, x1, kw)
+    assert trace.graph_breaks == 0, trace.describe()
+
+
 # Third-party-style networks (testnets.py): the compiled fused step, first call and after an eager step, with
 # no graph break after the first call. DiT here; the U-Nets (~20 s each to trace) with `make test-slow`.
 @pytest.mark.parametrize("name", [

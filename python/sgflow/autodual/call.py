@@ -158,8 +158,11 @@ def _traced_checkpoint(run, plain):
     import torch.fx.traceback as fx_traceback
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
+    # dualize(save="matmul") keeps the matrix products' outputs here too; otherwise every op prefers recomputing.
+    policy = _prefer_recompute if current().context_fn is None else _save_matmul_policy
+
     def ctx_fn():
-        fwd_ctx, recompute_ctx = create_selective_checkpoint_contexts(_prefer_recompute)
+        fwd_ctx, recompute_ctx = create_selective_checkpoint_contexts(policy)
         fwd_ctx.ac_graph_id = next(_AC_GRAPH_IDS)  # the partitioner orders and separates regions by it
         return fwd_ctx, recompute_ctx
 
