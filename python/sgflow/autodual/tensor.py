@@ -115,6 +115,12 @@ class DualTensor(torch.Tensor):
         return f"DualTensor(primal={self._primal!r}, tangent={self._tangent!r})"
 
 
+from torch._subclasses.fake_tensor import FakeTensor as _FakeTensor  # noqa: E402 - both loaded by torch itself
+from torch._subclasses.functional_tensor import FunctionalTensor as _FunctionalTensor  # noqa: E402
+
+_TRACE_TYPES = (_FunctionalTensor, _FakeTensor)
+
+
 class _TracedDual(DualTensor):
     """A DualTensor made while a dual forward is traced (:mod:`sgflow.autodual.traced`): it holds no data, only
     the primal's metadata; every op on it reaches a rule through ``__torch_function__``. One that gets below
@@ -172,14 +178,10 @@ def make_dual(p: torch.Tensor, t: torch.Tensor) -> DualTensor:
 
 
 def is_traced(x) -> bool:
-    """Whether ``x`` is a tensor of a trace (AOTAutograd's functional tensor, a fake tensor): its values are
-    unknown and it cannot be aliased by a DualTensor."""
-    if not isinstance(x, torch.Tensor):
-        return False
-    from torch._subclasses.fake_tensor import FakeTensor
-    from torch._subclasses.functional_tensor import FunctionalTensor
-
-    return isinstance(x, (FunctionalTensor, FakeTensor)) or torch._guards.detect_fake_mode(x) is not None
+    """Whether ``x`` is a tensor of a trace (AOTAutograd's functional tensor, dynamo's fake tensor): its values
+    are unknown and it cannot be aliased by a DualTensor. Every tensor made inside such a trace is one of the
+    two (an isinstance test: this runs twice per dual op)."""
+    return isinstance(x, _TRACE_TYPES)
 
 
 def is_dual(x: Any) -> bool:
