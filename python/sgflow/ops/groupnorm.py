@@ -25,25 +25,38 @@ changes r by -r^2 mean(xh delta), xh by J delta and m by mean((J delta) x_dot), 
 <c, d dh> = -r mean(xh delta) <c, dh> - r m <c, J delta> - r mean(c xh) <x_dot, J delta>; J is
 symmetric and J x_dot = dh.
 
+Kernels
+-------
+J is block-diagonal over (sample, group), each block r (I - 11^T/n - xh xh^T/n) (n = C/G * spatial
+elements), and symmetric, so J v = ``native_group_norm_backward`` applied to v (gamma None), and
+J (w v) that kernel with gamma = w. The op runs: forward ``native_group_norm`` (y) and one kernel
+backward on x_dot (dh, times w per channel); backward ``native_group_norm`` again (xh, mu, r), the
+kernel backward on G (dx's J^T a, dw's sum G xh, db) and on Gd (dx_dot = J^T c) and on x_dot (dh),
+then the second-order term -(r/n) (D xh + C dh + B dx_dot) with per-(sample, group) sums
+B = <xh, x_dot>, C = <c, xh>, D = <c, dh> (bmm, no temporaries). PyTorch gives the kernel backward no
+derivative: first order only (once_differentiable, a double backward raises). Inputs are made contiguous for the kernels (their backward reads mixed
+memory formats wrongly).
+
 Precision: statistics and all arithmetic run in fp32 for fp16/bf16 inputs (in the input dtype
 otherwise); y, y_dot, dx, dx_dot come back in x's dtype, dw / db in the parameters' dtypes. In bf16,
 centring around a bf16-rounded mean (inputs of mean 4) and the second-order terms made dx err about
 3x exact math rounded to bf16.
 
 Saved: x, x_dot and weight only; backward recomputes the per-(sample, group) statistics mu, r
-([B, G] each, two reductions next to the dozen passes of the backward), so that the Function keeps
-the modern ``setup_context`` form (which sees only inputs and outputs) and ``torch.func`` transforms
-(vmap, grad) compose with it.
+(one ``native_group_norm``), so that the Function keeps the modern ``setup_context`` form (which sees
+only inputs and outputs) and ``torch.func`` transforms (vmap, grad) compose with it.
 
 Module layout (see docs/DESIGN.md): :func:`groupnorm_dual_ref`, :class:`GroupNormDual` (applied by the
 dual engine's GroupNorm rule, sgflow.autodual.rules, which casts half/bf16 and autocast inputs to fp32).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.autograd.function import once_differentiable
 
-from sgflow.normalization import moments, normalize_dual
+from sgflow.normalization import normalize_dual
 from sgflow_kernels.dtypes import acc_dtype as _acc_dtype
 
 __all__ = ["groupnorm_dual_ref", "GroupNormDual"]
@@ -59,18 +72,8 @@ def _affine(p: torch.Tensor | None, num_groups: int) -> torch.Tensor | None:
     return None if p is None else p.reshape(1, num_groups, -1, 1)
 
 
-def _mean(x: torch.Tensor) -> torch.Tensor:
-    return x.mean((2, 3), keepdim=True)
-
-
 def _up(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if t is None else t.to(dtype)
-
-
-def _stats(xg: torch.Tensor, eps: float):
-    """Per-(sample, group) mean and inverse std of grouped x [B, G, C/G, n] -> [B, G, 1, 1] each."""
-    mu, _, var = moments(xg, (2, 3))
-    return mu, torch.rsqrt(var + eps)
 
 
 def _groupnorm_dual_forward(x, x_dot, weight, bias, num_groups, eps):
@@ -91,6 +94,36 @@ def groupnorm_dual_ref(x, x_dot, weight, bias, num_groups, eps=1e-5):
     return _groupnorm_dual_forward(x, x_dot, weight, bias, num_groups, eps)
 
 
+_aten = torch.ops.aten
+
+
+def _sizes(x: torch.Tensor):
+    """(N, C, HxW) of ``x: [N, C, *spatial]`` as PyTorch's group-norm kernels take them."""
+    return x.shape[0], x.shape[1], math.prod(x.shape[2:])
+
+
+def _per_channel(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return p.reshape((1, -1) + (1,) * (x.dim() - 2))
+
+
+def _native_forward(x, x_dot, weight, bias, num_groups, eps):
+    """``(y, y_dot)`` from the group-norm kernels (module doc, "Kernels"), in the accumulation dtype."""
+    acc = _acc_dtype(x.dtype)
+    xa, da = x.to(acc).contiguous(), x_dot.to(acc).contiguous()
+    w, b = _up(weight, acc), _up(bias, acc)
+    n, c, hw = _sizes(xa)
+    y, mean, rstd = _aten.native_group_norm(xa, w, b, n, c, hw, num_groups, eps)
+    t = _aten.native_group_norm_backward(da, xa, mean, rstd, None, n, c, hw, num_groups, [True, False, False])[0]
+    if w is not None:
+        t = t.mul_(_per_channel(w, t))
+    return y.to(x.dtype), t.to(x.dtype)
+
+
+def _group_dot(a: torch.Tensor, b: torch.Tensor, rows: int) -> torch.Tensor:
+    """Sums of ``a * b`` over each of ``rows`` contiguous blocks -> [rows, 1, 1] (one bmm, no temporary)."""
+    return torch.bmm(a.reshape(rows, 1, -1), b.reshape(rows, -1, 1))
+
+
 class GroupNormDual(torch.autograd.Function):
     """``(x, x_dot, w, b) -> (group_norm(x), its JVP along x_dot)``; see module doc."""
 
@@ -98,7 +131,7 @@ class GroupNormDual(torch.autograd.Function):
 
     @staticmethod
     def forward(x, x_dot, weight, bias, num_groups, eps):
-        return _groupnorm_dual_forward(x, x_dot, weight, bias, num_groups, eps)
+        return _native_forward(x, x_dot, weight, bias, num_groups, eps)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -110,45 +143,57 @@ class GroupNormDual(torch.autograd.Function):
         ctx.set_materialize_grads(False)
 
     @staticmethod
-    @once_differentiable  # first order only, like the other dual ops: a double backward raises (not verified)
+    @once_differentiable  # the kernels' backward has no derivative in PyTorch: a double backward raises
     def backward(ctx, g, g_dot):
-        x, x_dot, weight = ctx.saved_tensors
-        ng = ctx.num_groups
-        acc = _acc_dtype(x.dtype)
-        xg, dg = _grouped(x.to(acc), ng), _grouped(x_dot.to(acc), ng)
-        mu, r = _stats(xg, ctx.eps)
-        xh = (xg - mu) * r
-        m = _mean(xh * dg)
-        dh = r * (dg - _mean(dg)) - r * m * xh
-        w = _affine(_up(weight, acc), ng)
-        gg = None if g is None else _grouped(g.to(acc), ng)
-        gd = None if g_dot is None else _grouped(g_dot.to(acc), ng)
+        return _native_backward(ctx, g, g_dot)
 
-        def jt(v):
-            return r * (v - _mean(v) - _mean(v * xh) * xh)
 
-        dx = dxd = dw = db = None
-        jtc = None
-        if gd is not None:
-            c = gd if w is None else gd * w
-            jtc = jt(c)
-        if ctx.needs_input_grad[0] and (gg is not None or gd is not None):
-            dx = torch.zeros_like(xg)
-            if gg is not None:
-                dx = dx + jt(gg if w is None else gg * w)
-            if gd is not None:
-                dx = dx - r * _mean(c * dh) * xh - r * m * jtc - r * _mean(c * xh) * dh
-            dx = dx.reshape(x.shape).to(x.dtype)
-        if ctx.needs_input_grad[1] and jtc is not None:
-            dxd = jtc.reshape(x.shape).to(x.dtype)
-        if weight is not None and ctx.needs_input_grad[2]:
-            acc_w = torch.zeros_like(xg)
-            if gg is not None:
-                acc_w = acc_w + gg * xh
-            if gd is not None:
-                acc_w = acc_w + gd * dh
-            dw = acc_w.sum((0, 3)).reshape(-1).to(weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[3] and gg is not None:
-            db = gg.sum((0, 3)).reshape(-1).to(ctx.bias_dtype)
-        return dx, dxd, dw, db, None, None
-
+def _native_backward(ctx, g, g_dot):
+    """Backward from the group-norm kernels (module doc, "Kernels"); first order only."""
+    x, x_dot, weight = ctx.saved_tensors
+    ng = ctx.num_groups
+    acc = _acc_dtype(x.dtype)
+    xa, da = x.to(acc).contiguous(), x_dot.to(acc).contiguous()
+    w = _up(weight, acc)
+    n, c, hw = _sizes(xa)
+    need_x, need_xd, need_w, need_b = ctx.needs_input_grad[:4]
+    need_w, need_b = need_w and weight is not None, need_b and ctx.has_bias
+    xh, mean, rstd = _aten.native_group_norm(xa, None, None, n, c, hw, ng, ctx.eps)
+    lead = (0,) + tuple(range(2, xa.dim()))
+    dx = dxd = dw = db = None
+    if g is not None and (need_x or need_w or need_b):
+        ga = g.to(acc).contiguous()
+        # The kernel's dbeta needs gamma (it reads it for shape and dtype only).
+        fused_b = need_b and w is not None
+        if need_x or need_w or fused_b:
+            dx, dw, db = _aten.native_group_norm_backward(ga, xa, mean, rstd, w, n, c, hw, ng,
+                                                          [need_x, need_w, fused_b])
+        if need_b and not fused_b:
+            db = ga.sum(lead)
+    if g_dot is not None and (need_x or need_xd or need_w):
+        gda = g_dot.to(acc).contiguous()
+        u = t = None
+        if need_x or need_xd:  # J (w Gd)
+            u = _aten.native_group_norm_backward(gda, xa, mean, rstd, w, n, c, hw, ng, [True, False, False])[0]
+        if need_x or need_w:  # x̂_dot = J x_dot
+            t = _aten.native_group_norm_backward(da, xa, mean, rstd, None, n, c, hw, ng, [True, False, False])[0]
+        if need_w:
+            gw = _group_dot(gda, t, n * c).reshape(n, c).sum(0)
+            dw = gw if dw is None else dw + gw
+        if need_x:
+            rows = n * ng
+            h = gda if w is None else gda * _per_channel(w, gda)
+            k = rstd.reshape(rows, 1, 1) * (-1.0 / (c // ng * hw))
+            bb = _group_dot(xh, da, rows) * k
+            cc = _group_dot(h, xh, rows) * k
+            dd = _group_dot(h, t, rows) * k
+            acc_x = torch.mul(xh.reshape(rows, -1), dd.reshape(rows, 1))
+            acc_x.addcmul_(t.reshape(rows, -1), cc.reshape(rows, 1)).addcmul_(u.reshape(rows, -1), bb.reshape(rows, 1))
+            dx = acc_x.reshape(xa.shape) if dx is None else dx.add_(acc_x.reshape(xa.shape))
+        if need_xd:
+            dxd = u
+    dx = None if dx is None else dx.reshape(x.shape).to(x.dtype)
+    dxd = None if dxd is None else dxd.reshape(x.shape).to(x.dtype)
+    dw = None if dw is None else dw.to(weight.dtype)
+    db = None if db is None else db.to(ctx.bias_dtype)
+    return dx, dxd, dw, db, None, None

@@ -87,8 +87,9 @@ def _group_norm_rule(func, args, kwargs):
 
 
 def _group_norm_eager(x, w, bias, g, eps):
-    """Dual GroupNorm with plain affine parameters: the GroupNormDual op (explicit backward, saves x,
-    x_dot and the [B, G] statistics only), in fp32 for half/bf16 inputs and under autocast."""
+    """Dual GroupNorm with plain affine parameters: the GroupNormDual op (PyTorch's group-norm kernels
+    and a closed-form second-order term; saves x, x_dot and w only), in fp32 for half/bf16 inputs and
+    under autocast."""
     from sgflow.ops.groupnorm import GroupNormDual
 
     xp, xt = x._primal, x._tangent
