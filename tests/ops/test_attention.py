@@ -169,14 +169,43 @@ def test_scale_and_peaky_softmax(backend, scale, gain):
     assert_close_all(out, (y, y_dot), grads, ref_grads, 1e-10, f"{backend} scale={scale} gain={gain}")
 
 
-def test_torch_backend_row_chunks(monkeypatch):
-    """Forcing several query-row chunks gives the same result as one chunk."""
+@pytest.mark.parametrize("cap,expect", [
+    (33 * 7, [(slice(h, h + 1), slice(r, min(20, r + 7))) for h in range(2) for r in (0, 7, 14)]),
+    (20 * 33, [(slice(0, 1), slice(0, 20)), (slice(1, 2), slice(0, 20))]),
+], ids=["row_slices_of_one_head", "one_head_per_block"])
+@pytest.mark.parametrize("with_g", [True, False], ids=["g_and_gdot", "gdot_only"])
+def test_torch_backend_chunks(monkeypatch, cap, expect, with_g):
+    """Forced blocks (row slices of one head, accumulating the key-side gradients; whole heads, writing
+    them once) give the reference's outputs and gradients, with or without a gradient of o."""
     primals, tangents = make_inputs(CASES["cross_nq20_nk33_dv24"], seed=9)
-    y, y_dot, cot, ref_grads = reference(primals, tangents, seed=10)
-    monkeypatch.setattr(attn_mod, "_TORCH_CHUNK_ELEMS", 2 * 33 * 7)  # 7 rows per chunk
-    assert attn_mod._row_chunk(primals[0], primals[1]) == 7
-    out, grads = run_dual("torch", torch.float64, primals, tangents, cot)
-    assert_close_all(out, (y, y_dot), grads, ref_grads, 1e-10, "chunked")
+    gen = torch.Generator().manual_seed(10)
+    g, g_dot = (torch.randn(1, 2, 20, 24, generator=gen, dtype=torch.float64) for _ in range(2))
+    y, y_dot, _, ref_grads = reference(primals, tangents, cotangents=(g if with_g else torch.zeros_like(g), g_dot))
+    monkeypatch.setattr(attn_mod, "_TORCH_CHUNK_ELEMS", cap)
+    monkeypatch.setattr(attn_mod, "_TORCH_CHUNK_MIN_ELEMS", cap)
+    b, h, n_q, _ = primals[0].shape
+    assert attn_mod._chunks(b * h, n_q, primals[1].shape[2], primals[0].numel()) == expect
+    o, o_dot, lse, mu = attn_mod._torch_forward(*primals, *tangents, 16 ** -0.5)
+    grads = attn_mod._torch_backward(*primals, *tangents, o, o_dot, lse, mu, g if with_g else None, g_dot, 16 ** -0.5)
+    assert_close_all((o, o_dot), (y, y_dot), grads, ref_grads, 1e-10, f"blocks {len(expect)}")
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float16, 4e-3)], ids=["bf16", "fp16"])
+def test_torch_backend_low_precision(dtype, tol):
+    """Half-precision inputs: the torch backend computes in fp32 and returns o, o_dot and the gradients in
+    the inputs' dtype (as its fake says; the statistics lse, mu in fp32), close to float64 on the same
+    rounded inputs."""
+    primals, tangents = make_inputs(CASES["b2h3n37d16"], seed=15)
+    ins = [t.to(dtype) for t in (*primals, *tangents)]
+    gen = torch.Generator().manual_seed(16)
+    cot = tuple(torch.randn(2, 3, 37, 16, generator=gen, dtype=torch.float64) for _ in range(2))
+    o, o_dot, lse, mu = torch.ops.sgflow.attention_dual_fwd_torch(*ins, 0.25)
+    assert (o.dtype, o_dot.dtype, lse.dtype, mu.dtype) == (dtype, dtype, torch.float32, torch.float32)
+    out, grads = run_dual("torch", dtype, primals, tangents, cot, scale=0.25)
+    assert all(g.dtype == dtype for g in grads)
+    y, y_dot, _, ref_grads = reference([t.double() for t in ins[:3]], [t.double() for t in ins[3:]], scale=0.25,
+                                       cotangents=cot)
+    assert_close_all([t.double() for t in out], (y, y_dot), [g.double() for g in grads], ref_grads, tol, str(dtype))
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
@@ -221,9 +250,9 @@ def test_torch_backend_copies_heads_split_inputs_once_whatever_the_chunks(monkey
     tangents = [torch.randn(b, n, h * d, generator=gen, dtype=torch.float64).view(b, n, h, d).transpose(1, 2)
                 for _ in range(3)]
     y, y_dot, cot, ref_grads = reference(primals, tangents, seed=14)
-    monkeypatch.setattr(attn_mod, "_TORCH_CHUNK_ELEMS", b * h * n * 5)  # 5 rows per chunk: 8 chunks
+    monkeypatch.setattr(attn_mod, "_TORCH_CHUNK_ELEMS", n * 5)  # 5 rows per block: 8 blocks per head
     monkeypatch.setattr(attn_mod, "_TORCH_CHUNK_MIN_ELEMS", 1)
-    assert attn_mod._row_chunk(primals[0], primals[1]) == 5
+    assert len(attn_mod._chunks(b * h, n, n, primals[0].numel())) == b * h * 8
     with CopiedElements() as fwd:
         o, o_dot, lse, mu = attn_mod._torch_forward(*primals, *tangents, d ** -0.5)
     g, g_dot = (c.transpose(1, 2).contiguous().transpose(1, 2) for c in cot)  # the gradients' layout too
