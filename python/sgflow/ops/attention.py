@@ -121,9 +121,13 @@ def attention_dual_ref(q, k, v, q_dot, k_dot, v_dot, scale=None):
 # --------------------------------------------------------------------------------------------------
 # Lower bound on a score block's elements, so small inputs run in one chunk (Python overhead per chunk).
 _TORCH_CHUNK_MIN_ELEMS = 1 << 18
+# On CPU, at most this many: a block's half-dozen elementwise passes then run on data in cache. One thread,
+# 16 x 256 tokens, forward + backward: heads of 32 (4): 113 ms at 2^19-element blocks, 104 at 2^17, 110 at
+# 2^16; heads of 8 (16): 280 / 245 / 246 ms; heads of 64 (2): 110 / 96 / 98 ms (benchmarks/NOTES.md).
+_TORCH_CPU_CHUNK_ELEMS = 1 << 17
 
 
-def _chunks(bh: int, n_q: int, n_k: int, q_numel: int) -> list:
+def _chunks(bh: int, n_q: int, n_k: int, q_numel: int, cpu: bool = False) -> list:
     """``(heads, rows)`` slices of the flattened [B*H] and query dims, one score block each.
 
     A block holds at most as many elements as q itself (and at least 2^18, at most 2^24), so the handful
@@ -133,6 +137,8 @@ def _chunks(bh: int, n_q: int, n_k: int, q_numel: int) -> list:
     of 32 query rows across all heads made 3x the calls, ~1.5x the time on one CPU thread) and the
     key-side gradients written once instead of accumulated; slices of one head's query rows otherwise."""
     cap = min(_TORCH_CHUNK_ELEMS, max(_TORCH_CHUNK_MIN_ELEMS, q_numel))
+    if cpu:
+        cap = min(cap, _TORCH_CPU_CHUNK_ELEMS)
     if n_q * n_k <= cap:
         heads = max(1, cap // (n_q * n_k))
         return [(slice(h0, min(bh, h0 + heads)), slice(0, n_q)) for h0 in range(0, bh, heads)]
@@ -185,7 +191,7 @@ def _torch_forward(q, k, v, q_dot, k_dot, v_dot, scale):
     o_dot = torch.empty_like(o)
     lse = q.new_empty((bh, n_q, 1), dtype=cdt)
     mu = torch.empty_like(lse)
-    for hs, rs in _chunks(bh, n_q, n_k, q.numel()):
+    for hs, rs in _chunks(bh, n_q, n_k, q.numel(), q.device.type == "cpu"):
         qqi, kki = qq[hs, rs], kk[hs]
         e = torch.bmm(qqi[..., d:], kki[..., :d].transpose(1, 2))  # S
         m = e.amax(-1, keepdim=True)
@@ -241,7 +247,7 @@ def _torch_backward(q, k, v, q_dot, k_dot, v_dot, o, o_dot, lse, mu, g, g_dot, s
         gg = gc if has_g else gdc
         vc = _flat(v, cdt)
         vv = vc if has_g else _flat(v_dot, cdt)
-    chunks = _chunks(bh, n_q, n_k, q.numel())
+    chunks = _chunks(bh, n_q, n_k, q.numel(), q.device.type == "cpu")
     whole = chunks[0][1] == slice(0, n_q)
     new_k = torch.empty if whole else torch.zeros
     dq = q.new_empty((bh, n_q, d), dtype=cdt)
