@@ -139,3 +139,19 @@ def test_measuring_does_not_change_what_the_fused_ops_allocate():
             z = add_unless_held(y, torch.full((3,), 2.0))
         assert (z.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()) is in_place, type(mode).__name__
         assert torch.equal(z, torch.full((3,), 3.0))
+
+
+def test_step_time_benchmark_script_interleaves_and_writes_ratios(tmp_path, capsys):
+    """benchmarks/step_time.py on a small CPU case: both methods timed ``--reps`` times each, the ratio the
+    ratio of the medians, the plan's blocks recorded, the table printed (no timing asserted)."""
+    import json
+    import statistics
+
+    bench = _load_benchmark("step_time")
+    out = tmp_path / "steps.json"
+    bench.main(["--network", "tiny", "--shape", "3,8,8", "--batch", "2", "--reps", "2", "--out", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert len(row["fm_all_ms"]) == len(row["fused_all_ms"]) == 2
+    assert row["ratio"] == statistics.median(row["fused_all_ms"]) / statistics.median(row["fm_all_ms"])
+    assert row["blocks"] is not None
+    assert "tiny" in capsys.readouterr().out

@@ -1,0 +1,128 @@
+"""Training-step time of fused SGFlow against flow matching, interleaved, per network.
+
+    python benchmarks/step_time.py --network dit --net-kw '{"depth": 6, "hidden_size": 128}' --batch 16
+    python benchmarks/step_time.py --suite issue18 --out runs/step_time.json   # every network of the README table
+
+One step is the loss and its backward (no optimizer: Adam's per-parameter work is the same for both
+methods), on the same model, batch and process. Flow-matching and fused steps alternate (``--reps`` of
+each, after one warm-up of each, which also makes ``sgflow.dualize``'s plan), and the table gives each
+method's median and the ratio of the medians: alternating puts both methods under the same machine load,
+which on a shared CPU moves single runs by tens of percent. CPU runs default to one thread
+(``--threads``): a fused step's many smaller ops scale worse over threads than flow matching's, so the
+one-thread ratio is the kernels' own. On CUDA each step is synchronised and timed by ``perf_counter``
+(a step is long: ``do_bench``'s cache flush adds nothing). Results go to ``--out`` (JSON).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # testnets*.py: the repository root
+import sgflow  # noqa: E402
+import testnets  # noqa: E402
+import testnets_diffusers  # noqa: E402
+from sgflow.nn import build_model  # noqa: E402
+
+# The networks of issue 18's acceptance at a memory-bound size (flow matching keeps >= 150-250 MiB).
+SUITES = {
+    "issue18": [
+        ("adm", "3,32,32", {"channel_mult": [1, 2, 2], "num_res_blocks": 2}, 16),
+        ("edm", "3,32,32", {}, 16),
+        ("dit", "3,32,32", {"depth": 6, "hidden_size": 128}, 16),
+        ("diffusers-unet", "3,32,32", {"block_out_channels": [64, 128, 128]}, 16),
+        ("diffusers-dit", "3,32,32", {"num_layers": 6, "num_attention_heads": 4, "attention_head_dim": 32}, 16),
+        ("cifar10", "3,32,32", {}, 16),
+    ],
+}
+
+
+def build(name: str, shape: tuple, kw: dict):
+    if name in testnets_diffusers.NETWORKS:
+        return testnets_diffusers.build(name, shape, **kw)
+    if name in testnets.NETWORKS:
+        return testnets.build(name, shape, **kw)
+    return build_model(name, shape)  # an sgflow.nn config (cifar10, tiny, ...)
+
+
+def measure(name: str, shape: tuple, kw: dict, batch: int, reps: int, device: str) -> dict:
+    torch.manual_seed(0)
+    model = build(name, shape, kw).to(device)
+    x1 = torch.randn(batch, *shape, device=device)
+    dual = sgflow.dualize(model)
+
+    def step(loss_fn, m):
+        def run():
+            model.zero_grad(set_to_none=True)
+            loss, _ = loss_fn(m, x1)
+            loss.backward()
+            if device == "cuda":
+                torch.cuda.synchronize()
+        return run
+
+    steps = {"flow_matching": step(sgflow.flow_matching_loss, model), "sgflow_fused": step(sgflow.fused_loss, dual)}
+    for run in steps.values():
+        run()  # warm-up (the fused one makes the plan)
+    times = {k: [] for k in steps}
+    for _ in range(reps):
+        for k, run in steps.items():
+            t0 = time.perf_counter()
+            run()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    plan = getattr(dual, "plan", None)
+    return {"network": name, "shape": list(shape), "net_kw": kw, "batch": batch, "reps": reps,
+            "fm_ms": med["flow_matching"], "fused_ms": med["sgflow_fused"],
+            "ratio": med["sgflow_fused"] / med["flow_matching"], "fm_all_ms": times["flow_matching"],
+            "fused_all_ms": times["sgflow_fused"], "blocks": list(plan.blocks) if plan is not None else None}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--network", help="a testnets / testnets_diffusers network or an sgflow.nn config")
+    p.add_argument("--shape", default="3,32,32")
+    p.add_argument("--net-kw", default="{}", help="JSON keyword arguments of the network's constructor")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--suite", choices=sorted(SUITES), help="run a list of networks instead of --network")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (0: leave torch's default)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.device == "cpu" and args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(p, args)
+    finally:
+        torch.set_num_threads(threads)  # main() is also called in-process (tests)
+
+
+def _run(p, args):
+    if args.suite:
+        cases = SUITES[args.suite]
+    elif args.network:
+        cases = [(args.network, args.shape, json.loads(args.net_kw), args.batch)]
+    else:
+        p.error("give --network or --suite")
+    rows = []
+    print(f"# {args.device}, threads {torch.get_num_threads()}, torch {torch.__version__}, medians of {args.reps}")
+    print(f"{'network':<16} {'batch':>5} {'FM ms':>9} {'fused ms':>9} {'x FM':>6}")
+    for name, shape, kw, batch in cases:
+        r = measure(name, tuple(int(s) for s in shape.split(",")), kw, batch, args.reps, args.device)
+        rows.append(r)
+        print(f"{name:<16} {batch:>5} {r['fm_ms']:9.1f} {r['fused_ms']:9.1f} {r['ratio']:6.2f}", flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"device": args.device, "threads": torch.get_num_threads(),
+                                        "torch": torch.__version__, "rows": rows}, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
