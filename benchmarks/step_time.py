@@ -2,6 +2,7 @@
 
     python benchmarks/step_time.py --network dit --net-kw '{"depth": 6, "hidden_size": 128}' --batch 16
     python benchmarks/step_time.py --suite issue18 --out runs/step_time.json   # every network of the README table
+    python benchmarks/step_time.py --suite host --reps 20                      # tiny widths: host time only
 
 One step is the loss and its backward (no optimizer: Adam's per-parameter work is the same for both
 methods), on the same model, batch and process. Flow-matching and fused steps alternate (``--reps`` of
@@ -38,6 +39,16 @@ SUITES = {
         ("diffusers-unet", "3,32,32", {"block_out_channels": [64, 128, 128]}, 16),
         ("diffusers-dit", "3,32,32", {"num_layers": 6, "num_attention_heads": 4, "attention_head_dim": 32}, 16),
         ("cifar10", "3,32,32", {}, 16),
+    ],
+    # The same networks at tiny widths, 8x8, batch 2: the step is host time (Python, dispatch, launches),
+    # what a GPU step of the fused path cannot go below.
+    "host": [
+        ("adm", "3,8,8", {}, 2),
+        ("edm", "3,8,8", {}, 2),
+        ("dit", "3,8,8", {}, 2),
+        ("diffusers-unet", "3,8,8", {"block_out_channels": [32, 32, 32], "norm_num_groups": 8}, 2),
+        ("diffusers-dit", "3,8,8", {"num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 16}, 2),
+        ("tiny", "3,8,8", {}, 2),
     ],
 }
 

@@ -104,3 +104,29 @@ def test_a_thread_of_the_models_own_gets_its_own_context():
     torch.testing.assert_close(y, model.inner(x))
     torch.testing.assert_close(yd, xd @ model.inner.weight.t())
     assert current() is AT_REST and AT_REST.stack == ()
+
+
+@pytest.mark.parametrize("case", ["flat", "shape_tuple", "list_of_tensors", "tuple_with_tensor", "nested_kwargs"])
+def test_dual_leaves_fast_path_agrees_with_pytree(case):
+    """Flat arguments skip pytree (a _FlatSpec); anything holding a tensor in a container goes through it.
+    Either way the leaves, the DualTensor indices and the round trip are pytree's."""
+    from torch.utils._pytree import tree_flatten
+
+    from sgflow.autodual.tensor import _FlatSpec, dual_leaves, make_dual, unflatten_args
+
+    x = make_dual(torch.randn(2, 3), torch.randn(2, 3))
+    y = torch.randn(2, 3)
+    args, kwargs = {
+        "flat": ((x, y, 2.0), {"alpha": 0.5}),
+        "shape_tuple": ((x, (3, 2)), {}),
+        "list_of_tensors": (([x, y],), {"dim": 0}),
+        "tuple_with_tensor": (((y, x), 1), {}),
+        "nested_kwargs": ((x,), {"other": [y, x]}),
+    }[case]
+    flat, spec, idx = dual_leaves(args, kwargs)
+    assert (type(spec) is _FlatSpec) == (case in ("flat", "shape_tuple"))
+    ref_flat, _ = tree_flatten((args, kwargs))
+    assert [i for i, a in enumerate(ref_flat) if isinstance(a, type(x))] == idx
+    assert [flat[i] is ref_flat[i] for i in idx] == [True] * len(idx)
+    a, k = unflatten_args(flat, spec)
+    assert a == args and k == kwargs

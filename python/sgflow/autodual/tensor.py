@@ -344,15 +344,41 @@ def wrap_outputs(out, out_tangent):
     return tree_unflatten(wrapped, spec)
 
 
+class _FlatSpec(tuple):
+    """The spec of arguments that are already flat: ``(number of positional args, keyword names)``."""
+
+
+def _flat_leaf(a) -> bool:
+    """A leaf pytree would not split, or a tuple/list of plain values (a shape): no tensor inside."""
+    t = type(a)
+    if t is tuple or t is list or t is torch.Size:
+        return not any(isinstance(x, (torch.Tensor, tuple, list, dict)) for x in a)
+    return not isinstance(a, (tuple, list, dict))
+
+
 def dual_leaves(args, kwargs):
-    """(flat leaves, spec, indices of the DualTensor leaves)."""
-    flat, spec = tree_flatten((args, kwargs))
+    """(flat leaves, spec, indices of the DualTensor leaves). Arguments holding no tensor in a container
+    (most ops: tensors, numbers, a shape) are flat already: their spec is a :class:`_FlatSpec` (pytree's
+    flatten and unflatten were ~15% of a small network's dual-forward host time)."""
+    if all(_flat_leaf(a) for a in args) and all(_flat_leaf(a) for a in kwargs.values()):
+        flat = [*args, *kwargs.values()]
+        spec = _FlatSpec((len(args), tuple(kwargs)))
+    else:
+        flat, spec = tree_flatten((args, kwargs))
     idx = [i for i, a in enumerate(flat) if isinstance(a, DualTensor)]
     return flat, spec, idx
 
 
+def unflatten_args(flat, spec):
+    """``(args, kwargs)`` from leaves and a spec of :func:`dual_leaves`."""
+    if type(spec) is _FlatSpec:
+        n, keys = spec
+        return tuple(flat[:n]), dict(zip(keys, flat[n:]))
+    return tree_unflatten(flat, spec)
+
+
 def call_flat(func, flat, spec):
-    a, k = tree_unflatten(flat, spec)
+    a, k = unflatten_args(flat, spec)
     return func(*a, **k)
 
 

@@ -136,7 +136,6 @@ from sgflow.autodual.rules.structural import (  # noqa: F401
     _DERIVED_NAMES,
     _LAZY_SAFE_META,
     _METADATA_ARG_OPS,
-    _unflatten,
     affine,
     control_flow_error,
     inplace_error,

@@ -13,6 +13,7 @@ from sgflow.autodual.tensor import (
     dual_leaves,
     fail,
     primal,
+    unflatten_args,
     unwrap_primals,
     wrap_outputs,
 )
@@ -103,7 +104,7 @@ def linear(func, args, kwargs):
     if name == "view":
         # The tangent can be strided differently from the primal (a product-rule sum, a transpose):
         # reshape gives the same values where view would refuse.
-        a, k = _unflatten(tflat, spec)
+        a, k = unflatten_args(tflat, spec)
         if len(a) > 1 and isinstance(a[1], torch.dtype) or "dtype" in k:
             return wrap_outputs(out, None)
         t = a[0].reshape(*a[1:], **k) if a[1:] else a[0]
@@ -112,10 +113,6 @@ def linear(func, args, kwargs):
     return wrap_outputs(out, t)
 
 
-def _unflatten(flat, spec):
-    from torch.utils._pytree import tree_unflatten
-
-    return tree_unflatten(flat, spec)
 
 
 def affine(positions):
