@@ -8,9 +8,11 @@
 // fixed order afterwards, so results do not depend on the number of threads.
 
 #include "gn_silu_dual_cpu.h"
+#include "pointwise_dual_cpu.h"
 
 #define SGFLOW_ISA base
 #include "gn_silu_dual_cpu_kernels.h"
+#include "pointwise_dual_cpu_kernels.h"  // the dual GELU / SiLU kernels share its exp and sigmoid
 #undef SGFLOW_ISA
 
 #include <ATen/Parallel.h>
@@ -160,6 +162,10 @@ struct CpuDevice {
 using CpuOps = GnOps<CpuDevice>;
 
 }  // namespace
+
+namespace cpu {
+int active_isa_index() { return active_isa().load(std::memory_order_relaxed); }
+}  // namespace cpu
 
 // sgflow::_cpu_isa: the instruction set the CPU kernels use now; with an argument, switch to it first
 // (tests run both copies; SGFLOW_CPU_ISA sets the start value).

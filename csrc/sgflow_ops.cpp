@@ -43,6 +43,12 @@ TORCH_LIBRARY(sgflow, m) {
       "Tensor? g_y_dot, int num_groups, Tensor? mask, float drop_scale, Tensor(a!) out) "
       "-> (Tensor g_weight, Tensor g_bias)",
       {at::Tag::pt2_compliant_tag});
+  // Dual elementwise ops (pointwise_dual_cpu.cpp, CPU f32/f64; kind "gelu_tanh" or "silu"):
+  //   y = f(x), y_dot = f'(x) x_dot;  dx = g f'(x) + g_dot x_dot f''(x), dx_dot = g_dot f'(x).
+  m.def("pointwise_dual_fwd(Tensor x, Tensor x_dot, str kind) -> (Tensor y, Tensor y_dot)",
+        {at::Tag::pt2_compliant_tag});
+  m.def("pointwise_dual_bwd(Tensor x, Tensor x_dot, Tensor? g, Tensor? g_dot, str kind) -> (Tensor dx, Tensor? dx_dot)",
+        {at::Tag::pt2_compliant_tag});
   // Introspection for tests and benchmarks: the CPU kernels' instruction set (set it with an argument).
   m.def("_cpu_isa(str? isa=None) -> str", &sgflow::cpu_isa);
 }

@@ -60,6 +60,7 @@ def test_pointwise_duals_are_one_op_per_tangent_and_exact_over_chunks(monkeypatc
     import sgflow.ops.pointwise as pointwise_op  # the module whose _chunks reads it
 
     monkeypatch.setattr(pointwise_op, "POINTWISE_CHUNK", {"cpu": 64, "cuda": 64})  # 4 * 64 elements per f'' chunk
+    monkeypatch.setattr(pointwise_op, "CPP_KERNELS", False)  # the ATen path (bf16, CUDA, erf-GELU take it)
     g = torch.Generator().manual_seed(0)
     x, x_dot, gy, gyd = (torch.randn(7, 131, dtype=torch.float64, generator=g) * 2 for _ in range(4))
     for approx in ("tanh", "none"):
@@ -85,6 +86,7 @@ def test_pointwise_second_derivative_term_runs_in_split_chunks_exactly(monkeypat
     import sgflow.ops.pointwise as pointwise_op
 
     monkeypatch.setattr(pointwise_op, "POINTWISE_CHUNK", {"cpu": 64, "cuda": 64})
+    monkeypatch.setattr(pointwise_op, "CPP_KERNELS", False)  # the ATen path (bf16, CUDA, erf-GELU take it)
     g = torch.Generator().manual_seed(1)
     x, x_dot, gy, gyd = (torch.randn(37, 113, dtype=torch.float64, generator=g) * 2 for _ in range(4))  # 17 chunks
     n_chunks = -(-x.numel() // (64 * pointwise_op.POINTWISE_D2_CHUNKS))

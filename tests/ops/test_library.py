@@ -133,6 +133,24 @@ def test_opcheck_cpp_forward_with_autograd(k):
     torch.library.opcheck(getattr(OPS, name).default, args)
 
 
+def _pointwise_samples():
+    g = torch.Generator().manual_seed(21)
+    x, xd, gy, gyd = (torch.randn(3, 7, 5, generator=g, dtype=torch.float64) for _ in range(4))
+    return [("pointwise_dual_fwd", (x, xd, "gelu_tanh")), ("pointwise_dual_fwd", (x.mT, xd.mT, "silu")),
+            ("pointwise_dual_bwd", (x, xd, gy, gyd, "gelu_tanh")), ("pointwise_dual_bwd", (x, xd, gy, None, "silu")),
+            ("pointwise_dual_bwd", (x.float(), xd.float(), None, gyd.float(), "silu"))]
+
+
+@needs_cpp
+@pytest.mark.parametrize("k", range(5))
+def test_opcheck_cpp_pointwise_ops(k):
+    """The C++ dual GELU / SiLU ops (sgflow.ops.pointwise; no autograd formula of their own: PointwiseDual
+    is the Function): schema and fake implementation."""
+    cpp_ext.load()
+    name, args = _pointwise_samples()[k]
+    torch.library.opcheck(getattr(OPS, name).default, args)
+
+
 @needs_triton
 def test_opcheck_triton_ops():
     """Triton ops: schema and autograd registration everywhere; on a GPU also fake tensors and AOT dispatch.
@@ -160,7 +178,7 @@ def test_every_sgflow_op_is_opchecked_here():
     registered.discard("_cpu_isa")  # introspection (tests/ops/test_cpp_ext.py)
     sampled = {name for name, _ in TORCH_SAMPLES}
     if cpp_ext.available():
-        sampled |= {name for name, _ in _gn_samples("")}
+        sampled |= {name for name, _ in _gn_samples("") + _pointwise_samples()}
     if triton_available() and (on_gpu or interpreting):
         sampled |= {name for name, _ in _gn_samples("_triton") + _att_samples("_triton")}
     assert registered >= {"gn_silu_dual_fwd_torch", "attention_dual_bwd_torch"}

@@ -143,3 +143,15 @@ def _register_fakes() -> None:
 
     register_loop_vmap("sgflow::gn_silu_dual_fwd")
     register_loop_vmap("sgflow::gn_silu_dual_bwd")
+    # The dual GELU / SiLU kernels (sgflow.ops.pointwise): contiguous results of x's shape and dtype.
+    torch.library.register_fake("sgflow::pointwise_dual_fwd", _pointwise_fwd_fake)
+    torch.library.register_fake("sgflow::pointwise_dual_bwd", _pointwise_bwd_fake)
+
+
+def _pointwise_fwd_fake(x, x_dot, kind):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _pointwise_bwd_fake(x, x_dot, g, g_dot, kind):
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return dx, None if g_dot is None else torch.empty_like(x, memory_format=torch.contiguous_format)

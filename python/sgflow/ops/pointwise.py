@@ -22,15 +22,20 @@ Saved: x and x_dot only. f' and f'' are recomputed from x over flat chunks of
 ``spec.jvp`` does the f' terms in one op), never kept as the autograd graph of the derivative formula:
 the formulas' temporaries (half a dozen for tanh-GELU) cost a chunk each instead of an activation each.
 
+On CPU, float32/float64, tanh-GELU and SiLU run as one C++ kernel each way where ``sgflow._C`` is built
+(``torch.ops.sgflow.pointwise_dual_{fwd,bwd}``, csrc/pointwise_dual_cpu_kernels.h: every factor of f, f',
+f'' computed once per element, one pass over the tensors): a DiT MLP's GELU at [16, 256, 512], one
+thread, forward 7.6 -> 2.3 ms, backward 2 x 3.9 ms plus the f'' chunks -> 2.1 ms.
+
 Module layout (see docs/DESIGN.md): :class:`PointwiseDual` (applied by the dual engine's elementwise
 rule, sgflow.autodual.rules.pointwise, with the specs of silu, exp, log, sin, cos, tanh, sigmoid, sqrt,
-rsqrt, relu, square, gelu); no kernels.
+rsqrt, relu, square, gelu); kernels in csrc/ (C++).
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["PointwiseDual", "POINTWISE_CHUNK", "POINTWISE_D2_CHUNKS"]
+__all__ = ["PointwiseDual", "POINTWISE_CHUNK", "POINTWISE_D2_CHUNKS", "CPP_KERNELS"]
 
 
 # Elements per chunk of the pointwise duals' elementwise work: the derivative formulas' temporaries
@@ -58,6 +63,25 @@ def _flat(t):
     return t.reshape(-1)
 
 
+# Use the C++ kernels where they apply (False: always the ATen path, e.g. to test it).
+CPP_KERNELS = True
+
+
+def _cpp_kind(spec, extra, *tensors):
+    """The C++ kernel's kind for this op and these tensors, or None (ATen path): CPU float32/float64
+    tensors of one dtype, an op the kernels know (``spec.cpp(extra)``), ``sgflow._C`` built."""
+    cpp = getattr(spec, "cpp", None)
+    kind = cpp(extra) if cpp is not None and CPP_KERNELS else None
+    x = tensors[0]
+    if kind is None or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return None
+    if any(t is not None and t.dtype != x.dtype for t in tensors):
+        return None
+    from sgflow.ops import cpp_ext
+
+    return kind if cpp_ext.available() else None
+
+
 class PointwiseDual(torch.autograd.Function):
     """``(x, x_dot) -> (f(x), f'(x) x_dot)`` for an elementwise f, saving only x and x_dot.
 
@@ -71,6 +95,9 @@ class PointwiseDual(torch.autograd.Function):
         ctx.spec, ctx.extra = spec, extra
         ctx.save_for_backward(x, x_dot)
         ctx.set_materialize_grads(False)
+        kind = _cpp_kind(spec, extra, x, x_dot)
+        if kind is not None:  # y and y_dot in one pass (C++)
+            return torch.ops.sgflow.pointwise_dual_fwd(x, x_dot, kind)
         y = spec.f(x, extra)
         if spec.jvp is not None:  # f'(x) x_dot as one op (no temporaries, no chunks)
             return y, spec.jvp(x, y, extra, x_dot)
@@ -87,6 +114,10 @@ class PointwiseDual(torch.autograd.Function):
         x, x_dot = ctx.saved_tensors
         spec, extra = ctx.spec, ctx.extra
         need_x, need_xd = ctx.needs_input_grad[:2]
+        kind = None if torch.is_grad_enabled() else _cpp_kind(spec, extra, x, x_dot, g, g_dot)
+        if kind is not None:  # both gradients in one pass (C++); not twice differentiable, hence grad mode off
+            dx, dxd = torch.ops.sgflow.pointwise_dual_bwd(x, x_dot, g, g_dot, kind)
+            return dx if need_x else None, dxd if need_xd else None, None, None
         if spec.jvp is not None:
             # The first-derivative terms as one op each; only g_dot x_dot f''(x) runs in chunks.
             y = spec.f(x, extra) if spec.needs_y else None

@@ -20,8 +20,9 @@ class _Spec:
     where given: ``f'(x) v`` as one ATen op (PyTorch's own backward kernel of f), instead of ``d1``'s
     chain of small ops per chunk."""
 
-    def __init__(self, f, d1, d2, needs_y=False, jvp=None):
+    def __init__(self, f, d1, d2, needs_y=False, jvp=None, cpp=None):
         self.f, self.d1, self.d2, self.needs_y, self.jvp = f, d1, d2, needs_y, jvp
+        self.cpp = cpp  # cpp(extra): the C++ kernel's kind ("gelu_tanh", "silu") or None (sgflow.ops.pointwise)
 
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -77,7 +78,8 @@ def _silu_d2(x, y, e):
 _aten = torch.ops.aten
 
 _SPECS = {
-    "silu": _Spec(lambda x, e: F.silu(x), _silu_d1, _silu_d2, jvp=lambda x, y, e, v: _aten.silu_backward(v, x)),
+    "silu": _Spec(lambda x, e: F.silu(x), _silu_d1, _silu_d2, jvp=lambda x, y, e, v: _aten.silu_backward(v, x),
+                  cpp=lambda e: "silu"),
     "exp": _Spec(lambda x, e: torch.exp(x), lambda x, y, e: torch.exp(x), lambda x, y, e: torch.exp(x)),
     "log": _Spec(lambda x, e: torch.log(x), lambda x, y, e: 1.0 / x, lambda x, y, e: -1.0 / (x * x)),
     "sin": _Spec(lambda x, e: torch.sin(x), lambda x, y, e: torch.cos(x), lambda x, y, e: -torch.sin(x)),
@@ -91,7 +93,8 @@ _SPECS = {
     "relu": _Spec(lambda x, e: torch.relu(x), lambda x, y, e: (x > 0).to(x.dtype), lambda x, y, e: torch.zeros_like(x)),
     "square": _Spec(lambda x, e: x * x, lambda x, y, e: 2.0 * x, lambda x, y, e: torch.full_like(x, 2.0)),
     "gelu": _Spec(lambda x, approx: F.gelu(x, approximate=approx), _gelu_d1, _gelu_d2,
-                  jvp=lambda x, y, approx, v: _aten.gelu_backward(v, x, approximate=approx)),
+                  jvp=lambda x, y, approx, v: _aten.gelu_backward(v, x, approximate=approx),
+                  cpp=lambda approx: "gelu_tanh" if approx == "tanh" else None),
 }
 
 
