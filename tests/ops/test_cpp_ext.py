@@ -43,21 +43,7 @@ CASES = [
 ]
 
 
-def _supported_isas() -> list[str]:
-    if not cpp_ext.available():
-        return []
-    current, found = cpp_ext.cpu_isa(), []
-    for name in ("base", "avx2", "avx512"):
-        try:
-            cpp_ext.cpu_isa(name)
-            found.append(name)
-        except RuntimeError:
-            pass
-    cpp_ext.cpu_isa(current)
-    return found
-
-
-ISAS = _supported_isas()
+ISAS = cpp_ext._supported_isas()
 
 
 @pytest.fixture(params=ISAS or ["none"])

@@ -19,21 +19,7 @@ from sgflow.testing import rel_err
 pytestmark = pytest.mark.skipif(not cpp_ext.available(), reason=f"C++ extension unavailable: {cpp_ext.reason()}")
 
 
-def _isas():
-    if not cpp_ext.available():
-        return ["none"]
-    current, found = cpp_ext.cpu_isa(), []
-    for name in ("base", "avx2", "avx512"):
-        try:
-            cpp_ext.cpu_isa(name)
-            found.append(name)
-        except RuntimeError:
-            pass
-    cpp_ext.cpu_isa(current)
-    return found
-
-
-@pytest.fixture(params=_isas())
+@pytest.fixture(params=cpp_ext._supported_isas() or ["none"])
 def isa(request):
     previous = cpp_ext.cpu_isa()
     cpp_ext.cpu_isa(request.param)

@@ -80,6 +80,21 @@ def cpu_isa(isa: str | None = None) -> str:
     return torch.ops.sgflow._cpu_isa(isa)
 
 
+def _supported_isas() -> list[str]:
+    """The instruction-set copies of the C++ CPU kernels this CPU runs (tests run each), [] without _C."""
+    if load() is None:
+        return []
+    current, found = cpu_isa(), []
+    for name in ("base", "avx2", "avx512"):
+        try:
+            cpu_isa(name)
+            found.append(name)
+        except RuntimeError:
+            pass
+    cpu_isa(current)
+    return found
+
+
 # ----------------------------------------------------------------------------------------------------
 # op wrappers: drop-in replacements of the torch backend's _gn_silu_dual_{fwd,bwd}_torch
 # ----------------------------------------------------------------------------------------------------
