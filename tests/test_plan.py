@@ -23,13 +23,22 @@ def _cost(path, kept, boundary, plain, gflops, parent=None):
                      flops=int(gflops * 1e9))
 
 
+@pytest.fixture
+def bare_live_term(monkeypatch):
+    """Costs made by hand are added up (no timeline): with the backward's extra term off, a recomputed
+    block's live term is its intermediates alone, and the arithmetic in these tests is what they say."""
+    import sgflow.autodual.plan as plan_mod
+
+    monkeypatch.setattr(plan_mod, "BACKWARD_LIVE_FACTOR", 0.0)
+
+
 def test_nothing_recomputed_when_the_dual_forward_is_already_within_budget():
     costs = [_cost("a", 10, 2, 10, 1.0), _cost("b", 10, 2, 10, 1.0)]
     plan = choose_blocks(costs, outside_kept=0, outside_plain=0, budget=1.0)
     assert plan.blocks == [] and plan.estimate() == 20 * MiB
 
 
-def test_cheapest_bytes_first_and_blocks_without_gain_never():
+def test_cheapest_bytes_first_and_blocks_without_gain_never(bare_live_term):
     # a1, a2 and b free the same bytes; b costs 100x the FLOPs; c frees nothing (it keeps only its inputs).
     costs = [_cost("a1", 40, 4, 20, 1.0), _cost("b", 40, 4, 20, 100.0), _cost("a2", 40, 4, 20, 1.0),
              _cost("c", 8, 8, 8, 0.0)]
@@ -42,7 +51,7 @@ def test_cheapest_bytes_first_and_blocks_without_gain_never():
     assert plan.blocks == ["a1", "b", "a2"]
 
 
-def test_a_block_replaces_its_chosen_children():
+def test_a_block_replaces_its_chosen_children(bare_live_term):
     # p = child q (cheap, frees 30) + child r (expensive, frees 30) + 40 MiB of its own, inputs 4 MiB; s, a
     # block of 120 MiB without sub-blocks, is live again in its backward whatever else is chosen.
     costs = [
@@ -63,7 +72,7 @@ def test_a_block_replaces_its_chosen_children():
     assert not plan.meets_budget and "OVER BUDGET" in str(plan)
 
 
-def test_the_largest_recomputed_block_bounds_the_choice_at_any_depth():
+def test_the_largest_recomputed_block_bounds_the_choice_at_any_depth(bare_live_term):
     """A wrapper around a backbone around blocks around sub-blocks (kept MiB: sub-blocks 8, blocks 4 of
     their own, the backbone 2): recomputing the wrapper frees the most bytes but is live whole again in
     its backward (1 + 82 MiB); the plan goes down to the frontier that meets the budget."""
@@ -93,12 +102,15 @@ def test_the_largest_recomputed_block_bounds_the_choice_at_any_depth():
     pytest.param("dit", (3, 32, 32), 8, {"depth": 6, "hidden_size": 64}, True, id="wrapped-dit-3x32x32-b8"),
     pytest.param("adm", (3, 32, 32), 8, {"channel_mult": [1, 2, 2], "num_res_blocks": 2}, True,
                  id="wrapped-adm-3x32x32-b8"),
-    # Shallow and wide at a large batch: recomputing every block is not enough (0.76x); row slices are.
+    # Shallow and wide at a large batch: recomputing every block is not enough (0.76x); row slices bring it
+    # to 0.56x, not to 0.5x (what the backward holds besides the blocks: plan.py's module doc).
     pytest.param("mlp", (2,), 4096, {"hidden": 256, "depth": 4}, False, id="mlp-2-b4096"),
 ])
 def test_planned_fused_step_peak_within_the_target_of_flow_matching(name, shape, batch, kw, wrap):
     """Peak tensor memory of a whole step (loss, backward), measured in one process for flow matching,
-    the planned fused path and the fused path with nothing recomputed: planned <= 0.6x flow matching."""
+    the planned fused path and the fused path with nothing recomputed: planned <= 0.5x flow matching
+    (the MLP, over budget by its estimate, 0.6x); the plan's estimates of both peaks are within 10% (fused)
+    and 3% (flow matching) of the measured ones (its estimate of saved bytes was 0.90x the DiT's peak)."""
     torch.manual_seed(0)
     model = testnets.build(name, shape, **kw)
     if wrap:
@@ -126,9 +138,13 @@ def test_planned_fused_step_peak_within_the_target_of_flow_matching(name, shape,
     fm = peak_tensor_bytes(step(sgflow.flow_matching_loss, model))["peak_bytes"]
     fused = peak_tensor_bytes(step(sgflow.fused_loss, dual))["peak_bytes"]
     keep_all = peak_tensor_bytes(step(sgflow.fused_loss, sgflow.dualize(model, blocks="none")))["peak_bytes"]
-    print(f"{name}: peak, fused planned {fused / fm:.2f}x flow matching, nothing recomputed {keep_all / fm:.2f}x\n{dual.plan}")
-    assert fused <= 0.6 * fm
+    print(f"{name}: peak, fused planned {fused / fm:.3f}x flow matching (estimated {dual.plan.estimate() / fused:.3f}x "
+          f"the measured), nothing recomputed {keep_all / fm:.2f}x; flow matching estimated "
+          f"{dual.plan.reference / fm:.3f}x the measured\n{dual.plan}")
+    assert fused <= (0.6 if name == "mlp" else 0.5) * fm
     assert keep_all > fm  # what the plan had to bring down
+    assert abs(dual.plan.reference - fm) <= 0.03 * fm  # flow matching's peak, estimated from the plain forward
+    assert abs(dual.plan.estimate() - fused) <= 0.1 * fused
 
 
 class _BNDropNet(nn.Module):
@@ -161,7 +177,7 @@ def test_profile_leaves_rng_streams_and_buffers_as_they_were():
         assert torch.equal(b, buffers[n]), n
     assert [c.path for c in plan.costs if c.parent is None] == ["inp", "blocks.0", "blocks.1", "blocks.2", "out"]
     assert all(c.boundary > 0 and c.plain > 0 for c in plan.costs if c.parent is None)
-    assert "estimated dual kept" in str(plan)
+    assert "estimated peak" in str(plan)
 
 
 def test_plan_made_once_on_the_first_training_call_only():
@@ -216,7 +232,7 @@ def test_bad_tangents_of_a_dualized_model_are_named(make):
     assert y_dot.dtype == x.dtype
 
 
-def test_row_slices_only_where_recomputing_is_not_enough_and_only_for_row_maps():
+def test_row_slices_only_where_recomputing_is_not_enough_and_only_for_row_maps(bare_live_term):
     # Recomputing both leaves a 40 MiB block live in backward: over a 30 MiB target. "a" maps rows to
     # rows (profiled), "b" does not.
     rows = RowSplit(1, (0,), ())
@@ -299,9 +315,8 @@ def test_profile_finds_which_blocks_map_rows_to_rows(monkeypatch):
 
 @pytest.mark.parametrize("batch", [pytest.param(7, id="b7-uneven"), pytest.param(2, id="b2")])
 def test_row_sliced_blocks_give_the_reference_gradients(batch, monkeypatch):
-    """A plan with every row-map block recomputed in 4 row slices: loss and gradients equal the JVP
-    reference to 1e-10 (float64); dropout blocks are never sliced; parameters reached as a module
-    attribute (the table) get their gradient."""
+    """Every row-map block recomputed in 4 row slices: loss and gradients equal the JVP reference to
+    1e-10 (float64); parameters reached as a module attribute (the table) get their gradient."""
     import sgflow.autodual.plan as plan_mod
 
     monkeypatch.setattr(plan_mod, "MIN_ROW_SLICE_GAIN", 0)  # slice even these few-KiB blocks
@@ -317,8 +332,13 @@ def test_row_sliced_blocks_give_the_reference_gradients(batch, monkeypatch):
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    grads(dual)  # the first call profiles and plans
-    assert dual.splits and all(s.chunks in (2, 4) for s in dual.splits.values()), dual.plan
+    grads(dual)  # the first call profiles which blocks map rows to rows
+    # Every one of them recomputed in 4 row slices (the estimate would not slice blocks of a few KiB: the
+    # slices' whole input and parameter gradients outweigh them).
+    rows = {c.path: c.rows for c in dual.plan.costs if c.parent is None and c.rows is not None}
+    assert {"ln", "mix", "out"} <= set(rows), rows
+    dual.blocks = list(rows)
+    dual.splits = {p: RowSplit(4, r.args, r.kwargs) for p, r in rows.items()}
     loss, got = grads(dual)
     ref_loss, ref = grads(None)
     assert torch.allclose(loss, ref_loss, rtol=1e-12, atol=0)
@@ -476,7 +496,7 @@ def test_no_plan_within_budget_warns_once_and_strict_raises():
     budget = [w for w in rec if issubclass(w.category, BudgetWarning)]
     assert len(budget) == 1, [str(w.message) for w in rec]
     msg = str(budget[0].message)
-    assert "budget of 0.001x" in msg and "OVER BUDGET" in msg and "estimated dual kept" in msg and "net.stages.0.0" in msg
+    assert "budget of 0.001x" in msg and "OVER BUDGET" in msg and "estimated peak" in msg and "net.stages.0.0" in msg
     assert dual.plan is not None and not dual.plan.meets_budget and dual.blocks
     strict = sgflow.dualize(model, budget=1e-3, strict_budget=True)
     with pytest.raises(OverBudgetError, match="OVER BUDGET"):
@@ -487,3 +507,137 @@ def test_no_plan_within_budget_warns_once_and_strict_raises():
         ok = sgflow.dualize(model, budget=10.0, strict_budget=True)
         sgflow.fused_loss(ok, x1)[0].backward()
     assert ok.plan.meets_budget and ok.blocks == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# The estimate is a peak (issue 18: the plan's estimate of saved bytes missed what a step's backward holds
+# besides them, and counted storages held by several blocks once per block).
+# ---------------------------------------------------------------------------------------------------
+
+def test_the_estimate_holds_a_shared_input_once_and_frees_later_blocks_in_backward():
+    """Three blocks in a row, each reading its own input (4 MiB) and one embedding (8 MiB, as every block of
+    a time-conditioned network does) and keeping 20 MiB. Recomputing all three holds their inputs and the
+    embedding once (20 MiB); in the last block's backward its 20 MiB are live again on top: 40 MiB. The first
+    block's backward comes after the later blocks', whose inputs are freed by then. Added up per block
+    (inputs 3 x 12 MiB, plus the largest block) it was 56 MiB, over a 45 MiB target that two of them meet."""
+    from sgflow.autodual.plan import BlockPlan, Call, Timeline
+
+    emb, h = 0, {"a": 1, "b": 2, "c": 3}
+    sizes = {emb: 8 * MiB, 1: 4 * MiB, 2: 4 * MiB, 3: 4 * MiB, 10: 20 * MiB, 11: 20 * MiB, 12: 20 * MiB}
+    saves, windows = [], {}
+    for i, p in enumerate("abc"):
+        start = 10 * i + 1
+        saves += [(start + 1, emb, p), (start + 2, 10 + i, p)]  # it saves the embedding and 20 MiB of its own
+        windows[p] = [Call(start, start + 9, (h[p], emb), live=20 * MiB, scratch=0, own_scratch=0)]
+    timeline = Timeline(sizes=sizes, saves=saves, windows=windows, plain=100 * MiB, plain_peak=100 * MiB)
+    costs = [BlockCost(p, own=28 * MiB, kept=28 * MiB, boundary=12 * MiB, plain=14 * MiB, flops=10**9) for p in "abc"]
+
+    def plan(blocks, splits=None):
+        return BlockPlan(costs=costs, blocks=list(blocks), timeline=timeline, splits=splits or {})
+
+    assert plan("abc").estimate() == 40 * MiB and plan("abc").peak_block() == "c"
+    assert plan("abc")._kept({"a", "b", "c"}) == 20 * MiB
+    # Nothing recomputed: the embedding once and each block's 20 MiB, all held when backward starts.
+    assert plan("").estimate() == 68 * MiB
+    # Only c recomputed: a's and b's 20 MiB are held in its backward, and its input, and the embedding.
+    assert plan("c").estimate() == (8 + 40 + 4 + 20) * MiB
+    # Within a 45 MiB target the last block need not be recomputed: its backward comes first, while a and b
+    # hold their inputs only (36 MiB); recomputing it would cost a forward for nothing.
+    chosen = choose_blocks(costs, 0, 0, budget=0.45, timeline=timeline)
+    assert chosen.blocks == ["a", "b"] and chosen.estimate() == 36 * MiB and chosen.target == 45 * MiB
+    # In 2 row slices c's live half is 10 MiB, plus its inputs' gradients made whole per slice (4 MiB here).
+    timeline.windows["c"] = [Call(21, 30, (3, emb), live=20 * MiB, scratch=0, own_scratch=0, slice_grads=4 * MiB)]
+    assert plan("abc", {"c": RowSplit(2, (0,), ())}).estimate() == 36 * MiB  # now b's backward sets it: 16 + 20
+    assert plan("c", {"c": RowSplit(2, (0,), ())}).estimate() == (52 + 10 + 4) * MiB
+
+
+class _PlainBranchNet(nn.Module):
+    """A wide embedding of u alone (SGFlow's tangent of u is zero: that branch runs a plain forward, never
+    checkpointed) next to two blocks of x."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(6, 16)
+        self.u_embed = nn.Sequential(nn.Linear(1, 1024), nn.SiLU(), nn.Linear(1024, 16))
+        self.blocks = nn.ModuleList(_LNBlock(16) for _ in range(2))
+        self.out = nn.Linear(16, 6)
+
+    def forward(self, t, u, x):
+        h = self.inp(x) + self.u_embed(u[:, None])
+        for b in self.blocks:
+            h = b(h)
+        return self.out(h)
+
+
+def test_a_block_called_without_dual_inputs_is_never_chosen():
+    """A candidate whose inputs carry no tangent runs a plain forward under the dual call, never
+    checkpointed: recomputing it frees nothing, so the plan never counts on it (it used to choose the
+    embedding of u, the largest saver here, and the step kept its bytes anyway)."""
+    torch.manual_seed(0)
+    model = _PlainBranchNet().double()
+    dual = sgflow.dualize(model, budget=0.05)
+    t, u, x, t_dot, _, x_dot = _inputs(64)
+    plan = dual.make_plan(t, u, x, t_dot, torch.zeros_like(u), x_dot)
+    costs = {c.path: c for c in plan.costs}
+    assert not costs["u_embed"].dual_inputs and costs["blocks.0"].dual_inputs
+    assert costs["u_embed"].kept > max(costs[p].kept for p in costs if p != "u_embed")
+    assert "u_embed" not in plan.blocks and plan.blocks
+
+
+def test_the_profile_sees_what_the_dual_forward_saves_with_lazy_group_norms():
+    """EDM blocks run GroupNorm -> SiLU -> conv as one fused dual op (a lazy GroupNorm node). The profile
+    detaches each candidate's outputs, which computed a GroupNorm candidate's lazy output on its own,
+    unfused: the profile held 37% more than the dual forward saves. It passes lazy outputs on: the bytes it
+    holds with nothing recomputed are the dual forward's saved bytes."""
+    from sgflow.autodual import dual_call
+    from sgflow.memory import saved_tensor_bytes
+
+    torch.manual_seed(0)
+    model = testnets.build("edm", (3, 16, 16), channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], img_resolution=16)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 3, 16, 16, generator=g)
+    t = torch.rand(8, generator=g) * 0.5
+    inputs = (t, t + 0.3, x, torch.ones_like(t), torch.zeros_like(t), torch.randn_like(x))
+    plan = sgflow.dualize(model).make_plan(*inputs)
+    saved = saved_tensor_bytes(lambda: dual_call(model, inputs[:3], inputs[3:])[0].sum())["bytes"]
+    assert plan._kept(set()) == saved
+    assert all(c.kept == 0 for c in plan.costs if "norm" in c.path)  # lazy: nothing of their own
+
+
+def test_diffusers_unet_recomputes_inner_blocks_within_four_times_the_ops():
+    """diffusers' UNet2DModel (issue 18): the plan recomputed the whole backbone in 4 row slices (every op
+    of the U-Net 4 times: 11.8x flow matching's ops at this size, without the optimizer) because no choice
+    of inner blocks met its estimate: the skip tensors were counted once per block holding them (a down
+    block's output, the next block's input, an up block's input), the profile computed the GroupNorms'
+    lazy outputs unfused (more saved than the forward saves), and everything saved was counted as held in
+    the largest block's backward, wherever it ran. Now the down/up blocks, ResNets and attentions are
+    recomputed (the largest ResNets in row slices), within 0.5x flow matching's peak and 4x its ATen ops
+    (one step with Adam, as benchmarks/memory.py counts them)."""
+    pytest.importorskip("diffusers")
+    import testnets_diffusers
+    from sgflow.memory import count_aten_ops
+
+    torch.manual_seed(0)
+    model = testnets_diffusers.build("diffusers-unet", (3, 32, 32), block_out_channels=[32, 64, 64])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    x1 = torch.randn(8, 3, 32, 32)
+    dual = sgflow.dualize(model)
+
+    def step(loss_fn, m):
+        def run():
+            loss_fn(m, x1, generator=torch.Generator().manual_seed(3))[0].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return run
+
+    step(sgflow.fused_loss, dual)()  # plans
+    step(sgflow.flow_matching_loss, model)()  # Adam's state, held before the measured steps
+    assert dual.plan.meets_budget and "net" not in dual.blocks, dual.plan
+    assert any(p.startswith("net.up_blocks.") for p in dual.blocks), dual.plan
+    fm_ops = count_aten_ops(step(sgflow.flow_matching_loss, model))["ops"]
+    fused_ops = count_aten_ops(step(sgflow.fused_loss, dual))["ops"]
+    fm = peak_tensor_bytes(step(sgflow.flow_matching_loss, model))["peak_bytes"]
+    fused = peak_tensor_bytes(step(sgflow.fused_loss, dual))["peak_bytes"]
+    print(f"diffusers UNet: peak {fused / fm:.3f}x flow matching, ATen ops {fused_ops / fm_ops:.2f}x\n{dual.plan}")
+    assert fused <= 0.5 * fm
+    assert fused_ops <= 4 * fm_ops

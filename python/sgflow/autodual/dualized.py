@@ -56,7 +56,8 @@ class DualizedModel(nn.Module):
         model: any ``nn.Module`` called as ``model(t, u, x)`` (a ``DistributedDataParallel`` too:
             its forward, and so its gradient sync, runs).
         blocks: which submodules are recomputed in backward (see :func:`dualize` and :func:`select_blocks`).
-        budget: ``blocks="auto"``'s target, a fraction of the plain forward's saved bytes.
+        budget: ``blocks="auto"``'s target, a fraction of flow matching's peak memory (both peaks estimated
+            by the plan's profile).
         split_rows: whether ``blocks="auto"`` may run recomputed blocks in row slices of the batch.
         strict_budget: where no choice of ``blocks="auto"`` meets the budget, raise
             :class:`~sgflow.autodual.plan.OverBudgetError` (default False: one
@@ -73,7 +74,7 @@ class DualizedModel(nn.Module):
         self.blocks = select_blocks(model, blocks)
         self.auto = isinstance(blocks, str) and blocks == "auto"
         if not (isinstance(budget, (int, float)) and budget > 0):
-            raise ValueError(f"dualize: budget must be a positive fraction of the plain forward's saved bytes, got {budget!r}")
+            raise ValueError(f"dualize: budget must be a positive fraction of flow matching's peak memory, got {budget!r}")
         self.budget = float(budget)
         self.plan = None  # sgflow.autodual.plan.BlockPlan, once "auto" has profiled
         self.split_rows = bool(split_rows)
@@ -130,7 +131,7 @@ class DualizedModel(nn.Module):
                               lambda m, i, g: dual_call(m, i, g)[0], self.budget, self.split_rows)
         if not plan.meets_budget:
             msg = (f"dualize({type(inner).__name__}): no choice of recomputed blocks meets the budget of "
-                   f"{self.budget}x the plain forward's saved bytes (estimated {plan.estimate() / max(plan.plain_total, 1):.2f}x); "
+                   f"{self.budget}x flow matching's (estimated {plan.estimate() / max(plan.reference, 1):.2f}x); "
                    f"pass a larger budget, blocks=, or a smaller batch. The plan:\n{plan}")
             if self.strict_budget:
                 raise OverBudgetError(msg)
@@ -162,10 +163,11 @@ def dualize(model: nn.Module, blocks="auto", save=None, budget: float = 0.5, spl
             built from ``torch.nn`` modules and ``torch.nn.functional`` / tensor ops.
         blocks: which submodules are recomputed in backward. ``"auto"`` (default): chosen by
             measurement on the first training call (:mod:`sgflow.autodual.plan`: the blocks and
-            sub-blocks, at any depth, that free the most saved bytes per FLOP of recomputation, until the dual
-            forward keeps at most ``budget`` x what the plain forward keeps); or fixed, see
+            sub-blocks, at any depth, that free the most saved bytes per FLOP of recomputation, until the
+            step's estimated peak memory is at most ``budget`` x flow matching's); or fixed, see
             :func:`select_blocks`.
-        budget: ``"auto"``'s target, a fraction of the plain forward's saved bytes (default 0.5).
+        budget: ``"auto"``'s target, a fraction of flow matching's peak memory (default 0.5; both peaks
+            estimated by the profile: :mod:`sgflow.autodual.plan`).
         split_rows: whether ``"auto"`` may also run the largest recomputed blocks in 2 or 4 row slices of
             the batch (each its own checkpoint, so one slice's intermediates are live in backward),
             where recomputing is not enough for the budget. Only blocks the profile finds to map rows
