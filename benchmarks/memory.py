@@ -175,7 +175,8 @@ def main(argv=None):
     p.add_argument("--blocks", default="auto", choices=("auto", "all", "none"),
                    help="sgflow_fused: sgflow.dualize's blocks recomputed in backward (default auto: measured)")
     p.add_argument("--budget", type=float, default=0.5,
-                   help="sgflow_fused with --blocks auto: kept bytes target, x the plain forward's (default 0.5)")
+                   help="sgflow_fused with --blocks auto: the estimated peak allowed, x flow matching's "
+                        "estimated peak (default 0.5)")
     p.add_argument("--track-peak", action="store_true",
                    help="also count live tensor bytes per op on GPU (always on for CPU; slows that one step)")
     p.add_argument("--wrap", action="store_true",

@@ -552,8 +552,8 @@ def test_the_estimate_holds_a_shared_input_once_and_frees_later_blocks_in_backwa
 
 
 class _PlainBranchNet(nn.Module):
-    """A wide embedding of u alone (SGFlow's tangent of u is zero: that branch runs a plain forward, never
-    checkpointed) next to two blocks of x."""
+    """A wide embedding of u alone (SGFlow's tangent of u is zero: that branch runs a plain forward) next to
+    two blocks of x."""
 
     def __init__(self):
         super().__init__()
@@ -569,19 +569,37 @@ class _PlainBranchNet(nn.Module):
         return self.out(h)
 
 
-def test_a_block_called_without_dual_inputs_is_never_chosen():
-    """A candidate whose inputs carry no tangent runs a plain forward under the dual call, never
-    checkpointed: recomputing it frees nothing, so the plan never counts on it (it used to choose the
-    embedding of u, the largest saver here, and the step kept its bytes anyway)."""
+def test_a_block_called_without_dual_inputs_is_recomputed_when_chosen():
+    """A candidate whose inputs carry no tangent (the embedding of u: SGFlow's tangent of u is zero) runs a
+    plain forward under the dual call. It was never checkpointed, so the plan could not count on it (8.5 MiB
+    of the token-attention MLP's step at batch 4096); now a chosen one is checkpointed like the others: the
+    plan chooses it here (the largest saver), the step saves its inputs instead of its intermediates, and
+    the gradients are those of the whole forward."""
+    from sgflow.autodual import dual_call
+    from sgflow.memory import saved_tensor_bytes
+
     torch.manual_seed(0)
     model = _PlainBranchNet().double()
-    dual = sgflow.dualize(model, budget=0.05)
-    t, u, x, t_dot, _, x_dot = _inputs(64)
-    plan = dual.make_plan(t, u, x, t_dot, torch.zeros_like(u), x_dot)
+    t, u, x, t_dot, u_dot, x_dot = _inputs(64)
+    plan = sgflow.dualize(model, budget=0.05).make_plan(t, u, x, t_dot, u_dot, x_dot)
     costs = {c.path: c for c in plan.costs}
-    assert not costs["u_embed"].dual_inputs and costs["blocks.0"].dual_inputs
     assert costs["u_embed"].kept > max(costs[p].kept for p in costs if p != "u_embed")
-    assert "u_embed" not in plan.blocks and plan.blocks
+    assert "u_embed" in plan.blocks
+
+    def step(blocks):
+        model.zero_grad(set_to_none=True)
+        out, out_dot = dual_call(model, (t, u, x), (t_dot, u_dot, x_dot), blocks=blocks)
+        return (out.square().sum() + out_dot.square().sum()) / 2
+
+    whole = saved_tensor_bytes(lambda: step([]))["bytes"]
+    chosen = saved_tensor_bytes(lambda: step(["u_embed"]))["bytes"]
+    # Its two 64 x 1024 float64 intermediates (the SiLU's input and output) are no longer kept.
+    assert whole - chosen >= 2 * 64 * 1024 * 8, (whole, chosen)
+    step([]).backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    step(["u_embed"]).backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], rtol=1e-12, atol=1e-14, msg=n)
 
 
 def test_the_profile_sees_what_the_dual_forward_saves_with_lazy_group_norms():

@@ -23,7 +23,7 @@ Shapes: t, u, t_dot, u_dot: [B]; x, x_dot: [B, *D]; returns (f~, JVP f~), both [
 Layout: ``blocks.py`` which submodules are recomputed (:func:`select_blocks`, :func:`candidate_blocks`),
 ``call.py`` one dual call (:func:`dual_call`: the forward patching, checkpointed blocks and row slices),
 ``dualized.py`` :func:`dualize`, :class:`DualizedModel`, :func:`as_dual_model`; ``tensor.py`` the DualTensor
-and the dispatch, ``rules/`` the dual rules, ``plan.py`` the measured choice of blocks, ``attention.py`` the
+and the dispatch, ``rules/`` the dual rules, ``plan.py`` the measured choice of blocks (``profile.py`` its profile), ``attention.py`` the
 lazy attention and GroupNorm nodes, ``traced.py`` the dual forward under torch.compile (one graph node traced by
 AOTAutograd). This package re-exports every name of blocks.py, call.py and
 dualized.py (``WRAPPER_SHARE`` read and set through to blocks.py) and defines :func:`register_rule`.
@@ -66,7 +66,6 @@ from sgflow.autodual.blocks import (  # noqa: F401 - re-exported
     select_blocks,
 )
 from sgflow.autodual.call import (  # noqa: F401 - re-exported
-    _any_dual,
     _cat_rows,
     _check_tangents,
     _checkpointed,

@@ -74,12 +74,6 @@ def _patched(model: nn.Module, blocks: Sequence[str], splits: dict | None = None
         yield
 
 
-def _any_dual(args, kwargs) -> bool:
-    from sgflow.autodual.tensor import has_dual
-
-    return has_dual(args, kwargs)
-
-
 def _wrap_forward(orig, path: str, is_block: bool, split=None):
     @functools.wraps(orig)
     def forward(*args, **kwargs):
@@ -90,7 +84,10 @@ def _wrap_forward(orig, path: str, is_block: bool, split=None):
                 return forward(*args, **kwargs)
         ctx.stack.append(path)
         try:
-            if is_block and not ctx.in_block and torch.is_grad_enabled() and _any_dual(args, kwargs):
+            # A chosen block is checkpointed whether or not its inputs carry a tangent: one called with plain
+            # inputs (an embedding of u, whose tangent is zero) runs a plain forward, which saves as much as
+            # flow matching's there.
+            if is_block and not ctx.in_block and torch.is_grad_enabled():
                 ctx.in_block = True
                 try:
                     slices = _row_slices(split, args, kwargs) if split is not None else None
@@ -211,9 +208,15 @@ def _row_slices(split, args, kwargs):
     if n < split.chunks or any(a.shape[0] != n for a in named):
         return None
     bounds = [n * j // split.chunks for j in range(split.chunks + 1)]
-    return [([a.narrow(0, lo, hi - lo) if i in split.args else a for i, a in enumerate(args)],
-             {k: a.narrow(0, lo, hi - lo) if k in split.kwargs else a for k, a in kwargs.items()})
-            for lo, hi in zip(bounds[:-1], bounds[1:])]
+    # One split per input (one backward node gathering the slices' gradients), not a narrow per slice: the
+    # narrows' backward ran after every slice's too (autograd runs the nodes made later first) and then
+    # padded each slice's gradient to the input's size and added it in; the split's cat makes it once.
+    sizes = [hi - lo for lo, hi in zip(bounds[:-1], bounds[1:])]
+    pieces = {("a", i): a.split(sizes) for i, a in enumerate(args) if i in split.args}
+    pieces.update({("k", k): a.split(sizes) for k, a in kwargs.items() if k in split.kwargs})
+    return [([pieces[("a", i)][j] if ("a", i) in pieces else a for i, a in enumerate(args)],
+             {k: pieces[("k", k)][j] if ("k", k) in pieces else a for k, a in kwargs.items()})
+            for j in range(split.chunks)]
 
 
 def _cat_rows(outs, path: str):

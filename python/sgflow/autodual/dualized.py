@@ -124,7 +124,8 @@ class DualizedModel(nn.Module):
         :class:`~sgflow.autodual.plan.OverBudgetError` (no plan is kept)."""
         import warnings
 
-        from sgflow.autodual.plan import BudgetWarning, OverBudgetError, profile_blocks
+        from sgflow.autodual.plan import BudgetWarning, OverBudgetError
+        from sgflow.autodual.profile import profile_blocks
 
         inner = _inner(self.module)
         plan = profile_blocks(inner, (t, u, x), (t_dot, u_dot, x_dot), candidate_blocks(inner),
