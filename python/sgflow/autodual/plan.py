@@ -49,21 +49,19 @@ choice that meets the budget is kept (:func:`choose_blocks`). Without the bound,
 recomputes the whole backbone behind a wrapper (it frees the most bytes) and then holds all of it again
 in backward: 2.1x flow matching on a DiT. A candidate whose inputs carry no tangent (an embedding of u)
 runs a plain forward; recomputed, it is checkpointed like the others (its saved bytes are flow matching's
-there). Measured peaks with the default 0.5,
-x flow matching's (ATen ops of the step with Adam x flow matching's; 3x32x32): DiT depth 6 hidden 64
-batch 8 0.486 (2.5), hidden 128 batch 16 0.486 (2.5); EDM channel_mult 1,2,2 batch 8 0.483 (2.0), defaults
-batch 16 0.477 (2.6); ADM channel_mult 1,2,2 batch 16 0.495 (2.1); diffusers' UNet2DModel
+there). Measured peaks with the default 0.5, x flow matching's (ATen ops of the step with Adam x flow
+matching's; ``benchmarks/memory.py``, CPU, 3x32x32): ADM channel_mult 1,2,2 batch 8 0.496 (2.1); EDM
+channel_mult 1,2,2 batch 8 0.483 (2.0); DiT depth 6 hidden 64 batch 8 0.498 (2.5); diffusers' UNet2DModel
 (block_out_channels 64, 128, 128, batch 16) 0.458 (2.2), its DiTTransformer2DModel (6 layers of 4 x 32,
 batch 16) 0.487 (2.4); the cifar10 U-Net (sgflow.nn) batch 16 0.494 (1.8). The token-attention MLP (hidden
-256, depth 4, batch 4096) is over budget by its estimate and measures 0.557 (4.0), near what recomputation
-and row slices can reach there: in the backward of its third block (in 4 row slices) the step holds the
-inputs of the blocks before it and the embedding every block reads (40 MiB) and the intermediates of the
-embedding of u (8.5 MiB: u has no tangent, so that branch runs a plain forward, never recomputed), the
-gradients of the residual stream, of that embedding and of the later parameters (17.5 MiB), one slice's
-intermediates and backward with its parameters' gradients (20 MiB) and the slices' input gradients made
-whole (9.6 MiB): 96 MiB
-against flow matching's 173.5 MiB; the final LayerNorm's backward (24 MiB of temporaries over what is
-held by then) sets 96.7 MiB.
+256, depth 4, batch 4096) is estimated at 0.4997 and measures 0.505 (3.6): in the backward of its third
+block's last row slice (of 4) the step holds the inputs of that block and of the blocks before it, with
+the embedding every block reads (40 MiB), the gradients of its output and of that embedding (16 MiB), the
+three other slices' input gradients, not gathered yet (12 MiB), and one slice's intermediates and
+backward (19.6 MiB): 87.6 MiB against flow matching's 173.5. Checkpointing the embedding of u (whose
+inputs carry no tangent) and a leaner dual LayerNorm backward took it from 0.557. Not reached: a variant of
+the estimate charging the gathered slice gradients exactly, with up to 8 slices, chose a plan measuring
+0.527 (gathering a block's slices' input gradients holds them and their concatenation at once).
 Where no choice meets the budget, :class:`~sgflow.autodual.DualizedModel` warns once
 (:class:`BudgetWarning`, with the plan's table) or, with ``strict_budget=True``, raises
 :class:`OverBudgetError`.
