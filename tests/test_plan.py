@@ -300,8 +300,9 @@ def test_profile_finds_which_blocks_map_rows_to_rows(monkeypatch):
     model = _RowNet().double().train()
     plan = sgflow.dualize(model).make_plan(*_inputs(6))
     rows = {c.path: c.rows for c in plan.costs if c.parent is None}
-    assert rows["ln"] == RowSplit(1, (0,), ()) and rows["out"] == RowSplit(1, (0,), ())
-    assert rows["mix"] == RowSplit(1, (0,), ())  # the table (8 rows) goes whole to every slice
+    # h is read again after ln and mix (the residual sums): shared, narrowed per slice; out's input is not.
+    assert rows["ln"] == RowSplit(1, (0,), (), (0,)) and rows["out"] == RowSplit(1, (0,), ())
+    assert rows["mix"] == RowSplit(1, (0,), (), (0,))  # the table (8 rows) goes whole to every slice
     assert rows["bn"] is None  # batch statistics
     assert rows["drop"] is None  # draws a mask
     # At batch 8 the table has the batch's leading size: slicing it changes the result, so no slices.
@@ -313,10 +314,13 @@ def test_profile_finds_which_blocks_map_rows_to_rows(monkeypatch):
     assert rows["bn"] is not None and rows["drop"] is not None
 
 
+@pytest.mark.parametrize("shared", [pytest.param(True, id="profiled-shared"), pytest.param(False, id="all-split")])
 @pytest.mark.parametrize("batch", [pytest.param(7, id="b7-uneven"), pytest.param(2, id="b2")])
-def test_row_sliced_blocks_give_the_reference_gradients(batch, monkeypatch):
+def test_row_sliced_blocks_give_the_reference_gradients(batch, shared, monkeypatch):
     """Every row-map block recomputed in 4 row slices: loss and gradients equal the JVP reference to
-    1e-10 (float64); parameters reached as a module attribute (the table) get their gradient."""
+    1e-10 (float64); parameters reached as a module attribute (the table) get their gradient. Inputs read
+    again after a block are narrowed per slice (``RowSplit.shared``, as profiled), the others gathered by
+    one split; ``all-split`` gathers every one."""
     import sgflow.autodual.plan as plan_mod
 
     monkeypatch.setattr(plan_mod, "MIN_ROW_SLICE_GAIN", 0)  # slice even these few-KiB blocks
@@ -338,7 +342,8 @@ def test_row_sliced_blocks_give_the_reference_gradients(batch, monkeypatch):
     rows = {c.path: c.rows for c in dual.plan.costs if c.parent is None and c.rows is not None}
     assert {"ln", "mix", "out"} <= set(rows), rows
     dual.blocks = list(rows)
-    dual.splits = {p: RowSplit(4, r.args, r.kwargs) for p, r in rows.items()}
+    assert rows["ln"].shared == (0,)
+    dual.splits = {p: RowSplit(4, r.args, r.kwargs, r.shared if shared else ()) for p, r in rows.items()}
     loss, got = grads(dual)
     ref_loss, ref = grads(None)
     assert torch.allclose(loss, ref_loss, rtol=1e-12, atol=0)
@@ -545,10 +550,12 @@ def test_the_estimate_holds_a_shared_input_once_and_frees_later_blocks_in_backwa
     # hold their inputs only (36 MiB); recomputing it would cost a forward for nothing.
     chosen = choose_blocks(costs, 0, 0, budget=0.45, timeline=timeline)
     assert chosen.blocks == ["a", "b"] and chosen.estimate() == 36 * MiB and chosen.target == 45 * MiB
-    # In 2 row slices c's live half is 10 MiB, plus its inputs' gradients made whole per slice (4 MiB here).
+    # In 2 row slices c's live half is 10 MiB, plus the first slice's gradients of the inputs the slices
+    # gather while the second runs (half of 4 MiB here).
     timeline.windows["c"] = [Call(21, 30, (3, emb), live=20 * MiB, scratch=0, own_scratch=0, slice_grads=4 * MiB)]
     assert plan("abc", {"c": RowSplit(2, (0,), ())}).estimate() == 36 * MiB  # now b's backward sets it: 16 + 20
-    assert plan("c", {"c": RowSplit(2, (0,), ())}).estimate() == (52 + 10 + 4) * MiB
+    assert plan("c", {"c": RowSplit(2, (0,), ())}).estimate() == (52 + 10 + 2) * MiB
+    assert plan("c", {"c": RowSplit(4, (0,), ())}).estimate() == (52 + 5 + 3) * MiB
 
 
 class _PlainBranchNet(nn.Module):
@@ -600,6 +607,50 @@ def test_a_block_called_without_dual_inputs_is_recomputed_when_chosen():
     step(["u_embed"]).backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref[n], rtol=1e-12, atol=1e-14, msg=n)
+
+
+class _InplaceEmbedNet(nn.Module):
+    """The embedding of u (plain inputs) opens with an in-place SiLU on its input."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(6, 16)
+        self.u_proj = nn.Linear(1, 16)
+        self.u_embed = nn.Sequential(nn.SiLU(inplace=True), nn.Linear(16, 1024), nn.SiLU(), nn.Linear(1024, 16))
+        self.blocks = nn.ModuleList(_LNBlock(16) for _ in range(2))
+        self.out = nn.Linear(16, 6)
+
+    def forward(self, t, u, x):
+        h = self.inp(x) + self.u_embed(self.u_proj(u[:, None]))
+        for b in self.blocks:
+            h = b(h)
+        return self.out(h)
+
+
+def test_a_block_changing_its_input_in_place_is_never_recomputed():
+    """Checkpointed, a block that changes an input in place (``SiLU(inplace=True)`` first) fails in
+    backward (the input it saved was modified): the plan chose this u embedding, the largest saver, and the
+    step raised. The profile sees the input's version change and never chooses it; the step runs and
+    gives the gradients of the plain forward."""
+    from sgflow.autodual import dual_call
+
+    torch.manual_seed(0)
+    model = _InplaceEmbedNet().double()
+    t, u, x, t_dot, u_dot, x_dot = _inputs(64)
+    plan = sgflow.dualize(model, budget=0.05).make_plan(t, u, x, t_dot, u_dot, x_dot)
+    costs = {c.path: c for c in plan.costs}
+    assert costs["u_embed"].mutates_inputs and not costs["blocks.0"].mutates_inputs
+    assert "u_embed" not in plan.blocks and plan.blocks
+
+    def grads(blocks):
+        model.zero_grad(set_to_none=True)
+        out, out_dot = dual_call(model, (t, u, x), (t_dot, u_dot, x_dot), blocks=blocks)
+        ((out.square().sum() + out_dot.square().sum()) / 2).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    ref, got = grads([]), grads(plan.blocks)
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-12, atol=1e-14, msg=n)
 
 
 def test_the_profile_sees_what_the_dual_forward_saves_with_lazy_group_norms():

@@ -198,7 +198,8 @@ def _from_plain(tensors, layout):
 
 
 def _row_slices(split, args, kwargs):
-    """``split.chunks`` pairs (args, kwargs), the inputs ``split`` names sliced along dim 0; None where
+    """``split.chunks`` pairs (args, kwargs) (an iterator: a shared input's slice is made as its slice runs),
+    the inputs ``split`` names sliced along dim 0; None where
     this call does not fit the layout the profile saw (then the block runs whole, as recomputed blocks
     always may)."""
     named = [args[i] for i in split.args if i < len(args)] + [kwargs[k] for k in split.kwargs if k in kwargs]
@@ -208,15 +209,25 @@ def _row_slices(split, args, kwargs):
     if n < split.chunks or any(a.shape[0] != n for a in named):
         return None
     bounds = [n * j // split.chunks for j in range(split.chunks + 1)]
-    # One split per input (one backward node gathering the slices' gradients), not a narrow per slice: the
-    # narrows' backward ran after every slice's too (autograd runs the nodes made later first) and then
-    # padded each slice's gradient to the input's size and added it in; the split's cat makes it once.
+    # An input read only here: one split (one backward node gathering the slices' gradients once); narrows
+    # made before the slices ran backward after every slice's too (autograd runs the nodes made later
+    # first) and padded each slice's gradient to the input's size. An input read again after the block
+    # (``split.shared``: an embedding every later block reads) has its gradient accumulating already when
+    # this block's backward runs: a narrow per slice, made just before that slice, adds the slice's
+    # gradient into it right after the slice's backward, instead of holding every slice's to the end.
     sizes = [hi - lo for lo, hi in zip(bounds[:-1], bounds[1:])]
-    pieces = {("a", i): a.split(sizes) for i, a in enumerate(args) if i in split.args}
-    pieces.update({("k", k): a.split(sizes) for k, a in kwargs.items() if k in split.kwargs})
-    return [([pieces[("a", i)][j] if ("a", i) in pieces else a for i, a in enumerate(args)],
-             {k: pieces[("k", k)][j] if ("k", k) in pieces else a for k, a in kwargs.items()})
-            for j in range(split.chunks)]
+    shared = set(split.shared)
+    pieces = {("a", i): a.split(sizes) for i, a in enumerate(args) if i in split.args and i not in shared}
+    pieces.update({("k", k): a.split(sizes) for k, a in kwargs.items() if k in split.kwargs and k not in shared})
+
+    def piece(kind, key, a, j):
+        if (kind, key) in pieces:
+            return pieces[(kind, key)][j]
+        sliced = key in split.args if kind == "a" else key in split.kwargs
+        return a.narrow(0, bounds[j], sizes[j]) if sliced else a
+
+    return (([piece("a", i, a, j) for i, a in enumerate(args)], {k: piece("k", k, a, j) for k, a in kwargs.items()})
+            for j in range(split.chunks))
 
 
 def _cat_rows(outs, path: str):

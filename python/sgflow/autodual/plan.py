@@ -29,7 +29,7 @@ B's end and read after it: B's output, the skips, an embedding; a ``cat`` passes
 as views that hold its whole output gradient), the parameters' gradients made by then, and B's own
 backward: its intermediates (live again if it is recomputed, one slice's in row slices) and what its
 backward makes beyond them (the measure; :data:`BACKWARD_SCRATCH` of it for a recomputed block,
-:data:`ROW_SLICE_GRADS` for its inputs' gradients in row slices). :meth:`BlockPlan.estimate` is the largest
+in row slices the gradients of the inputs the slices gather). :meth:`BlockPlan.estimate` is the largest
 of these over the blocks not inside a recomputed one. Flow matching's peak is estimated the same way
 on the plain forward's timeline (nothing recomputed), and the budget is a fraction of it
 (:attr:`BlockPlan.reference`). Estimate / measured peak (the peak tensor bytes of one step with Adam over
@@ -80,12 +80,13 @@ The profile itself (hooks, dispatch-mode record, each candidate's backward measu
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 __all__ = ["BlockCost", "BlockPlan", "Call", "RowSplit", "Timeline", "choose_blocks",
-           "ELEMENTWISE_FLOPS_PER_BYTE", "BACKWARD_SCRATCH", "BACKWARD_LIVE_FACTOR", "ROW_SLICE_GRADS",
+           "ELEMENTWISE_FLOPS_PER_BYTE", "BACKWARD_SCRATCH", "BACKWARD_LIVE_FACTOR",
            "MAX_ROW_SLICES", "MIN_ROW_SLICE_GAIN",
            "MIN_PLANNED_BYTES", "ROW_SLICE_OVERHEAD", "BudgetWarning", "OverBudgetError"]
 
@@ -111,13 +112,6 @@ MIN_ROW_SLICE_GAIN = 2**20
 # on a DiT block, 0.4-0.8 on the token-attention MLP's).
 BACKWARD_SCRATCH = 0.9
 BACKWARD_LIVE_FACTOR = 0.3
-# A block run in row slices gathers its inputs' gradients: the slices' gradients are held until every slice
-# has run (one split per input; autograd runs its backward after the slices'), then concatenated. On top of
-# one slice's backward the measured peaks hold this many times the inputs' bytes (0.5-0.6 on diffusers
-# ResNet blocks, 0.5-0.9 on the token-attention MLP's blocks, 1.0 on an ADM ResNet block, 2.4 on a DiT
-# block's 1 MiB; measured with a narrow per slice, whose backward also ran after every slice's: the split
-# measured the same peaks on the MLP with 3-4% fewer ATen ops).
-ROW_SLICE_GRADS = 0.6
 
 
 class BudgetWarning(UserWarning):
@@ -138,6 +132,9 @@ class RowSplit:
     chunks: int
     args: tuple = ()
     kwargs: tuple = ()
+    # Of those, the ones read again after the block (positions and names: an embedding every later block
+    # reads): narrowed per slice just before it runs, not gathered by one split (call._row_slices).
+    shared: tuple = ()
 
 
 @dataclass
@@ -153,6 +150,9 @@ class BlockCost:
     flops: int = 0  # matmul/conv FLOPs of its dual forward (2x the plain forward's)
     rows: RowSplit | None = None  # the inputs to slice where it maps rows to rows (chunks=1), else None
     batch: int = 0  # the leading size of those inputs
+    # It changed one of its inputs in place (``SiLU(inplace=True)`` first): never recomputed (checkpoint's
+    # backward would find that input modified). DualTensor inputs cannot be: the dual dispatch refuses.
+    mutates_inputs: bool = False
 
     @property
     def cost(self) -> float:
@@ -167,7 +167,7 @@ class Call(NamedTuple):
     inputs: tuple  # the storage ids of its tensor inputs (a dual input's primal and tangent)
     live: int  # bytes saved within it besides its inputs (each storage once): live again if recomputed
     grads: int = 0  # gradients live in its backward besides its own: flowing around it, the parameters'
-    slice_grads: int = 0  # what its inputs' gradients add to its backward in row slices (ROW_SLICE_GRADS)
+    slice_grads: int = 0  # bytes of its inputs that row slices gather (RowSplit: sliced, not shared), taking a gradient
     scratch: int = -1  # what its backward makes beyond its intermediates (its own graph's or an inner call's)
     own_scratch: int = -1  # the same for its own ops (not those of the candidates inside it)
     params: int = 0  # its parameters' bytes: their gradients, in its measure, are whole in row slices too
@@ -243,10 +243,13 @@ class Timeline:
                         int(BACKWARD_LIVE_FACTOR * call.live)
                     own = max(call.live + scratch, call.inner)
                     params = min(call.params, own)
-                    # In row slices the parameters' gradients are whole from the first slice on, and each
-                    # slice's are added into them.
+                    # In row slices the parameters' gradients are whole from the first slice on, each
+                    # slice's added into them, and the slices' gradients of the inputs one split gathers are
+                    # held until the last slice has run: (k-1)/k of them during it. (A shared input's slices'
+                    # gradients go into its accumulating gradient slice by slice; the gathering itself,
+                    # after the last slice, has freed the slices and the output's gradient: not the peak.)
                     here = held_at(call.start) + call.grads + (own - params) // k + params \
-                        + (call.slice_grads + params if k > 1 else 0)
+                        + (call.slice_grads * (k - 1) // k + params if k > 1 else 0)
                 else:  # kept: what was held up to its end, the gradients around it, its own ops' temporaries
                     here = held_at(call.end) + call.grads + max(call.own_scratch, 0)
                 yield path, call, here
@@ -378,7 +381,7 @@ def choose_blocks(costs: list, outside_kept: int, outside_plain: int, budget: fl
     block's intermediates live again). That second term makes a greedy choice by bytes freed blind:
     recomputing the whole backbone frees the most bytes and is live whole again in backward. So for each
     bound ``L`` on the blocks' size (the candidates' own sizes, ascending), only candidates keeping at
-    most ``L`` are eligible, and among them the
+    most ``L`` (and not changing an input in place: ``BlockCost.mutates_inputs``) are eligible, and among them the
     greedy choice recomputes the candidate that lowers the kept bytes most per unit of added cost
     (:attr:`BlockCost.cost`; a block replacing its chosen descendants) until the estimate is at most
     ``budget`` x flow matching's (:attr:`BlockPlan.target`). Then, while it
@@ -409,7 +412,7 @@ def choose_blocks(costs: list, outside_kept: int, outside_plain: int, budget: fl
         bounds = [bounds[(len(bounds) - 1) * i // (MAX_PLAN_BOUNDS - 1)] for i in range(MAX_PLAN_BOUNDS)]
     plans = [base]
     for bound in bounds:
-        chosen = tree.greedy({i for i, c in enumerate(costs) if c.kept <= bound},
+        chosen = tree.greedy({i for i, c in enumerate(costs) if c.kept <= bound and not c.mutates_inputs},
                              lambda ch: base.estimate(costs[i].path for i in ch), target)
         plan = new_plan(c.path for i, c in enumerate(costs) if i in chosen)
         if split_rows:
@@ -447,7 +450,7 @@ def _split(plan: BlockPlan, target: float) -> None:
         n = plan.splits[top.path].chunks * 2 if top.path in plan.splits else 2
         if top.rows is None or n > MAX_ROW_SLICES or top.batch < n or plan._live(top) - top.kept // n < MIN_ROW_SLICE_GAIN:
             break
-        plan.splits[top.path] = RowSplit(n, top.rows.args, top.rows.kwargs)
+        plan.splits[top.path] = dataclasses.replace(top.rows, chunks=n)
 
 
 def _prune(plan: BlockPlan, target: float) -> None:
@@ -467,7 +470,7 @@ def _prune(plan: BlockPlan, target: float) -> None:
         while path in plan.splits:
             split = plan.splits[path]
             if split.chunks > 2:
-                plan.splits[path] = RowSplit(split.chunks // 2, split.args, split.kwargs)
+                plan.splits[path] = dataclasses.replace(split, chunks=split.chunks // 2)
             else:
                 del plan.splits[path]
             if plan.estimate() > target:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import dataclasses
 import functools
 
 import torch
@@ -51,6 +52,7 @@ class _Saved:
         self.windows: dict[str, list] = {}  # path -> [(start, end, input storage ids, backward scratch)]
         self.clock = 0
         self.checking = False  # a candidate's row check runs (its ops are no part of the forward)
+        self.row_ids: dict = {}  # path -> {sliced position or name: its storage ids}, from the first call
 
     def tick(self) -> int:
         self.clock += 1
@@ -161,11 +163,19 @@ class _Uses(TorchDispatchMode):
             self.read[uid] = now
         return out
 
-    def slice_grads(self, inputs) -> int:
-        """What a call's inputs' gradients add to its backward when it runs in row slices (the slices'
-        gradients of an input held until every slice has run, then concatenated):
-        :data:`~sgflow.autodual.plan.ROW_SLICE_GRADS` x the inputs' bytes (those that take a gradient)."""
-        return int(_plan.ROW_SLICE_GRADS * sum(self.saved.sizes[u] for u in inputs if u in self.read))
+    def shared_rows(self, path: str, costs: dict) -> int:
+        """Mark the sliced inputs of candidate ``path`` that are read again after its first call
+        (``RowSplit.shared``: narrowed per slice, their gradient accumulating from those later reads); return
+        the bytes of the others that take a gradient: what its row slices gather (``Call.slice_grads``)."""
+        c = costs[path]
+        ids = self.saved.row_ids.get(path)
+        if c.rows is None or ids is None:
+            return 0
+        end = self.saved.windows[path][0][1]
+        shared = tuple(key for key, uids in ids.items() if any(self.read.get(u, -1) > end for u in uids))
+        c.rows = dataclasses.replace(c.rows, shared=shared)
+        gathered = {u for key, uids in ids.items() if key not in shared for u in uids}
+        return sum(self.saved.sizes[u] for u in gathered if u in self.read)
 
     def grads_across(self, calls) -> list[int]:
         """Per call ``(start, end, ...)``: the bytes of the gradients live in its backward that flow
@@ -234,6 +244,17 @@ def _rng_states(args, kwargs) -> list:
     """The CPU RNG state and that of the CUDA devices of the tensor inputs (to see whether a block draws)."""
     devs = {a.device for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor) and a.device.type == "cuda"}
     return [torch.random.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in sorted(devs, key=str)]
+
+
+def _versions(tree) -> list:
+    """The version counters of the tensors in ``tree`` (a DualTensor's primal and tangent)."""
+    def version(p):
+        try:
+            return p._version
+        except RuntimeError:  # an inference tensor: no counter (and no gradient to protect)
+            return None
+
+    return [version(p) for a in tree_flatten(tree)[0] if not _lazy(a) for p in _parts(a) if isinstance(p, torch.Tensor)]
 
 
 def _parts(a):
@@ -335,10 +356,12 @@ def _profiling(model: nn.Module, paths, saved: _Saved, costs: dict, dual: bool, 
             if dual:
                 c.boundary += saved.unique_bytes(inputs)
                 rng = _rng_states(args, kwargs)
+                versions = _versions((args, kwargs))
             saved.stack.append(path)
             try:
                 if dual:
                     out = orig(*args, **kwargs)
+                    c.mutates_inputs = c.mutates_inputs or versions != _versions((args, kwargs))
                 else:
                     # Counted on the plain pass, outside the dual rules' custom ops, whose FLOPs the
                     # counter does not know. A dual forward runs each
@@ -360,6 +383,9 @@ def _profiling(model: nn.Module, paths, saved: _Saved, costs: dict, dual: bool, 
                 finally:
                     checking.pop()
                     saved.checking = False
+                if c.rows is not None:
+                    saved.row_ids[path] = {**{i: saved.input_ids(args[i]) for i in c.rows.args},
+                                           **{k: saved.input_ids(kwargs[k]) for k in c.rows.kwargs}}
             scratch = _backward_scratch(saved, start, end, inputs, (args, kwargs), out, mods[path])
             saved.windows.setdefault(path, []).append((start, end, inputs, scratch))
             return _detach(out)
@@ -370,10 +396,11 @@ def _profiling(model: nn.Module, paths, saved: _Saved, costs: dict, dual: bool, 
         yield
 
 
-def _timeline(saved: _Saved, uses: _Uses, paths, params: dict) -> Timeline:
+def _timeline(saved: _Saved, uses: _Uses, paths, params: dict, gathered: dict) -> Timeline:
     """A profiled forward's :class:`Timeline`. In a call's backward, besides what is held: the gradients
     flowing around it, and those of the parameters read after it (made by then, kept to the end of the
-    step; its own parameters' are in its measure)."""
+    step; its own parameters' are in its measure). ``gathered``: per path, the bytes its row slices
+    gather (:meth:`_Uses.shared_rows`)."""
     param_uses = sorted(saved.param_uses.values())
     timeline = Timeline(sizes=saved.sizes, saves=saved.events)
     calls = [(p, w) for p in paths for w in saved.windows.get(p, [])]
@@ -387,7 +414,7 @@ def _timeline(saved: _Saved, uses: _Uses, paths, params: dict) -> Timeline:
             inner = [v for _, v in calls if start < v[0] and v[1] < end]
             timeline.windows[p].append(Call(
                 start, end, ins, saved.unique_bytes(saved.in_windows([(start, end)]) - set(ins)),
-                grads[id(w)] + pgrads[id(w)], uses.slice_grads(ins),
+                grads[id(w)] + pgrads[id(w)], gathered.get(p, 0),
                 # A call's backward runs those of the calls inside it: the largest of their measures.
                 max([v[3] for v in inner] + [scratch]) if scratch >= 0 else -1, scratch, params[p],
                 _inner_peak(saved, times, w, inner, grads, pgrads)))
@@ -452,8 +479,9 @@ def profile_blocks(model: nn.Module, inputs, tangents, candidates, run_dual, bud
     mods = dict(model.named_modules())
     param_bytes = {p: sum(q.numel() * q.element_size() for q in mods[p].parameters() if q.requires_grad)
                    for p in candidates}
-    timeline = _timeline(dual, uses, candidates, param_bytes)
-    flow = _timeline(plain, plain_uses, candidates, param_bytes)
+    gathered = {p: uses.shared_rows(p, costs) for p in candidates}
+    timeline = _timeline(dual, uses, candidates, param_bytes, gathered)
+    flow = _timeline(plain, plain_uses, candidates, param_bytes, {})
     timeline.plain = flow.plain = plain.unique_bytes(e[1] for e in plain.events)
     timeline.plain_peak = flow.peak(set(), {}, candidates)[1]
     return choose_blocks([costs[p] for p in candidates], dual.owned(""), plain.owned(""), budget, split_rows, timeline)
