@@ -33,7 +33,7 @@ J (w v) that kernel with gamma = w. The op runs: forward ``native_group_norm`` (
 backward on x_dot (dh, times w per channel); backward ``native_group_norm`` again (xh, mu, r), the
 kernel backward on G (dx's J^T a, dw's sum G xh, db) and on Gd (dx_dot = J^T c) and on x_dot (dh),
 then the second-order term -(r/n) (D xh + C dh + B dx_dot) with per-(sample, group) sums
-B = <xh, x_dot>, C = <c, xh>, D = <c, dh> (bmm, no temporaries). PyTorch gives the kernel backward no
+B = <xh, x_dot>, C = <c, xh>, D = <c, dh> (products into one reused scratch, then sums). PyTorch gives the kernel backward no
 derivative: first order only (once_differentiable, a double backward raises). Inputs are made contiguous for the kernels (their backward reads mixed
 memory formats wrongly).
 
@@ -119,9 +119,15 @@ def _native_forward(x, x_dot, weight, bias, num_groups, eps):
     return y.to(x.dtype), t.to(x.dtype)
 
 
-def _group_dot(a: torch.Tensor, b: torch.Tensor, rows: int) -> torch.Tensor:
-    """Sums of ``a * b`` over each of ``rows`` contiguous blocks -> [rows, 1, 1] (one bmm, no temporary)."""
-    return torch.bmm(a.reshape(rows, 1, -1), b.reshape(rows, -1, 1))
+def _group_dot(a: torch.Tensor, b: torch.Tensor, rows: int, scratch: torch.Tensor) -> torch.Tensor:
+    """Sums of ``a * b`` over each of ``rows`` contiguous blocks -> [rows, 1, 1], the products written into
+    ``scratch`` (a's size, reused by every sum of one backward). Not a bmm of [rows, 1, n] by [rows, n, 1]:
+    with one-element outputs it ran 4-5x slower on CPU (0.56 against 0.11-0.13 ms for 64 x 4096 fp32, one
+    thread; 11% of an EDM block's dual GroupNorm backward). ``scratch`` None (under vmap, which has no
+    ``out=`` rule): a temporary product."""
+    a2, b2 = a.reshape(rows, -1), b.reshape(rows, -1)
+    prod = torch.mul(a2, b2) if scratch is None else torch.mul(a2, b2, out=scratch.view(rows, -1))
+    return prod.sum(1).view(rows, 1, 1)
 
 
 class GroupNormDual(torch.autograd.Function):
@@ -177,16 +183,20 @@ def _native_backward(ctx, g, g_dot):
             u = _aten.native_group_norm_backward(gda, xa, mean, rstd, w, n, c, hw, ng, [True, False, False])[0]
         if need_x or need_w:  # x̂_dot = J x_dot
             t = _aten.native_group_norm_backward(da, xa, mean, rstd, None, n, c, hw, ng, [True, False, False])[0]
+        # Freed before dx's accumulator is made: no more held at once than before.
+        scratch = torch.empty_like(xh) if (need_w or need_x) and not torch._C._are_functorch_transforms_active() \
+            else None
         if need_w:
-            gw = _group_dot(gda, t, n * c).reshape(n, c).sum(0)
+            gw = _group_dot(gda, t, n * c, scratch).reshape(n, c).sum(0)
             dw = gw if dw is None else dw + gw
         if need_x:
             rows = n * ng
             h = gda if w is None else gda * _per_channel(w, gda)
             k = rstd.reshape(rows, 1, 1) * (-1.0 / (c // ng * hw))
-            bb = _group_dot(xh, da, rows) * k
-            cc = _group_dot(h, xh, rows) * k
-            dd = _group_dot(h, t, rows) * k
+            bb = _group_dot(xh, da, rows, scratch) * k
+            cc = _group_dot(h, xh, rows, scratch) * k
+            dd = _group_dot(h, t, rows, scratch) * k
+            del h, scratch
             acc_x = torch.mul(xh.reshape(rows, -1), dd.reshape(rows, 1))
             acc_x.addcmul_(t.reshape(rows, -1), cc.reshape(rows, 1)).addcmul_(u.reshape(rows, -1), bb.reshape(rows, 1))
             dx = acc_x.reshape(xa.shape) if dx is None else dx.add_(acc_x.reshape(xa.shape))
