@@ -50,18 +50,14 @@ recomputes the whole backbone behind a wrapper (it frees the most bytes) and the
 in backward: 2.1x flow matching on a DiT. A candidate whose inputs carry no tangent (an embedding of u)
 runs a plain forward; recomputed, it is checkpointed like the others (its saved bytes are flow matching's
 there). Measured peaks with the default 0.5, x flow matching's (ATen ops of the step with Adam x flow
-matching's; ``benchmarks/memory.py``, CPU, 3x32x32): ADM channel_mult 1,2,2 batch 8 0.496 (2.1); EDM
+matching's; ``benchmarks/memory.py``, CPU, 3x32x32, efc1456): ADM channel_mult 1,2,2 batch 8 0.496 (2.1); EDM
 channel_mult 1,2,2 batch 8 0.483 (2.0); DiT depth 6 hidden 64 batch 8 0.498 (2.5); diffusers' UNet2DModel
 (block_out_channels 64, 128, 128, batch 16) 0.458 (2.2), its DiTTransformer2DModel (6 layers of 4 x 32,
 batch 16) 0.487 (2.4); the cifar10 U-Net (sgflow.nn) batch 16 0.494 (1.8). The token-attention MLP (hidden
-256, depth 4, batch 4096) is estimated at 0.4997 and measures 0.505 (3.6): in the backward of its third
-block's last row slice (of 4) the step holds the inputs of that block and of the blocks before it, with
-the embedding every block reads (40 MiB), the gradients of its output and of that embedding (16 MiB), the
-three other slices' input gradients, not gathered yet (12 MiB), and one slice's intermediates and
-backward (19.6 MiB): 87.6 MiB against flow matching's 173.5. Checkpointing the embedding of u (whose
-inputs carry no tangent) and a leaner dual LayerNorm backward took it from 0.557. Not reached: a variant of
-the estimate charging the gathered slice gradients exactly, with up to 8 slices, chose a plan measuring
-0.527 (gathering a block's slices' input gradients holds them and their concatenation at once).
+256, depth 4, batch 4096) is estimated at 0.498 and measures 0.496 (3.6): in the backward of its last
+block's last row slice (of 4) the step holds the inputs of the blocks with the embedding every block reads,
+the gradients of the block's output and of that embedding, the other slices' input gradients and one
+slice's intermediates and backward (86.1 MiB against flow matching's 173.5).
 Where no choice meets the budget, :class:`~sgflow.autodual.DualizedModel` warns once
 (:class:`BudgetWarning`, with the plan's table) or, with ``strict_budget=True``, raises
 :class:`OverBudgetError`.
