@@ -197,6 +197,27 @@ def test_fused_equals_reference_float64(name, shape, batch, both_terms):
     print(f"{name}: fused vs reference {err:.2e}; recomputed {dual.blocks}")
 
 
+def test_skip_block_unet_with_its_in_place_sum_equals_reference_float64():
+    """diffusers' skip-block U-Net (the NCSN++ layout: SkipDownBlock2D, AttnSkipUpBlock2D, ...) ends with
+    ``sample += skip_sample``, an in-place op on a tensor carrying a tangent, whose primal and tangent are the
+    two halves of the fused GroupNorm-SiLU-conv op's output buffer (a DualizeError before): the out-of-place
+    sum swapped into the tensor (sgflow.autodual.rules.inplace). Loss and full gradient = reference, default
+    plan and every block recomputed."""
+    torch.manual_seed(SEED)
+    model = build("diffusers-unet", (3, 8, 8), block_out_channels=(32, 64), norm_num_groups=32, layers_per_block=1,
+                  down_block_types=("SkipDownBlock2D", "AttnSkipDownBlock2D"),
+                  up_block_types=("AttnSkipUpBlock2D", "SkipUpBlock2D")).double()
+    x1, kw = _batch((2, 3, 8, 8), seed=11)
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss_ref, _ = sgflow.sgflow_loss(model, x1, **kw)
+    g_ref = _flat(torch.autograd.grad(loss_ref, params, allow_unused=True), params)
+    for blocks in ("auto", "all"):
+        loss_f, _ = sgflow.fused_loss(sgflow.dualize(model, blocks=blocks), x1, **kw)
+        g_f = _flat(torch.autograd.grad(loss_f, params, allow_unused=True), params)
+        assert rel_err(loss_f, loss_ref) <= 1e-10, blocks
+        assert rel_err(g_f, g_ref) <= 1e-10, (blocks, rel_err(g_f, g_ref))
+
+
 @pytest.mark.parametrize("name,shape", [
     pytest.param("diffusers-unet", (3, 6, 10), id="unet-3x6x10-b5"),
     pytest.param("diffusers-dit", (3, 6, 6), id="dit-3x6x6-b5"),

@@ -865,7 +865,7 @@ def test_patches_removed_deepcopy_works_and_dualized_once():
 
 
 def test_patches_removed_after_a_dualize_error():
-    model = _ErrorNet("iadd").double()
+    model = _ErrorNet("iadd-view").double()
     with pytest.raises(sgflow.DualizeError):
         sgflow.fused_loss(model, torch.randn(3, 4, dtype=D64))
     assert _patched_modules(model) == []
@@ -897,10 +897,14 @@ class _ErrorBlock(nn.Module):
 
     def forward(self, h):
         h = self.lin(h)
-        if self.mode == "iadd":
+        if self.mode == "iadd-view":
+            v = h[:, :2]
             h += 1.0
-        elif self.mode == "silu-inplace":
-            h = F.silu(h, inplace=True)
+            h = h + v.sum(1, keepdim=True)
+        elif self.mode == "view-iadd":
+            h[:, :2] += 1.0
+        elif self.mode == "copy":
+            h.copy_(h.detach())
         elif self.mode == "if-compare":
             if h.sum() > 0:
                 h = h * 2.0
@@ -930,8 +934,9 @@ class _ErrorNet(nn.Module):
 
 
 @pytest.mark.parametrize("mode,op", [
-    pytest.param("iadd", r"(__iadd__|add_)", id="x+=y"),
-    pytest.param("silu-inplace", r"silu", id="F.silu-inplace"),
+    pytest.param("iadd-view", r"(__iadd__|add_).*shares its storage", id="x+=y-with-a-view-of-x"),
+    pytest.param("view-iadd", r"(__iadd__|add_|__setitem__)", id="view+=y"),
+    pytest.param("copy", r"copy_", id="x.copy_"),
     pytest.param("if-compare", r"(__bool__|__gt__|\bgt\b)", id="if-h.sum()>0"),
     pytest.param("if-tensor", r"__bool__", id="if-h.sum()"),
     pytest.param("item", r"item", id="item"),
@@ -949,6 +954,115 @@ def test_bad_input_raises_dualize_error_naming_op_and_module(mode, op):
     assert "'blocks.1'" in msg, msg
     assert re.search(op, msg), msg
     assert _patched_modules(model) == []
+
+
+class _InplaceBlock(nn.Module):
+    """In-place ops users write: ``x += y``, ``x *= s``, ``x.mul_(s)``, ``F.silu(x, inplace=True)``,
+    ``nn.ReLU(inplace=True)``, and a second Python reference to the tensor taken before the op."""
+
+    def __init__(self, mutate_input=False):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(6, 6), nn.Linear(6, 6)
+        self.act = nn.ReLU(inplace=True)
+        self.mutate_input = mutate_input
+
+    def forward(self, h):
+        if self.mutate_input:
+            h += 1.0
+        y = F.silu(self.l1(h), inplace=True)
+        y *= 1.5
+        y += h
+        kept = [y]
+        y.mul_(0.5)
+        out = self.act(self.l2(kept[0])) + y
+        return out.clamp_(-2.0, 2.0)
+
+
+class _InplaceNet(nn.Module):
+    def __init__(self, mutate_input=False):
+        super().__init__()
+        self.inp, self.out = nn.Linear(4, 6), nn.Linear(6, 4)
+        self.blocks = nn.ModuleList([_InplaceBlock(), _InplaceBlock(mutate_input)])
+
+    def forward(self, t, u, x):
+        h = self.inp(x) * (1 + t[:, None]) + u[:, None]
+        for block in self.blocks:
+            h = block(h)
+        return self.out(h)
+
+
+@pytest.mark.parametrize("blocks", ["none", "all", "auto"])
+def test_inplace_ops_on_dual_tensors_equal_the_reference(blocks):
+    """In-place ops on tensors carrying a tangent (a DualizeError before): the out-of-place op swapped into
+    the tensor object (sgflow.autodual.rules.inplace), so the second reference sees the new values as with
+    an in-place op. Loss and gradients = the torch.func.jvp reference (float64), with the blocks
+    recomputed or not."""
+    torch.manual_seed(0)
+    model = _InplaceNet().double()
+    x1, kw = gen_batch((7, 4), seed=17)
+    params = list(model.parameters())
+    loss_ref, _ = sgflow.sgflow_loss(model, x1, **kw)
+    g_ref = torch.autograd.grad(loss_ref, params)
+    dual = sgflow.dualize(model, blocks=blocks)
+    loss, _ = sgflow.fused_loss(dual, x1, **kw)
+    g = torch.autograd.grad(loss, params)
+    assert rel_err(loss, loss_ref) <= 1e-12
+    assert max(rel_err(a, b) for a, b in zip(g, g_ref)) <= 1e-10
+    assert dual.last_report.kinds().get("in-place", 0) >= 5, dual.last_report  # +=, *=, mul_, clamp_, silu, relu
+
+
+def test_a_block_changing_its_dual_input_in_place_is_not_recomputed():
+    """``h += 1`` on a block's dual input changes the caller's tensor when the block runs whole. Recomputed
+    (checkpointed), the block gets DualTensors of its own, so the caller's would keep the old values:
+    ``blocks="auto"`` never chooses it (the profile sees the input's primal replaced), and naming it in
+    ``blocks`` raises (the checkpoint's input is shared with the block's DualTensor, or the block's inputs
+    were replaced)."""
+    torch.manual_seed(0)
+    model = _InplaceNet(mutate_input=True).double()
+    x1, kw = gen_batch((7, 4), seed=17)
+    params = list(model.parameters())
+    loss_ref, _ = sgflow.sgflow_loss(model, x1, **kw)
+    g_ref = torch.autograd.grad(loss_ref, params)
+    dual = sgflow.dualize(model, budget=0.01)
+    loss, _ = sgflow.fused_loss(dual, x1, **kw)
+    assert "blocks.1" not in dual.blocks and {c.path: c for c in dual.plan.costs}["blocks.1"].mutates_inputs
+    g = torch.autograd.grad(loss, params)
+    assert max(rel_err(a, b) for a, b in zip(g, g_ref)) <= 1e-10
+    with pytest.raises(sgflow.DualizeError, match=r"blocks\.1.*in[- ]place"):
+        sgflow.fused_loss(sgflow.dualize(model, blocks=["blocks.1"]), x1, **kw)
+
+
+class _PendingNodeNet(nn.Module):
+    """An in-place op on the input of a lazy node not computed yet (a GroupNorm awaiting its SiLU; attention
+    scores awaiting their softmax)."""
+
+    def __init__(self, mode):
+        super().__init__()
+        self.lin, self.gn, self.mode = nn.Linear(8, 8), nn.GroupNorm(2, 8), mode
+
+    def forward(self, t, u, x):
+        h = self.lin(x) * (1 + t[:, None]) + u[:, None]
+        if self.mode == "groupnorm":
+            h4 = h[:, :, None, None] * 1.0
+            y = self.gn(h4)
+            h4 += 1.0
+            return self.lin(F.silu(y)[:, :, 0, 0] + h4[:, :, 0, 0])
+        q = h.view(-1, 2, 4) * 1.0
+        scores = q @ (2 * h).view(-1, 2, 4).transpose(-1, -2)
+        q += 1.0
+        return self.lin((scores.softmax(-1) @ q).reshape(-1, 8))
+
+
+@pytest.mark.parametrize("mode", ["groupnorm", "scores"])
+def test_inplace_on_the_input_of_a_pending_lazy_node_raises(mode):
+    """A lazy node keeps DualTensors of its own for its inputs (``attention.frozen``), which share their
+    storage, so the in-place op refuses as for any tensor sharing its storage. Without them the node,
+    computed after the op, read the input's swapped-in new values, where an eager forward's GroupNorm /
+    scores come before the op: silently wrong."""
+    model = _PendingNodeNet(mode).double()
+    x1, kw = gen_batch((5, 8), seed=3)
+    with pytest.raises(sgflow.DualizeError, match=r"add_.*shares its storage"):
+        sgflow.fused_loss(sgflow.dualize(model, blocks="none"), x1, **kw)
 
 
 class _SinWithJVP(torch.autograd.Function):

@@ -66,6 +66,20 @@ class LazyDual(DualTensor):
         return f"LazyDual({self._kind}, shape={self._lazy_shape})"
 
 
+def frozen(tree):
+    """``tree`` with each computed DualTensor replaced by a new one holding the same primal and tangent: what a
+    lazy node keeps of its inputs. An in-place op on an input later swaps new values into the user's tensor
+    object (rules.inplace); the node, computed after it, must still see the values it was made from."""
+    from torch.utils._pytree import tree_map
+
+    def one(a):
+        if isinstance(a, DualTensor) and not (isinstance(a, LazyDual) and a._cache is None):
+            return make_dual(a._primal, a._tangent)
+        return a
+
+    return tree_map(one, tree)
+
+
 def _is_lazy(x, kind):
     return isinstance(x, LazyDual) and x._cache is None and x._kind == kind
 

@@ -27,6 +27,7 @@ from sgflow.autodual.tensor import (
     DualizeError,
     DualTensor,
     current,
+    current_path,
     dual_context,
     make_dual,
     function_hook,
@@ -116,8 +117,16 @@ def _checkpointed(orig, args, kwargs):
     out_layout = []
 
     def run(*tensors):
-        a, k = tree_unflatten(_from_plain(tensors, layout), spec)
+        leaves = _from_plain(tensors, layout)
+        a, k = tree_unflatten(leaves, spec)
+        duals = [(d, d._primal) for d in leaves if isinstance(d, DualTensor)]
         oflat, ospec = tree_flatten(orig(*a, **k))
+        if any(d._primal is not p for d, p in duals):
+            # An in-place op on a dual input swaps new values into the block's own DualTensor (rules.inplace):
+            # the caller's, outside the checkpoint, would keep the old ones, unlike the same block run whole.
+            raise DualizeError(f"dualize: block {current_path()!r} changes a dual input in place and cannot be "
+                               f"recomputed; leave it out of `blocks` (blocks='auto' never chooses it) or write "
+                               f"the op out of place")
         result, olayout = _to_plain(oflat)
         out_layout[:] = [(olayout, ospec)]
         return tuple(result)

@@ -247,14 +247,20 @@ def _rng_states(args, kwargs) -> list:
 
 
 def _versions(tree) -> list:
-    """The version counters of the tensors in ``tree`` (a DualTensor's primal and tangent)."""
+    """The tensors in ``tree`` (a DualTensor's primal and tangent, as it holds them now) with their version
+    counters: an in-place op bumps the counter, one on a dual tensor swaps in new ones (rules.inplace)."""
     def version(p):
         try:
             return p._version
         except RuntimeError:  # an inference tensor: no counter (and no gradient to protect)
             return None
 
-    return [version(p) for a in tree_flatten(tree)[0] if not _lazy(a) for p in _parts(a) if isinstance(p, torch.Tensor)]
+    return [(p, version(p)) for a in tree_flatten(tree)[0] if not _lazy(a) for p in _parts(a)
+            if isinstance(p, torch.Tensor)]
+
+
+def _changed(before: list, after: list) -> bool:
+    return len(before) != len(after) or any(p is not q or v != w for (p, v), (q, w) in zip(before, after))
 
 
 def _parts(a):
@@ -361,7 +367,7 @@ def _profiling(model: nn.Module, paths, saved: _Saved, costs: dict, dual: bool, 
             try:
                 if dual:
                     out = orig(*args, **kwargs)
-                    c.mutates_inputs = c.mutates_inputs or versions != _versions((args, kwargs))
+                    c.mutates_inputs = c.mutates_inputs or _changed(versions, _versions((args, kwargs)))
                 else:
                     # Counted on the plain pass, outside the dual rules' custom ops, whose FLOPs the
                     # counter does not know. A dual forward runs each

@@ -266,7 +266,7 @@ def dispatch(func, args, kwargs):
     if kwargs.get("inplace") is True or kwargs.get("out") is not None:
         from sgflow.autodual import rules as _r
 
-        rule, kind = _r.inplace_error, "error"
+        rule, kind = _r.inplace, "in-place"
     ctx = current()
     report = ctx.report
     if report is not None and kind != "meta":

@@ -33,9 +33,9 @@ J (w v) that kernel with gamma = w. The op runs: forward ``native_group_norm`` (
 backward on x_dot (dh, times w per channel); backward ``native_group_norm`` again (xh, mu, r), the
 kernel backward on G (dx's J^T a, dw's sum G xh, db) and on Gd (dx_dot = J^T c) and on x_dot (dh),
 then the second-order term -(r/n) (D xh + C dh + B dx_dot) with per-(sample, group) sums
-B = <xh, x_dot>, C = <c, xh>, D = <c, dh> (products into one reused scratch, then sums). PyTorch gives the kernel backward no
-derivative: first order only (once_differentiable, a double backward raises). Inputs are made contiguous for the kernels (their backward reads mixed
-memory formats wrongly).
+B = <xh, x_dot>, C = <c, xh>, D = <c, dh> (products into one reused scratch, then sums). PyTorch gives
+the kernel backward no derivative: first order only (once_differentiable, a double backward raises).
+Inputs are made contiguous for the kernels (their backward reads mixed memory formats wrongly).
 
 Precision: statistics and all arithmetic run in fp32 for fp16/bf16 inputs (in the input dtype
 otherwise); y, y_dot, dx, dx_dot come back in x's dtype, dw / db in the parameters' dtypes. In bf16,

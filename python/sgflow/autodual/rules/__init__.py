@@ -26,7 +26,7 @@ the tables; importing this package does that):
 - ``common``: helpers (``_bind``, ``_fns``, ``_getters``, ``_fit``, ...) and, imported from
   :mod:`sgflow.ops.recompute`, the op-level recomputation ``recompute_op`` / ``_RecomputeOp`` (its row
   slices: ``ROW_SLICES``, ``ROW_SLICE_MIN_NUMEL``);
-- ``structural``: ``meta``, ``nondiff``, ``inplace_error``, ``control_flow_error``, ``linear``, ``affine``;
+- ``structural``: ``meta``, ``nondiff``, ``inplace``, ``inplace_error``, ``control_flow_error``, ``linear``, ``affine``;
 - ``products``: ``product`` (mul, matmul, einsum; lazy attention), addcmul, ``divide``, pow, softmax;
 - ``fusions``: dropout and the GroupNorm+SiLU(+Dropout)(+Conv) fusions;
 - ``conv_linear``: the conv / linear rules (their Functions ``DualConv``, ``DualLinear``: :mod:`sgflow.ops.conv_linear`);
@@ -138,6 +138,7 @@ from sgflow.autodual.rules.structural import (  # noqa: F401
     _METADATA_ARG_OPS,
     affine,
     control_flow_error,
+    inplace,
     inplace_error,
     linear,
     meta,

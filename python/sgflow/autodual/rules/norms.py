@@ -79,8 +79,9 @@ def _group_norm_rule(func, args, kwargs):
     if not isinstance(w, DualTensor) and not isinstance(bias, DualTensor):
         # Lazy: when SiLU follows, the fused GroupNorm+SiLU dual op runs instead (C++ on CPU, Triton on
         # GPU, statistics in fp32); any other use materialises the plain dual GroupNorm below.
-        from sgflow.autodual.attention import LazyDual
+        from sgflow.autodual.attention import LazyDual, frozen
 
+        x = frozen(x)  # what the node was made from, whatever an in-place op does to the input later
         return LazyDual(tuple(xp.shape), xp, "gn", {"x": x, "w": w, "b": bias, "g": g, "eps": eps},
                         lambda: _group_norm_eager(x, w, bias, g, eps))
     return _group_norm_general(x, w, bias, g, eps)

@@ -76,6 +76,8 @@ def _lazy_attention(func, args, kwargs):
         if form == "apply" and la._is_lazy(ops[0], "probs"):
             return _noted(la.probs_matmul(ops[0], ops[1]), "rule:attention (softmax(q k^T) v, fused op)")
         if form == "scores" and all(isinstance(o, torch.Tensor) for o in ops):
+            args = la.frozen(args)
+            ops = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
             return la.scores_node(func, args, kwargs, ops[0], ops[1], lambda: product(func, args, kwargs, lazy=False))
         return None
     if func in _MATMULS and len(args) == 2:
@@ -83,6 +85,8 @@ def _lazy_attention(func, args, kwargs):
         if la._is_lazy(a, "probs") and isinstance(b, torch.Tensor):
             return _noted(la.probs_matmul(a, b), "rule:attention (softmax(q k^T) v, fused op)")
         if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and primal(b).dim() >= 3:
+            args = la.frozen(args)
+            a, b = args
             k = b.mT  # the transposed operand as keys (a linear op on the dual, a view)
             return la.scores_node(func, args, kwargs, a, k, lambda: product(func, args, kwargs, lazy=False))
     return None

@@ -1,5 +1,6 @@
-r"""Structural rules: metadata queries (``meta``), non-differentiable ops (``nondiff``), the errors for
-in-place ops and Python control flow, and the ops linear or affine in their tensor data (``linear``,
+r"""Structural rules: metadata queries (``meta``), non-differentiable ops (``nondiff``), in-place ops
+(``inplace``: the out-of-place op swapped into the tensor object), the errors for the other in-place ops and
+Python control flow, and the ops linear or affine in their tensor data (``linear``,
 ``affine``: the tangent is the same op on the tangents)."""
 from __future__ import annotations
 
@@ -69,6 +70,84 @@ def inplace_error(func, args, kwargs):
         "tensors and cannot update both in place)",
         "Write it out of place (e.g. `x = x + y` instead of `x += y`, `F.silu(x)` instead of `inplace=True`)",
     )
+
+
+# In-place ops a dual tensor takes (its out-of-place twin computed, then swapped into the tensor object).
+_INPLACE_TWINS = {f"__i{n}__": f"__{n}__" for n in ("add", "sub", "mul", "truediv")}
+_INPLACE_TWINS.update({f"{n}_": n for n in ("add", "sub", "mul", "div", "neg", "clamp", "clamp_min", "clamp_max",
+                                             "relu", "sigmoid", "tanh", "exp", "square", "masked_fill", "addcmul",
+                                             "addcdiv", "lerp")})
+
+
+def _storage_users(t: torch.Tensor) -> int:
+    """Tensors sharing ``t``'s storage (``t`` itself included)."""
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata) - 1  # less the storage object made here
+
+
+def _own_users(x) -> int:
+    """The tensors of ``x`` itself that share its primal's storage: the primal; the DualTensor object, which
+    aliases it (a lazy node holds no data); and where a fused op returned primal and tangent as two halves of
+    one buffer (the GroupNorm-SiLU-conv op), the tangent and that buffer. More users: another tensor views it."""
+    from sgflow.autodual.attention import LazyDual
+
+    p, t = x._primal, x._tangent
+    n = 1 + (0 if isinstance(x, LazyDual) else 1)
+    if p._base is not None:
+        n += 1
+        if t._base is p._base:
+            n += 1
+    return n
+
+
+def inplace(func, args, kwargs):
+    """An in-place op on a dual tensor (``x += y``, ``x.mul_(s)``, ``F.silu(x, inplace=True)``): the out-of-place
+    op through its rule, then the result swapped into ``x``'s tensor object (``torch.utils.swap_tensors``), so
+    every Python reference to ``x`` sees the new values, as with an in-place op. The old primal and tangent
+    are left as they were: what an earlier op saved of them, a checkpoint's inputs, a tangent another dual
+    tensor shares, stay valid. Refused (``DualizeError``) where that differs from an in-place op: when
+    another tensor shares ``x``'s storage (a view of ``x``, or ``x`` a view of another: an in-place op would
+    change both), when ``x`` carries no tangent but the other operand does, under ``torch.compile``'s trace,
+    and for the in-place ops without a twin here (``copy_``, ``__setitem__``, ``out=``)."""
+    from sgflow.autodual.attention import LazyDual
+    from sgflow.autodual.tensor import is_traced
+
+    name = getattr(func, "__name__", "")
+    inplace_kw = kwargs.get("inplace") is True
+    x = args[0] if args else kwargs.get("input")
+    if kwargs.get("out") is not None or not (inplace_kw or name in _INPLACE_TWINS):
+        return inplace_error(func, args, kwargs)
+    if not isinstance(x, DualTensor):
+        raise fail(func, "in-place op on a tensor without a tangent, with an operand that carries one (the "
+                         "tensor cannot become a dual tensor in place)", "Write it out of place (`x = x + y`)")
+    if type(x).__name__ == "_TracedDual" or is_traced(x):
+        raise fail(func, "in-place op on a tensor that carries a tangent, under torch.compile's trace",
+                   "Write it out of place (`x = x + y`, `F.silu(x)`), or run the model eagerly")
+    lazy = isinstance(x, LazyDual) and x._cache is None  # nothing computed yet: no storage, no views of it
+    if not lazy and _storage_users(x._primal) > _own_users(x):
+        raise fail(func, "in-place op on a tensor that carries a tangent and shares its storage with another "
+                         "tensor (a view of it, or it is a view): updating it out of place would leave the "
+                         "other one stale", "Write it out of place (`x = x + y`), or make the view after it")
+    if inplace_kw:
+        twin, kwargs = func, {**kwargs, "inplace": False}
+    else:
+        twin = getattr(torch.Tensor, _INPLACE_TWINS[name])
+    from sgflow.autodual.tensor import dispatch
+
+    out = dispatch(twin, args, kwargs)
+    if isinstance(out, DualTensor) and out.shape == x.shape and out.dtype != x.dtype \
+            and out.is_floating_point() and x.is_floating_point():
+        out = dispatch(torch.Tensor.to, (out, x.dtype), {})  # an in-place op keeps the tensor's dtype
+    if not isinstance(out, DualTensor) or out.shape != x.shape or out.dtype != x.dtype:
+        raise fail(func, f"in-place op whose result ({tuple(getattr(out, 'shape', ()))}, "
+                         f"{getattr(out, 'dtype', None)}) differs from the tensor's ({tuple(x.shape)}, {x.dtype})")
+    if isinstance(out, LazyDual):  # a fused result awaiting its consumer: computed now (the object is swapped)
+        out._value()
+    try:
+        torch.utils.swap_tensors(x, out)
+    except RuntimeError as e:  # e.g. a weak reference to the tensor object
+        raise fail(func, f"in-place op on a tensor that carries a tangent, whose object cannot be updated ({e})",
+                   "Write it out of place (`x = x + y`)") from e
+    return x
 
 
 def control_flow_error(func, args, kwargs):

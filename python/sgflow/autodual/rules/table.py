@@ -27,7 +27,7 @@ from sgflow.autodual.rules.products import (
     product,
 )
 from sgflow.autodual.rules.sdpa import _sdpa_rule
-from sgflow.autodual.rules.structural import affine, control_flow_error, inplace_error, linear, meta, nondiff
+from sgflow.autodual.rules.structural import affine, control_flow_error, inplace, inplace_error, linear, meta, nondiff
 from sgflow.autodual.tensor import make_dual, register
 
 
@@ -125,8 +125,10 @@ def _iter_rule(func, args, kwargs):
 def classify(func):
     """(rule, kind) for a function without a registered rule."""
     name = getattr(func, "__name__", "")
-    if name == "__setitem__" or _inplace_name(name):
+    if name == "__setitem__":
         return inplace_error, "error"
+    if _inplace_name(name):
+        return inplace, "in-place"
     if func is _T.__iter__:
         return _iter_rule, "linear"
     return forward_ad, "forward-ad"
