@@ -1065,6 +1065,113 @@ def test_inplace_on_the_input_of_a_pending_lazy_node_raises(mode):
         sgflow.fused_loss(sgflow.dualize(model, blocks="none"), x1, **kw)
 
 
+class _LazyInplaceNet(nn.Module):
+    """In-place ops next to lazy nodes (found in review: both were silently wrong, loss off by 30-100%).
+    ``scores``: softmax of pending scores, then ``scores.mul_`` (the probabilities, computed later, read the
+    new scores). ``gn-query``: a pending GroupNorm used as the query of pending scores, then ``q += 1`` (the
+    scores, computed later, read the new query). ``oop=True``: the same written out of place (the reference:
+    torch.func.jvp refuses neither, but these are the values an eager forward computes)."""
+
+    def __init__(self, mode, oop=False):
+        super().__init__()
+        self.lin, self.lin2, self.gn, self.mode, self.oop = nn.Linear(8, 8), nn.Linear(8, 8), nn.GroupNorm(2, 4), mode, oop
+
+    def forward(self, t, u, x):
+        h = self.lin(x) * (1 + t[:, None]) + u[:, None]
+        if self.mode == "scores":
+            q = h.view(-1, 2, 4) * 1.0
+            scores = q @ (2 * h).view(-1, 2, 4).transpose(-1, -2)
+            p = scores.softmax(-1)
+            if self.oop:
+                scores = scores * 3.0
+            else:
+                scores.mul_(3.0)
+            return self.lin2(((p * 2.0) @ q).reshape(-1, 8))
+        h3 = h.view(-1, 4, 2) * 1.0
+        q = self.gn(h3)
+        scores = q @ (h3 * 2).transpose(-1, -2)
+        if self.oop:
+            q = q + 1.0
+        else:
+            q += 1.0
+        return self.lin2((scores.softmax(-1) @ (h3 * 3)).reshape(-1, 8) + q.reshape(-1, 8))
+
+
+@pytest.mark.parametrize("mode", ["scores", "gn-query"])
+def test_inplace_next_to_lazy_nodes_gives_the_out_of_place_values(mode):
+    """Lazy nodes hold nodes / DualTensors of their own for their inputs (``attention.frozen``)."""
+    torch.manual_seed(0)
+    model, twin = _LazyInplaceNet(mode).double(), _LazyInplaceNet(mode, oop=True).double()
+    twin.load_state_dict(model.state_dict())
+    x1, kw = gen_batch((5, 8), seed=3)
+    loss_ref, _ = sgflow.sgflow_loss(twin, x1, **kw)
+    g_ref = torch.autograd.grad(loss_ref, list(twin.parameters()), allow_unused=True)
+    for blocks in ("none", "auto"):
+        loss, _ = sgflow.fused_loss(sgflow.dualize(model, blocks=blocks), x1, **kw)
+        g = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+        assert rel_err(loss, loss_ref) <= 1e-12, blocks
+        assert [a is None for a in g] == [b is None for b in g_ref], blocks  # the GroupNorm is unused in "scores"
+        assert max(rel_err(a, b) for a, b in zip(g, g_ref) if b is not None) <= 1e-10, blocks
+
+
+class _SavedThenInplaceBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l3 = nn.Linear(6, 6), nn.Linear(6, 6)
+
+    def forward(self, h):
+        y = self.l1(h)
+        z = torch.relu(y)  # saves y
+        y += 1.0
+        return self.l3(y) * z
+
+
+class _SavedThenInplaceNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.out = nn.Linear(4, 6), nn.Linear(6, 4)
+        self.blocks = nn.ModuleList([_SavedThenInplaceBlock() for _ in range(2)])
+
+    def forward(self, t, u, x):
+        h = self.inp(x) * (1 + t[:, None]) + u[:, None]
+        for block in self.blocks:
+            h = block(h)
+        return self.out(h)
+
+
+def test_inplace_on_a_saved_tensor_in_a_recomputed_block():
+    """``y += 1`` after an op saved y, in a recomputed block: the forward accepted it, and the recomputation
+    in backward refused it (checkpoint holds detached aliases of what the block saved, which the storage
+    check counted as views; found in review). Now = reference."""
+    torch.manual_seed(0)
+    model = _SavedThenInplaceNet().double()
+    x1, kw = gen_batch((7, 4), seed=17)
+    params = list(model.parameters())
+    loss_ref, _ = sgflow.sgflow_loss(model, x1, **kw)
+    g_ref = torch.autograd.grad(loss_ref, params)
+    loss, _ = sgflow.fused_loss(sgflow.dualize(model, blocks="all"), x1, **kw)
+    g = torch.autograd.grad(loss, params)
+    assert max(rel_err(a, b) for a, b in zip(g, g_ref)) <= 1e-10
+
+
+class _MutatesItsInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, t, u, x):
+        x.mul_(2.0)
+        return self.lin(x) * (1 + t[:, None])
+
+
+def test_inplace_on_the_models_own_input_raises():
+    """sgflow calls the model more than once on the same x (the profile, the stop-gradient velocity): a
+    model changing it in place got different values on each call (found in review)."""
+    x1, kw = gen_batch((5, 4), seed=3)
+    with pytest.raises(sgflow.DualizeError, match=r"input of the model"):
+        sgflow.fused_loss(sgflow.dualize(_MutatesItsInput().double(), blocks="none"), x1, **kw)
+
+
 class _SinWithJVP(torch.autograd.Function):
     """A custom autograd.Function with both backward and jvp (PyTorch's forward AD can run it)."""
 

@@ -67,13 +67,17 @@ class LazyDual(DualTensor):
 
 
 def frozen(tree):
-    """``tree`` with each computed DualTensor replaced by a new one holding the same primal and tangent: what a
-    lazy node keeps of its inputs. An in-place op on an input later swaps new values into the user's tensor
-    object (rules.inplace); the node, computed after it, must still see the values it was made from."""
+    """``tree`` with each DualTensor replaced by one of its own: a computed one by a new DualTensor holding
+    the same primal and tangent, a lazy one not computed yet by a new node of the same computation (computed
+    again if both are used). What a lazy node keeps of its inputs: an in-place op on an input later swaps new
+    values into the user's tensor object (rules.inplace); the node, computed after it, must still see the
+    values it was made from."""
     from torch.utils._pytree import tree_map
 
     def one(a):
-        if isinstance(a, DualTensor) and not (isinstance(a, LazyDual) and a._cache is None):
+        if isinstance(a, LazyDual) and a._cache is None:
+            return LazyDual(a._lazy_shape, a._like, a._kind, a._parts, a._materialize)
+        if isinstance(a, DualTensor):
             return make_dual(a._primal, a._tangent)
         return a
 

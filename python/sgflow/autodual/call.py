@@ -342,6 +342,9 @@ def dual_call(model: nn.Module, inputs: Sequence[torch.Tensor], tangents: Sequen
     """
     _check_tangents(inputs, tangents)
     args = [x if _zero_tangent(t) else make_dual(x, t.to(x.dtype)) for x, t in zip(inputs, tangents)]
+    for a in args:
+        if isinstance(a, DualTensor):
+            a._sgflow_model_input = True  # the caller's tensors: an in-place op on them is refused (rules.inplace)
     with dual_context(report=report, context_fn=_context_fn(save)), _patched(model, blocks, splits), function_hook():
         out = model(*args)
     if isinstance(out, DualTensor):

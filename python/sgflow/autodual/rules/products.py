@@ -181,8 +181,10 @@ def _softmax_rule(func, args, kwargs, lazy=True):
     x = args[0]
     if lazy and la._is_lazy(x, "scores") and dim in (-1, len(x._lazy_shape) - 1) and kwargs.get("dtype") is None and (
             func is _T.softmax or len(args) <= 2 or args[2] is None or func is F.softmax and (len(args) < 4 or args[3] is None)):
-        # Materialising the probabilities (any use other than `@ v`) evaluates the scores eagerly.
-        return la.softmax_node(x, lambda: _softmax_rule(func, args, kwargs, lazy=False))
+        # Materialising the probabilities (any use other than `@ v`) evaluates the scores eagerly; from a
+        # node of their own (la.frozen), whatever an in-place op does to the user's scores tensor later.
+        args = la.frozen(args)
+        return la.softmax_node(args[0], lambda: _softmax_rule(func, args, kwargs, lazy=False))
     pa, pk = tuple(args[1:]), dict(kwargs)  # dims and dtypes only: the closure must hold no tensor
 
     def both(xp, xt):

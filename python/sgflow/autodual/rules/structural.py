@@ -109,7 +109,7 @@ def inplace(func, args, kwargs):
     change both), when ``x`` carries no tangent but the other operand does, under ``torch.compile``'s trace,
     and for the in-place ops without a twin here (``copy_``, ``__setitem__``, ``out=``)."""
     from sgflow.autodual.attention import LazyDual
-    from sgflow.autodual.tensor import is_traced
+    from sgflow.autodual.tensor import AT_REST, current, is_traced
 
     name = getattr(func, "__name__", "")
     inplace_kw = kwargs.get("inplace") is True
@@ -122,8 +122,14 @@ def inplace(func, args, kwargs):
     if type(x).__name__ == "_TracedDual" or is_traced(x):
         raise fail(func, "in-place op on a tensor that carries a tangent, under torch.compile's trace",
                    "Write it out of place (`x = x + y`, `F.silu(x)`), or run the model eagerly")
+    if getattr(x, "_sgflow_model_input", False):
+        raise fail(func, "in-place op on an input of the model (x, t or u): sgflow calls the model more than once "
+                         "on the same inputs (the plan's profile, the stop-gradient velocity), which must not "
+                         "change", "Write it out of place (`x = x * 2`)")
     lazy = isinstance(x, LazyDual) and x._cache is None  # nothing computed yet: no storage, no views of it
-    if not lazy and _storage_users(x._primal) > _own_users(x):
+    # A block's recomputation in backward (no dual forward runs: current() is AT_REST) replays ops its forward
+    # checked, while checkpoint holds detached aliases of what the block saved: not views of the user's.
+    if not lazy and current() is not AT_REST and _storage_users(x._primal) > _own_users(x):
         raise fail(func, "in-place op on a tensor that carries a tangent and shares its storage with another "
                          "tensor (a view of it, or it is a view): updating it out of place would leave the "
                          "other one stale", "Write it out of place (`x = x + y`), or make the view after it")
