@@ -1172,6 +1172,34 @@ def test_inplace_on_the_models_own_input_raises():
         sgflow.fused_loss(sgflow.dualize(_MutatesItsInput().double(), blocks="none"), x1, **kw)
 
 
+class _GnSiluConv(nn.Module):
+    def __init__(self, inplace):
+        super().__init__()
+        self.inp, self.gn = nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8)
+        self.act, self.conv = nn.SiLU(inplace=inplace), nn.Conv2d(8, 3, 3, padding=1)
+
+    def forward(self, t, u, x):
+        h = self.inp(x) * (1 + t[:, None, None, None]) + u[:, None, None, None]
+        return self.conv(self.act(self.gn(h)))
+
+
+@pytest.mark.parametrize("inplace", [True, False], ids=["SiLU-inplace", "SiLU"])
+def test_inplace_silu_after_group_norm_keeps_the_fused_stage(inplace):
+    """``nn.SiLU(inplace=True)`` after a GroupNorm (common in U-Nets): the lazy GroupNorm+SiLU node is swapped
+    in uncomputed, so the following conv still runs the fused GroupNorm-SiLU-conv stage; = reference."""
+    torch.manual_seed(0)
+    model = _GnSiluConv(inplace).double()
+    x1, kw = gen_batch((3, 3, 5, 7), seed=5)
+    params = list(model.parameters())
+    loss_ref, _ = sgflow.sgflow_loss(model, x1, **kw)
+    g_ref = torch.autograd.grad(loss_ref, params)
+    dual = sgflow.dualize(model, blocks="none")
+    loss, _ = sgflow.fused_loss(dual, x1, **kw)
+    g = torch.autograd.grad(loss, params)
+    assert max(rel_err(a, b) for a, b in zip(g, g_ref)) <= 1e-10
+    assert dual.last_report.kinds().get("rule:group_norm+silu+conv (fused stage op)", 0) == 1, dual.last_report
+
+
 class _SinWithJVP(torch.autograd.Function):
     """A custom autograd.Function with both backward and jvp (PyTorch's forward AD can run it)."""
 

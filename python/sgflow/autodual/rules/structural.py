@@ -146,9 +146,7 @@ def inplace(func, args, kwargs):
     if not isinstance(out, DualTensor) or out.shape != x.shape or out.dtype != x.dtype:
         raise fail(func, f"in-place op whose result ({tuple(getattr(out, 'shape', ()))}, "
                          f"{getattr(out, 'dtype', None)}) differs from the tensor's ({tuple(x.shape)}, {x.dtype})")
-    if isinstance(out, LazyDual):  # a fused result awaiting its consumer: computed now (the object is swapped)
-        out._value()
-    try:
+    try:  # a fused node awaiting its consumer (GroupNorm + SiLU before a conv) stays lazy in x
         torch.utils.swap_tensors(x, out)
     except RuntimeError as e:  # e.g. a weak reference to the tensor object
         raise fail(func, f"in-place op on a tensor that carries a tangent, whose object cannot be updated ({e})",
