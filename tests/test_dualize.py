@@ -1152,21 +1152,23 @@ def test_inplace_on_a_saved_tensor_in_a_recomputed_block():
 
 
 class _MutatesItsInput(nn.Module):
-    def __init__(self):
+    def __init__(self, which):
         super().__init__()
-        self.lin = nn.Linear(4, 4)
+        self.lin, self.which = nn.Linear(4, 4), which
 
     def forward(self, t, u, x):
-        x.mul_(2.0)
-        return self.lin(x) * (1 + t[:, None])
+        (x if self.which == "x" else u).mul_(2.0)
+        return self.lin(x) * (1 + t[:, None] + u[:, None])
 
 
-def test_inplace_on_the_models_own_input_raises():
-    """sgflow calls the model more than once on the same x (the profile, the stop-gradient velocity): a
-    model changing it in place got different values on each call (found in review)."""
+@pytest.mark.parametrize("which,match", [("x", r"input of the model"), ("u", r"inputs without a tangent in place")])
+def test_inplace_on_the_models_own_input_raises(which, match):
+    """sgflow calls the model more than once on the same x and u (the profile, the stop-gradient velocity): a
+    model changing one in place got different values on each call (found in review). x carries a tangent
+    (its rule refuses); u does not (SGFlow's u-tangent is zero: dual_call sees its version change)."""
     x1, kw = gen_batch((5, 4), seed=3)
-    with pytest.raises(sgflow.DualizeError, match=r"input of the model"):
-        sgflow.fused_loss(sgflow.dualize(_MutatesItsInput().double(), blocks="none"), x1, **kw)
+    with pytest.raises(sgflow.DualizeError, match=match):
+        sgflow.fused_loss(sgflow.dualize(_MutatesItsInput(which).double(), blocks="none"), x1, **kw)
 
 
 class _GnSiluConv(nn.Module):

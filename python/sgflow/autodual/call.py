@@ -345,8 +345,18 @@ def dual_call(model: nn.Module, inputs: Sequence[torch.Tensor], tangents: Sequen
     for a in args:
         if isinstance(a, DualTensor):
             a._sgflow_model_input = True  # the caller's tensors: an in-place op on them is refused (rules.inplace)
+    plain = [] if torch.compiler.is_compiling() else \
+        [(x, x._version) for x in args if isinstance(x, torch.Tensor) and not isinstance(x, DualTensor)
+         and not is_traced(x) and not x.is_inference()]
     with dual_context(report=report, context_fn=_context_fn(save)), _patched(model, blocks, splits), function_hook():
         out = model(*args)
+    changed = [i for i, (x, v) in enumerate(plain) if x._version != v]
+    if changed:
+        # sgflow calls the model more than once on the same inputs (the stop-gradient velocity, the plan's
+        # profile): an input changed in place gives each call different values. A dual input's in-place op
+        # is refused by its rule; a plain one (u, whose tangent is zero) is seen here.
+        raise DualizeError("dualize: the model changed one of its inputs without a tangent in place; sgflow calls "
+                           "it more than once on the same inputs. Write the op out of place (`u = u * 2`)")
     if isinstance(out, DualTensor):
         return out._primal, out._tangent
     if isinstance(out, torch.Tensor):
