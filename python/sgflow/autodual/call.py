@@ -225,17 +225,16 @@ def _row_slices(split, args, kwargs):
     # this block's backward runs: a narrow per slice, made just before that slice, adds the slice's
     # gradient into it right after the slice's backward, instead of holding every slice's to the end.
     sizes = [hi - lo for lo, hi in zip(bounds[:-1], bounds[1:])]
-    shared = set(split.shared)
-    pieces = {("a", i): a.split(sizes) for i, a in enumerate(args) if i in split.args and i not in shared}
-    pieces.update({("k", k): a.split(sizes) for k, a in kwargs.items() if k in split.kwargs and k not in shared})
 
-    def piece(kind, key, a, j):
-        if (kind, key) in pieces:
-            return pieces[(kind, key)][j]
-        sliced = key in split.args if kind == "a" else key in split.kwargs
-        return a.narrow(0, bounds[j], sizes[j]) if sliced else a
+    def slicer(key, a):  # slice j of input ``key`` (a position or a name)
+        if key in split.shared:
+            return lambda j: a.narrow(0, bounds[j], sizes[j])
+        return a.split(sizes).__getitem__
 
-    return (([piece("a", i, a, j) for i, a in enumerate(args)], {k: piece("k", k, a, j) for k, a in kwargs.items()})
+    by_pos = {i: slicer(i, args[i]) for i in split.args if i < len(args)}
+    by_name = {k: slicer(k, kwargs[k]) for k in split.kwargs if k in kwargs}
+    return (([by_pos[i](j) if i in by_pos else a for i, a in enumerate(args)],
+             {k: by_name[k](j) if k in by_name else a for k, a in kwargs.items()})
             for j in range(split.chunks))
 
 
@@ -350,8 +349,7 @@ def dual_call(model: nn.Module, inputs: Sequence[torch.Tensor], tangents: Sequen
          and not is_traced(x) and not x.is_inference()]
     with dual_context(report=report, context_fn=_context_fn(save)), _patched(model, blocks, splits), function_hook():
         out = model(*args)
-    changed = [i for i, (x, v) in enumerate(plain) if x._version != v]
-    if changed:
+    if any(x._version != v for x, v in plain):
         # sgflow calls the model more than once on the same inputs (the stop-gradient velocity, the plan's
         # profile): an input changed in place gives each call different values. A dual input's in-place op
         # is refused by its rule; a plain one (u, whose tangent is zero) is seen here.

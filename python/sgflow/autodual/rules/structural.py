@@ -8,9 +8,13 @@ import torch
 
 from sgflow.autodual.rules.common import _T, _fit, _fns, _getters
 from sgflow.autodual.tensor import (
+    AT_REST,
     DerivedValue,
     DualTensor,
+    _TracedDual,
     call_flat,
+    current,
+    dispatch,
     dual_leaves,
     fail,
     primal,
@@ -109,7 +113,6 @@ def inplace(func, args, kwargs):
     change both), when ``x`` carries no tangent but the other operand does, under ``torch.compile``'s trace,
     and for the in-place ops without a twin here (``copy_``, ``__setitem__``, ``out=``)."""
     from sgflow.autodual.attention import LazyDual
-    from sgflow.autodual.tensor import AT_REST, current, is_traced
 
     name = getattr(func, "__name__", "")
     inplace_kw = kwargs.get("inplace") is True
@@ -119,7 +122,7 @@ def inplace(func, args, kwargs):
     if not isinstance(x, DualTensor):
         raise fail(func, "in-place op on a tensor without a tangent, with an operand that carries one (the "
                          "tensor cannot become a dual tensor in place)", "Write it out of place (`x = x + y`)")
-    if type(x).__name__ == "_TracedDual" or is_traced(x):
+    if isinstance(x, _TracedDual):
         raise fail(func, "in-place op on a tensor that carries a tangent, under torch.compile's trace",
                    "Write it out of place (`x = x + y`, `F.silu(x)`), or run the model eagerly")
     if getattr(x, "_sgflow_model_input", False):
@@ -137,8 +140,6 @@ def inplace(func, args, kwargs):
         twin, kwargs = func, {**kwargs, "inplace": False}
     else:
         twin = getattr(torch.Tensor, _INPLACE_TWINS[name])
-    from sgflow.autodual.tensor import dispatch
-
     out = dispatch(twin, args, kwargs)
     if isinstance(out, DualTensor) and out.shape == x.shape and out.dtype != x.dtype \
             and out.is_floating_point() and x.is_floating_point():
