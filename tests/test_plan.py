@@ -653,6 +653,75 @@ def test_a_block_changing_its_input_in_place_is_never_recomputed():
         torch.testing.assert_close(got[n], ref[n], rtol=1e-12, atol=1e-14, msg=n)
 
 
+class _SdpaAttn(nn.Module):
+    """A linear, then SDPA over its output split in 2 heads: [B, N, 8] -> [B, N, 8]."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, h):
+        b, n, _ = h.shape
+        q = self.proj(h).view(b, n, 2, 4).transpose(1, 2)
+        return nn.functional.scaled_dot_product_attention(q, q, q).transpose(1, 2).reshape(b, n, 8)
+
+
+class _Mlp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, h):
+        return self.fc2(nn.functional.gelu(self.fc1(h)))
+
+
+class _SdpaBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn, self.mlp = _SdpaAttn(), _Mlp()
+
+    def forward(self, h):
+        h = h + self.attn(h)
+        return h + self.mlp(h)
+
+
+class _NestedFlopsNet(nn.Module):
+    """Two blocks (attention and MLP candidates inside each) in a trunk: candidates at two depths, on
+    [B, 5, 8]."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Sequential(_SdpaBlock(), _SdpaBlock())
+        self.emb = nn.Linear(1, 8)
+
+    def forward(self, t, u, x):
+        return self.trunk(x + self.emb((u - t)[:, None])[:, None])
+
+
+def test_block_flops_count_attention_and_not_the_profiled_backward_of_inner_blocks():
+    """A candidate's FLOPs are its dual forward's: 2x the plain matmuls, 3x the plain SDPA (6 products
+    against 2). Two bugs gave the plan wrong costs: the profile's measure of an inner candidate's backward
+    ran under the outer candidate's counter (a block with candidates inside cost 3x its FLOPs, so the
+    plan preferred its parts), and SDPA on CPU counted nothing (attention looked free to recompute)."""
+    torch.manual_seed(0)
+    b, n = 3, 5
+    model = _NestedFlopsNet().double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(b, n, 8, generator=g, dtype=torch.float64)
+    t = torch.rand(b, generator=g, dtype=torch.float64) * 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BudgetWarning)  # a few KiB: nothing meets the budget, not the point here
+        plan = sgflow.dualize(model).make_plan(t, t + 0.3, x, torch.ones_like(t), torch.zeros_like(t),
+                                               torch.randn_like(x))
+    flops = {c.path: c.flops for c in plan.costs}
+    rows = b * n
+    attn = 2 * (2 * rows * 8 * 8) + 3 * 2 * (2 * b * 2 * n * n * 4)  # proj; S = q k^T and P v, 2 heads of 4
+    mlp = 2 * (2 * rows * 8 * 16 + 2 * rows * 16 * 8)
+    for k in "01":
+        assert flops[f"trunk.{k}.attn"] == attn and flops[f"trunk.{k}.mlp"] == mlp
+        assert flops[f"trunk.{k}"] == attn + mlp
+
+
 def test_the_profile_sees_what_the_dual_forward_saves_with_lazy_group_norms():
     """EDM blocks run GroupNorm -> SiLU -> conv as one fused dual op (a lazy GroupNorm node). The profile
     detaches each candidate's outputs, which computed a GroupNorm candidate's lazy output on its own,

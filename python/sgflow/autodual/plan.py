@@ -14,8 +14,9 @@ modules inside them) once, on the real inputs:
 - ``boundary``: bytes of its inputs, primal and tangent (what it keeps when recomputed);
 - ``plain``: bytes saved inside it by the plain forward (what flow matching keeps there);
 - ``flops``: twice the matmul/convolution FLOPs of its plain forward (:class:`torch.utils.flop_counter.FlopCounterMode`;
-  the dual forward runs them on primal and tangent), plus ``ELEMENTWISE_FLOPS_PER_BYTE`` per byte
-  kept: the cost of recomputing it;
+  the dual forward runs them on primal and tangent), SDPA counted 3x (the dual's 6 products against 2;
+  PyTorch's counter has no formula for the CPU kernel), the backward the profile runs for the candidates
+  inside it not counted; plus ``ELEMENTWISE_FLOPS_PER_BYTE`` per byte kept: the cost of recomputing it;
 
 and, for the estimate, a :class:`Timeline` of each forward (plain and dual): every saved storage in forward
 order with the candidate that saved it, each candidate call's window with its inputs' storages, and per

@@ -24,7 +24,7 @@ from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 # Module attributes read at call time (tests and users may set them on sgflow.autodual.plan).
 from sgflow.autodual import plan as _plan
@@ -32,6 +32,22 @@ from sgflow.autodual.plan import BlockCost, BlockPlan, Call, RowSplit, Timeline,
 from sgflow.autodual.tensor import DualTensor, make_dual
 
 __all__ = ["profile_blocks"]
+
+
+def _dual_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """A plain SDPA call's FLOPs, weighted for its dual: 6 matrix products (S, Sd, P V and the two tangent
+    terms of O) against 2, where a matmul's dual is 2 against 1; the profile doubles every count."""
+    return 3 * sdpa_flop_count(query_shape, key_shape, value_shape) // 2
+
+
+def _flop_counter() -> FlopCounterMode:
+    """A FlopCounterMode that also counts SDPA on CPU (PyTorch's counter has no formula for the CPU
+    kernel: attention blocks looked free to recompute), every SDPA kernel weighted for its dual."""
+    a = torch.ops.aten
+    kernels = [getattr(a, n) for n in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+                                      "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
+               if hasattr(a, n)]
+    return FlopCounterMode(display=False, custom_mapping={k: _dual_attention_flops for k in kernels})
 
 
 class _Saved:
@@ -53,6 +69,7 @@ class _Saved:
         self.clock = 0
         self.checking = False  # a candidate's row check runs (its ops are no part of the forward)
         self.row_ids: dict = {}  # path -> {sliced position or name: its storage ids}, from the first call
+        self.scratch_flops = 0  # FLOPs of the candidates' measured backwards so far (plain pass)
 
     def tick(self) -> int:
         self.clock += 1
@@ -370,11 +387,13 @@ def _profiling(model: nn.Module, paths, saved: _Saved, costs: dict, dual: bool, 
                     c.mutates_inputs = c.mutates_inputs or _changed(versions, _versions((args, kwargs)))
                 else:
                     # Counted on the plain pass, outside the dual rules' custom ops, whose FLOPs the
-                    # counter does not know. A dual forward runs each
-                    # matmul on primal and tangent: twice the plain FLOPs.
-                    with FlopCounterMode(display=False) as fc:
+                    # counter does not know. A dual forward runs each matmul on primal and tangent: twice
+                    # the plain FLOPs. Less the backward the calls inside it ran for their measure
+                    # (``_backward_scratch``, under this counter too: 3x an outer block's FLOPs).
+                    inner_backward = saved.scratch_flops
+                    with _flop_counter() as fc:
                         out = orig(*args, **kwargs)
-                    c.flops += 2 * fc.get_total_flops()
+                    c.flops += 2 * (fc.get_total_flops() - (saved.scratch_flops - inner_backward))
             finally:
                 saved.stack.pop()
             end = saved.tick()
@@ -392,7 +411,12 @@ def _profiling(model: nn.Module, paths, saved: _Saved, costs: dict, dual: bool, 
                 if c.rows is not None:
                     saved.row_ids[path] = {**{i: saved.input_ids(args[i]) for i in c.rows.args},
                                            **{k: saved.input_ids(kwargs[k]) for k in c.rows.kwargs}}
-            scratch = _backward_scratch(saved, start, end, inputs, (args, kwargs), out, mods[path])
+            if dual:
+                scratch = _backward_scratch(saved, start, end, inputs, (args, kwargs), out, mods[path])
+            else:
+                with _flop_counter() as fc:
+                    scratch = _backward_scratch(saved, start, end, inputs, (args, kwargs), out, mods[path])
+                saved.scratch_flops += fc.get_total_flops()
             saved.windows.setdefault(path, []).append((start, end, inputs, scratch))
             return _detach(out)
 
