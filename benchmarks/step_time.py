@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # testnets*.py: the repository root
 import sgflow  # noqa: E402
@@ -61,6 +63,32 @@ def build(name: str, shape: tuple, kw: dict):
     return build_model(name, shape)  # an sgflow.nn config (cifar10, tiny, ...)
 
 
+def _inplace_mm_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * math.prod(a_shape) * b_shape[-1]  # addmm_ / baddbmm_: the gradient accumulations of dual linears
+
+
+def _sdpa_cpu_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(q_shape, k_shape, v_shape)
+
+
+def _sdpa_cpu_backward_flops(g_shape, q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(g_shape, q_shape, k_shape, v_shape)
+
+
+def count_flops(run) -> int:
+    """Matrix-product and convolution FLOPs of one ``run()`` (:class:`FlopCounterMode`, plus what it has no
+    formula for: in-place ``addmm_`` / ``baddbmm_`` and SDPA's CPU kernels; sgflow's dual attention ops
+    register their own). The time a step cannot go below at a fixed FLOP rate: its ratio against flow
+    matching's is the floor of the step-time ratio, before elementwise work and overheads."""
+    a = torch.ops.aten
+    mapping = {a.addmm_: _inplace_mm_flops, a.baddbmm_: _inplace_mm_flops,
+               a._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
+               a._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward_flops}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as fc:
+        run()
+    return fc.get_total_flops()
+
+
 def measure(name: str, shape: tuple, kw: dict, batch: int, reps: int, device: str) -> dict:
     torch.manual_seed(0)
     model = build(name, shape, kw).to(device)
@@ -86,10 +114,13 @@ def measure(name: str, shape: tuple, kw: dict, batch: int, reps: int, device: st
             run()
             times[k].append((time.perf_counter() - t0) * 1e3)
     med = {k: statistics.median(v) for k, v in times.items()}
+    flops = {k: count_flops(run) for k, run in steps.items()}
     plan = getattr(dual, "plan", None)
     return {"network": name, "shape": list(shape), "net_kw": kw, "batch": batch, "reps": reps,
             "fm_ms": med["flow_matching"], "fused_ms": med["sgflow_fused"],
-            "ratio": med["sgflow_fused"] / med["flow_matching"], "fm_all_ms": times["flow_matching"],
+            "ratio": med["sgflow_fused"] / med["flow_matching"], "fm_gflop": flops["flow_matching"] / 1e9,
+            "fused_gflop": flops["sgflow_fused"] / 1e9, "flop_ratio": flops["sgflow_fused"] / flops["flow_matching"],
+            "fm_all_ms": times["flow_matching"],
             "fused_all_ms": times["sgflow_fused"], "blocks": list(plan.blocks) if plan is not None else None}
 
 
@@ -122,12 +153,14 @@ def _run(p, args):
     else:
         p.error("give --network or --suite")
     rows = []
-    print(f"# {args.device}, threads {torch.get_num_threads()}, torch {torch.__version__}, medians of {args.reps}")
-    print(f"{'network':<16} {'batch':>5} {'FM ms':>9} {'fused ms':>9} {'x FM':>6}")
+    print(f"# {args.device}, threads {torch.get_num_threads()}, torch {torch.__version__}, medians of {args.reps}; "
+          f"FLOPs: matrix products and convolutions of one step")
+    print(f"{'network':<16} {'batch':>5} {'FM ms':>9} {'fused ms':>9} {'x FM':>6} {'FLOPs x FM':>10}")
     for name, shape, kw, batch in cases:
         r = measure(name, tuple(int(s) for s in shape.split(",")), kw, batch, args.reps, args.device)
         rows.append(r)
-        print(f"{name:<16} {batch:>5} {r['fm_ms']:9.1f} {r['fused_ms']:9.1f} {r['ratio']:6.2f}", flush=True)
+        print(f"{name:<16} {batch:>5} {r['fm_ms']:9.1f} {r['fused_ms']:9.1f} {r['ratio']:6.2f} {r['flop_ratio']:10.2f}",
+              flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"device": args.device, "threads": torch.get_num_threads(),

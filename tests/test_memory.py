@@ -143,7 +143,8 @@ def test_measuring_does_not_change_what_the_fused_ops_allocate():
 
 def test_step_time_benchmark_script_interleaves_and_writes_ratios(tmp_path, capsys):
     """benchmarks/step_time.py on a small CPU case: both methods timed ``--reps`` times each, the ratio the
-    ratio of the medians, the plan's blocks recorded, the table printed (no timing asserted)."""
+    ratio of the medians, the plan's blocks recorded, the FLOP ratio counted, the table printed (no timing
+    asserted)."""
     import json
     import statistics
 
@@ -154,4 +155,9 @@ def test_step_time_benchmark_script_interleaves_and_writes_ratios(tmp_path, caps
     assert len(row["fm_all_ms"]) == len(row["fused_all_ms"]) == 2
     assert row["ratio"] == statistics.median(row["fused_all_ms"]) / statistics.median(row["fm_all_ms"])
     assert row["blocks"] is not None
+    # FLOPs: the fused step runs a dual forward (2x flow matching's forward), its backward (2x flow
+    # matching's backward) and f~(t, t, X_t) on part of the batch; recomputed blocks add at most one more
+    # dual forward. Below 2x, products went uncounted (in-place ones, SDPA, sgflow's ops).
+    assert row["flop_ratio"] == pytest.approx(row["fused_gflop"] / row["fm_gflop"])
+    assert 2.0 < row["flop_ratio"] < 3.5, row["flop_ratio"]
     assert "tiny" in capsys.readouterr().out

@@ -6,6 +6,8 @@ Triton cases run compiled on CUDA tensors (references stay on the CPU in float64
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -681,3 +683,33 @@ def test_gpu_every_shipped_tile_config_runs_and_matches(dtype, monkeypatch):
                 tol = GPU_TOL[dtype] if dtype != torch.float32 else 1e-4
                 assert_close_all(out, ref_out, grads, ref_grads, tol, f"{kind} D={d} {cfg}")
     print("rejected for resources:", rejected)
+
+
+@pytest.mark.parametrize("with_gd", [True, False], ids=["g_and_gdot", "g_only"])
+@pytest.mark.parametrize("shape", [(2, 3, 7, 5, 4, 6), (1, 1, 9, 9, 8, 8)], ids=["q7_k5_d4_dv6", "b1_h1_n9"])
+def test_flop_formulas_count_the_products_the_torch_backend_runs(shape, with_gd):
+    """FlopCounterMode counts the dual attention ops by registered formulas (it cannot see inside a
+    custom op): they equal the products of the torch backend's forward and backward, counted by the same
+    mode on the functions themselves (in-place baddbmm_ added: PyTorch's counter has no formula for it)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def baddbmm_flop(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs):
+        return 2 * math.prod(a_shape) * b_shape[-1]
+
+    b, h, n_q, n_k, d, dv = shape
+    g = torch.Generator().manual_seed(0)
+    qs = [torch.randn(b, h, n, w, generator=g) for n, w in ((n_q, d), (n_k, d), (n_k, dv))] * 2
+    go = [torch.randn(b, h, n_q, dv, generator=g) for _ in range(2)]
+    gd = go[1] if with_gd else None
+
+    def counted(fn):
+        with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.baddbmm_: baddbmm_flop}) as fc:
+            out = fn()
+        return out, fc.get_total_flops()
+
+    (o, od, lse, mu), fwd_inner = counted(lambda: attn_mod._torch_forward(*qs, 0.5))
+    _, bwd_inner = counted(lambda: attn_mod._torch_backward(*qs, o, od, lse, mu, go[0], gd, 0.5))
+    fwd_op, bwd_op = attn_mod._ops("torch")
+    outs, fwd_formula = counted(lambda: fwd_op(*qs, 0.5))
+    _, bwd_formula = counted(lambda: bwd_op(*qs, *outs, go[0], gd, 0.5))
+    assert fwd_formula == fwd_inner > 0 and bwd_formula == bwd_inner > 0
