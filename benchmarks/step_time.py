@@ -89,11 +89,11 @@ def count_flops(run) -> int:
     return fc.get_total_flops()
 
 
-def measure(name: str, shape: tuple, kw: dict, batch: int, reps: int, device: str) -> dict:
+def measure(name: str, shape: tuple, kw: dict, batch: int, reps: int, device: str, budget: float = 0.5) -> dict:
     torch.manual_seed(0)
     model = build(name, shape, kw).to(device)
     x1 = torch.randn(batch, *shape, device=device)
-    dual = sgflow.dualize(model)
+    dual = sgflow.dualize(model, budget=budget)
 
     def step(loss_fn, m):
         def run():
@@ -116,7 +116,7 @@ def measure(name: str, shape: tuple, kw: dict, batch: int, reps: int, device: st
     med = {k: statistics.median(v) for k, v in times.items()}
     flops = {k: count_flops(run) for k, run in steps.items()}
     plan = getattr(dual, "plan", None)
-    return {"network": name, "shape": list(shape), "net_kw": kw, "batch": batch, "reps": reps,
+    return {"network": name, "shape": list(shape), "net_kw": kw, "batch": batch, "reps": reps, "budget": budget,
             "fm_ms": med["flow_matching"], "fused_ms": med["sgflow_fused"],
             "ratio": med["sgflow_fused"] / med["flow_matching"], "fm_gflop": flops["flow_matching"] / 1e9,
             "fused_gflop": flops["sgflow_fused"] / 1e9, "flop_ratio": flops["sgflow_fused"] / flops["flow_matching"],
@@ -132,6 +132,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--suite", choices=sorted(SUITES), help="run a list of networks instead of --network")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--budget", type=float, default=0.5,
+                   help="sgflow.dualize's budget: peak memory as a fraction of flow matching's (more: less recomputed)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (0: leave torch's default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path)
@@ -157,7 +159,7 @@ def _run(p, args):
           f"FLOPs: matrix products and convolutions of one step")
     print(f"{'network':<16} {'batch':>5} {'FM ms':>9} {'fused ms':>9} {'x FM':>6} {'FLOPs x FM':>10}")
     for name, shape, kw, batch in cases:
-        r = measure(name, tuple(int(s) for s in shape.split(",")), kw, batch, args.reps, args.device)
+        r = measure(name, tuple(int(s) for s in shape.split(",")), kw, batch, args.reps, args.device, args.budget)
         rows.append(r)
         print(f"{name:<16} {batch:>5} {r['fm_ms']:9.1f} {r['fused_ms']:9.1f} {r['ratio']:6.2f} {r['flop_ratio']:10.2f}",
               flush=True)
