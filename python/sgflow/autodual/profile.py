@@ -89,6 +89,8 @@ class _Saved:
         return uid
 
     def pack(self, t: torch.Tensor):
+        if self.checking:  # a row check or a measured backward (recomputing ops keep tensors too): not the forward
+            return t
         try:
             st = t.untyped_storage()
         except (NotImplementedError, RuntimeError):
