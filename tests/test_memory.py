@@ -155,9 +155,29 @@ def test_step_time_benchmark_script_interleaves_and_writes_ratios(tmp_path, caps
     assert len(row["fm_all_ms"]) == len(row["fused_all_ms"]) == 2
     assert row["ratio"] == statistics.median(row["fused_all_ms"]) / statistics.median(row["fm_all_ms"])
     assert row["blocks"] is not None
-    # FLOPs: the fused step runs a dual forward (2x flow matching's forward), its backward (2x flow
-    # matching's backward) and f~(t, t, X_t) on part of the batch; recomputed blocks add at most one more
-    # dual forward. Below 2x, products went uncounted (in-place ones, SDPA, sgflow's ops).
-    assert row["flop_ratio"] == pytest.approx(row["fused_gflop"] / row["fm_gflop"])
-    assert 2.0 < row["flop_ratio"] < 3.5, row["flop_ratio"]
+    assert row["fused_gflop"] > row["fm_gflop"] > 0  # what the FLOP column is made of (counted below)
     assert "tiny" in capsys.readouterr().out
+
+
+def test_step_time_flop_count_includes_cpu_sdpa_and_in_place_products():
+    """benchmarks/step_time.py's FLOP count: PyTorch's counter has no formula for SDPA's CPU kernels nor for
+    ``addmm_`` (the dual linears' weight-gradient accumulation); the benchmark's count has both: 2 products
+    forward, 5 backward (the scores recomputed) for SDPA, as PyTorch counts its GPU kernels."""
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    bench = _load_benchmark("step_time")
+    b, h, n, d = 2, 3, 5, 4
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(b, h, n, d, generator=g).requires_grad_()
+    acc, a, c = torch.zeros(6, 7), torch.randn(6, 3, generator=g), torch.randn(3, 7, generator=g)
+
+    def run():
+        F.scaled_dot_product_attention(q, q, q).sum().backward()
+        acc.addmm_(a, c)
+
+    product = 2 * b * h * n * n * d  # one [n, d] x [d, n] (or [n, n] x [n, d]) product per head
+    assert bench.count_flops(run) == 7 * product + 2 * 6 * 3 * 7
+    with FlopCounterMode(display=False) as plain:
+        run()
+    assert plain.get_total_flops() == 0  # what the benchmark adds is all of it here

@@ -685,9 +685,10 @@ def test_gpu_every_shipped_tile_config_runs_and_matches(dtype, monkeypatch):
     print("rejected for resources:", rejected)
 
 
-@pytest.mark.parametrize("with_gd", [True, False], ids=["g_and_gdot", "g_only"])
+@pytest.mark.parametrize("with_g,with_gd", [(True, True), (True, False), (False, True), (False, False)],
+                         ids=["g_and_gdot", "g_only", "gdot_only", "neither"])
 @pytest.mark.parametrize("shape", [(2, 3, 7, 5, 4, 6), (1, 1, 9, 9, 8, 8)], ids=["q7_k5_d4_dv6", "b1_h1_n9"])
-def test_flop_formulas_count_the_products_the_torch_backend_runs(shape, with_gd):
+def test_flop_formulas_count_the_products_the_torch_backend_runs(shape, with_g, with_gd):
     """FlopCounterMode counts the dual attention ops by registered formulas (it cannot see inside a
     custom op): they equal the products of the torch backend's forward and backward, counted by the same
     mode on the functions themselves (in-place baddbmm_ added: PyTorch's counter has no formula for it)."""
@@ -700,7 +701,7 @@ def test_flop_formulas_count_the_products_the_torch_backend_runs(shape, with_gd)
     g = torch.Generator().manual_seed(0)
     qs = [torch.randn(b, h, n, w, generator=g) for n, w in ((n_q, d), (n_k, d), (n_k, dv))] * 2
     go = [torch.randn(b, h, n_q, dv, generator=g) for _ in range(2)]
-    gd = go[1] if with_gd else None
+    g_o, gd = (go[0] if with_g else None), (go[1] if with_gd else None)
 
     def counted(fn):
         with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.baddbmm_: baddbmm_flop}) as fc:
@@ -708,8 +709,9 @@ def test_flop_formulas_count_the_products_the_torch_backend_runs(shape, with_gd)
         return out, fc.get_total_flops()
 
     (o, od, lse, mu), fwd_inner = counted(lambda: attn_mod._torch_forward(*qs, 0.5))
-    _, bwd_inner = counted(lambda: attn_mod._torch_backward(*qs, o, od, lse, mu, go[0], gd, 0.5))
+    _, bwd_inner = counted(lambda: attn_mod._torch_backward(*qs, o, od, lse, mu, g_o, gd, 0.5))
     fwd_op, bwd_op = attn_mod._ops("torch")
     outs, fwd_formula = counted(lambda: fwd_op(*qs, 0.5))
-    _, bwd_formula = counted(lambda: bwd_op(*qs, *outs, go[0], gd, 0.5))
-    assert fwd_formula == fwd_inner > 0 and bwd_formula == bwd_inner > 0
+    _, bwd_formula = counted(lambda: bwd_op(*qs, *outs, g_o, gd, 0.5))
+    assert fwd_formula == fwd_inner > 0
+    assert bwd_formula == bwd_inner and (bwd_inner > 0) == (with_g or with_gd)

@@ -67,7 +67,7 @@ class _Saved:
         self.events: list[tuple[int, int, str]] = []
         self.windows: dict[str, list] = {}  # path -> [(start, end, input storage ids, backward scratch)]
         self.clock = 0
-        self.checking = False  # a candidate's row check runs (its ops are no part of the forward)
+        self.checking = False  # a row check or a measured backward runs (no part of the forward)
         self.row_ids: dict = {}  # path -> {sliced position or name: its storage ids}, from the first call
         self.scratch_flops = 0  # FLOPs of the candidates' measured backwards so far (plain pass)
 
@@ -229,14 +229,16 @@ def _backward_scratch(saved: _Saved, start: int, end: int, inputs: tuple, args, 
             meter._counted[ref.cdata] = (ref, saved.sizes[u])
             meter.current += saved.sizes[u]
     held = meter.current
-    saved.checking = True  # no part of the forward
+    # No part of the forward (restored, not cleared: a backward may run a candidate's forward, which measures
+    # its own backward inside this one).
+    checking, saved.checking = saved.checking, True
     try:
         with meter:
             torch.autograd.grad(outs, wrt, grads, allow_unused=True)
     except Exception:  # a backward that cannot run alone here: the estimate falls back to a ratio
         return -1
     finally:
-        saved.checking = False
+        saved.checking = checking
     return max(meter.peak - held, 0)
 
 
@@ -404,12 +406,12 @@ def _profiling(model: nn.Module, paths, saved: _Saved, costs: dict, dual: bool, 
             elif dual and c.batch == 0:  # first call of this candidate: does it map rows to rows?
                 drew = any(not torch.equal(a, b) for a, b in zip(rng, _rng_states(args, kwargs)))
                 checking.append(path)
-                saved.checking = True
+                was_checking, saved.checking = saved.checking, True
                 try:
                     c.rows, c.batch = (None, -1) if drew else _row_layout(orig, args, kwargs, out)
                 finally:
                     checking.pop()
-                    saved.checking = False
+                    saved.checking = was_checking
                 if c.rows is not None:
                     saved.row_ids[path] = {**{i: saved.input_ids(args[i]) for i in c.rows.args},
                                            **{k: saved.input_ids(kwargs[k]) for k in c.rows.kwargs}}

@@ -365,15 +365,29 @@ def _fwd_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> in
     return 2 * b * h * n_q * k_shape[2] * (3 * d + 3 * v_shape[-1])
 
 
-def _bwd_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
-    """FLOPs of a dual attention backward (the torch backend's products; the Triton kernels run the same
-    ones): with a tangent cotangent 9 products of the q/k width and 6 of the v width (7.5x the plain
-    forward), without one those of a plain backward with P recomputed."""
-    b, h, n_q, d = q_shape
-    g_o_dot = args[8] if len(args) > 8 else kwargs.get("g_o_dot")
-    has_gd = g_o_dot is not None and math.prod(g_o_dot) > 0  # the triton op passes an empty tensor for None
-    dq, dv = (9, 6) if has_gd else (3, 2)
-    return 2 * b * h * n_q * k_shape[2] * (dq * d + dv * v_shape[-1])
+def _given(shape) -> bool:
+    return shape is not None and math.prod(shape) > 0
+
+
+def _bwd_flops_of(products):
+    """A backward op's FLOP formula from ``products[(has_g, has_gd)] = (q/k-width, v-width)`` product counts."""
+
+    def flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+        b, h, n_q, d = q_shape
+        g_o = args[7] if len(args) > 7 else kwargs.get("g_o")
+        g_o_dot = args[8] if len(args) > 8 else kwargs.get("g_o_dot")
+        dq, dv = products[(_given(g_o), _given(g_o_dot))]
+        return 2 * b * h * n_q * k_shape[2] * (dq * d + dv * v_shape[-1])
+
+    return flops
+
+
+# Products of each backend's backward, by which cotangents are given (G of o, Gd of o_dot). The torch backend
+# with both: 9 of the q/k width, 6 of the v width (7.5x the plain forward); the Triton kernels recompute the
+# tile's scores in both the dk/dv and the dq kernel: 12 and 9.
+_bwd_flops = _bwd_flops_of({(True, True): (9, 6), (True, False): (3, 2), (False, True): (9, 4), (False, False): (0, 0)})
+_bwd_flops_triton = _bwd_flops_of({(True, True): (12, 9), (True, False): (4, 3), (False, True): (12, 6),
+                                   (False, False): (0, 0)})
 
 
 _fwd_torch_op.register_fake(_fwd_fake)
@@ -405,7 +419,7 @@ def _triton_ops():
 
     fwd.register_autograd(_op_autograd(bwd), setup_context=_setup_context)
     register_flop_formula(torch.ops.sgflow.attention_dual_fwd_triton)(_fwd_flops)
-    register_flop_formula(torch.ops.sgflow.attention_dual_bwd_triton)(_bwd_flops)
+    register_flop_formula(torch.ops.sgflow.attention_dual_bwd_triton)(_bwd_flops_triton)
     register_loop_vmap(fwd)
     register_loop_vmap(bwd)
     return torch.ops.sgflow
