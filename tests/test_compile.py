@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from torch import nn
 
 import sgflow
 import testnets
@@ -510,6 +511,46 @@ def test_compiled_step_with_every_block_recomputed(save):
     dynamo.reset()
     trace = _explain(_fused, dual, x1, kw)
     assert trace.graph_breaks == 0, trace.describe()
+
+
+class _ArglessBlock(nn.Module):
+    """A block of parameters only (a learned positional table), called without tensor arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Parameter(torch.randn(4, 8)), nn.Parameter(torch.randn(8, 4))
+
+    def forward(self):
+        return torch.tanh(self.a @ self.b).sum(0)
+
+
+class _ArglessNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.table, self.lin = _ArglessBlock(), nn.Linear(4, 4)
+
+    def forward(self, t, u, x):
+        return self.lin(x * (1 + t[:, None]) + u[:, None]) + self.table()
+
+
+def test_compiled_step_recomputes_a_chosen_block_called_without_tensor_arguments(monkeypatch):
+    """A chosen block with no tensor arguments (it reads its parameters only) is checkpointed the traced way
+    too (tagged for the partitioner's recomputation); it took the eager checkpoint inside the trace, whose
+    recomputation the compiled graph does not have. Compiled = eager."""
+    from sgflow.autodual import call
+
+    traced = []
+    orig = call._traced_checkpoint
+    monkeypatch.setattr(call, "_traced_checkpoint", lambda run, plain: traced.append(len(plain)) or orig(run, plain))
+    torch.manual_seed(0)
+    model = _ArglessNet()
+    dual = sgflow.dualize(model, blocks=["table"])
+    x1, kw = _inputs((4,), batch=4)
+    want = _loss_and_grads(_fused, dual, x1, kw)
+    assert traced == []  # eager: torch.utils.checkpoint as always
+    got = _loss_and_grads(torch.compile(_fused, backend="aot_eager"), dual, x1, kw)
+    _assert_same_step(got, want, rtol=1e-5)
+    assert 0 in traced, traced
 
 
 # Third-party-style networks (testnets.py): the compiled fused step, first call and after an eager step, with

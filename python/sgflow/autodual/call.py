@@ -131,7 +131,9 @@ def _checkpointed(orig, args, kwargs):
         out_layout[:] = [(olayout, ospec)]
         return tuple(result)
 
-    if any(is_traced(p) for p in plain):
+    # Traced: the block's inputs are traced tensors, or it has none (it reads only parameters, which the
+    # traced forward replaced by traced ones) and the whole dual forward is traced.
+    if any(is_traced(p) for p in plain) or (not plain and current().traced):
         res = _traced_checkpoint(run, plain)
     else:
         ctx_fn = current().context_fn
@@ -347,7 +349,9 @@ def dual_call(model: nn.Module, inputs: Sequence[torch.Tensor], tangents: Sequen
     plain = [] if torch.compiler.is_compiling() else \
         [(x, x._version) for x in args if isinstance(x, torch.Tensor) and not isinstance(x, DualTensor)
          and not is_traced(x) and not x.is_inference()]
-    with dual_context(report=report, context_fn=_context_fn(save)), _patched(model, blocks, splits), function_hook():
+    traced = any(is_traced(x) for x in inputs if isinstance(x, torch.Tensor))
+    with dual_context(report=report, context_fn=_context_fn(save), traced=traced), _patched(model, blocks, splits), \
+            function_hook():
         out = model(*args)
     if any(x._version != v for x, v in plain):
         # sgflow calls the model more than once on the same inputs (the stop-gradient velocity, the plan's

@@ -56,6 +56,7 @@ class DualContext:
     stack: list = field(default_factory=list)  # module paths of the forwards in progress
     in_block: bool = False  # inside a block's checkpointed forward (blocks do not nest)
     last_key: tuple | None = None  # (path, op) of the op being dispatched, for the report's rule entry
+    traced: bool = False  # the dual forward is traced (sgflow.autodual.traced): its inputs are traced tensors
 
 
 class _AtRest(DualContext):
@@ -84,11 +85,11 @@ def current() -> DualContext:
 
 
 @contextlib.contextmanager
-def dual_context(report: dict | None = None, context_fn: Callable | None = None):
+def dual_context(report: dict | None = None, context_fn: Callable | None = None, traced: bool = False):
     """Push a fresh :class:`DualContext` on this thread for one dual forward; the previous one (an
     enclosing dual call's, or none) is back afterwards."""
     prev = getattr(_LOCAL, "ctx", None)
-    ctx = DualContext(report=report, context_fn=context_fn)
+    ctx = DualContext(report=report, context_fn=context_fn, traced=traced)
     _LOCAL.ctx = ctx
     try:
         yield ctx
