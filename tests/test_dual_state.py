@@ -19,7 +19,7 @@ FIELDS = {f.name for f in dataclasses.fields(DualContext)}
 
 def test_context_declares_its_fields_and_nothing_else_can_be_set():
     ctx = DualContext()
-    assert FIELDS == {"report", "context_fn", "stack", "in_block", "last_key"}
+    assert FIELDS == {"report", "context_fn", "stack", "in_block", "last_key", "traced"}
     with pytest.raises(AttributeError):
         ctx.in_blok = True  # a typo cannot create a field
 
