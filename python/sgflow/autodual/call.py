@@ -19,8 +19,10 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 from torch.utils.checkpoint import checkpoint
 
+from sgflow.autodual.attention import LazyDual
 from sgflow.autodual.blocks import _inner
 from sgflow.autodual.tensor import (
     AT_REST,
@@ -35,6 +37,34 @@ from sgflow.autodual.tensor import (
 )
 
 __all__ = ["dual_call", "patched_forwards"]
+
+
+# Which tensors a call changed in place (the profile's candidates, dual_call's inputs without a tangent).
+def _versions(tree) -> list:
+    """The tensors in ``tree`` (a DualTensor's primal and tangent, as it holds them now) with their version
+    counters: an in-place op bumps the counter, one on a dual tensor swaps in new ones (rules.inplace)."""
+    def version(p):
+        try:
+            return p._version
+        except RuntimeError:  # an inference tensor: no counter (and no gradient to protect)
+            return None
+
+    return [(p, version(p)) for a in tree_flatten(tree)[0] if not _lazy(a) for p in _parts(a)
+            if isinstance(p, torch.Tensor)]
+
+
+def _changed(before: list, after: list) -> bool:
+    return len(before) != len(after) or any(p is not q or v != w for (p, v), (q, w) in zip(before, after))
+
+
+def _parts(a):
+    return (a._primal, a._tangent) if isinstance(a, DualTensor) else (a,)
+
+
+def _lazy(a) -> bool:
+    """A lazy dual node not computed yet (a GroupNorm's output waiting for its SiLU and conv, attention
+    scores waiting for their softmax): reading its primal or tangent would compute it, unfused."""
+    return isinstance(a, LazyDual) and a._cache is None
 
 
 @contextlib.contextmanager
@@ -110,7 +140,7 @@ def _checkpointed(orig, args, kwargs):
     tensors: under a saved-tensor hook of the caller's (a memory meter, offloading) a DualTensor came back
     from it as a plain tensor, so the block was recomputed without its tangent (a checkpoint error at
     best)."""
-    from torch.utils._pytree import tree_flatten, tree_unflatten
+    from torch.utils._pytree import tree_unflatten
 
     flat, spec = tree_flatten((args, kwargs))
     plain, layout = _to_plain(flat)
@@ -242,7 +272,7 @@ def _row_slices(split, args, kwargs):
 
 def _cat_rows(outs, path: str):
     """The row slices' outputs (same structure, tensors or None) concatenated along dim 0."""
-    from torch.utils._pytree import tree_flatten, tree_unflatten
+    from torch.utils._pytree import tree_unflatten
 
     flat = [tree_flatten(o) for o in outs]
     spec = flat[0][1]
@@ -347,13 +377,13 @@ def dual_call(model: nn.Module, inputs: Sequence[torch.Tensor], tangents: Sequen
         if isinstance(a, DualTensor):
             a._sgflow_model_input = True  # the caller's tensors: an in-place op on them is refused (rules.inplace)
     plain = [] if torch.compiler.is_compiling() else \
-        [(x, x._version) for x in args if isinstance(x, torch.Tensor) and not isinstance(x, DualTensor)
-         and not is_traced(x) and not x.is_inference()]
+        [x for x in args if isinstance(x, torch.Tensor) and not isinstance(x, DualTensor) and not is_traced(x)]
+    versions = _versions(plain)
     traced = any(is_traced(x) for x in inputs if isinstance(x, torch.Tensor))
     with dual_context(report=report, context_fn=_context_fn(save), traced=traced), _patched(model, blocks, splits), \
             function_hook():
         out = model(*args)
-    if any(x._version != v for x, v in plain):
+    if _changed(versions, _versions(plain)):
         # sgflow calls the model more than once on the same inputs (the stop-gradient velocity, the plan's
         # profile): an input changed in place gives each call different values. A dual input's in-place op
         # is refused by its rule; a plain one (u, whose tangent is zero) is seen here.

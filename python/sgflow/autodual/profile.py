@@ -28,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 # Module attributes read at call time (tests and users may set them on sgflow.autodual.plan).
 from sgflow.autodual import plan as _plan
+from sgflow.autodual.call import _changed, _lazy, _parts, _versions
 from sgflow.autodual.plan import BlockCost, BlockPlan, Call, RowSplit, Timeline, choose_blocks
 from sgflow.autodual.tensor import DualTensor, make_dual
 
@@ -265,35 +266,6 @@ def _rng_states(args, kwargs) -> list:
     """The CPU RNG state and that of the CUDA devices of the tensor inputs (to see whether a block draws)."""
     devs = {a.device for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor) and a.device.type == "cuda"}
     return [torch.random.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in sorted(devs, key=str)]
-
-
-def _versions(tree) -> list:
-    """The tensors in ``tree`` (a DualTensor's primal and tangent, as it holds them now) with their version
-    counters: an in-place op bumps the counter, one on a dual tensor swaps in new ones (rules.inplace)."""
-    def version(p):
-        try:
-            return p._version
-        except RuntimeError:  # an inference tensor: no counter (and no gradient to protect)
-            return None
-
-    return [(p, version(p)) for a in tree_flatten(tree)[0] if not _lazy(a) for p in _parts(a)
-            if isinstance(p, torch.Tensor)]
-
-
-def _changed(before: list, after: list) -> bool:
-    return len(before) != len(after) or any(p is not q or v != w for (p, v), (q, w) in zip(before, after))
-
-
-def _parts(a):
-    return (a._primal, a._tangent) if isinstance(a, DualTensor) else (a,)
-
-
-def _lazy(a) -> bool:
-    """A lazy dual node not computed yet (a GroupNorm's output waiting for its SiLU and conv, attention
-    scores waiting for their softmax): reading its primal or tangent would compute it, unfused."""
-    from sgflow.autodual.attention import LazyDual
-
-    return isinstance(a, LazyDual) and a._cache is None
 
 
 def _any_lazy(tree) -> bool:
