@@ -513,6 +513,26 @@ def test_compiled_step_with_every_block_recomputed(save):
     assert trace.graph_breaks == 0, trace.describe()
 
 
+def test_compiled_step_with_recomputed_blocks_keeping_their_attention():
+    """The DiT's blocks recomputed, keeping their dual attention's outputs (the plan's ``keep``: eager hands
+    them to the recomputation, traced a selective-checkpoint policy saves them): compiled = eager, first call
+    included, no graph break after it."""
+    torch.manual_seed(0)
+    model = testnets.build("dit", TESTNET_SHAPES["dit"])
+    dual = sgflow.dualize(model, blocks=["blocks.0", "blocks.1"])
+    dual.keep = frozenset(dual.blocks)
+    x1, kw = _inputs(TESTNET_SHAPES["dit"], batch=4)
+    want = _loss_and_grads(_fused, dual, x1, kw)
+    dual.keep = frozenset()
+    _assert_same_step(_loss_and_grads(_fused, dual, x1, kw), want, rtol=1e-5)  # eager: kept = recomputed
+    dual.keep = frozenset(dual.blocks)
+    step = torch.compile(_fused, backend="aot_eager")
+    _assert_same_step(_loss_and_grads(step, dual, x1, kw), want, rtol=1e-5)
+    dynamo.reset()
+    trace = _explain(_fused, dual, x1, kw)
+    assert trace.graph_breaks == 0, trace.describe()
+
+
 class _ArglessBlock(nn.Module):
     """A block of parameters only (a learned positional table), called without tensor arguments."""
 
@@ -541,7 +561,8 @@ def test_compiled_step_recomputes_a_chosen_block_called_without_tensor_arguments
 
     traced = []
     orig = call._traced_checkpoint
-    monkeypatch.setattr(call, "_traced_checkpoint", lambda run, plain: traced.append(len(plain)) or orig(run, plain))
+    monkeypatch.setattr(call, "_traced_checkpoint",
+                        lambda run, plain, keep=False: traced.append(len(plain)) or orig(run, plain, keep))
     torch.manual_seed(0)
     model = _ArglessNet()
     dual = sgflow.dualize(model, blocks=["table"])

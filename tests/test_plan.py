@@ -840,3 +840,111 @@ def test_diffusers_unet_recomputes_inner_blocks_within_four_times_the_ops():
     print(f"diffusers UNet: peak {fused / fm:.3f}x flow matching, ATen ops {fused_ops / fm_ops:.2f}x\n{dual.plan}")
     assert fused <= 0.5 * fm
     assert fused_ops <= 4 * fm_ops
+
+
+def _attention_cost(path, gflops_attention, attn_mib, **kw):
+    c = _cost(path, **kw)
+    c.attn_flops, c.attn_out = int(gflops_attention * 1e9), attn_mib * MiB
+    return c
+
+
+def test_recomputed_blocks_keep_their_attention_outputs_where_that_is_cheaper(bare_live_term):
+    """Six DiT-like blocks (84 MiB kept, inputs 4 MiB, 4.84 GFLOP of which the dual attention's forward 1.6,
+    its outputs 4 MiB). Recomputing five whole blocks meets a budget of 188 MiB (5 * 4 + 84 + 84 live again);
+    recomputing all six keeping their attention outputs also does (6 * 8 + 84 = 132 MiB) for less (six times
+    3.24 GFLOP against five times 4.84, plus the elementwise charge of each): that plan is kept. At 131 MiB
+    only all six without kept outputs fit (108 MiB)."""
+    costs = [_attention_cost(f"blocks.{i}", 1.6, 4, kept=84, boundary=4, plain=40, gflops=4.84) for i in range(6)]
+    plain = 6 * 40
+    plan = choose_blocks(costs, 0, 0, budget=188 / plain)
+    assert plan.keep_attention and plan.blocks == [c.path for c in costs] and plan.keep == plan.blocks
+    assert plan.estimate() == 132 * MiB and plan.meets_budget
+    without = choose_blocks(costs, 0, 0, budget=188 / plain)
+    without.keep_attention, without.blocks = False, [f"blocks.{i}" for i in range(5)]
+    assert plan.cost() < without.cost() and without.estimate() == 188 * MiB
+    assert "6 recomputed blocks keep their attention outputs (24.00 MiB, 9.600 GFLOP not recomputed)" in str(plan)
+    plan = choose_blocks(costs, 0, 0, budget=131 / plain)
+    assert not plan.keep_attention and plan.keep == [] and plan.blocks == [c.path for c in costs]
+    assert plan.estimate() == 108 * MiB
+
+
+def test_the_profile_measures_each_blocks_attention_outputs_and_forward_flops():
+    """Per candidate: the bytes of its dual attention's outputs (o, o_dot: [B, H, N, Dv]; lse, mu: [B, H, N])
+    and their forward's FLOPs (6 products), against the attention calls a dispatch mode sees in a dual
+    forward; blocks without attention have none."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from sgflow.autodual import dual_call
+    from sgflow.ops.attention import _fwd_flops, forward_ops
+
+    class Calls(TorchDispatchMode):
+        seen: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in forward_ops():
+                self.seen.append((sum(o.numel() * o.element_size() for o in out), _fwd_flops(*(a.shape for a in args[:3]))))
+            return out
+
+    torch.manual_seed(0)
+    model = testnets.build("dit", (3, 8, 8), depth=2)
+    t, u, x, t_dot, u_dot, x_dot = _inputs(3, torch.float32)
+    x, x_dot = torch.randn(3, 3, 8, 8), torch.randn(3, 3, 8, 8)
+    plan = sgflow.dualize(model).make_plan(t, u, x, t_dot, u_dot, x_dot)
+    with Calls():
+        dual_call(model, (t, u, x), (t_dot, u_dot, x_dot))
+    assert len(Calls.seen) == 2  # one attention per block
+    by_path = {c.path: c for c in plan.costs}
+    for i, (nbytes, flops) in enumerate(Calls.seen):
+        for path in (f"blocks.{i}", f"blocks.{i}.attn"):
+            assert (by_path[path].attn_out, by_path[path].attn_flops) == (nbytes, flops), path
+        assert by_path[f"blocks.{i}.mlp"].attn_out == 0 and by_path[f"blocks.{i}.mlp"].attn_flops == 0
+    assert plan.timeline.attention and {o for _, _, o in plan.timeline.attention} == {"blocks.0.attn", "blocks.1.attn"}
+
+
+@pytest.mark.parametrize("name,rows", [pytest.param("dit", 1, id="dit"), pytest.param("dit", 2, id="dit-2-row-slices"),
+                                       pytest.param("adm", 1, id="adm")])
+def test_blocks_keeping_their_attention_outputs_give_the_reference_gradients(name, rows, monkeypatch):
+    """The attention blocks recomputed keeping their dual attention's outputs (float64): the recomputation
+    runs no attention forward (one per block per step, against two), loss and gradients equal the JVP
+    reference to 1e-10; in row slices too (each slice keeps its own)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import sgflow.autodual.plan as plan_mod
+    from sgflow.ops.attention import forward_ops
+
+    monkeypatch.setattr(plan_mod, "MIN_ROW_SLICE_GAIN", 0)  # the profile checks even these few-KiB blocks' rows
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += func in forward_ops()
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = testnets.build(name, (3, 8, 8)).double()
+    x1 = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    dual = sgflow.dualize(model, budget=1e-3)
+    _grads(model, dual, x1, 1)  # plans
+    att = [c.path for c in dual.plan.costs if c.attn_out > 0 and c.parent is None]
+    assert len(att) >= 2, att
+    dual.blocks, dual.keep = att, frozenset(att)
+    costs = {c.path: c for c in dual.plan.costs}
+    dual.splits = {p: RowSplit(rows, costs[p].rows.args, costs[p].rows.kwargs, costs[p].rows.shared)
+                   for p in att} if rows > 1 else {}
+    Count.n = 0
+    with Count():
+        loss, got = _grads(model, dual, x1, 2)
+    assert Count.n == len(att) * rows
+    dual.keep = frozenset()
+    Count.n = 0
+    with Count():
+        _grads(model, dual, x1, 2)
+    assert Count.n == 2 * len(att) * rows
+    ref_loss, ref = _grads(model, None, x1, 2)
+    assert torch.allclose(loss, ref_loss, rtol=1e-12, atol=0)
+    for n in ref:
+        if ref[n].abs().max() > 0:
+            err = (got[n] - ref[n]).norm() / ref[n].norm()
+            assert err <= 1e-10, (n, float(err))

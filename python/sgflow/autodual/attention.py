@@ -120,6 +120,7 @@ def probs_matmul(probs, v):
     qp, kp, vp = primal(q), primal(k), primal(v)
     if vp.dim() != qp.dim() or vp.shape[:-2] != qp.shape[:-2] or vp.shape[-2] != kp.shape[-2] or vp.dtype != qp.dtype:
         return None
+    from sgflow.autodual.call import kept_attention
     from sgflow.ops.attention import attention_dual
 
     lead = qp.shape[:-2]
@@ -132,5 +133,5 @@ def probs_matmul(probs, v):
         return torch.zeros_like(ap) if t is None else t.to(ap.dtype)
 
     o, od = attention_dual(four(qp), four(kp), four(vp), four(tan(q, qp)), four(tan(k, kp)), four(tan(v, vp)),
-                           scale=float(scale))
+                           scale=float(scale), kept=kept_attention())
     return make_dual(o.reshape(*lead, *o.shape[-2:]), od.reshape(*lead, *od.shape[-2:]))

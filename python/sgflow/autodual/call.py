@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from typing import Sequence
 
 import torch
@@ -87,10 +88,11 @@ def patched_forwards(wrapping):
 
 
 @contextlib.contextmanager
-def _patched(model: nn.Module, blocks: Sequence[str], splits: dict | None = None):
+def _patched(model: nn.Module, blocks: Sequence[str], splits: dict | None = None, keep=()):
     """Route every submodule's forward through a wrapper that tracks the module path (for error
     messages and the report) and runs the chosen blocks under non-reentrant checkpointing (in row
-    slices where ``splits`` has a :class:`~sgflow.autodual.plan.RowSplit` for them).
+    slices where ``splits`` has a :class:`~sgflow.autodual.plan.RowSplit` for them; the blocks in ``keep``
+    keeping their dual attention's outputs, :func:`_keep_attention_context`).
 
     Patches live on the instances only for the duration of one dual forward: a model copied later
     (EMA, deepcopy) never sees them, and the recomputation in backward calls the original forwards.
@@ -99,13 +101,14 @@ def _patched(model: nn.Module, blocks: Sequence[str], splits: dict | None = None
     block_set = set(blocks)
     modules = inner.named_modules() if inner is not None else ()
     splits = splits or {}
+    keep = frozenset(keep or ())
     with patched_forwards((mod, functools.partial(_wrap_forward, path=path or "<model>", is_block=path in block_set,
-                                                  split=splits.get(path)))
+                                                  split=splits.get(path), keep=path in keep))
                           for path, mod in modules):
         yield
 
 
-def _wrap_forward(orig, path: str, is_block: bool, split=None):
+def _wrap_forward(orig, path: str, is_block: bool, split=None, keep: bool = False):
     @functools.wraps(orig)
     def forward(*args, **kwargs):
         ctx = current()
@@ -123,8 +126,8 @@ def _wrap_forward(orig, path: str, is_block: bool, split=None):
                 try:
                     slices = _row_slices(split, args, kwargs) if split is not None else None
                     if slices is None:
-                        return _checkpointed(orig, args, kwargs)
-                    return _cat_rows([_checkpointed(orig, a, k) for a, k in slices], path)
+                        return _checkpointed(orig, args, kwargs, keep)
+                    return _cat_rows([_checkpointed(orig, a, k, keep) for a, k in slices], path)
                 finally:
                     ctx.in_block = False
             return orig(*args, **kwargs)
@@ -134,9 +137,12 @@ def _wrap_forward(orig, path: str, is_block: bool, split=None):
     return forward
 
 
-def _checkpointed(orig, args, kwargs):
+def _checkpointed(orig, args, kwargs, keep: bool = False):
     """``orig(*args, **kwargs)`` under non-reentrant checkpointing, every DualTensor crossing the checkpoint
-    boundary as its two plain tensors (primal, tangent), in and out. Checkpoint keeps its inputs as saved
+    boundary as its two plain tensors (primal, tangent), in and out; with ``keep``, the outputs of its dual
+    attention are kept for the recomputation instead of computed again (:class:`_AttentionKeeper`; traced:
+    a selective-checkpoint policy saving them), unless ``dualize(save=...)`` set a policy of its own.
+    Checkpoint keeps its inputs as saved
     tensors: under a saved-tensor hook of the caller's (a memory meter, offloading) a DualTensor came back
     from it as a plain tensor, so the block was recomputed without its tangent (a checkpoint error at
     best)."""
@@ -145,12 +151,15 @@ def _checkpointed(orig, args, kwargs):
     flat, spec = tree_flatten((args, kwargs))
     plain, layout = _to_plain(flat)
     out_layout = []
+    traced = any(is_traced(p) for p in plain) or (not plain and current().traced)
+    keeper = _AttentionKeeper() if keep and not traced and current().context_fn is None else None
 
     def run(*tensors):
         leaves = _from_plain(tensors, layout)
         a, k = tree_unflatten(leaves, spec)
         duals = [(d, d._primal) for d in leaves if isinstance(d, DualTensor)]
-        oflat, ospec = tree_flatten(orig(*a, **k))
+        with keeper.running() if keeper is not None else contextlib.nullcontext():
+            oflat, ospec = tree_flatten(orig(*a, **k))
         if any(d._primal is not p for d, p in duals):
             # An in-place op on a dual input swaps new values into the block's own DualTensor (rules.inplace):
             # the caller's, outside the checkpoint, would keep the old ones, unlike the same block run whole.
@@ -163,8 +172,8 @@ def _checkpointed(orig, args, kwargs):
 
     # Traced: the block's inputs are traced tensors, or it has none (it reads only parameters, which the
     # traced forward replaced by traced ones) and the whole dual forward is traced.
-    if any(is_traced(p) for p in plain) or (not plain and current().traced):
-        res = _traced_checkpoint(run, plain)
+    if traced:
+        res = _traced_checkpoint(run, plain, keep)
     else:
         ctx_fn = current().context_fn
         extra = {} if ctx_fn is None else {"context_fn": ctx_fn}
@@ -187,7 +196,61 @@ def _prefer_recompute(ctx, op, *args, **kwargs):
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def _traced_checkpoint(run, plain):
+_KEEPER = threading.local()  # .keeper: the _AttentionKeeper of the block running on this thread, if any
+
+
+class _AttentionKeeper:
+    """The outputs ``(o, o_dot, lse, mu)`` of a recomputed block's dual attention calls: its forward records
+    them, one list per call in call order, and its recomputation in backward hands them back (the ``kept``
+    of :func:`sgflow.ops.attention.attention_dual`), which then builds the autograd node from the recomputed
+    q, k, v without running the attention's 6 products again. What the plan's ``keep_attention`` counts:
+    2 activations of the block's width held per attention, its forward's FLOPs not spent again. Held by the
+    checkpoint's recomputation closure: freed with the block's graph."""
+
+    def __init__(self):
+        self.calls: list[list] = []
+        self.next = 0
+
+    @contextlib.contextmanager
+    def running(self):
+        prev = getattr(_KEEPER, "keeper", None)
+        _KEEPER.keeper, self.next = self, 0
+        try:
+            yield
+        finally:
+            _KEEPER.keeper = prev
+
+    def slot(self) -> list:
+        if self.next == len(self.calls):
+            self.calls.append([])
+        self.next += 1
+        return self.calls[self.next - 1]
+
+
+def kept_attention():
+    """The ``kept`` list for the next dual attention call of the block running on this thread (empty on
+    its forward, the recorded outputs on its recomputation); None where no block keeps them."""
+    keeper = getattr(_KEEPER, "keeper", None)
+    return None if keeper is None else keeper.slot()
+
+
+def _keep_attention_policy():
+    """A selective-checkpoint policy keeping the dual attention's outputs (:func:`sgflow.ops.attention.forward_ops`)
+    and recomputing every other op: a traced block's :class:`_AttentionKeeper` (the partitioner recomputes
+    the rest of the block from its graph, not by running its Python again)."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from sgflow.ops.attention import forward_ops
+
+    ops = forward_ops()
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in ops else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+def _traced_checkpoint(run, plain, keep: bool = False):
     """A block of a traced dual forward (sgflow.autodual.traced): checkpointed the way torch.compile
     checkpoints (its ``tag_activation_checkpoint``): AOTAutograd traces through selective checkpointing with
     a policy that prefers recomputing every op, which tags the block's nodes so that the partitioner
@@ -196,8 +259,10 @@ def _traced_checkpoint(run, plain):
     import torch.fx.traceback as fx_traceback
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
-    # dualize(save="matmul") keeps the matrix products' outputs here too; otherwise every op prefers recomputing.
-    policy = _prefer_recompute if current().context_fn is None else _save_matmul_policy
+    # dualize(save="matmul") keeps the matrix products' outputs here too, a block the plan keeps attention
+    # outputs of keeps those; otherwise every op prefers recomputing.
+    policy = _save_matmul_policy if current().context_fn is not None else \
+        _keep_attention_policy() if keep else _prefer_recompute
 
     def ctx_fn():
         fwd_ctx, recompute_ctx = create_selective_checkpoint_contexts(policy)
@@ -365,7 +430,8 @@ def _check_tangents(inputs, tangents) -> None:
 
 
 def dual_call(model: nn.Module, inputs: Sequence[torch.Tensor], tangents: Sequence[torch.Tensor | None],
-              blocks: Sequence[str] = (), report: dict | None = None, save=None, splits: dict | None = None):
+              blocks: Sequence[str] = (), report: dict | None = None, save=None, splits: dict | None = None,
+              keep=()):
     """``model(*inputs)`` and its JVP along ``tangents`` through the model's own forward.
 
     Inputs with a zero (or None) tangent are passed as plain tensors. Returns ``(out, out_dot)``;
@@ -380,7 +446,7 @@ def dual_call(model: nn.Module, inputs: Sequence[torch.Tensor], tangents: Sequen
         [x for x in args if isinstance(x, torch.Tensor) and not isinstance(x, DualTensor) and not is_traced(x)]
     versions = _versions(plain)
     traced = any(is_traced(x) for x in inputs if isinstance(x, torch.Tensor))
-    with dual_context(report=report, context_fn=_context_fn(save), traced=traced), _patched(model, blocks, splits), \
+    with dual_context(report=report, context_fn=_context_fn(save), traced=traced), _patched(model, blocks, splits, keep), \
             function_hook():
         out = model(*args)
     if _changed(versions, _versions(plain)):

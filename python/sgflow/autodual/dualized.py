@@ -80,6 +80,7 @@ class DualizedModel(nn.Module):
         self.split_rows = bool(split_rows)
         self.strict_budget = bool(strict_budget)
         self.splits: dict = {}  # path -> RowSplit: recomputed blocks run in row slices (chosen by the plan)
+        self.keep: frozenset = frozenset()  # recomputed blocks keeping their attention outputs (the plan's)
         _context_fn(save)  # validates
         self.save = save
         self.last_report: DualReport | None = None
@@ -109,7 +110,7 @@ class DualizedModel(nn.Module):
         record = self.last_report is None
         rows = {} if record else None
         out = dual_call(self.module, (t, u, x), (t_dot, u_dot, x_dot), self.blocks, rows, getattr(self, "save", None),
-                        getattr(self, "splits", None))
+                        getattr(self, "splits", None), getattr(self, "keep", ()))
         if record:
             self.last_report = DualReport(rows, list(self.blocks))
         return out
@@ -140,6 +141,7 @@ class DualizedModel(nn.Module):
         self.plan = plan
         self.blocks = list(self.plan.blocks)
         self.splits = dict(self.plan.splits)
+        self.keep = frozenset(self.plan.keep)
         return self.plan
 
     def report(self, t=None, u=None, x=None) -> DualReport:

@@ -150,6 +150,8 @@ class BlockCost:
     # It changed one of its inputs in place (``SiLU(inplace=True)`` first): never recomputed (checkpoint's
     # backward would find that input modified). DualTensor inputs cannot be: the dual dispatch refuses.
     mutates_inputs: bool = False
+    attn_out: int = 0  # bytes of the dual attention outputs made inside it (o, o_dot, lse, mu; each storage once)
+    attn_flops: int = 0  # FLOPs of those dual attention forwards (6 products each, 3x the plain attention's)
 
     @property
     def cost(self) -> float:
@@ -187,12 +189,16 @@ class Timeline:
     windows: dict = field(default_factory=dict)
     plain: int = 0
     plain_peak: int = 0  # flow matching's estimated peak: the plain forward's timeline, nothing recomputed
+    # ``(time, storage id, owner)`` of every dual attention output (o, o_dot, lse, mu): what a recomputed block
+    # holds besides its inputs when it keeps them (``keep``).
+    attention: list = field(default_factory=list)
 
-    def peak(self, chosen: set, splits: dict, parents: dict) -> tuple[int, int, str | None]:
-        """``(held, peak, where)`` with the candidates in ``chosen`` recomputed: ``held`` the bytes held at
-        the end of the forward (every storage once, however many tensors or blocks keep it), ``peak`` the
-        estimated peak in backward (:meth:`BlockPlan.estimate`), ``where`` the candidate whose backward sets
-        it (None: the end of the forward)."""
+    def peak(self, chosen: set, splits: dict, parents: dict, keep: bool = False) -> tuple[int, int, str | None]:
+        """``(held, peak, where)`` with the candidates in ``chosen`` recomputed (``keep``: keeping the
+        outputs of their dual attention): ``held`` the bytes held at the end of the forward (every storage
+        once, however many tensors or blocks keep it), ``peak`` the estimated peak in backward
+        (:meth:`BlockPlan.estimate`), ``where`` the candidate whose backward sets it (None: the end of the
+        forward)."""
         covered: dict = {}
         inside: dict = {}
         for path, parent in parents.items():  # parents listed before their children
@@ -209,6 +215,10 @@ class Timeline:
                 for uid in call.inputs:
                     if first.get(uid, call.start + 1) > call.start:
                         first[uid] = call.start
+        if keep:
+            for time, uid, owner in self.attention:
+                if owner and covered[owner] and first.get(uid, time + 1) > time:
+                    first[uid] = time
         items = sorted((t, self.sizes[u]) for u, t in first.items())
         times = [t for t, _ in items]
         cum = list(itertools.accumulate(b for _, b in items))
@@ -266,6 +276,27 @@ class BlockPlan:
     budget: float = 0.5
     splits: dict = field(default_factory=dict)  # path -> RowSplit, the recomputed blocks run in row slices
     timeline: Timeline | None = None
+    # The recomputed blocks keep the outputs of their dual attention (selective checkpointing): held
+    # through the step, not recomputed in backward (``BlockCost.attn_out`` / ``attn_flops``).
+    keep_attention: bool = False
+
+    @property
+    def keep(self) -> list:
+        """The recomputed blocks that keep their attention outputs (those with a dual attention inside)."""
+        by_path = {c.path: c for c in self.costs}
+        return [p for p in self.blocks if self.keep_attention and by_path[p].attn_out > 0]
+
+    def _cost(self, c: BlockCost) -> float:
+        """What recomputing ``c`` costs in this plan: :attr:`BlockCost.cost`, less its attention's forward
+        where that is kept (never below its elementwise part: a hand-written attention counts 4 products on
+        the plain pass, its dual 6)."""
+        if not self.keep_attention:
+            return c.cost
+        return max(c.cost - c.attn_flops, ELEMENTWISE_FLOPS_PER_BYTE * c.kept + 1.0)
+
+    def _boundary(self, c: BlockCost) -> int:
+        """What ``c`` keeps when recomputed: its inputs, and its attention outputs where those are kept."""
+        return c.boundary + (c.attn_out if self.keep_attention else 0)
 
     @property
     def plain_total(self) -> int:
@@ -295,7 +326,7 @@ class BlockPlan:
         """What the recomputation costs (:attr:`BlockCost.cost` of the recomputed blocks, a block in
         ``k`` row slices ``1 + ROW_SLICE_OVERHEAD * (k - 1)`` times its own)."""
         by_path = {c.path: c for c in self.costs}
-        return sum(by_path[p].cost * (1 + ROW_SLICE_OVERHEAD * ((self.splits[p].chunks if p in self.splits else 1) - 1))
+        return sum(self._cost(by_path[p]) * (1 + ROW_SLICE_OVERHEAD * ((self.splits[p].chunks if p in self.splits else 1) - 1))
                    for p in self.blocks)
 
     def estimate(self, chosen=None) -> int:
@@ -317,7 +348,7 @@ class BlockPlan:
     def _peak(self, chosen=None) -> tuple[int, int, str | None]:
         chosen = set(self.blocks if chosen is None else chosen)
         if self.timeline is not None:
-            return self.timeline.peak(chosen, self.splits, {c.path: c.parent for c in self.costs})
+            return self.timeline.peak(chosen, self.splits, {c.path: c.parent for c in self.costs}, self.keep_attention)
         held = self._kept(chosen)
         top = max((c for c in self.costs if c.path in chosen), key=self._live, default=None)
         if top is None:
@@ -332,14 +363,14 @@ class BlockPlan:
     def _kept(self, chosen: set) -> int:
         """What the dual forward holds at its end with ``chosen`` recomputed."""
         if self.timeline is not None:
-            return self.timeline.peak(chosen, {}, {c.path: c.parent for c in self.costs})[0]
+            return self.timeline.peak(chosen, {}, {c.path: c.parent for c in self.costs}, self.keep_attention)[0]
         kept = self.outside_kept
         inside: set = set()  # candidates within a recomputed block (parents are listed before children)
         for c in self.costs:
             if c.parent is not None and (c.parent in chosen or c.parent in inside):
                 inside.add(c.path)
                 continue  # inside a recomputed block: only the block's inputs are kept
-            kept += c.boundary if c.path in chosen else c.own
+            kept += self._boundary(c) if c.path in chosen else c.own
         return kept
 
     def __str__(self):
@@ -365,6 +396,11 @@ class BlockPlan:
                      + (f" (the plain forward keeps under {MIN_PLANNED_BYTES * mib:.0f} MiB: not memory-bound)"
                         if self.plain_total < MIN_PLANNED_BYTES else "")
                      + ("" if self.meets_budget else "; OVER BUDGET: no choice of blocks meets it"))
+        if self.keep:
+            by_path = {c.path: c for c in self.costs}
+            lines.append(f"{len(self.keep)} recomputed blocks keep their attention outputs "
+                         f"({sum(by_path[p].attn_out for p in self.keep) * mib:.2f} MiB, "
+                         f"{sum(by_path[p].attn_flops for p in self.keep) / 1e9:.3f} GFLOP not recomputed)")
         return "\n".join(lines)
 
 
@@ -391,12 +427,29 @@ def choose_blocks(costs: list, outside_kept: int, outside_plain: int, budget: fl
     parts where the part alone is enough (:func:`_refine`); where none does, the one with the lowest
     estimate (``BlockPlan.meets_budget`` is then False; among estimates within :data:`ESTIMATE_TIE` of the
     lowest, the one holding least at the end of the forward). Nothing is recomputed where the plain
-    forward keeps less than :data:`MIN_PLANNED_BYTES`."""
+    forward keeps less than :data:`MIN_PLANNED_BYTES`.
+
+    Where the candidates run a dual attention, the choice is made twice: with the recomputed blocks keeping
+    their attention outputs (:attr:`BlockPlan.keep_attention`: each such block keeps them besides its inputs
+    and its recomputation skips the attention's 6 products; on a DiT that recomputes every block for less
+    than five of six whole ones cost) and without; the cheaper choice that meets the budget is kept, else the
+    lower estimate."""
     costs = list(costs)
+    plans = [_choose(costs, outside_kept, outside_plain, budget, split_rows, timeline, keep)
+             for keep in ((True, False) if any(c.attn_out > 0 for c in costs) else (False,))]
+    within = [p for p in plans if p.meets_budget]
+    if within:
+        return min(within, key=BlockPlan.cost)
+    return min(plans, key=BlockPlan.estimate)
+
+
+def _choose(costs: list, outside_kept: int, outside_plain: int, budget: float, split_rows: bool,
+            timeline: Timeline | None, keep: bool) -> BlockPlan:
+    """:func:`choose_blocks` for one setting of :attr:`BlockPlan.keep_attention`."""
 
     def new_plan(blocks=()):
         return BlockPlan(costs=costs, outside_kept=outside_kept, outside_plain=outside_plain, budget=budget,
-                         blocks=list(blocks), timeline=timeline)
+                         blocks=list(blocks), timeline=timeline, keep_attention=keep)
 
     base = new_plan()
     if base.plain_total < MIN_PLANNED_BYTES:
@@ -411,7 +464,7 @@ def choose_blocks(costs: list, outside_kept: int, outside_plain: int, budget: fl
     plans = [base]
     for bound in bounds:
         chosen = tree.greedy({i for i, c in enumerate(costs) if c.kept <= bound and not c.mutates_inputs},
-                             lambda ch: base.estimate(costs[i].path for i in ch), target)
+                             lambda ch: base.estimate(costs[i].path for i in ch), target, base._boundary, base._cost)
         plan = new_plan(c.path for i, c in enumerate(costs) if i in chosen)
         if split_rows:
             _split(plan, target)
@@ -457,7 +510,7 @@ def _prune(plan: BlockPlan, target: float) -> None:
     """Drop what a choice within the budget does without: each recomputed block (most expensive first),
     then each block's row slices (halving them), where the estimate stays within ``target``."""
     by_path = {c.path: c for c in plan.costs}
-    for path in sorted(plan.blocks, key=lambda p: -by_path[p].cost):
+    for path in sorted(plan.blocks, key=lambda p: -plan._cost(by_path[p])):
         split = plan.splits.pop(path, None)
         plan.blocks.remove(path)
         if plan.estimate() > target:
@@ -466,7 +519,7 @@ def _prune(plan: BlockPlan, target: float) -> None:
                 plan.splits[path] = split
     order = {p: i for i, p in enumerate(by_path)}
     plan.blocks.sort(key=order.__getitem__)
-    for path in sorted(plan.splits, key=lambda p: -by_path[p].cost):
+    for path in sorted(plan.splits, key=lambda p: -plan._cost(by_path[p])):
         while path in plan.splits:
             split = plan.splits[path]
             if split.chunks > 2:
@@ -488,15 +541,15 @@ def _refine(plan: BlockPlan, target: float) -> None:
     for c in plan.costs:
         if c.parent is not None:
             children.setdefault(c.parent, []).append(c)
-    todo = sorted(plan.blocks, key=lambda p: -by_path[p].cost)
+    todo = sorted(plan.blocks, key=lambda p: -plan._cost(by_path[p]))
     while todo:
         path = todo.pop(0)
         if path not in plan.blocks:
             continue
         split = plan.splits.pop(path, None)
         i = plan.blocks.index(path)
-        for part in sorted(children.get(path, ()), key=lambda c: c.cost):
-            if part.mutates_inputs or part.kept <= part.boundary or part.cost >= by_path[path].cost:
+        for part in sorted(children.get(path, ()), key=plan._cost):
+            if part.mutates_inputs or part.kept <= plan._boundary(part) or plan._cost(part) >= plan._cost(by_path[path]):
                 continue
             plan.blocks[i] = part.path
             if plan.estimate() <= target:
@@ -522,9 +575,10 @@ class _Tree:
             if p is not None:
                 self.children[p].append(i)
 
-    def greedy(self, eligible: set, estimate, target: float) -> set:
+    def greedy(self, eligible: set, estimate, target: float, boundary, cost) -> set:
         """Recompute eligible candidates, best bytes freed per unit of added cost first, until
-        ``estimate(chosen)`` is at most ``target`` (or nothing eligible frees bytes)."""
+        ``estimate(chosen)`` is at most ``target`` (or nothing eligible frees bytes); ``boundary(c)`` /
+        ``cost(c)``: what a recomputed candidate keeps and costs (:meth:`BlockPlan._boundary` / ``_cost``)."""
         costs, parent, children = self.costs, self.parent, self.children
         n = len(costs)
         chosen: set = set()
@@ -538,7 +592,7 @@ class _Tree:
             for i in range(n - 1, -1, -1):
                 c = costs[i]
                 if i in chosen:
-                    contrib[i], ccost[i] = c.boundary, c.cost
+                    contrib[i], ccost[i] = boundary(c), cost(c)
                 else:
                     contrib[i] = c.own + sum(contrib[j] for j in children[i])
                     ccost[i] = sum(ccost[j] for j in children[i])
@@ -550,9 +604,9 @@ class _Tree:
             for i in eligible:
                 if i in chosen or covered[i]:
                     continue
-                gain = contrib[i] - costs[i].boundary
+                gain = contrib[i] - boundary(costs[i])
                 if gain > 0:
-                    score = gain / max(costs[i].cost - ccost[i], 1.0)
+                    score = gain / max(cost(costs[i]) - ccost[i], 1.0)
                     if score > best_score:
                         best, best_score = i, score
             if best is None:

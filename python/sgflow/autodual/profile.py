@@ -142,7 +142,8 @@ class _Uses(TorchDispatchMode):
     that last reader's backward to its maker's (the skips of a U-Net, an embedding every block reads),
     whatever is recomputed: :meth:`grads_across` gives those bytes per call. A ``cat``/``stack`` passes
     its inputs' gradients on as views of its output's, which hold that whole gradient until the earliest
-    input's maker has run its backward."""
+    input's maker has run its backward. It also records each dual attention forward (``attention``: its
+    time, innermost candidate, output storage ids and FLOPs), the outputs a recomputed block may keep."""
 
     sgflow_observer = True  # holds no op outputs (sgflow's fused ops may still write into them in place)
 
@@ -154,6 +155,10 @@ class _Uses(TorchDispatchMode):
         self.made: dict[int, int] = {}  # storage id -> time of the op that made it
         self.read: dict[int, int] = {}  # storage id -> last time an op read it (requiring grad)
         self.pinned: dict[int, int] = {}  # a cat's output -> when the earliest of its inputs was made
+        self.attention: list = []  # (time, owner, output storage ids, FLOPs) per dual attention forward
+        from sgflow.ops.attention import forward_ops
+
+        self.attention_ops = forward_ops()
 
     def _ids(self, tensors):
         for a in tensors:
@@ -174,6 +179,12 @@ class _Uses(TorchDispatchMode):
         outs = [uid for _, uid in self._ids(tree_flatten(out)[0])]
         for uid in outs:
             self.made.setdefault(uid, now)
+        if func in self.attention_ops:
+            from sgflow.ops.attention import _fwd_flops
+
+            q, k, v = args[:3]
+            self.attention.append((now, self.saved.stack[-1] if self.saved.stack else "", tuple(dict.fromkeys(outs)),
+                                   _fwd_flops(q.shape, k.shape, v.shape)))
         reads = [uid for a, uid in self._ids(tree_flatten((args, kwargs))[0])
                  if a.requires_grad and a.is_floating_point()]
         if reads and str(func) in self._PINNING and len(outs) == 1:
@@ -482,11 +493,15 @@ def profile_blocks(model: nn.Module, inputs, tangents, candidates, run_dual, bud
     for p, c in costs.items():
         c.own = dual.owned(p)
         c.kept = dual.unique_bytes(dual.in_windows(dual.windows.get(p, [])))
+        inside = [a for a in uses.attention if any(w[0] < a[0] < w[1] for w in dual.windows.get(p, []))]
+        c.attn_out = dual.unique_bytes(u for a in inside for u in a[2])
+        c.attn_flops = sum(a[3] for a in inside)
     mods = dict(model.named_modules())
     param_bytes = {p: sum(q.numel() * q.element_size() for q in mods[p].parameters() if q.requires_grad)
                    for p in candidates}
     gathered = {p: uses.shared_rows(p, costs) for p in candidates}
     timeline = _timeline(dual, uses, candidates, param_bytes, gathered)
+    timeline.attention = [(time, uid, owner) for time, owner, uids, _ in uses.attention for uid in uids]
     flow = _timeline(plain, plain_uses, candidates, param_bytes, {})
     timeline.plain = flow.plain = plain.unique_bytes(e[1] for e in plain.events)
     timeline.plain_peak = flow.peak(set(), {}, candidates)[1]

@@ -58,17 +58,18 @@ class _DualCall(nn.Module):
     """``dual_call`` of ``model`` as a module forward, so that ``torch.func.functional_call`` can run it with
     the parameters and buffers given as inputs."""
 
-    def __init__(self, model: nn.Module, blocks=(), save=None):
+    def __init__(self, model: nn.Module, blocks=(), save=None, keep=()):
         super().__init__()
         self.model = model
         self.blocks = tuple(blocks)
         self.save = save
+        self.keep = frozenset(keep)
 
     def forward(self, t, u, x, t_dot, u_dot, x_dot):
         from sgflow.autodual.call import dual_call
 
         # The blocks are tagged for recomputation (call._traced_checkpoint), not sliced in rows.
-        return dual_call(self.model, (t, u, x), (t_dot, u_dot, x_dot), self.blocks, save=self.save)
+        return dual_call(self.model, (t, u, x), (t_dot, u_dot, x_dot), self.blocks, save=self.save, keep=self.keep)
 
 
 def _state_names(model: nn.Module) -> list[str]:
@@ -88,7 +89,7 @@ def _dual_graph(key: int, tensors: list, t, u, x, t_dot, u_dot, x_dot):
     if len(names) != len(tensors):
         raise RuntimeError(f"sgflow.dualize: {len(tensors)} parameters and buffers for a model that has {len(names)}")
     state = {"model." + n: v for n, v in zip(names, tensors)}
-    return torch.func.functional_call(_DualCall(model, dual.blocks, dual.save), state, (t, u, x, t_dot, u_dot, x_dot))
+    return torch.func.functional_call(_DualCall(model, dual.blocks, dual.save, getattr(dual, "keep", ())), state, (t, u, x, t_dot, u_dot, x_dot))
 
 
 def dual_forward_compiled(dual, t, u, x, t_dot, u_dot, x_dot):

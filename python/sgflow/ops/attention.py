@@ -433,6 +433,16 @@ def _ops(backend: str):
     return torch.ops.sgflow.attention_dual_fwd_torch, torch.ops.sgflow.attention_dual_bwd_torch
 
 
+def forward_ops() -> set:
+    """The dual attention's registered forward ops (the torch backend's, and Triton's once registered):
+    the ops whose outputs ``(o, o_dot, lse, mu)`` a recomputed block keeps (``sgflow.autodual.plan``:
+    recomputing them is the dual attention's 6 products, keeping them 2 activations of the block's width)."""
+    ops = {torch.ops.sgflow.attention_dual_fwd_torch.default}
+    if hasattr(torch.ops.sgflow, "attention_dual_fwd_triton"):
+        ops.add(torch.ops.sgflow.attention_dual_fwd_triton.default)
+    return ops
+
+
 def _backward(backend, q, k, v, q_dot, k_dot, v_dot, o, o_dot, lse, mu, g_o, g_o_dot, scale):
     """``(dq, dk, dv, dq_dot, dk_dot, dv_dot)``; the tangent gradients are None when ``g_o_dot`` is None."""
     grads = _ops(backend)[1](q, k, v, q_dot, k_dot, v_dot, o, o_dot, lse, mu, g_o, g_o_dot, scale)
@@ -440,9 +450,10 @@ def _backward(backend, q, k, v, q_dot, k_dot, v_dot, o, o_dot, lse, mu, g_o, g_o
 
 
 class AttentionDual(torch.autograd.Function):
-    """``(o, o_dot, lse, mu) = AttentionDual.apply(q, k, v, q_dot, k_dot, v_dot, scale, backend)``.
+    """``(o, o_dot, lse, mu) = AttentionDual.apply(q, k, v, q_dot, k_dot, v_dot, scale, backend, kept=None)``.
 
-    Runs the backend's registered forward op; saves the six inputs, the two outputs ([B, H, Nq, Dv],
+    Runs the backend's registered forward op (or, given ``kept``, the outputs of an earlier call on the
+    same values, as new tensors sharing their storage: a recomputed block's attention); saves the six inputs, the two outputs ([B, H, Nq, Dv],
     needed for the row scalars alpha and delta) and the per-row statistics lse and mu ([B, H, Nq], not
     differentiable); P ([Nq, Nk] per head) is recomputed blockwise in backward. ``backend`` is
     ``"torch"`` or ``"triton"``. Either output gradient may be None; the tangent inputs then get None
@@ -453,7 +464,9 @@ class AttentionDual(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(q, k, v, q_dot, k_dot, v_dot, scale, backend):
+    def forward(q, k, v, q_dot, k_dot, v_dot, scale, backend, kept=None):
+        if kept is not None:
+            return tuple(t.detach() for t in kept)
         return _ops(backend)[0](q, k, v, q_dot, k_dot, v_dot, scale)
 
     @staticmethod
@@ -467,9 +480,9 @@ class AttentionDual(torch.autograd.Function):
     @once_differentiable  # lse/mu are saved without a graph, so a double backward would be wrong
     def backward(ctx, g_o, g_o_dot, _g_lse, _g_mu):
         if g_o is None and g_o_dot is None:
-            return (None,) * 8
+            return (None,) * 9
         grads = _backward(ctx.backend, *ctx.saved_tensors, g_o, g_o_dot, ctx.scale)
-        return (*grads, None, None)
+        return (*grads, None, None, None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -511,7 +524,7 @@ def _check_inputs(q, k, v, q_dot, k_dot, v_dot):
 
 
 @autocast_dual
-def attention_dual(q, k, v, q_dot, k_dot, v_dot, scale=None, backend=None):
+def attention_dual(q, k, v, q_dot, k_dot, v_dot, scale=None, backend=None, kept=None):
     """Softmax attention and its JVP in one pass: ``(o, o_dot)``.
 
     Args:
@@ -520,6 +533,10 @@ def attention_dual(q, k, v, q_dot, k_dot, v_dot, scale=None, backend=None):
         scale: softmax scale, default ``D ** -0.5``.
         backend: ``"torch"`` | ``"triton"`` | None (see :func:`sgflow.ops.backend.resolve_backend`);
             ``"cuda"`` has no dedicated attention kernel and uses Triton.
+        kept: for a block recomputed in backward (``sgflow.dualize``'s plan): a list, empty on the block's
+            forward, which then appends this call's outputs ``(o, o_dot, lse, mu)`` to it, and holding them
+            on the recomputation, which then runs none of the forward's products (the same values, the
+            autograd node taken from these inputs). None: an ordinary call.
 
     Returns:
         ``o = softmax(scale q k^T) v`` and ``o_dot`` = its JVP in direction (q_dot, k_dot, v_dot),
@@ -533,7 +550,17 @@ def attention_dual(q, k, v, q_dot, k_dot, v_dot, scale=None, backend=None):
     chosen = resolve_backend(q, backend)
     if chosen == "cuda":
         chosen = "triton"
-    return AttentionDual.apply(q, k, v, q_dot, k_dot, v_dot, scale, chosen)[:2]
+    if kept:
+        o = kept[0]
+        if o.shape != (*q.shape[:3], v.shape[3]) or o.dtype != q.dtype or o.device != q.device:
+            raise RuntimeError(f"attention_dual: the kept outputs {tuple(o.shape)} {o.dtype} do not fit this call "
+                               f"(q {tuple(q.shape)}, v {tuple(v.shape)}, {q.dtype}): the recomputed block ran "
+                               f"other attention calls than its forward")
+        return AttentionDual.apply(q, k, v, q_dot, k_dot, v_dot, scale, chosen, tuple(kept))[:2]
+    out = AttentionDual.apply(q, k, v, q_dot, k_dot, v_dot, scale, chosen)
+    if kept is not None:
+        kept.extend(t.detach() for t in out)
+    return out[:2]
 
 
 # On a CUDA machine (Triton the default there) register the Triton ops at import: a first registration

@@ -16,6 +16,7 @@ def _sdpa_rule(func, args, kwargs):
     plain = b["attn_mask"] is None and not b["dropout_p"] and not b["is_causal"]
     same_heads = primal(q).shape[:-2] == primal(k).shape[:-2] == primal(v).shape[:-2]
     if plain and same_heads and primal(q).dim() >= 3:
+        from sgflow.autodual.call import kept_attention
         from sgflow.ops.attention import attention_dual
 
         qp = primal(q)
@@ -25,7 +26,7 @@ def _sdpa_rule(func, args, kwargs):
             return t.reshape(-1, 1, *t.shape[-2:]) if t.dim() != 4 else t
 
         parts = [four(primal(a)) for a in (q, k, v)] + [four(_tangent_or_zeros(a)) for a in (q, k, v)]
-        o, od = attention_dual(*parts, scale=b["scale"])
+        o, od = attention_dual(*parts, scale=b["scale"], kept=kept_attention())
         return make_dual(o.reshape(*lead, *o.shape[-2:]), od.reshape(*lead, *od.shape[-2:]))
     # Masks, causal, dropout or grouped heads: the math form, each op through its own rule.
     from sgflow.decompose import scaled_dot_product_attention as sdpa_math
