@@ -7,8 +7,9 @@
 One step is the loss and its backward (no optimizer: Adam's per-parameter work is the same for both
 methods), on the same model, batch and process. Flow-matching and fused steps alternate (``--reps`` of
 each, after one warm-up of each, which also makes ``sgflow.dualize``'s plan), and the table gives each
-method's median and the ratio of the medians: alternating puts both methods under the same machine load,
-which on a shared CPU moves single runs by tens of percent. CPU runs default to one thread
+method's median, the ratio of the medians and the median of each rep's ratio (``paired``: a fused step
+against the flow matching step just before it): alternating puts both methods under the same machine load,
+which on a shared CPU moves single runs by tens of percent (two fused EDM steps in a row: 860 and 983 ms). CPU runs default to one thread
 (``--threads``): a fused step's many smaller ops scale worse over threads than flow matching's, so the
 one-thread ratio is the kernels' own. On CUDA each step is synchronised and timed by ``perf_counter``
 (a step is long: ``do_bench``'s cache flush adds nothing). Results go to ``--out`` (JSON).
@@ -28,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # testnets*.py: the repository root
 import sgflow  # noqa: E402
+import sgflow.autodual.plan as plan_mod  # noqa: E402
 import testnets  # noqa: E402
 import testnets_diffusers  # noqa: E402
 from sgflow.nn import build_model  # noqa: E402
@@ -118,10 +120,15 @@ def measure(name: str, shape: tuple, kw: dict, batch: int, reps: int, device: st
     plan = getattr(dual, "plan", None)
     return {"network": name, "shape": list(shape), "net_kw": kw, "batch": batch, "reps": reps, "budget": budget,
             "fm_ms": med["flow_matching"], "fused_ms": med["sgflow_fused"],
-            "ratio": med["sgflow_fused"] / med["flow_matching"], "fm_gflop": flops["flow_matching"] / 1e9,
+            "ratio": med["sgflow_fused"] / med["flow_matching"],
+            # Each fused step against the flow matching step timed just before it: drifts of the machine's
+            # speed (other tenants, frequency) over the run cancel in each pair, not between two medians.
+            "paired_ratio": statistics.median(f / m for f, m in zip(times["sgflow_fused"], times["flow_matching"])),
+            "fm_gflop": flops["flow_matching"] / 1e9,
             "fused_gflop": flops["sgflow_fused"] / 1e9, "flop_ratio": flops["sgflow_fused"] / flops["flow_matching"],
             "fm_all_ms": times["flow_matching"],
-            "fused_all_ms": times["sgflow_fused"], "blocks": list(plan.blocks) if plan is not None else None}
+            "fused_all_ms": times["sgflow_fused"], "blocks": list(plan.blocks) if plan is not None else None,
+            "keep_attention": list(plan.keep) if plan is not None else None}
 
 
 def main(argv=None):
@@ -135,16 +142,20 @@ def main(argv=None):
     p.add_argument("--budget", type=float, default=0.5,
                    help="sgflow.dualize's budget: peak memory as a fraction of flow matching's (more: less recomputed)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (0: leave torch's default)")
+    p.add_argument("--keep-attention", type=int, choices=(0, 1), default=1,
+                   help="0: plans never keep recomputed blocks' attention outputs (sgflow.autodual.plan.KEEP_ATTENTION)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    threads = torch.get_num_threads()
+    threads, keep = torch.get_num_threads(), plan_mod.KEEP_ATTENTION
     if args.device == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
+    plan_mod.KEEP_ATTENTION = bool(args.keep_attention)
     try:
         return _run(p, args)
     finally:
         torch.set_num_threads(threads)  # main() is also called in-process (tests)
+        plan_mod.KEEP_ATTENTION = keep
 
 
 def _run(p, args):
@@ -157,11 +168,12 @@ def _run(p, args):
     rows = []
     print(f"# {args.device}, threads {torch.get_num_threads()}, torch {torch.__version__}, medians of {args.reps}; "
           f"FLOPs: matrix products and convolutions of one step")
-    print(f"{'network':<16} {'batch':>5} {'FM ms':>9} {'fused ms':>9} {'x FM':>6} {'FLOPs x FM':>10}")
+    print(f"{'network':<16} {'batch':>5} {'FM ms':>9} {'fused ms':>9} {'x FM':>6} {'paired':>6} {'FLOPs x FM':>10}")
     for name, shape, kw, batch in cases:
         r = measure(name, tuple(int(s) for s in shape.split(",")), kw, batch, args.reps, args.device, args.budget)
         rows.append(r)
-        print(f"{name:<16} {batch:>5} {r['fm_ms']:9.1f} {r['fused_ms']:9.1f} {r['ratio']:6.2f} {r['flop_ratio']:10.2f}",
+        print(f"{name:<16} {batch:>5} {r['fm_ms']:9.1f} {r['fused_ms']:9.1f} {r['ratio']:6.2f} {r['paired_ratio']:6.2f} "
+              f"{r['flop_ratio']:10.2f}",
               flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

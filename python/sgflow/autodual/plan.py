@@ -71,6 +71,15 @@ rows qualify, checked in the profile: run without a graph on the first half of t
 first half of their output (primal and tangent, to rounding), and they draw no random numbers. Batch
 statistics (a batch norm in training mode) fail that check.
 
+A recomputed block may also *keep its dual attention's outputs* (o, o_dot and two per-row statistics): its
+recomputation in backward then reruns the projections but not the attention's 6 products, which on a DiT block
+are a third of its FLOPs, for two activations of the block's width held (``BlockCost.attn_out`` /
+``attn_flops``, measured by the profile). The choice is made with every recomputed block keeping them
+(:attr:`BlockPlan.keep_attention`) and without (only without where :data:`KEEP_ATTENTION` is False), and the
+cheaper one within the budget is kept. The DiT at a budget of 0.75 (3x32x32, batch 16) then recomputes five
+blocks keeping them: 0.58x flow matching's peak, against 0.69x for four blocks and an MLP without
+(``benchmarks/NOTES.md``, issue 18 part 9, for the step times).
+
 The profile itself (hooks, dispatch-mode record, each candidate's backward measured) is
 :mod:`sgflow.autodual.profile`.
 """
@@ -85,7 +94,7 @@ from typing import NamedTuple
 __all__ = ["BlockCost", "BlockPlan", "Call", "RowSplit", "Timeline", "choose_blocks",
            "ELEMENTWISE_FLOPS_PER_BYTE", "BACKWARD_SCRATCH", "BACKWARD_LIVE_FACTOR",
            "MAX_ROW_SLICES", "MIN_ROW_SLICE_GAIN",
-           "MIN_PLANNED_BYTES", "ROW_SLICE_OVERHEAD", "BudgetWarning", "OverBudgetError"]
+           "MIN_PLANNED_BYTES", "ROW_SLICE_OVERHEAD", "KEEP_ATTENTION", "BudgetWarning", "OverBudgetError"]
 
 # Recomputing a block also re-runs its elementwise ops (norms, activations, the tangent's products),
 # which FlopCounterMode does not count; each byte the block keeps is charged this many FLOPs.
@@ -109,6 +118,9 @@ MIN_ROW_SLICE_GAIN = 2**20
 # on a DiT block, 0.4-0.8 on the token-attention MLP's).
 BACKWARD_SCRATCH = 0.9
 BACKWARD_LIVE_FACTOR = 0.3
+# Whether a plan may have its recomputed blocks keep their dual attention's outputs (False: never; the
+# benchmarks' A/B of the two).
+KEEP_ATTENTION = True
 
 
 class BudgetWarning(UserWarning):
@@ -436,7 +448,7 @@ def choose_blocks(costs: list, outside_kept: int, outside_plain: int, budget: fl
     lower estimate."""
     costs = list(costs)
     plans = [_choose(costs, outside_kept, outside_plain, budget, split_rows, timeline, keep)
-             for keep in ((True, False) if any(c.attn_out > 0 for c in costs) else (False,))]
+             for keep in ((True, False) if KEEP_ATTENTION and any(c.attn_out > 0 for c in costs) else (False,))]
     within = [p for p in plans if p.meets_budget]
     if within:
         return min(within, key=BlockPlan.cost)
