@@ -853,7 +853,8 @@ def test_recomputed_blocks_keep_their_attention_outputs_where_that_is_cheaper(ba
     its outputs 4 MiB). Recomputing five whole blocks meets a budget of 188 MiB (5 * 4 + 84 + 84 live again);
     recomputing all six keeping their attention outputs also does (6 * 8 + 84 = 132 MiB) for less (six times
     3.24 GFLOP against five times 4.84, plus the elementwise charge of each): that plan is kept. At 131 MiB
-    only all six without kept outputs fit (108 MiB)."""
+    only all six without kept outputs fit (108 MiB); then five of them keep theirs (128 MiB), the sixth's 4 MiB
+    would not fit."""
     costs = [_attention_cost(f"blocks.{i}", 1.6, 4, kept=84, boundary=4, plain=40, gflops=4.84) for i in range(6)]
     plain = 6 * 40
     plan = choose_blocks(costs, 0, 0, budget=188 / plain)
@@ -864,8 +865,19 @@ def test_recomputed_blocks_keep_their_attention_outputs_where_that_is_cheaper(ba
     assert plan.cost() < without.cost() and without.estimate() == 188 * MiB
     assert "6 recomputed blocks keep their attention outputs (24.00 MiB, 9.600 GFLOP not recomputed)" in str(plan)
     plan = choose_blocks(costs, 0, 0, budget=131 / plain)
-    assert not plan.keep_attention and plan.keep == [] and plan.blocks == [c.path for c in costs]
-    assert plan.estimate() == 108 * MiB
+    assert not plan.keep_attention and plan.blocks == [c.path for c in costs]
+    assert plan.keep == [f"blocks.{i}" for i in range(5)] and plan.estimate() == 128 * MiB
+    assert plan.cost() == pytest.approx(5 * (3.24e9 + 16 * 84 * MiB + 1) + 4.84e9 + 16 * 84 * MiB + 1)
+
+
+def test_no_attention_outputs_kept_where_the_switch_is_off(bare_live_term, monkeypatch):
+    import sgflow.autodual.plan as plan_mod
+
+    monkeypatch.setattr(plan_mod, "KEEP_ATTENTION", False)
+    costs = [_attention_cost(f"blocks.{i}", 1.6, 4, kept=84, boundary=4, plain=40, gflops=4.84) for i in range(6)]
+    for budget in (188, 131):
+        plan = choose_blocks(costs, 0, 0, budget=budget / 240)
+        assert plan.keep == [] and not plan.keep_attention and not plan.keep_paths
 
 
 def test_the_profile_measures_each_blocks_attention_outputs_and_forward_flops():

@@ -75,8 +75,8 @@ A recomputed block may also *keep its dual attention's outputs* (o, o_dot and tw
 recomputation in backward then reruns the projections but not the attention's 6 products, which on a DiT block
 are a third of its FLOPs, for two activations of the block's width held (``BlockCost.attn_out`` /
 ``attn_flops``, measured by the profile). The choice is made with every recomputed block keeping them
-(:attr:`BlockPlan.keep_attention`) and without (only without where :data:`KEEP_ATTENTION` is False), and the
-cheaper one within the budget is kept. The DiT at a budget of 0.75 (3x32x32, batch 16) then recomputes five
+(:attr:`BlockPlan.keep_attention`) and without, the blocks of the latter then keeping them where they fit
+(``keep_paths``), and the cheaper one within the budget is kept (with :data:`KEEP_ATTENTION` False, never). The DiT at a budget of 0.75 (3x32x32, batch 16) then recomputes five
 blocks keeping them: 0.58x flow matching's peak, against 0.69x for four blocks and an MLP without
 (``benchmarks/NOTES.md``, issue 18 part 9, for the step times).
 
@@ -202,20 +202,22 @@ class Timeline:
     plain: int = 0
     plain_peak: int = 0  # flow matching's estimated peak: the plain forward's timeline, nothing recomputed
     # ``(time, storage id, owner)`` of every dual attention output (o, o_dot, lse, mu): what a recomputed block
-    # holds besides its inputs when it keeps them (``keep``).
+    # holds besides its inputs when it keeps them (``keeps``).
     attention: list = field(default_factory=list)
 
-    def peak(self, chosen: set, splits: dict, parents: dict, keep: bool = False) -> tuple[int, int, str | None]:
-        """``(held, peak, where)`` with the candidates in ``chosen`` recomputed (``keep``: keeping the
-        outputs of their dual attention): ``held`` the bytes held at the end of the forward (every storage
-        once, however many tensors or blocks keep it), ``peak`` the estimated peak in backward
-        (:meth:`BlockPlan.estimate`), ``where`` the candidate whose backward sets it (None: the end of the
-        forward)."""
+    def peak(self, chosen: set, splits: dict, parents: dict, keeps=None) -> tuple[int, int, str | None]:
+        """``(held, peak, where)`` with the candidates in ``chosen`` recomputed (those for which
+        ``keeps(path)`` is true keeping the outputs of their dual attention): ``held`` the bytes held at the
+        end of the forward (every storage once, however many tensors or blocks keep it), ``peak`` the
+        estimated peak in backward (:meth:`BlockPlan.estimate`), ``where`` the candidate whose backward sets
+        it (None: the end of the forward)."""
         covered: dict = {}
         inside: dict = {}
+        cover: dict = {}  # the recomputed block a candidate lies in (itself if chosen), None if none
         for path, parent in parents.items():  # parents listed before their children
             inside[path] = parent is not None and covered[parent]
             covered[path] = path in chosen or inside[path]
+            cover[path] = cover[parent] if inside[path] else path if path in chosen else None
         first: dict = {}  # storage id -> when it is first held (a storage is freed by backward after that)
         for time, uid, owner in self.saves:
             if owner and covered[owner]:
@@ -227,9 +229,9 @@ class Timeline:
                 for uid in call.inputs:
                     if first.get(uid, call.start + 1) > call.start:
                         first[uid] = call.start
-        if keep:
+        if keeps is not None:
             for time, uid, owner in self.attention:
-                if owner and covered[owner] and first.get(uid, time + 1) > time:
+                if owner and covered[owner] and keeps(cover[owner]) and first.get(uid, time + 1) > time:
                     first[uid] = time
         items = sorted((t, self.sizes[u]) for u, t in first.items())
         times = [t for t, _ in items]
@@ -288,27 +290,32 @@ class BlockPlan:
     budget: float = 0.5
     splits: dict = field(default_factory=dict)  # path -> RowSplit, the recomputed blocks run in row slices
     timeline: Timeline | None = None
-    # The recomputed blocks keep the outputs of their dual attention (selective checkpointing): held
-    # through the step, not recomputed in backward (``BlockCost.attn_out`` / ``attn_flops``).
+    # Recomputed blocks keeping the outputs of their dual attention (held through the step, not recomputed in
+    # backward: ``BlockCost.attn_out`` / ``attn_flops``): every one (``keep_attention``), or those in
+    # ``keep_paths`` (what fitted into a plan chosen without: :func:`_keep_where_it_fits`).
     keep_attention: bool = False
+    keep_paths: set = field(default_factory=set)
 
     @property
     def keep(self) -> list:
         """The recomputed blocks that keep their attention outputs (those with a dual attention inside)."""
         by_path = {c.path: c for c in self.costs}
-        return [p for p in self.blocks if self.keep_attention and by_path[p].attn_out > 0]
+        return [p for p in self.blocks if self._keeps(p) and by_path[p].attn_out > 0]
+
+    def _keeps(self, path) -> bool:
+        return self.keep_attention or path in self.keep_paths
 
     def _cost(self, c: BlockCost) -> float:
         """What recomputing ``c`` costs in this plan: :attr:`BlockCost.cost`, less its attention's forward
         where that is kept (never below its elementwise part: a hand-written attention counts 4 products on
         the plain pass, its dual 6)."""
-        if not self.keep_attention:
+        if not self._keeps(c.path):
             return c.cost
         return max(c.cost - c.attn_flops, ELEMENTWISE_FLOPS_PER_BYTE * c.kept + 1.0)
 
     def _boundary(self, c: BlockCost) -> int:
         """What ``c`` keeps when recomputed: its inputs, and its attention outputs where those are kept."""
-        return c.boundary + (c.attn_out if self.keep_attention else 0)
+        return c.boundary + (c.attn_out if self._keeps(c.path) else 0)
 
     @property
     def plain_total(self) -> int:
@@ -360,7 +367,7 @@ class BlockPlan:
     def _peak(self, chosen=None) -> tuple[int, int, str | None]:
         chosen = set(self.blocks if chosen is None else chosen)
         if self.timeline is not None:
-            return self.timeline.peak(chosen, self.splits, {c.path: c.parent for c in self.costs}, self.keep_attention)
+            return self.timeline.peak(chosen, self.splits, {c.path: c.parent for c in self.costs}, self._keeps)
         held = self._kept(chosen)
         top = max((c for c in self.costs if c.path in chosen), key=self._live, default=None)
         if top is None:
@@ -375,7 +382,7 @@ class BlockPlan:
     def _kept(self, chosen: set) -> int:
         """What the dual forward holds at its end with ``chosen`` recomputed."""
         if self.timeline is not None:
-            return self.timeline.peak(chosen, {}, {c.path: c.parent for c in self.costs}, self.keep_attention)[0]
+            return self.timeline.peak(chosen, {}, {c.path: c.parent for c in self.costs}, self._keeps)[0]
         kept = self.outside_kept
         inside: set = set()  # candidates within a recomputed block (parents are listed before children)
         for c in self.costs:
@@ -444,8 +451,9 @@ def choose_blocks(costs: list, outside_kept: int, outside_plain: int, budget: fl
     Where the candidates run a dual attention, the choice is made twice: with the recomputed blocks keeping
     their attention outputs (:attr:`BlockPlan.keep_attention`: each such block keeps them besides its inputs
     and its recomputation skips the attention's 6 products; on a DiT that recomputes every block for less
-    than five of six whole ones cost) and without; the cheaper choice that meets the budget is kept, else the
-    lower estimate."""
+    than five of six whole ones cost) and without, the recomputed blocks of the latter then keeping them where
+    the estimate stays within the budget (:func:`_keep_where_it_fits`); the cheaper choice that meets the
+    budget is kept, else the lower estimate."""
     costs = list(costs)
     plans = [_choose(costs, outside_kept, outside_plain, budget, split_rows, timeline, keep)
              for keep in ((True, False) if KEEP_ATTENTION and any(c.attn_out > 0 for c in costs) else (False,))]
@@ -487,6 +495,8 @@ def _choose(costs: list, outside_kept: int, outside_plain: int, budget: float, s
     if within:
         best = min(within, key=BlockPlan.cost)
         _refine(best, target)
+        if not keep and KEEP_ATTENTION:
+            _keep_where_it_fits(best, target)
         return best
     # None meets the budget: the lowest estimate; within ESTIMATE_TIE of it, the one keeping least for the
     # whole backward (the largest block's term is live during its own backward only).
@@ -573,6 +583,18 @@ def _refine(plan: BlockPlan, target: float) -> None:
                 plan.splits[path] = split
     order = {p: k for k, p in enumerate(by_path)}
     plan.blocks.sort(key=order.__getitem__)
+
+
+def _keep_where_it_fits(plan: BlockPlan, target: float) -> None:
+    """Have recomputed blocks of a plan chosen without kept attention outputs keep them where the estimate
+    stays within ``target``: most attention FLOPs saved per byte held first (an attention block a diffusers
+    UNet recomputes at a budget of 1.0: its outputs are small, its dual forward 3x a plain one)."""
+    by_path = {c.path: c for c in plan.costs}
+    for path in sorted((p for p in plan.blocks if by_path[p].attn_out > 0),
+                       key=lambda p: -by_path[p].attn_flops / by_path[p].attn_out):
+        plan.keep_paths.add(path)
+        if plan.estimate() > target:
+            plan.keep_paths.discard(path)
 
 
 class _Tree:
