@@ -92,7 +92,7 @@ def _patched(model: nn.Module, blocks: Sequence[str], splits: dict | None = None
     """Route every submodule's forward through a wrapper that tracks the module path (for error
     messages and the report) and runs the chosen blocks under non-reentrant checkpointing (in row
     slices where ``splits`` has a :class:`~sgflow.autodual.plan.RowSplit` for them; the blocks in ``keep``
-    keeping their dual attention's outputs, :func:`_keep_attention_context`).
+    keeping their dual attention's outputs for the recomputation, :class:`_AttentionKeeper`).
 
     Patches live on the instances only for the duration of one dual forward: a model copied later
     (EMA, deepcopy) never sees them, and the recomputation in backward calls the original forwards.
@@ -142,10 +142,9 @@ def _checkpointed(orig, args, kwargs, keep: bool = False):
     boundary as its two plain tensors (primal, tangent), in and out; with ``keep``, the outputs of its dual
     attention are kept for the recomputation instead of computed again (:class:`_AttentionKeeper`; traced:
     a selective-checkpoint policy saving them), unless ``dualize(save=...)`` set a policy of its own.
-    Checkpoint keeps its inputs as saved
-    tensors: under a saved-tensor hook of the caller's (a memory meter, offloading) a DualTensor came back
-    from it as a plain tensor, so the block was recomputed without its tangent (a checkpoint error at
-    best)."""
+    Checkpoint keeps its inputs as saved tensors: under a saved-tensor hook of the caller's (a memory
+    meter, offloading) a DualTensor came back from it as a plain tensor, so the block was recomputed
+    without its tangent (a checkpoint error at best)."""
     from torch.utils._pytree import tree_unflatten
 
     flat, spec = tree_flatten((args, kwargs))

@@ -452,9 +452,9 @@ def _backward(backend, q, k, v, q_dot, k_dot, v_dot, o, o_dot, lse, mu, g_o, g_o
 class AttentionDual(torch.autograd.Function):
     """``(o, o_dot, lse, mu) = AttentionDual.apply(q, k, v, q_dot, k_dot, v_dot, scale, backend, kept=None)``.
 
-    Runs the backend's registered forward op (or, given ``kept``, the outputs of an earlier call on the
-    same values, as new tensors sharing their storage: a recomputed block's attention); saves the six inputs, the two outputs ([B, H, Nq, Dv],
-    needed for the row scalars alpha and delta) and the per-row statistics lse and mu ([B, H, Nq], not
+    Runs the backend's registered forward op (or, given ``kept``, returns the outputs of an earlier call on
+    the same values as new tensors sharing their storage: a recomputed block's attention); saves the six
+    inputs, the two outputs ([B, H, Nq, Dv], needed for the row scalars alpha and delta) and the per-row statistics lse and mu ([B, H, Nq], not
     differentiable); P ([Nq, Nk] per head) is recomputed blockwise in backward. ``backend`` is
     ``"torch"`` or ``"triton"``. Either output gradient may be None; the tangent inputs then get None
     when ``o_dot`` has no gradient. Not twice differentiable (double backward raises).
