@@ -225,6 +225,36 @@ def test_non_contiguous_inputs(backend):
     assert_close_all(out, (y, y_dot), grads, ref_grads, 1e-10, f"{backend} non-contiguous")
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_kept_outputs_replay_the_call_without_running_it(backend, monkeypatch):
+    """``kept``: the first call appends its outputs (o, o_dot, lse, mu); a second call on the same values
+    (a recomputed block) runs no forward op and returns the same outputs, and both calls' gradients equal the
+    JVP reference (float64). Outputs that do not fit the call are named."""
+    b, h, n, d = 2, 2, 13, 8
+    dev = device_of(backend)
+    primals, tangents = make_inputs((b, h, n, n, d, d), seed=5)
+    y, y_dot, cot, ref_grads = reference(primals, tangents, seed=6)
+    kept = []
+    calls = []
+    ops = attn_mod._ops
+
+    def counting(be):
+        fwd, bwd = ops(be)
+        return (lambda *a: calls.append(be) or fwd(*a)), bwd
+
+    monkeypatch.setattr(attn_mod, "_ops", counting)
+    for expect_calls in (1, 1):  # the second call runs no forward op
+        xs = [t.to(dev).requires_grad_() for t in (*primals, *tangents)]
+        o, od = attention_dual(*xs, backend=backend, kept=kept)
+        assert len(calls) == expect_calls and len(kept) == 4
+        grads = torch.autograd.grad((o, od), xs, [c.to(dev) for c in cot])
+        assert_close_all([o.cpu(), od.cpu()], (y, y_dot), [g.cpu() for g in grads], ref_grads, 1e-10, backend)
+    q = primals[0][:, :, :5].to(dev)
+    with pytest.raises(RuntimeError, match="do not fit this call"):
+        attention_dual(q, *[t.to(dev) for t in primals[1:]], q, *[t.to(dev) for t in tangents[1:]], backend=backend,
+                       kept=kept)
+
+
 def test_torch_backend_copies_heads_split_inputs_once_whatever_the_chunks(monkeypatch):
     """q, k, v with heads split off the channels (``x.view(B, N, H, D).transpose(1, 2)``: diffusers'
     attention processors) have B and H strides that a batched matmul cannot merge: every chunk's
