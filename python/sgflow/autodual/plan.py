@@ -76,9 +76,10 @@ recomputation in backward then reruns the projections but not the attention's 6 
 are a third of its FLOPs, for two activations of the block's width held (``BlockCost.attn_out`` /
 ``attn_flops``, measured by the profile). The choice is made with every recomputed block keeping them
 (:attr:`BlockPlan.keep_attention`) and without, the blocks of the latter then keeping them where they fit
-(``keep_paths``), and the cheaper one within the budget is kept (with :data:`KEEP_ATTENTION` False, never). The DiT at a budget of 0.75 (3x32x32, batch 16) then recomputes five
-blocks keeping them: 0.58x flow matching's peak, against 0.69x for four blocks and an MLP without
-(``benchmarks/NOTES.md``, issue 18 part 9, for the step times).
+(``keep_paths``), and the cheaper one within the budget is kept (with :data:`KEEP_ATTENTION` False, never).
+The DiT at a budget of 0.75 (3x32x32, batch 16) then recomputes four blocks and one MLP, three of the blocks
+keeping them: FLOPs 2.95 -> 2.81x flow matching's, peak 0.69 -> 0.74x (``benchmarks/NOTES.md``, issue 18
+part 9, with the step times).
 
 The profile itself (hooks, dispatch-mode record, each candidate's backward measured) is
 :mod:`sgflow.autodual.profile`.
@@ -203,7 +204,7 @@ class Timeline:
     plain_peak: int = 0  # flow matching's estimated peak: the plain forward's timeline, nothing recomputed
     # ``(time, storage id, owner)`` of every dual attention output (o, o_dot, lse, mu): what a recomputed block
     # holds besides its inputs when it keeps them (``keeps``).
-    attention: list = field(default_factory=list)
+    attention: tuple | list = ()  # (a class-level default: a timeline pickled before it existed reads it)
 
     def peak(self, chosen: set, splits: dict, parents: dict, keeps=None) -> tuple[int, int, str | None]:
         """``(held, peak, where)`` with the candidates in ``chosen`` recomputed (those for which
@@ -294,7 +295,7 @@ class BlockPlan:
     # backward: ``BlockCost.attn_out`` / ``attn_flops``): every one (``keep_attention``), or those in
     # ``keep_paths`` (what fitted into a plan chosen without: :func:`_keep_where_it_fits`).
     keep_attention: bool = False
-    keep_paths: set = field(default_factory=set)
+    keep_paths: frozenset = frozenset()
 
     @property
     def keep(self) -> list:
@@ -342,8 +343,9 @@ class BlockPlan:
         return self.plain_total < MIN_PLANNED_BYTES or self.estimate() <= self.target
 
     def cost(self) -> float:
-        """What the recomputation costs (:attr:`BlockCost.cost` of the recomputed blocks, a block in
-        ``k`` row slices ``1 + ROW_SLICE_OVERHEAD * (k - 1)`` times its own)."""
+        """What the recomputation costs (:meth:`_cost` of the recomputed blocks: :attr:`BlockCost.cost`, less
+        a kept attention's forward; a block in ``k`` row slices ``1 + ROW_SLICE_OVERHEAD * (k - 1)`` times its
+        own)."""
         by_path = {c.path: c for c in self.costs}
         return sum(self._cost(by_path[p]) * (1 + ROW_SLICE_OVERHEAD * ((self.splits[p].chunks if p in self.splits else 1) - 1))
                    for p in self.blocks)
@@ -592,9 +594,9 @@ def _keep_where_it_fits(plan: BlockPlan, target: float) -> None:
     by_path = {c.path: c for c in plan.costs}
     for path in sorted((p for p in plan.blocks if by_path[p].attn_out > 0),
                        key=lambda p: -by_path[p].attn_flops / by_path[p].attn_out):
-        plan.keep_paths.add(path)
+        before, plan.keep_paths = plan.keep_paths, plan.keep_paths | {path}
         if plan.estimate() > target:
-            plan.keep_paths.discard(path)
+            plan.keep_paths = before
 
 
 class _Tree:
