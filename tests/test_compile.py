@@ -533,6 +533,37 @@ def test_compiled_step_with_recomputed_blocks_keeping_their_attention():
     assert trace.graph_breaks == 0, trace.describe()
 
 
+@pytest.mark.parametrize("keep", [pytest.param(False, id="recomputed"), pytest.param(True, id="kept")])
+def test_partitioner_recomputes_the_attention_only_where_it_is_not_kept(keep):
+    """Traced, a block keeping its attention outputs tags the dual attention op to be saved: the min-cut
+    partitioner's backward graph then has no attention forward in it; without, it recomputes one per block."""
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+
+    torch.manual_seed(0)
+    model = testnets.build("dit", TESTNET_SHAPES["dit"])
+    dual = sgflow.dualize(model, blocks=["blocks.0", "blocks.1"])
+    dual.keep = frozenset(dual.blocks) if keep else frozenset()
+    graphs = {}
+
+    def compiler(name):
+        def compile_fn(gm, example_inputs):
+            graphs[name] = gm
+            return make_boxed_func(gm.forward)
+        return compile_fn
+
+    backend = aot_autograd(fw_compiler=compiler("fw"), bw_compiler=compiler("bw"),
+                           partition_fn=min_cut_rematerialization_partition)
+    x1, kw = _inputs(TESTNET_SHAPES["dit"], batch=4)
+    torch.compile(_fused, backend=backend)(dual, x1, kw)[0].backward()
+
+    def attention_forwards(gm):
+        return sum(n.op == "call_function" and "attention_dual_fwd" in str(n.target) for n in gm.graph.nodes)
+
+    assert attention_forwards(graphs["fw"]) == 2
+    assert attention_forwards(graphs["bw"]) == (0 if keep else 2)
+
+
 class _ArglessBlock(nn.Module):
     """A block of parameters only (a learned positional table), called without tensor arguments."""
 
