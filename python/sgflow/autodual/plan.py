@@ -541,8 +541,7 @@ def _prune(plan: BlockPlan, target: float) -> None:
             plan.blocks.append(path)
             if split is not None:
                 plan.splits[path] = split
-    order = {p: i for i, p in enumerate(by_path)}
-    plan.blocks.sort(key=order.__getitem__)
+    _in_candidate_order(plan)
     for path in sorted(plan.splits, key=lambda p: -plan._cost(by_path[p])):
         while path in plan.splits:
             split = plan.splits[path]
@@ -583,7 +582,12 @@ def _refine(plan: BlockPlan, target: float) -> None:
             plan.blocks[i] = path
             if split is not None:
                 plan.splits[path] = split
-    order = {p: k for k, p in enumerate(by_path)}
+    _in_candidate_order(plan)
+
+
+def _in_candidate_order(plan: BlockPlan) -> None:
+    """The plan's blocks sorted as the candidates are listed (forward order, parents first)."""
+    order = {c.path: k for k, c in enumerate(plan.costs)}
     plan.blocks.sort(key=order.__getitem__)
 
 
