@@ -864,6 +864,7 @@ def test_recomputed_blocks_keep_their_attention_outputs_where_that_is_cheaper(ba
     without.keep_attention, without.blocks = False, [f"blocks.{i}" for i in range(5)]
     assert plan.cost() < without.cost() and without.estimate() == 188 * MiB
     assert "6 recomputed blocks keep their attention outputs (24.00 MiB, 9.600 GFLOP not recomputed)" in str(plan)
+    assert str(plan).count("yes, keeping its attention outputs") == 6
     plan = choose_blocks(costs, 0, 0, budget=131 / plain)
     assert not plan.keep_attention and plan.blocks == [c.path for c in costs]
     assert plan.keep == [f"blocks.{i}" for i in range(5)] and plan.estimate() == 128 * MiB

@@ -398,11 +398,12 @@ class BlockPlan:
         mib = 2.0 ** -20
         lines = [f"{'block':<32} {'kept MiB':>9} {'inputs MiB':>10} {'plain MiB':>9} {'GFLOP':>8}  recomputed",
                  "-" * 84]
-        chosen = set(self.blocks)
+        chosen, keep = set(self.blocks), set(self.keep)
         for c in self.costs:
             lines.append(f"{c.path:<32} {c.kept * mib:9.2f} {c.boundary * mib:10.2f} {c.plain * mib:9.2f} "
                          f"{c.flops / 1e9:8.3f}  {'yes' if c.path in chosen else ''}"
-                         + (f", in {self.splits[c.path].chunks} row slices" if c.path in self.splits else ""))
+                         + (f", in {self.splits[c.path].chunks} row slices" if c.path in self.splits else "")
+                         + (", keeping its attention outputs" if c.path in keep else ""))
         lines.append("-" * 84)
         held, peak, where = self._peak()
         lines.append(f"outside blocks: kept {self.outside_kept * mib:.2f} MiB, plain {self.outside_plain * mib:.2f} "
