@@ -89,7 +89,8 @@ def _dual_graph(key: int, tensors: list, t, u, x, t_dot, u_dot, x_dot):
     if len(names) != len(tensors):
         raise RuntimeError(f"sgflow.dualize: {len(tensors)} parameters and buffers for a model that has {len(names)}")
     state = {"model." + n: v for n, v in zip(names, tensors)}
-    return torch.func.functional_call(_DualCall(model, dual.blocks, dual.save, getattr(dual, "keep", ())), state, (t, u, x, t_dot, u_dot, x_dot))
+    call = _DualCall(model, dual.blocks, dual.save, getattr(dual, "keep", ()))
+    return torch.func.functional_call(call, state, (t, u, x, t_dot, u_dot, x_dot))
 
 
 def dual_forward_compiled(dual, t, u, x, t_dot, u_dot, x_dot):
