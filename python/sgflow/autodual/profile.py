@@ -24,21 +24,22 @@ from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode
 
 # Module attributes read at call time (tests and users may set them on sgflow.autodual.plan).
 from sgflow.autodual import plan as _plan
 from sgflow.autodual.call import _changed, _lazy, _parts, _versions
 from sgflow.autodual.plan import BlockCost, BlockPlan, Call, RowSplit, Timeline, choose_blocks
 from sgflow.autodual.tensor import DualTensor, make_dual
+from sgflow.ops.attention import _fwd_flops as _dual_attention_forward_flops, forward_ops
 
 __all__ = ["profile_blocks"]
 
 
 def _dual_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    """A plain SDPA call's FLOPs, weighted for its dual: 6 matrix products (S, Sd, P V and the two tangent
-    terms of O) against 2, where a matmul's dual is 2 against 1; the profile doubles every count."""
-    return 3 * sdpa_flop_count(query_shape, key_shape, value_shape) // 2
+    """A plain SDPA call's FLOPs, weighted for its dual: half the dual attention forward's (6 matrix products
+    against 2, where a matmul's dual is 2 against 1; the profile doubles every count)."""
+    return _dual_attention_forward_flops(query_shape, key_shape, value_shape) // 2
 
 
 def _flop_counter() -> FlopCounterMode:
@@ -156,8 +157,6 @@ class _Uses(TorchDispatchMode):
         self.read: dict[int, int] = {}  # storage id -> last time an op read it (requiring grad)
         self.pinned: dict[int, int] = {}  # a cat's output -> when the earliest of its inputs was made
         self.attention: list = []  # (time, owner, output storage ids, FLOPs) per dual attention forward
-        from sgflow.ops.attention import forward_ops
-
         self.attention_ops = forward_ops()
 
     def _ids(self, tensors):
@@ -180,11 +179,9 @@ class _Uses(TorchDispatchMode):
         for uid in outs:
             self.made.setdefault(uid, now)
         if func in self.attention_ops:
-            from sgflow.ops.attention import _fwd_flops
-
             q, k, v = args[:3]
             self.attention.append((now, self.saved.stack[-1] if self.saved.stack else "", tuple(dict.fromkeys(outs)),
-                                   _fwd_flops(q.shape, k.shape, v.shape)))
+                                   _dual_attention_forward_flops(q.shape, k.shape, v.shape)))
         reads = [uid for a, uid in self._ids(tree_flatten((args, kwargs))[0])
                  if a.requires_grad and a.is_floating_point()]
         if reads and str(func) in self._PINNING and len(outs) == 1:
