@@ -29,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 # Module attributes read at call time (tests and users may set them on sgflow.autodual.plan).
 from sgflow.autodual import plan as _plan
 from sgflow.autodual.call import _changed, _lazy, _parts, _versions
+from sgflow.autodual.attention import frozen
 from sgflow.autodual.plan import BlockCost, BlockPlan, Call, RowSplit, Timeline, choose_blocks
 from sgflow.autodual.tensor import DualTensor, make_dual
 from sgflow.ops.attention import _fwd_flops as _dual_attention_forward_flops, forward_ops
@@ -302,6 +303,10 @@ def _row_layout(orig, args, kwargs, out):
         return None, -1
     layout = RowSplit(1, tuple(i for i, a in enumerate(args) if rows(a)), tuple(k for k, a in kwargs.items() if rows(a)))
     half = B // 2
+    # Lazy inputs on nodes of their own: slicing one computes it, and the forward, which does not slice it,
+    # keeps it lazy (an MLP's SiLU read by every block's linear layer, fused there; computed here, the
+    # profile saw later blocks save the activation instead of its input).
+    args, kwargs = frozen((args, kwargs))
     try:
         with torch.no_grad():
             sub = orig(*[a.narrow(0, 0, half) if i in layout.args else a for i, a in enumerate(args)],

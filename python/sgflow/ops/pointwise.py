@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["PointwiseDual", "POINTWISE_CHUNK", "POINTWISE_D2_CHUNKS", "CPP_KERNELS"]
+__all__ = ["PointwiseDual", "pointwise_dual_values", "pointwise_dual_grads", "POINTWISE_CHUNK", "POINTWISE_D2_CHUNKS",
+           "CPP_KERNELS"]
 
 
 # Elements per chunk of the pointwise duals' elementwise work: the derivative formulas' temporaries
@@ -95,66 +96,78 @@ class PointwiseDual(torch.autograd.Function):
         ctx.spec, ctx.extra = spec, extra
         ctx.save_for_backward(x, x_dot)
         ctx.set_materialize_grads(False)
-        kind = _cpp_kind(spec, extra, x, x_dot)
-        if kind is not None:  # y and y_dot in one pass (C++)
-            return torch.ops.sgflow.pointwise_dual_fwd(x, x_dot, kind)
-        y = spec.f(x, extra)
-        if spec.jvp is not None:  # f'(x) x_dot as one op (no temporaries, no chunks)
-            return y, spec.jvp(x, y, extra, x_dot)
-        yf = _flat(y) if y.is_contiguous() else _flat(y.contiguous())
-        xf, xdf = _flat(x), _flat(x_dot)
-        y_dot = torch.empty(x.shape, dtype=y.dtype, device=x.device)
-        ydf = y_dot.view(-1)
-        for lo, hi in _chunks(x):
-            torch.mul(spec.d1(xf[lo:hi], yf[lo:hi], extra), xdf[lo:hi], out=ydf[lo:hi])
-        return y, y_dot
+        return pointwise_dual_values(x, x_dot, spec, extra)
 
     @staticmethod
     def backward(ctx, g, g_dot):
         x, x_dot = ctx.saved_tensors
-        spec, extra = ctx.spec, ctx.extra
-        need_x, need_xd = ctx.needs_input_grad[:2]
-        kind = None if torch.is_grad_enabled() else _cpp_kind(spec, extra, x, x_dot, g, g_dot)
-        if kind is not None:  # both gradients in one pass (C++); not twice differentiable, hence grad mode off
-            dx, dxd = torch.ops.sgflow.pointwise_dual_bwd(x, x_dot, g, g_dot, kind)
-            return dx if need_x else None, dxd if need_xd else None, None, None
-        if spec.jvp is not None:
-            # The first-derivative terms as one op each; only g_dot x_dot f''(x) runs in chunks.
-            y = spec.f(x, extra) if spec.needs_y else None
-            dxd = spec.jvp(x, y, extra, g_dot) if need_xd and g_dot is not None else None
-            dx = None
-            if need_x and g is not None:
-                dx = spec.jvp(x, y, extra, g)
-            if need_x and g_dot is not None:
-                if dx is None:
-                    dx = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
-                elif not dx.is_contiguous():
-                    dx = dx.contiguous()
-                yf = None if y is None else _flat(y if y.is_contiguous() else y.contiguous())
-                xf, xdf, gdf = _flat(x), _flat(x_dot), _flat(g_dot)
-                # The chunks' views by one ``split`` per tensor (a slice per chunk and tensor was a third
-                # of the f'' term's ops).
-                step = _chunk_size(x, POINTWISE_D2_CHUNKS)
-                parts = [t.split(step) if t.numel() > step else (t,) for t in (dx.view(-1), xf, gdf, xdf)]
-                ys = [None] * len(parts[0]) if yf is None else (yf.split(step) if yf.numel() > step else (yf,))
-                for out, xs, gds, xds, yc in zip(*parts, ys):
-                    out.addcmul_(spec.d2(xs, yc, extra).mul_(gds), xds)
-            return dx, dxd, None, None
-        xf, xdf = _flat(x), _flat(x_dot)
-        gf = None if g is None else _flat(g)
-        gdf = None if g_dot is None else _flat(g_dot)
-        dx = torch.zeros(x.shape, dtype=x.dtype, device=x.device) if need_x and (g is not None or g_dot is not None) else None
-        dxd = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_xd and g_dot is not None else None
-        for lo, hi in _chunks(x):
-            xs = xf[lo:hi]
-            ys = spec.f(xs, extra) if spec.needs_y else None
-            d1 = spec.d1(xs, ys, extra)
-            if dx is not None:
-                out = dx.view(-1)[lo:hi]
-                if gf is not None:
-                    out.add_(gf[lo:hi] * d1)
-                if gdf is not None:
-                    out.add_(spec.d2(xs, ys, extra).mul_(gdf[lo:hi]).mul_(xdf[lo:hi]))
-            if dxd is not None:
-                torch.mul(gdf[lo:hi], d1, out=dxd.view(-1)[lo:hi])
+        dx, dxd = pointwise_dual_grads(x, x_dot, g, g_dot, ctx.spec, ctx.extra, *ctx.needs_input_grad[:2])
         return dx, dxd, None, None
+
+
+def pointwise_dual_values(x, x_dot, spec, extra):
+    """``(f(x), f'(x) x_dot)``: the forward of :class:`PointwiseDual` without its autograd node (the C++
+    kernel where it applies; also what a fused consumer recomputes in its backward)."""
+    kind = _cpp_kind(spec, extra, x, x_dot) if not (torch.is_grad_enabled() and x.requires_grad) else None
+    if kind is not None:  # y and y_dot in one pass (C++)
+        return torch.ops.sgflow.pointwise_dual_fwd(x, x_dot, kind)
+    y = spec.f(x, extra)
+    if spec.jvp is not None:  # f'(x) x_dot as one op (no temporaries, no chunks)
+        return y, spec.jvp(x, y, extra, x_dot)
+    yf = _flat(y) if y.is_contiguous() else _flat(y.contiguous())
+    xf, xdf = _flat(x), _flat(x_dot)
+    y_dot = torch.empty(x.shape, dtype=y.dtype, device=x.device)
+    ydf = y_dot.view(-1)
+    for lo, hi in _chunks(x):
+        torch.mul(spec.d1(xf[lo:hi], yf[lo:hi], extra), xdf[lo:hi], out=ydf[lo:hi])
+    return y, y_dot
+
+
+def pointwise_dual_grads(x, x_dot, g, g_dot, spec, extra, need_x=True, need_xd=True):
+    """``(dx, dx_dot)`` of :class:`PointwiseDual` (module doc) for cotangents ``g``, ``g_dot`` (either may be
+    None; a gradient not needed or identically zero is None). With grad mode on (a double backward) only
+    differentiable ATen ops run."""
+    kind = None if torch.is_grad_enabled() else _cpp_kind(spec, extra, x, x_dot, g, g_dot)
+    if kind is not None:  # both gradients in one pass (C++); not twice differentiable, hence grad mode off
+        dx, dxd = torch.ops.sgflow.pointwise_dual_bwd(x, x_dot, g, g_dot, kind)
+        return dx if need_x else None, dxd if need_xd else None
+    if spec.jvp is not None:
+        # The first-derivative terms as one op each; only g_dot x_dot f''(x) runs in chunks.
+        y = spec.f(x, extra) if spec.needs_y else None
+        dxd = spec.jvp(x, y, extra, g_dot) if need_xd and g_dot is not None else None
+        dx = None
+        if need_x and g is not None:
+            dx = spec.jvp(x, y, extra, g)
+        if need_x and g_dot is not None:
+            if dx is None:
+                dx = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+            elif not dx.is_contiguous():
+                dx = dx.contiguous()
+            yf = None if y is None else _flat(y if y.is_contiguous() else y.contiguous())
+            xf, xdf, gdf = _flat(x), _flat(x_dot), _flat(g_dot)
+            # The chunks' views by one ``split`` per tensor (a slice per chunk and tensor was a third
+            # of the f'' term's ops).
+            step = _chunk_size(x, POINTWISE_D2_CHUNKS)
+            parts = [t.split(step) if t.numel() > step else (t,) for t in (dx.view(-1), xf, gdf, xdf)]
+            ys = [None] * len(parts[0]) if yf is None else (yf.split(step) if yf.numel() > step else (yf,))
+            for out, xs, gds, xds, yc in zip(*parts, ys):
+                out.addcmul_(spec.d2(xs, yc, extra).mul_(gds), xds)
+        return dx, dxd
+    xf, xdf = _flat(x), _flat(x_dot)
+    gf = None if g is None else _flat(g)
+    gdf = None if g_dot is None else _flat(g_dot)
+    dx = torch.zeros(x.shape, dtype=x.dtype, device=x.device) if need_x and (g is not None or g_dot is not None) else None
+    dxd = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_xd and g_dot is not None else None
+    for lo, hi in _chunks(x):
+        xs = xf[lo:hi]
+        ys = spec.f(xs, extra) if spec.needs_y else None
+        d1 = spec.d1(xs, ys, extra)
+        if dx is not None:
+            out = dx.view(-1)[lo:hi]
+            if gf is not None:
+                out.add_(gf[lo:hi] * d1)
+            if gdf is not None:
+                out.add_(spec.d2(xs, ys, extra).mul_(gdf[lo:hi]).mul_(xdf[lo:hi]))
+        if dxd is not None:
+            torch.mul(gdf[lo:hi], d1, out=dxd.view(-1)[lo:hi])
+    return dx, dxd

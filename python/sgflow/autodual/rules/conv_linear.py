@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from sgflow.autodual.rules.common import _bind, _fit, _nullctx
-from sgflow.autodual.rules.fusions import _gn_silu_conv
+from sgflow.autodual.rules.fusions import _gn_silu_conv, _pointwise_linear
 from sgflow.autodual.tensor import DualTensor, make_dual, primal, wrap_outputs
 from sgflow.ops.conv_linear import DualConv, DualLinear
 
@@ -89,6 +89,9 @@ def _conv_rule(func, args, kwargs):
 def _linear_rule(func, args, kwargs):
     b = _bind(args, kwargs, ("input", "weight", "bias"), {"bias": None})
     x, w, bias = b["input"], b["weight"], b["bias"]
+    fused = _pointwise_linear(x, w, bias)
+    if fused is not None:
+        return fused
     if isinstance(x, DualTensor) and not isinstance(w, DualTensor) and not isinstance(bias, DualTensor) and x._primal.dim() >= 2:
         xp = x._primal
         (xp, xt, w, bias), autocast = _autocast_args(xp.device.type, xp, x._tangent.to(xp.dtype), w, bias)

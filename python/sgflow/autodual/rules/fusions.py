@@ -1,7 +1,8 @@
-r"""Dropout (one mask for primal and tangent) and the GroupNorm+SiLU fusions of lazy GroupNorm nodes:
-silu(group_norm) as the fused GroupNorm+SiLU op, kept lazy through a dropout (``F.dropout`` or
-``sgflow.ops.apply_dropout_mask``) so that a following conv runs the fused GroupNorm -> SiLU ->
-(Dropout) -> Conv2d stage. The dropout rules and the fusions call each other, hence one module."""
+r"""Dropout (one mask for primal and tangent) and the fusions of lazy nodes: silu(group_norm) as the fused
+GroupNorm+SiLU op, kept lazy through a dropout (``F.dropout`` or ``sgflow.ops.apply_dropout_mask``) so that
+a following conv runs the fused GroupNorm -> SiLU -> (Dropout) -> Conv2d stage; GELU / SiLU of a computed
+dual tensor as a lazy node that a following linear layer takes as the fused elementwise -> linear op
+(saving the activation's input only). The dropout rules and the fusions call each other, hence one module."""
 from __future__ import annotations
 
 import torch
@@ -123,3 +124,36 @@ def _gn_silu_conv(x, w, bias, conf):
                               training=parts["p"] > 0, dropout_mask=parts.get("mask"))
     note_rule("rule:group_norm+silu+conv (fused stage op)")
     return make_dual(y, yd)
+
+
+# Elementwise duals a following linear layer recomputes in its backward (cheap: one pass; GELU and SiLU are
+# the MLP activations, their C++ kernels on CPU).
+LAZY_POINTWISE = ("gelu", "silu")
+
+
+def pointwise_lazy(xp, xt, spec, extra, materialize):
+    """f(x) of a computed dual tensor ``(xp, xt)`` as a lazy node: a linear layer that follows runs the fused
+    elementwise -> linear op (:class:`sgflow.ops.conv_linear.PointwiseLinearDual`); any other use runs
+    ``materialize()`` (the elementwise dual op). Plain tensors in ``parts``: an in-place op on the input
+    later swaps new values into its DualTensor, not into these."""
+    from sgflow.autodual.attention import LazyDual
+
+    parts = {"x": xp, "x_dot": xt, "spec": spec, "extra": extra}
+    return LazyDual(xp.shape, xp, "pointwise", parts, materialize)
+
+
+def _pointwise_linear(x, w, bias):
+    """The fused elementwise -> linear op for a lazy elementwise node ``x``, or None where it does not apply."""
+    from sgflow.autodual.attention import LazyDual
+
+    if not (isinstance(x, LazyDual) and x._cache is None and x._kind == "pointwise"):
+        return None
+    parts = x._parts
+    xp = parts["x"]
+    if (isinstance(w, DualTensor) or isinstance(bias, DualTensor) or xp.dim() < 2 or w.dtype != xp.dtype
+            or (bias is not None and bias.dtype != xp.dtype) or torch.is_autocast_enabled(xp.device.type)):
+        return None
+    from sgflow.ops.conv_linear import PointwiseLinearDual
+
+    note_rule("rule:pointwise+linear (fused op)")
+    return make_dual(*PointwiseLinearDual.apply(xp, parts["x_dot"], w, bias, parts["spec"], parts["extra"]))
