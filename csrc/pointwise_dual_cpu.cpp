@@ -6,6 +6,8 @@
 //   pointwise_dual_fwd(x, x_dot, kind)        -> y, y_dot            (contiguous, x's dtype)
 //   pointwise_dual_bwd(x, x_dot, g, g_dot, kind) -> dx, dx_dot        (dx_dot None when g_dot is None;
 //                                                                     dx zeros when both are None)
+//   pointwise_dual_bwd_(x, x_dot, g, g_dot, kind) -> ()               (in place: dx into g, dx_dot into
+//                                                                     g_dot; both given and contiguous)
 // kind: "gelu_tanh" or "silu". Other dtypes and devices stay on the ATen path (sgflow/ops/pointwise.py).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -97,11 +99,28 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> bwd(const at::Tensor& x_in, co
   return {dx, dxd};
 }
 
+// Each element reads its g, g_dot before writing dx, dx_dot at the same index, so the cotangent buffers can
+// take the gradients: a fused consumer's backward (sgflow.ops.conv_linear.PointwiseLinearDual) then holds two
+// activation-sized buffers instead of four.
+void bwd_inplace(const at::Tensor& x_in, const at::Tensor& xd_in, const at::Tensor& g, const at::Tensor& gd,
+                 const std::string& kind) {
+  check(x_in, xd_in, "x_dot");
+  check(x_in, g, "g");
+  check(x_in, gd, "g_dot");
+  TORCH_CHECK(g.is_contiguous() && gd.is_contiguous(), "sgflow::pointwise_dual_bwd_: g and g_dot must be contiguous");
+  const PwKind k = kind_of(kind);
+  const at::Tensor x = x_in.contiguous(), xd = xd_in.contiguous();
+  const PwBwdArgs a{k, x.scalar_type() == at::kDouble, x.const_data_ptr(), xd.const_data_ptr(), g.const_data_ptr(),
+                    gd.const_data_ptr(), g.data_ptr(), gd.data_ptr()};
+  at::parallel_for(0, x.numel(), kGrain, [&](int64_t begin, int64_t end) { run_bwd(a, begin, end); });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sgflow, CPU, m) {
   m.impl("pointwise_dual_fwd", &fwd);
   m.impl("pointwise_dual_bwd", &bwd);
+  m.impl("pointwise_dual_bwd_", &bwd_inplace);
 }
 
 }  // namespace sgflow

@@ -49,6 +49,9 @@ TORCH_LIBRARY(sgflow, m) {
         {at::Tag::pt2_compliant_tag});
   m.def("pointwise_dual_bwd(Tensor x, Tensor x_dot, Tensor? g, Tensor? g_dot, str kind) -> (Tensor dx, Tensor? dx_dot)",
         {at::Tag::pt2_compliant_tag});
+  //   the same in place: dx into g, dx_dot into g_dot (both contiguous).
+  m.def("pointwise_dual_bwd_(Tensor x, Tensor x_dot, Tensor(a!) g, Tensor(b!) g_dot, str kind) -> ()",
+        {at::Tag::pt2_compliant_tag});
   // Introspection for tests and benchmarks: the CPU kernels' instruction set (set it with an argument).
   m.def("_cpu_isa(str? isa=None) -> str", &sgflow::cpu_isa);
 }

@@ -138,11 +138,13 @@ def _pointwise_samples():
     x, xd, gy, gyd = (torch.randn(3, 7, 5, generator=g, dtype=torch.float64) for _ in range(4))
     return [("pointwise_dual_fwd", (x, xd, "gelu_tanh")), ("pointwise_dual_fwd", (x.mT, xd.mT, "silu")),
             ("pointwise_dual_bwd", (x, xd, gy, gyd, "gelu_tanh")), ("pointwise_dual_bwd", (x, xd, gy, None, "silu")),
-            ("pointwise_dual_bwd", (x.float(), xd.float(), None, gyd.float(), "silu"))]
+            ("pointwise_dual_bwd", (x.float(), xd.float(), None, gyd.float(), "silu")),
+            ("pointwise_dual_bwd_", (x, xd, gy.clone(), gyd.clone(), "gelu_tanh")),
+            ("pointwise_dual_bwd_", (x.mT, xd.mT, gy.mT.contiguous(), gyd.mT.contiguous(), "silu"))]
 
 
 @needs_cpp
-@pytest.mark.parametrize("k", range(5))
+@pytest.mark.parametrize("k", range(7))
 def test_opcheck_cpp_pointwise_ops(k):
     """The C++ dual GELU / SiLU ops (sgflow.ops.pointwise; no autograd formula of their own: PointwiseDual
     is the Function): schema and fake implementation."""

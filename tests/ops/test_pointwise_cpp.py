@@ -120,3 +120,18 @@ def test_dual_rule_runs_one_kernel_each_way(name, fn):
             pointwise_op.CPP_KERNELS = True
     for a, b in zip(results[True], results[False]):
         assert rel_err(a, b) < 1e-12
+
+
+@pytest.mark.parametrize("kind", ["gelu_tanh", "silu"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_inplace_backward_writes_the_gradients_over_the_cotangents(isa, kind, dtype):
+    """``pointwise_dual_bwd_`` (g, g_dot overwritten with dx, dx_dot) = the out-of-place op, bit for bit, on
+    every instruction set; x may be strided; non-contiguous cotangents are refused."""
+    x, x_dot, g, g_dot = _inputs((3, 63, 7, 5), dtype, seed=17)
+    xs, xds = x.transpose(1, 3), x_dot.transpose(1, 3)  # strided x: the kernel reads it in g's element order
+    dx, dxd = torch.ops.sgflow.pointwise_dual_bwd(xs, xds, g.transpose(1, 3), g_dot.transpose(1, 3), kind)
+    gi, gdi = g.transpose(1, 3).contiguous(), g_dot.transpose(1, 3).contiguous()
+    torch.ops.sgflow.pointwise_dual_bwd_(xs, xds, gi, gdi, kind)
+    assert torch.equal(gi, dx) and torch.equal(gdi, dxd)
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        torch.ops.sgflow.pointwise_dual_bwd_(xs, xds, g.transpose(1, 3), g_dot.transpose(1, 3), kind)

@@ -162,7 +162,7 @@ class PointwiseLinearDual(torch.autograd.Function):
     r"""``(x, x_dot, W, b, spec, extra) -> (f(x) W^T + b, (f'(x) x_dot) W^T)``: an elementwise dual (``spec``,
     ``extra`` as in :class:`sgflow.ops.pointwise.PointwiseDual`) feeding a linear layer, saving x, x_dot and W
     (module doc). x, x_dot: [*, in] (at least 2-D); W: [out, in]; b: [out] or None; outputs [*, out].
-    Twice differentiable where the elementwise dual's ATen path is (its backward with grad mode on)."""
+    Once differentiable, as :class:`sgflow.ops.pointwise.PointwiseDual`."""
 
     @staticmethod
     def forward(ctx, x, x_dot, weight, bias, spec, extra):
@@ -181,7 +181,7 @@ class PointwiseLinearDual(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, g_dot):
-        from sgflow.ops.pointwise import pointwise_dual_grads, pointwise_dual_values
+        from sgflow.ops.pointwise import pointwise_dual_grads, pointwise_dual_grads_into, pointwise_dual_values
 
         x, x_dot, weight = ctx.saved_tensors
         need_x, need_xd, need_w, need_b = ctx.needs_input_grad[:4]
@@ -205,5 +205,8 @@ class PointwiseLinearDual(torch.autograd.Function):
         if need_x or need_xd:
             da = None if g2 is None else _unrows(g2 @ weight, x.shape)
             dad = None if gd2 is None else _unrows(gd2 @ weight, x.shape)
-            dx, dxd = pointwise_dual_grads(x, x_dot, da, dad, ctx.spec, ctx.extra, need_x, need_xd)
+            if pointwise_dual_grads_into(x, x_dot, da, dad, ctx.spec, ctx.extra):  # in place: two buffers, not four
+                dx, dxd = (da if need_x else None), (dad if need_xd else None)
+            else:
+                dx, dxd = pointwise_dual_grads(x, x_dot, da, dad, ctx.spec, ctx.extra, need_x, need_xd)
         return dx, dxd, gw, gb, None, None

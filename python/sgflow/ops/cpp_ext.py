@@ -161,10 +161,15 @@ def _register_fakes() -> None:
     # The dual GELU / SiLU kernels (sgflow.ops.pointwise): contiguous results of x's shape and dtype.
     torch.library.register_fake("sgflow::pointwise_dual_fwd", _pointwise_fwd_fake)
     torch.library.register_fake("sgflow::pointwise_dual_bwd", _pointwise_bwd_fake)
+    torch.library.register_fake("sgflow::pointwise_dual_bwd_", _pointwise_bwd_inplace_fake)
 
 
 def _pointwise_fwd_fake(x, x_dot, kind):
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _pointwise_bwd_inplace_fake(x, x_dot, g, g_dot, kind):
+    return None
 
 
 def _pointwise_bwd_fake(x, x_dot, g, g_dot, kind):

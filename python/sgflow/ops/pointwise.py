@@ -35,8 +35,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["PointwiseDual", "pointwise_dual_values", "pointwise_dual_grads", "POINTWISE_CHUNK", "POINTWISE_D2_CHUNKS",
-           "CPP_KERNELS"]
+__all__ = ["PointwiseDual", "pointwise_dual_values", "pointwise_dual_grads", "pointwise_dual_grads_into",
+           "POINTWISE_CHUNK", "POINTWISE_D2_CHUNKS", "CPP_KERNELS"]
 
 
 # Elements per chunk of the pointwise duals' elementwise work: the derivative formulas' temporaries
@@ -123,10 +123,23 @@ def pointwise_dual_values(x, x_dot, spec, extra):
     return y, y_dot
 
 
+def pointwise_dual_grads_into(x, x_dot, g, g_dot, spec, extra) -> bool:
+    """``(dx, dx_dot)`` written over the contiguous cotangents ``g``, ``g_dot`` by the C++ kernel, where it
+    applies (True; both given, grad mode off, not traced), else nothing done (False). Saves a consumer's
+    backward two activation-sized buffers (:class:`sgflow.ops.conv_linear.PointwiseLinearDual`)."""
+    if (g is None or g_dot is None or torch.is_grad_enabled() or torch.compiler.is_compiling()
+            or not (g.is_contiguous() and g_dot.is_contiguous())):
+        return False
+    kind = _cpp_kind(spec, extra, x, x_dot, g, g_dot)
+    if kind is None:
+        return False
+    torch.ops.sgflow.pointwise_dual_bwd_(x, x_dot, g, g_dot, kind)
+    return True
+
+
 def pointwise_dual_grads(x, x_dot, g, g_dot, spec, extra, need_x=True, need_xd=True):
     """``(dx, dx_dot)`` of :class:`PointwiseDual` (module doc) for cotangents ``g``, ``g_dot`` (either may be
-    None; a gradient not needed or identically zero is None). With grad mode on (a double backward) only
-    differentiable ATen ops run."""
+    None; a gradient not needed or identically zero is None)."""
     kind = None if torch.is_grad_enabled() else _cpp_kind(spec, extra, x, x_dot, g, g_dot)
     if kind is not None:  # both gradients in one pass (C++); not twice differentiable, hence grad mode off
         dx, dxd = torch.ops.sgflow.pointwise_dual_bwd(x, x_dot, g, g_dot, kind)
