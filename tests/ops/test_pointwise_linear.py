@@ -1,5 +1,6 @@
-"""The elementwise -> linear dual op (``sgflow.ops.conv_linear.PointwiseLinearDual``: a transformer MLP's
-GELU -> fc2) and the dual engine's fusion into it (a lazy GELU / SiLU node read by ``F.linear``).
+"""The elementwise -> linear / conv dual ops (``sgflow.ops.conv_linear.PointwiseLinearDual``: a transformer
+MLP's GELU -> fc2; ``PointwiseConvDual``: a U-Net block's SiLU -> conv) and the dual engine's fusion into
+them (a lazy GELU / SiLU node read by ``F.linear`` or a convolution).
 
 Reference: ``torch.func.jvp`` of ``x -> f(x) W^T + b`` in float64 for (y, y_dot), and autograd of
 ``<G, y> + <Gd, y_dot>`` through it for the gradients of x, x_dot, W and b.
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 import sgflow
 from sgflow.autodual.rules.pointwise import _SPECS
 from sgflow.memory import saved_tensor_bytes
-from sgflow.ops.conv_linear import PointwiseLinearDual
+from sgflow.ops.conv_linear import PointwiseConvDual, PointwiseLinearDual
 from sgflow.testing import rel_err
 
 ACTS = {"gelu_tanh": (lambda a: F.gelu(a, approximate="tanh"), "gelu", "tanh"),
@@ -152,3 +153,75 @@ def test_engine_mlp_keeps_no_activation_output():
         assert saved_tensor_bytes(step)["bytes"] == pair * (63 + 40 + 40)
     finally:
         pw.LAZY_POINTWISE = ("gelu", "silu")
+
+
+CONVS = {  # (input shape, weight shape, conf: stride, padding, dilation, transposed, output_padding, groups)
+    "2d-pad1-7x5": ((2, 6, 7, 5), (9, 6, 3, 3), ([1, 1], [1, 1], [1, 1], False, [0, 0], 1)),
+    "2d-stride2-groups3-batch1": ((1, 6, 7, 5), (9, 2, 3, 3), ([2, 2], [1, 1], [1, 1], False, [0, 0], 3)),
+    "1d": ((3, 4, 11), (5, 4, 3), ([1], [0], [1], False, [0], 1)),
+    "2d-transposed": ((2, 6, 7, 5), (6, 4, 3, 3), ([2, 2], [1, 1], [1, 1], True, [1, 0], 1)),
+}
+
+
+@pytest.mark.parametrize("act", ["gelu_tanh", "silu", "gelu_erf"])
+@pytest.mark.parametrize("conv", list(CONVS))
+@pytest.mark.parametrize("which", ["both", "primal", "tangent"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)], ids=["fp64", "fp32"])
+def test_pointwise_conv_matches_jvp_reference(act, conv, which, dtype, tol):
+    fn, name, extra = ACTS[act]
+    xshape, wshape, conf = CONVS[conv]
+    g = torch.Generator().manual_seed(len(conv))
+    x, x_dot = (torch.randn(xshape, generator=g, dtype=torch.float64) * 2 for _ in range(2))
+    w = torch.randn(wshape, generator=g, dtype=torch.float64) / 4
+    b = torch.randn(wshape[1] * conf[5] if conf[3] else wshape[0], generator=g, dtype=torch.float64)
+
+    def layer(a, ww, bb):
+        return torch.ops.aten.convolution(a, ww, bb, *conf)
+
+    yshape = layer(x, w, b).shape
+    gy, gyd = (torch.randn(yshape, generator=g, dtype=torch.float64) for _ in range(2))
+    gy, gyd = (gy if which != "tangent" else None), (gyd if which != "primal" else None)
+    ref_leaves = [t.clone().requires_grad_() for t in (x, x_dot, w, b)]
+    yr, ydr = torch.func.jvp(lambda a: layer(fn(a), ref_leaves[2], ref_leaves[3]), (ref_leaves[0],), (ref_leaves[1],))
+    loss = sum((o * c).sum() for o, c in ((yr, gy), (ydr, gyd)) if c is not None)
+    ref = torch.autograd.grad(loss, ref_leaves, allow_unused=True, materialize_grads=True)
+    leaves = [t.to(dtype).requires_grad_() for t in (x, x_dot, w, b)]
+    y, y_dot = PointwiseConvDual.apply(*leaves, conf, _SPECS[name], extra)
+    assert rel_err(y, yr) < tol and rel_err(y_dot, ydr) < tol
+    loss = sum((o * c.to(dtype)).sum() for o, c in ((y, gy), (y_dot, gyd)) if c is not None)
+    got = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+    for name_, a, r in zip(("x", "x_dot", "w", "b"), got, ref):
+        assert rel_err(a, r) < tol if r.abs().max() > 0 else a.abs().max() == 0, (act, which, name_)
+
+
+def test_engine_fuses_silu_into_the_convolution_reading_it():
+    """x * (1 + scale) + shift -> SiLU -> conv (EDM's second norm of a block, after its GroupNorm): the
+    convolution keeps the SiLU's input pair only, and the values and gradients equal the unfused engine's
+    (float64)."""
+    import sgflow.autodual.rules.pointwise as pw
+
+    torch.manual_seed(3)
+    conv = nn.Conv2d(6, 5, 3, padding=1).double()
+    g = torch.Generator().manual_seed(4)
+    h, h_dot, scale = (torch.randn(2, 6, 7, 5, generator=g, dtype=torch.float64) for _ in range(3))
+    res = {}
+    for fused in (True, False):
+        pw.LAZY_POINTWISE = ("gelu", "silu") if fused else ()
+        try:
+            ha, hda = h.clone().requires_grad_(), h_dot.clone().requires_grad_()
+
+            def step():
+                d = sgflow.autodual.make_dual(ha * 1.0, hda * 1.0)
+                out = conv(F.silu(torch.addcmul(d, d, scale)))
+                res[fused] = [sgflow.autodual.primal(out), sgflow.autodual.tangent(out)]
+                return (res[fused][0] * 3.0).sum() + res[fused][1].sum()
+
+            saved = saved_tensor_bytes(step)
+            res[fused] += list(torch.autograd.grad(saved["loss"], [ha, hda, *conv.parameters()]))
+            res[fused].append(saved["bytes"])
+        finally:
+            pw.LAZY_POINTWISE = ("gelu", "silu")
+    pair = 2 * h.numel() * 8
+    assert res[False][-1] - res[True][-1] == pair  # the SiLU's output pair
+    for a, b in zip(res[True][:-1], res[False][:-1]):
+        assert rel_err(a, b) < 1e-12

@@ -24,11 +24,12 @@ over the stacked rows ``[x; x_dot]``, so that it is rounded once.
 
 Saved: x, x_dot and W (x and x_dot are usually alive anyway as the previous op's outputs).
 
-Elementwise -> linear (``PointwiseLinearDual``: a transformer MLP's GELU -> fc2)
----------------------------------------------------------------------------------
-``(a, a_dot) = (f(x), f'(x) x_dot)`` (:mod:`sgflow.ops.pointwise`) feeding the linear layer above:
+Elementwise -> linear / conv (``PointwiseLinearDual``: a transformer MLP's GELU -> fc2;
+``PointwiseConvDual``: a U-Net block's SiLU -> conv where no GroupNorm fusion takes it)
+----------------------------------------------------------------------------------------------------
+``(a, a_dot) = (f(x), f'(x) x_dot)`` (:mod:`sgflow.ops.pointwise`) feeding the layer above:
 
-    y = a W^T + b,     y_dot = a_dot W^T
+    y = a W^T + b,     y_dot = a_dot W^T            (conv: y = conv(a, W) + b, y_dot = conv(a_dot, W))
     dW = G^T a + Gd^T a_dot,   (da, da_dot) = (G W, Gd W),   (dx, dx_dot) = the elementwise dual's backward
 
 Saved: x, x_dot and W only; (a, a_dot) recomputed in backward (one pass of the elementwise dual). The two
@@ -42,7 +43,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DualConv", "DualLinear", "PointwiseLinearDual"]
+__all__ = ["DualConv", "DualLinear", "PointwiseLinearDual", "PointwiseConvDual"]
 
 
 class DualConv(torch.autograd.Function):
@@ -210,3 +211,52 @@ class PointwiseLinearDual(torch.autograd.Function):
             else:
                 dx, dxd = pointwise_dual_grads(x, x_dot, da, dad, ctx.spec, ctx.extra, need_x, need_xd)
         return dx, dxd, gw, gb, None, None
+
+
+class PointwiseConvDual(torch.autograd.Function):
+    r"""``(x, x_dot, W, b, conf, spec, extra) -> (conv(f(x), W) + b, conv(f'(x) x_dot, W))``: an elementwise
+    dual feeding a convolution (``conf`` as in :class:`DualConv`), saving x, x_dot and W (module doc).
+    x, x_dot: [B, C_in, *spatial]; outputs those of the convolution. Once differentiable."""
+
+    @staticmethod
+    def forward(ctx, x, x_dot, weight, bias, conf, spec, extra):
+        from sgflow.ops.pointwise import pointwise_dual_values
+
+        ctx.conf, ctx.spec, ctx.extra, ctx.has_bias = conf, spec, extra, bias is not None
+        ctx.save_for_backward(x, x_dot, weight)
+        ctx.set_materialize_grads(False)
+        a, a_dot = pointwise_dual_values(x, x_dot, spec, extra)
+        y = torch.ops.aten.convolution(a, weight, bias, *conf)
+        del a
+        return y, torch.ops.aten.convolution(a_dot, weight, None, *conf)
+
+    @staticmethod
+    def backward(ctx, g, g_dot):
+        from sgflow.ops.pointwise import pointwise_dual_grads, pointwise_dual_grads_into, pointwise_dual_values
+
+        x, x_dot, weight = ctx.saved_tensors
+        need_x, need_xd, need_w, need_b = ctx.needs_input_grad[:4]
+        if g is None and g_dot is None:
+            return (None,) * 7
+        a, a_dot = pointwise_dual_values(x, x_dot, ctx.spec, ctx.extra)
+        need_in = need_x or need_xd
+        gw = None
+        grads_in = []
+        for grad, inp in ((g, a), (g_dot, a_dot)):
+            gin = None
+            if grad is not None:
+                gin, gw_part, _ = torch.ops.aten.convolution_backward(grad, inp, weight, None, *ctx.conf,
+                                                                      [need_in, need_w, False])
+                if gw_part is not None:
+                    gw = gw_part if gw is None else gw.add_(gw_part)
+            grads_in.append(gin)
+        del a, a_dot
+        dx = dxd = None
+        if need_in:
+            da, dad = grads_in
+            if pointwise_dual_grads_into(x, x_dot, da, dad, ctx.spec, ctx.extra):  # in place: two buffers, not four
+                dx, dxd = (da if need_x else None), (dad if need_xd else None)
+            else:
+                dx, dxd = pointwise_dual_grads(x, x_dot, da, dad, ctx.spec, ctx.extra, need_x, need_xd)
+        gb = g.sum([0] + list(range(2, g.dim()))) if ctx.has_bias and need_b and g is not None else None
+        return dx, dxd, gw, gb, None, None, None

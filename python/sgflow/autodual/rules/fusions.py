@@ -1,8 +1,8 @@
 r"""Dropout (one mask for primal and tangent) and the fusions of lazy nodes: silu(group_norm) as the fused
 GroupNorm+SiLU op, kept lazy through a dropout (``F.dropout`` or ``sgflow.ops.apply_dropout_mask``) so that
 a following conv runs the fused GroupNorm -> SiLU -> (Dropout) -> Conv2d stage; GELU / SiLU of a computed
-dual tensor as a lazy node that a following linear layer takes as the fused elementwise -> linear op
-(saving the activation's input only). The dropout rules and the fusions call each other, hence one module."""
+dual tensor as a lazy node that a following linear layer or convolution takes as the fused elementwise ->
+linear / conv op (saving the activation's input only). The dropout rules and the fusions call each other, hence one module."""
 from __future__ import annotations
 
 import torch
@@ -157,3 +157,22 @@ def _pointwise_linear(x, w, bias):
 
     note_rule("rule:pointwise+linear (fused op)")
     return make_dual(*PointwiseLinearDual.apply(xp, parts["x_dot"], w, bias, parts["spec"], parts["extra"]))
+
+
+def _pointwise_conv(x, w, bias, conf):
+    """The fused elementwise -> convolution op for a lazy elementwise node ``x``, or None where it does not
+    apply (half precision, whose convolution takes one call over both streams, stays on ``DualConv``)."""
+    from sgflow.autodual.attention import LazyDual
+
+    if not (isinstance(x, LazyDual) and x._cache is None and x._kind == "pointwise"):
+        return None
+    parts = x._parts
+    xp = parts["x"]
+    if (isinstance(w, DualTensor) or isinstance(bias, DualTensor) or xp.dim() != w.dim() or w.dtype != xp.dtype
+            or xp.dtype not in (torch.float32, torch.float64) or (bias is not None and bias.dtype != xp.dtype)
+            or torch.is_autocast_enabled(xp.device.type)):
+        return None
+    from sgflow.ops.conv_linear import PointwiseConvDual
+
+    note_rule("rule:pointwise+conv (fused op)")
+    return make_dual(*PointwiseConvDual.apply(xp, parts["x_dot"], w, bias, conf, parts["spec"], parts["extra"]))
