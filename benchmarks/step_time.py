@@ -110,13 +110,19 @@ def measure(name: str, shape: tuple, kw: dict, batch: int, reps: int, device: st
     for run in steps.values():
         run()  # warm-up (the fused one makes the plan)
     times = {k: [] for k in steps}
-    for _ in range(reps):
+    for rep in range(reps):
         for k, run in steps.items():
+            # Every run of this script draws the same times and row splits (the fused step's two terms share
+            # the batch by a random split, whose sizes move its time and FLOPs by a few percent).
+            torch.manual_seed(1 + rep)
             t0 = time.perf_counter()
             run()
             times[k].append((time.perf_counter() - t0) * 1e3)
     med = {k: statistics.median(v) for k, v in times.items()}
-    flops = {k: count_flops(run) for k, run in steps.items()}
+    flops = {}
+    for k, run in steps.items():
+        torch.manual_seed(1)
+        flops[k] = count_flops(run)
     plan = getattr(dual, "plan", None)
     return {"network": name, "shape": list(shape), "net_kw": kw, "batch": batch, "reps": reps, "budget": budget,
             "fm_ms": med["flow_matching"], "fused_ms": med["sgflow_fused"],

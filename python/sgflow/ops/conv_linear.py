@@ -43,6 +43,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sgflow.ops.pointwise import pointwise_dual_grads, pointwise_dual_grads_into, pointwise_dual_values
+
 __all__ = ["DualConv", "DualLinear", "PointwiseLinearDual", "PointwiseConvDual"]
 
 
@@ -159,6 +161,14 @@ class DualLinear(torch.autograd.Function):
         return gx, gxd, gw, gb
 
 
+def _activation_grads(ctx, x, x_dot, da, dad, need_x, need_xd):
+    """The elementwise dual's ``(dx, dx_dot)`` from the gradients ``da``, ``dad`` of its outputs: written over
+    them where the C++ kernel applies (two activation-sized buffers at the fused op's peak, not four)."""
+    if pointwise_dual_grads_into(x, x_dot, da, dad, ctx.spec, ctx.extra):
+        return (da if need_x else None), (dad if need_xd else None)
+    return pointwise_dual_grads(x, x_dot, da, dad, ctx.spec, ctx.extra, need_x, need_xd)
+
+
 class PointwiseLinearDual(torch.autograd.Function):
     r"""``(x, x_dot, W, b, spec, extra) -> (f(x) W^T + b, (f'(x) x_dot) W^T)``: an elementwise dual (``spec``,
     ``extra`` as in :class:`sgflow.ops.pointwise.PointwiseDual`) feeding a linear layer, saving x, x_dot and W
@@ -167,8 +177,6 @@ class PointwiseLinearDual(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, x_dot, weight, bias, spec, extra):
-        from sgflow.ops.pointwise import pointwise_dual_values
-
         ctx.spec, ctx.extra, ctx.has_bias = spec, extra, bias is not None
         ctx.save_for_backward(x, x_dot, weight)
         ctx.set_materialize_grads(False)
@@ -182,8 +190,6 @@ class PointwiseLinearDual(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, g_dot):
-        from sgflow.ops.pointwise import pointwise_dual_grads, pointwise_dual_grads_into, pointwise_dual_values
-
         x, x_dot, weight = ctx.saved_tensors
         need_x, need_xd, need_w, need_b = ctx.needs_input_grad[:4]
         if g is None and g_dot is None:
@@ -206,10 +212,7 @@ class PointwiseLinearDual(torch.autograd.Function):
         if need_x or need_xd:
             da = None if g2 is None else _unrows(g2 @ weight, x.shape)
             dad = None if gd2 is None else _unrows(gd2 @ weight, x.shape)
-            if pointwise_dual_grads_into(x, x_dot, da, dad, ctx.spec, ctx.extra):  # in place: two buffers, not four
-                dx, dxd = (da if need_x else None), (dad if need_xd else None)
-            else:
-                dx, dxd = pointwise_dual_grads(x, x_dot, da, dad, ctx.spec, ctx.extra, need_x, need_xd)
+            dx, dxd = _activation_grads(ctx, x, x_dot, da, dad, need_x, need_xd)
         return dx, dxd, gw, gb, None, None
 
 
@@ -220,8 +223,6 @@ class PointwiseConvDual(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, x_dot, weight, bias, conf, spec, extra):
-        from sgflow.ops.pointwise import pointwise_dual_values
-
         ctx.conf, ctx.spec, ctx.extra, ctx.has_bias = conf, spec, extra, bias is not None
         ctx.save_for_backward(x, x_dot, weight)
         ctx.set_materialize_grads(False)
@@ -232,8 +233,6 @@ class PointwiseConvDual(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, g_dot):
-        from sgflow.ops.pointwise import pointwise_dual_grads, pointwise_dual_grads_into, pointwise_dual_values
-
         x, x_dot, weight = ctx.saved_tensors
         need_x, need_xd, need_w, need_b = ctx.needs_input_grad[:4]
         if g is None and g_dot is None:
@@ -253,10 +252,6 @@ class PointwiseConvDual(torch.autograd.Function):
         del a, a_dot
         dx = dxd = None
         if need_in:
-            da, dad = grads_in
-            if pointwise_dual_grads_into(x, x_dot, da, dad, ctx.spec, ctx.extra):  # in place: two buffers, not four
-                dx, dxd = (da if need_x else None), (dad if need_xd else None)
-            else:
-                dx, dxd = pointwise_dual_grads(x, x_dot, da, dad, ctx.spec, ctx.extra, need_x, need_xd)
+            dx, dxd = _activation_grads(ctx, x, x_dot, *grads_in, need_x, need_xd)
         gb = g.sum([0] + list(range(2, g.dim()))) if ctx.has_bias and need_b and g is not None else None
         return dx, dxd, gw, gb, None, None, None
