@@ -45,7 +45,8 @@ def _reference(fn, x, x_dot, w, b, gy, gyd):
 @pytest.mark.parametrize("shape,bias", [((7, 5, 63), True), ((1, 63), False), ((3, 2, 4, 9), True)],
                          ids=["7x5x63-bias", "batch1-nobias", "4d-bias"])
 @pytest.mark.parametrize("which", ["both", "primal", "tangent"])
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4), (torch.bfloat16, 3e-2)],
+                         ids=["fp64", "fp32", "bf16"])
 def test_pointwise_linear_matches_jvp_reference(act, shape, bias, which, dtype, tol):
     fn, name, extra = ACTS[act]
     x, x_dot, w, b, gy, gyd = _case(shape, 11, bias, dtype, seed=len(shape) * 7 + bias)
@@ -97,7 +98,7 @@ class _MLP(nn.Module):
 def test_engine_fuses_the_activation_into_the_linear_layers_reading_it(act):
     """make_dual -> fc1 -> GELU / SiLU -> (fc2, another linear, a square): values and gradients (x, x_dot and
     the parameters) equal the reference in float64 with the fusion, and equal the unfused engine's."""
-    import sgflow.autodual.rules.pointwise as pw
+    import sgflow.autodual.rules.fusions as pw
 
     torch.manual_seed(5)
     model = _MLP(ACTS[act][0]).double()
@@ -133,7 +134,7 @@ def test_engine_fuses_the_activation_into_the_linear_layers_reading_it(act):
 def test_engine_mlp_keeps_no_activation_output():
     """fc2(GELU(fc1(h))) through the dual engine saves fc1's input and output pairs only: the GELU's output
     pair (what the unfused engine keeps for fc2) is gone."""
-    import sgflow.autodual.rules.pointwise as pw
+    import sgflow.autodual.rules.fusions as pw
 
     torch.manual_seed(2)
     fc1, fc2 = nn.Linear(63, 40), nn.Linear(40, 63)
@@ -198,7 +199,7 @@ def test_engine_fuses_silu_into_the_convolution_reading_it():
     """x * (1 + scale) + shift -> SiLU -> conv (EDM's second norm of a block, after its GroupNorm): the
     convolution keeps the SiLU's input pair only, and the values and gradients equal the unfused engine's
     (float64)."""
-    import sgflow.autodual.rules.pointwise as pw
+    import sgflow.autodual.rules.fusions as pw
 
     torch.manual_seed(3)
     conv = nn.Conv2d(6, 5, 3, padding=1).double()

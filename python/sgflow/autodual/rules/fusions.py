@@ -2,7 +2,8 @@ r"""Dropout (one mask for primal and tangent) and the fusions of lazy nodes: sil
 GroupNorm+SiLU op, kept lazy through a dropout (``F.dropout`` or ``sgflow.ops.apply_dropout_mask``) so that
 a following conv runs the fused GroupNorm -> SiLU -> (Dropout) -> Conv2d stage; GELU / SiLU of a computed
 dual tensor as a lazy node that a following linear layer or convolution takes as the fused elementwise ->
-linear / conv op (saving the activation's input only). The dropout rules and the fusions call each other, hence one module."""
+linear / conv op (saving the activation's input only). The dropout rules and the fusions call each other,
+hence one module."""
 from __future__ import annotations
 
 import torch
@@ -126,53 +127,57 @@ def _gn_silu_conv(x, w, bias, conf):
     return make_dual(y, yd)
 
 
-# Elementwise duals a following linear layer recomputes in its backward (cheap: one pass; GELU and SiLU are
-# the MLP activations, their C++ kernels on CPU).
+# Elementwise duals (their ``_SPECS`` names) that a following linear layer or convolution recomputes in its
+# backward (cheap: one pass; GELU and SiLU, the MLP and U-Net activations, have C++ kernels on CPU). Read at
+# call time: ``()`` turns the fusion off.
 LAZY_POINTWISE = ("gelu", "silu")
 
 
 def pointwise_lazy(xp, xt, spec, extra, materialize):
-    """f(x) of a computed dual tensor ``(xp, xt)`` as a lazy node: a linear layer that follows runs the fused
-    elementwise -> linear op (:class:`sgflow.ops.conv_linear.PointwiseLinearDual`); any other use runs
-    ``materialize()`` (the elementwise dual op). Plain tensors in ``parts``: an in-place op on the input
-    later swaps new values into its DualTensor, not into these."""
+    """f(x) of a computed dual tensor ``(xp, xt)`` as a lazy node: a linear layer or convolution that follows
+    runs the fused op (:class:`sgflow.ops.conv_linear.PointwiseLinearDual` / ``PointwiseConvDual``); any other
+    use runs ``materialize()`` (the elementwise dual op). Plain tensors in ``parts``: an in-place op on the
+    input later swaps new values into its DualTensor, not into these."""
     from sgflow.autodual.attention import LazyDual
 
     parts = {"x": xp, "x_dot": xt, "spec": spec, "extra": extra}
     return LazyDual(xp.shape, xp, "pointwise", parts, materialize)
 
 
-def _pointwise_linear(x, w, bias):
-    """The fused elementwise -> linear op for a lazy elementwise node ``x``, or None where it does not apply."""
+def _pointwise_parts(x, w, bias, dtypes=None):
+    """The parts of a lazy elementwise node ``x`` that a layer with a plain weight ``w`` and bias of x's dtype
+    (one of ``dtypes`` where given) can take, autocast off; else None."""
     from sgflow.autodual.attention import LazyDual
 
     if not (isinstance(x, LazyDual) and x._cache is None and x._kind == "pointwise"):
         return None
     parts = x._parts
     xp = parts["x"]
-    if (isinstance(w, DualTensor) or isinstance(bias, DualTensor) or xp.dim() < 2 or w.dtype != xp.dtype
-            or (bias is not None and bias.dtype != xp.dtype) or torch.is_autocast_enabled(xp.device.type)):
+    if (isinstance(w, DualTensor) or isinstance(bias, DualTensor) or w.dtype != xp.dtype
+            or (bias is not None and bias.dtype != xp.dtype) or (dtypes is not None and xp.dtype not in dtypes)
+            or torch.is_autocast_enabled(xp.device.type)):
+        return None
+    return parts
+
+
+def _pointwise_linear(x, w, bias):
+    """The fused elementwise -> linear op for a lazy elementwise node ``x``, or None where it does not apply."""
+    parts = _pointwise_parts(x, w, bias)
+    if parts is None or parts["x"].dim() < 2:
         return None
     from sgflow.ops.conv_linear import PointwiseLinearDual
 
     note_rule("rule:pointwise+linear (fused op)")
-    return make_dual(*PointwiseLinearDual.apply(xp, parts["x_dot"], w, bias, parts["spec"], parts["extra"]))
+    return make_dual(*PointwiseLinearDual.apply(parts["x"], parts["x_dot"], w, bias, parts["spec"], parts["extra"]))
 
 
 def _pointwise_conv(x, w, bias, conf):
     """The fused elementwise -> convolution op for a lazy elementwise node ``x``, or None where it does not
     apply (half precision, whose convolution takes one call over both streams, stays on ``DualConv``)."""
-    from sgflow.autodual.attention import LazyDual
-
-    if not (isinstance(x, LazyDual) and x._cache is None and x._kind == "pointwise"):
-        return None
-    parts = x._parts
-    xp = parts["x"]
-    if (isinstance(w, DualTensor) or isinstance(bias, DualTensor) or xp.dim() != w.dim() or w.dtype != xp.dtype
-            or xp.dtype not in (torch.float32, torch.float64) or (bias is not None and bias.dtype != xp.dtype)
-            or torch.is_autocast_enabled(xp.device.type)):
+    parts = _pointwise_parts(x, w, bias, (torch.float32, torch.float64))
+    if parts is None or parts["x"].dim() != w.dim():  # an unbatched input: DualConv's path
         return None
     from sgflow.ops.conv_linear import PointwiseConvDual
 
     note_rule("rule:pointwise+conv (fused op)")
-    return make_dual(*PointwiseConvDual.apply(xp, parts["x_dot"], w, bias, conf, parts["spec"], parts["extra"]))
+    return make_dual(*PointwiseConvDual.apply(parts["x"], parts["x_dot"], w, bias, conf, parts["spec"], parts["extra"]))

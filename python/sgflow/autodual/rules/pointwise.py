@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from sgflow.autodual.rules.fallback import forward_ad
-from sgflow.autodual.rules.fusions import LAZY_POINTWISE, _gn_silu, pointwise_lazy
+from sgflow.autodual.rules import fusions
+from sgflow.autodual.rules.fusions import _gn_silu, pointwise_lazy
 from sgflow.autodual.tensor import DualTensor, make_dual
 from sgflow.ops.pointwise import PointwiseDual
 
@@ -119,7 +120,7 @@ def _pointwise_rule(spec_name):
         if torch.is_autocast_enabled(xp.device.type):
             return forward_ad(func, args, kwargs)
         xt = xt.to(xp.dtype)
-        if spec_name in LAZY_POINTWISE and not kwargs.get("inplace", False):
+        if spec_name in fusions.LAZY_POINTWISE and not kwargs.get("inplace", False):
             return pointwise_lazy(xp, xt, spec, extra, lambda: make_dual(*PointwiseDual.apply(xp, xt, spec, extra)))
         return make_dual(*PointwiseDual.apply(xp, xt, spec, extra))
 
