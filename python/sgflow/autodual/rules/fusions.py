@@ -136,8 +136,9 @@ LAZY_POINTWISE = ("gelu", "silu")
 def pointwise_lazy(xp, xt, spec, extra, materialize):
     """f(x) of a computed dual tensor ``(xp, xt)`` as a lazy node: a linear layer or convolution that follows
     runs the fused op (:class:`sgflow.ops.conv_linear.PointwiseLinearDual` / ``PointwiseConvDual``); any other
-    use runs ``materialize()`` (the elementwise dual op). Plain tensors in ``parts``: an in-place op on the
-    input later swaps new values into its DualTensor, not into these."""
+    use runs ``materialize()`` (the elementwise dual op). Read by several layers (an embedding's SiLU read by
+    every block), each recomputes it, all saving the same input. Plain tensors in ``parts``: an in-place op on
+    the input later swaps new values into its DualTensor, not into these."""
     from sgflow.autodual.attention import LazyDual
 
     parts = {"x": xp, "x_dot": xt, "spec": spec, "extra": extra}
