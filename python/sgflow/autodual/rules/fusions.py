@@ -133,16 +133,18 @@ def _gn_silu_conv(x, w, bias, conf):
 LAZY_POINTWISE = ("gelu", "silu")
 
 
-def pointwise_lazy(xp, xt, spec, extra, materialize):
+def pointwise_lazy(xp, xt, spec, extra):
     """f(x) of a computed dual tensor ``(xp, xt)`` as a lazy node: a linear layer or convolution that follows
     runs the fused op (:class:`sgflow.ops.conv_linear.PointwiseLinearDual` / ``PointwiseConvDual``); any other
-    use runs ``materialize()`` (the elementwise dual op). Read by several layers (an embedding's SiLU read by
+    use runs the elementwise dual op (:class:`sgflow.ops.pointwise.PointwiseDual`). Read by several layers (an embedding's SiLU read by
     every block), each recomputes it, all saving the same input. Plain tensors in ``parts``: an in-place op on
     the input later swaps new values into its DualTensor, not into these."""
     from sgflow.autodual.attention import LazyDual
 
+    from sgflow.ops.pointwise import PointwiseDual
+
     parts = {"x": xp, "x_dot": xt, "spec": spec, "extra": extra}
-    return LazyDual(xp.shape, xp, "pointwise", parts, materialize)
+    return LazyDual(xp.shape, xp, "pointwise", parts, lambda: make_dual(*PointwiseDual.apply(xp, xt, spec, extra)))
 
 
 def _pointwise_parts(x, w, bias, dtypes=None):

@@ -120,8 +120,8 @@ def _pointwise_rule(spec_name):
         if torch.is_autocast_enabled(xp.device.type):
             return forward_ad(func, args, kwargs)
         xt = xt.to(xp.dtype)
-        if spec_name in fusions.LAZY_POINTWISE and not kwargs.get("inplace", False):
-            return pointwise_lazy(xp, xt, spec, extra, lambda: make_dual(*PointwiseDual.apply(xp, xt, spec, extra)))
+        if spec_name in fusions.LAZY_POINTWISE:  # (an in-place SiLU took forward_ad above: it has kwargs)
+            return pointwise_lazy(xp, xt, spec, extra)
         return make_dual(*PointwiseDual.apply(xp, xt, spec, extra))
 
     return rule
