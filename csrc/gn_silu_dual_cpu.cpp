@@ -9,10 +9,12 @@
 
 #include "gn_silu_dual_cpu.h"
 #include "pointwise_dual_cpu.h"
+#include "attention_dual_cpu.h"
 
 #define SGFLOW_ISA base
 #include "gn_silu_dual_cpu_kernels.h"
 #include "pointwise_dual_cpu_kernels.h"  // the dual GELU / SiLU kernels share its exp and sigmoid
+#include "attention_dual_cpu_kernels.h"  // and the dual attention's
 #undef SGFLOW_ISA
 
 #include <ATen/Parallel.h>

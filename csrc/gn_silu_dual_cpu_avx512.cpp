@@ -5,6 +5,7 @@
 
 #include "gn_silu_dual_cpu.h"
 #include "pointwise_dual_cpu.h"
+#include "attention_dual_cpu.h"
 
 #ifdef SGFLOW_CPU_X86_DISPATCH
 #if defined(__clang__)
@@ -17,6 +18,7 @@
 #define SGFLOW_ISA avx512
 #include "gn_silu_dual_cpu_kernels.h"
 #include "pointwise_dual_cpu_kernels.h"
+#include "attention_dual_cpu_kernels.h"
 #undef SGFLOW_ISA
 
 #if defined(__clang__)

@@ -52,6 +52,15 @@ TORCH_LIBRARY(sgflow, m) {
   //   the same in place: dx into g, dx_dot into g_dot (both contiguous).
   m.def("pointwise_dual_bwd_(Tensor x, Tensor x_dot, Tensor(a!) g, Tensor(b!) g_dot, str kind) -> ()",
         {at::Tag::pt2_compliant_tag});
+  // Dual softmax attention (attention_dual_cpu.cpp, CPU f32/f64; contracts of the torch backend's
+  // attention_dual_{fwd,bwd}_torch, sgflow/ops/attention.py; empty tangent gradients without g_o_dot).
+  m.def("attention_dual_fwd_cpu(Tensor q, Tensor k, Tensor v, Tensor q_dot, Tensor k_dot, Tensor v_dot, float scale) "
+        "-> (Tensor o, Tensor o_dot, Tensor lse, Tensor mu)",
+        {at::Tag::pt2_compliant_tag});
+  m.def("attention_dual_bwd_cpu(Tensor q, Tensor k, Tensor v, Tensor q_dot, Tensor k_dot, Tensor v_dot, Tensor o, "
+        "Tensor o_dot, Tensor lse, Tensor mu, Tensor? g_o, Tensor? g_o_dot, float scale) "
+        "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dq_dot, Tensor dk_dot, Tensor dv_dot)",
+        {at::Tag::pt2_compliant_tag});
   // Introspection for tests and benchmarks: the CPU kernels' instruction set (set it with an argument).
   m.def("_cpu_isa(str? isa=None) -> str", &sgflow::cpu_isa);
 }

@@ -1,4 +1,4 @@
-"""Dual attention: reference, torch backend and Triton backend against torch.func.jvp + autograd.
+"""Dual attention: reference, torch, C++ (CPU) and Triton backends against torch.func.jvp + autograd.
 
 Triton runs on CPU tensors through the interpreter (TRITON_INTERPRET=1, set by tests/conftest.py);
 shapes stay small because the interpreter executes programs one by one. On a GPU machine the same
@@ -13,6 +13,7 @@ import torch
 
 import sgflow.ops.attention as attn_mod
 from sgflow.ops.attention import AttentionDual, attention_dual, attention_dual_ref
+from sgflow.ops import cpp_ext
 from sgflow.ops.backend import triton_available, triton_interpreting
 from sgflow.testing import dual_grads, jvp_reference, rel_err
 
@@ -22,6 +23,8 @@ TRITON_OK = triton_available() and (HAS_CUDA or triton_interpreting())
 TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
 needs_triton = pytest.mark.skipif(not TRITON_OK, reason="needs triton with CUDA or TRITON_INTERPRET=1")
 needs_triton_cpu = pytest.mark.skipif(not TRITON_CPU, reason="needs triton with TRITON_INTERPRET=1")
+needs_cpp = pytest.mark.skipif(not cpp_ext.available(), reason=f"C++ extension unavailable: {cpp_ext.reason()}")
+CPP = pytest.param("cpp", marks=needs_cpp)
 
 
 def device_of(backend: str) -> str:
@@ -107,7 +110,8 @@ def test_ref_matches_jvp(case):
 # torch and triton backends vs jvp reference
 # --------------------------------------------------------------------------------------------------
 BACKEND_CASES = [
-    pytest.param("torch", dt, c, id=f"torch-{str(dt)[6:]}-{c}")
+    pytest.param(be, dt, c, id=f"{be}-{str(dt)[6:]}-{c}", marks=[needs_cpp] if be == "cpp" else [])
+    for be in ("torch", "cpp")
     for dt in (torch.float64, torch.float32)
     for c in CASE_IDS
 ] + [
@@ -129,8 +133,9 @@ def test_dual_matches_jvp(backend, dtype, case):
 
 
 SINGLE_CASES = [
-    pytest.param(be, which, id=f"{be}-only_{which}", marks=[needs_triton] if be == "triton" else [])
-    for be in ("torch", "triton")
+    pytest.param(be, which, id=f"{be}-only_{which}",
+                 marks={"triton": [needs_triton], "cpp": [needs_cpp]}.get(be, []))
+    for be in ("torch", "cpp", "triton")
     for which in ("o", "o_dot")
 ]
 
@@ -159,7 +164,7 @@ def test_single_output_used(backend, which):
 
 @pytest.mark.parametrize(
     "backend",
-    ["torch", pytest.param("triton", marks=needs_triton)],
+    ["torch", CPP, pytest.param("triton", marks=needs_triton)],
 )
 @pytest.mark.parametrize("scale,gain", [(0.3, 1.0), (None, 12.0)], ids=["scale0.3", "peaky_logits"])
 def test_scale_and_peaky_softmax(backend, scale, gain):
@@ -192,6 +197,107 @@ def test_torch_backend_chunks(monkeypatch, cap, expect, with_g):
     assert_close_all((o, o_dot), (y, y_dot), grads, ref_grads, 1e-10, f"blocks {len(expect)}")
 
 
+# --------------------------------------------------------------------------------------------------
+# the C++ CPU kernel (csrc/attention_dual_cpu_kernels.h): tiles of 4 query rows and blocks of 16 / 64 keys,
+# with tails of both; every instruction set; threads
+# --------------------------------------------------------------------------------------------------
+CPP_TAIL_CASES = {
+    "b1_nq7_nk70_d5_dv3": (1, 2, 7, 70, 5, 3),     # 64 keys in one 4-block step + a padded block; a row tail
+    "b2_nq9_nk16_d63_dv7": (2, 1, 9, 16, 63, 7),    # one exact block; head dim 63
+    "b1_nq4_nk129_d1_dv1": (1, 1, 4, 129, 1, 1),    # one exact row tile; 2 steps of 64 + 1 padded key
+}
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("case", list(CPP_TAIL_CASES))
+@pytest.mark.parametrize("cot", ["both", "g_only", "gdot_only"])
+def test_cpp_kernel_tails_and_cotangents(case, dtype, cot):
+    primals, tangents = make_inputs(CPP_TAIL_CASES[case], seed=41)
+    b, h, n_q, _, _, dv = CPP_TAIL_CASES[case]
+    gen = torch.Generator().manual_seed(42)
+    g = [torch.randn(b, h, n_q, dv, generator=gen, dtype=torch.float64) for _ in range(2)]
+    if cot != "both":
+        g[1 if cot == "g_only" else 0] = torch.zeros_like(g[0])
+    y, y_dot, _, ref_grads = reference(primals, tangents, cotangents=tuple(g))
+    leaves = [t.to(dtype).requires_grad_(True) for t in (*primals, *tangents)]
+    o, od = attention_dual(*leaves, backend="cpp")
+    used = [(o, g[0]), (od, g[1])] if cot == "both" else [(o, g[0])] if cot == "g_only" else [(od, g[1])]
+    grads = torch.autograd.grad([u for u, _ in used], leaves, [c.to(dtype) for _, c in used], allow_unused=True)
+    assert_close_all([o, od], (y, y_dot), grads, ref_grads, TOL[dtype], f"cpp {case} {dtype} {cot}")
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
+def test_cpp_kernel_every_instruction_set(isa):
+    """Each instruction-set copy of the kernel (GCC vector blocks lowered to SSE, AVX2 or AVX-512) = the
+    reference in float64; sets this CPU lacks skip."""
+    before = torch.ops.sgflow._cpu_isa()
+    try:
+        torch.ops.sgflow._cpu_isa(isa)
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    try:
+        primals, tangents = make_inputs((2, 2, 11, 37, 8, 8), seed=43)
+        y, y_dot, cot, ref_grads = reference(primals, tangents, seed=44)
+        out, grads = run_dual("cpp", torch.float64, primals, tangents, cot)
+        assert_close_all(out, (y, y_dot), grads, ref_grads, 1e-10, f"cpp {isa}")
+    finally:
+        torch.ops.sgflow._cpu_isa(before)
+
+
+@needs_cpp
+def test_cpp_kernel_results_do_not_depend_on_threads():
+    """Heads are split over threads, each computed whole by one: 1 and 2 threads give the same bits."""
+    primals, tangents = make_inputs((2, 3, 13, 21, 8, 8), seed=45)
+    xs = [t.float() for t in (*primals, *tangents)]
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            o, od, lse, mu = torch.ops.sgflow.attention_dual_fwd_cpu(*xs, 0.3)
+            grads = torch.ops.sgflow.attention_dual_bwd_cpu(*xs, o, od, lse, mu, o + 1, od - 1, 0.3)
+            outs.append((o, od, lse, mu, *grads))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+@needs_cpp
+def test_cpp_kernel_strided_layouts():
+    """Heads split off the channels (B, H strides that merge with nothing) are read in place; a last dim of
+    stride other than 1 (a transposed view) is copied first: both = the contiguous inputs' result, float64."""
+    b, h, n, d = 2, 3, 10, 8
+    gen = torch.Generator().manual_seed(46)
+    split = [torch.randn(b, n, h * d, generator=gen, dtype=torch.float64).view(b, n, h, d).transpose(1, 2)
+             for _ in range(6)]
+    cols = [torch.randn(b, h, d, n, generator=gen, dtype=torch.float64).transpose(-1, -2) for _ in range(6)]
+    for xs in (split, cols):
+        assert not xs[0].is_contiguous()
+        got = torch.ops.sgflow.attention_dual_fwd_cpu(*xs, 0.4)
+        want = torch.ops.sgflow.attention_dual_fwd_cpu(*[x.contiguous() for x in xs], 0.4)
+        assert all(torch.allclose(a, w, rtol=1e-13, atol=1e-13) for a, w in zip(got, want))
+        g, gd = torch.randn_like(got[0]), torch.randn_like(got[0])
+        got_b = torch.ops.sgflow.attention_dual_bwd_cpu(*xs, *got, g.mT.contiguous().mT, gd, 0.4)
+        want_b = torch.ops.sgflow.attention_dual_bwd_cpu(*[x.contiguous() for x in xs], *want, g, gd, 0.4)
+        assert all(torch.allclose(a, w, rtol=1e-13, atol=1e-13) for a, w in zip(got_b, want_b))
+
+
+@needs_cpp
+def test_cpp_kernel_names_bad_input():
+    q = torch.randn(1, 2, 5, 4)
+    op = torch.ops.sgflow.attention_dual_fwd_cpu
+    with pytest.raises(RuntimeError, match="float32 or float64 only"):
+        op(*[q.bfloat16()] * 6, 0.5)
+    with pytest.raises(RuntimeError, match="v_dot is Double"):
+        op(q, q, q, q, q, q.double(), 0.5)
+    with pytest.raises(RuntimeError, match=r"k_dot has shape \[1, 2, 6, 4\], expected \[1, 2, 5, 4\]"):
+        op(q, q, q, q, torch.randn(1, 2, 6, 4), q, 0.5)
+    with pytest.raises(RuntimeError, match="must be 4-D"):
+        op(q[0], q[0], q[0], q[0], q[0], q[0], 0.5)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float16, 4e-3)], ids=["bf16", "fp16"])
 def test_torch_backend_low_precision(dtype, tol):
     """Half-precision inputs: the torch backend computes in fp32 and returns o, o_dot and the gradients in
@@ -210,7 +316,7 @@ def test_torch_backend_low_precision(dtype, tol):
     assert_close_all([t.double() for t in out], (y, y_dot), [g.double() for g in grads], ref_grads, tol, str(dtype))
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("backend", ["torch", CPP, pytest.param("triton", marks=needs_triton)])
 def test_non_contiguous_inputs(backend):
     """q, k, v sliced out of a fused [B, N, 3, H, D] projection (the usual layout) work as is."""
     b, h, n, d = 1, 2, 21, 16
@@ -225,7 +331,7 @@ def test_non_contiguous_inputs(backend):
     assert_close_all(out, (y, y_dot), grads, ref_grads, 1e-10, f"{backend} non-contiguous")
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("backend", ["torch", CPP, pytest.param("triton", marks=needs_triton)])
 def test_kept_outputs_replay_the_call_without_running_it(backend, monkeypatch):
     """``kept``: the first call appends its outputs (o, o_dot, lse, mu); a second call on the same values
     (a recomputed block) runs no forward op and returns the same outputs, and both calls' gradients equal the
@@ -453,9 +559,11 @@ def test_triton_autotuned_kernels_trace_through_wrap_triton():
     [
         ("torch", (1, 2, 5, 4, 3, 2)),
         ("torch", (2, 1, 3, 3, 4, 4)),
+        pytest.param("cpp", (1, 2, 5, 4, 3, 2), marks=needs_cpp),
+        pytest.param("cpp", (2, 1, 6, 6, 4, 4), marks=needs_cpp),
         pytest.param("triton", (1, 1, 3, 4, 3, 2), marks=needs_triton),
     ],
-    ids=["torch-cross", "torch-self", "triton-cross"],
+    ids=["torch-cross", "torch-self", "cpp-cross", "cpp-self", "triton-cross"],
 )
 def test_gradcheck(backend, shape):
     primals, tangents = make_inputs(shape, seed=15)
@@ -465,7 +573,7 @@ def test_gradcheck(backend, shape):
     )
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("backend", ["torch", CPP, pytest.param("triton", marks=needs_triton)])
 def test_saved_memory_is_linear_in_n(backend):
     """The Function saves inputs, outputs and two [B, H, N] statistics, never an N x N tensor."""
     b, h, n, d = 1, 2, 48, 16
@@ -533,7 +641,7 @@ def test_double_backward_raises():
         grads[0].sum().backward()
 
 
-def test_default_backend_on_cpu_is_torch(monkeypatch):
+def test_default_backend_on_cpu_matches_ref(monkeypatch):
     monkeypatch.delenv("SGFLOW_BACKEND", raising=False)
     primals, tangents = make_inputs((1, 1, 5, 5, 4, 4))
     o, o_dot = attention_dual(*primals, *tangents)

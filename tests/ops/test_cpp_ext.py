@@ -434,7 +434,9 @@ def test_backend_choice(monkeypatch):
     assert resolve_backend(x, None, op="gn_silu") == "cpp"  # measured faster: the CPU default
     assert resolve_backend(x, None) == "torch"  # ops without a C++ kernel keep theirs
     assert resolve_backend(x, "cpp", op="gn_silu") == "cpp"
-    assert resolve_backend(x, "cpp", op="attention") == "torch"  # no C++ kernel: torch
+    assert resolve_backend(x, "cpp", op="attention") == "cpp"
+    assert resolve_backend(x, None, op="attention") == "cpp"  # narrow heads only: test_attention_auto_choice
+    assert resolve_backend(x, "cpp", op="layer_norm") == "torch"  # an op without a C++ kernel: torch
     monkeypatch.setenv("SGFLOW_BACKEND", "cpp")
     assert resolve_backend(x, None, op="gn_silu") == "cpp"
     with pytest.raises(RuntimeError, match="needs CPU tensors"):
@@ -443,14 +445,29 @@ def test_backend_choice(monkeypatch):
         resolve_backend(x, "cuda", op="gn_silu")
 
 
-def test_cpp_backend_on_an_op_without_cpp_kernel_runs_torch():
+@pytest.mark.parametrize("dtype,head,backend,expect", [
+    (torch.float32, 8, None, "cpu"),      # narrow heads: the C++ kernel, measured faster
+    (torch.float64, 3, None, "cpu"),
+    (torch.float32, 16, None, "torch"),   # wider ones: MKL's products win
+    (torch.float32, 16, "cpp", "cpu"),    # asked for: the kernel at any width
+    (torch.bfloat16, 8, None, "torch"),   # the kernel is f32 / f64 only
+    (torch.bfloat16, 8, "cpp", "torch"),
+    (torch.float32, 8, "torch", "torch"),
+], ids=["f32-h8-auto", "f64-h3-auto", "f32-h16-auto", "f32-h16-cpp", "bf16-auto", "bf16-cpp", "f32-h8-torch"])
+def test_attention_auto_choice(monkeypatch, dtype, head, backend, expect):
+    """Which dual-attention op runs on CPU (seen by the profiler), and that it gives the torch backend's values."""
     from sgflow.ops.attention import attention_dual
 
+    monkeypatch.delenv("SGFLOW_BACKEND", raising=False)
     gen = torch.Generator().manual_seed(0)
-    q, k, v, qd, kd, vd = (torch.randn(1, 2, 5, 4, generator=gen, dtype=torch.float64) for _ in range(6))
-    o, od = attention_dual(q, k, v, qd, kd, vd, backend="cpp")
+    q, k, v, qd, kd, vd = (torch.randn(2, 3, 7, head, generator=gen).to(dtype) for _ in range(6))
+    with torch.profiler.profile() as prof:
+        o, od = attention_dual(q, k, v, qd, kd, vd, backend=backend)
+    ran = {e.name for e in prof.events() if e.name.startswith("sgflow::attention_dual_fwd")}
+    assert ran == {f"sgflow::attention_dual_fwd_{expect}"}
     o_t, od_t = attention_dual(q, k, v, qd, kd, vd, backend="torch")
-    assert torch.equal(o, o_t) and torch.equal(od, od_t)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    assert torch.allclose(o, o_t, atol=tol, rtol=tol) and torch.allclose(od, od_t, atol=tol, rtol=tol)
 
 
 def test_unavailable_extension_gives_reason_and_torch_default(monkeypatch):

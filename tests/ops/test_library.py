@@ -153,6 +153,16 @@ def test_opcheck_cpp_pointwise_ops(k):
     torch.library.opcheck(getattr(OPS, name).default, args)
 
 
+@needs_cpp
+@pytest.mark.parametrize("k", range(6))
+def test_opcheck_cpp_attention_ops(k):
+    """The C++ dual attention ops (sgflow.ops.attention, backend "cpp"): schema, fake implementation (strided
+    inputs included) and the forward's autograd formula (its backward op)."""
+    cpp_ext.load()
+    name, args = _att_samples("_cpu")[k]
+    torch.library.opcheck(getattr(OPS, name).default, args)
+
+
 @needs_triton
 def test_opcheck_triton_ops():
     """Triton ops: schema and autograd registration everywhere; on a GPU also fake tensors and AOT dispatch.
@@ -180,7 +190,7 @@ def test_every_sgflow_op_is_opchecked_here():
     registered.discard("_cpu_isa")  # introspection (tests/ops/test_cpp_ext.py)
     sampled = {name for name, _ in TORCH_SAMPLES}
     if cpp_ext.available():
-        sampled |= {name for name, _ in _gn_samples("") + _pointwise_samples()}
+        sampled |= {name for name, _ in _gn_samples("") + _pointwise_samples() + _att_samples("_cpu")}
     if triton_available() and (on_gpu or interpreting):
         sampled |= {name for name, _ in _gn_samples("_triton") + _att_samples("_triton")}
     assert registered >= {"gn_silu_dual_fwd_torch", "attention_dual_bwd_torch"}

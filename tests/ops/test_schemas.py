@@ -77,6 +77,15 @@ def test_attention_triton_schema_equals_the_torch_one(op):
     assert _returns(tri, named=False) == _returns(py, named=False)
 
 
+@pytest.mark.skipif(not cpp_ext.available(), reason=f"C++ extension unavailable: {cpp_ext.reason()}")
+@pytest.mark.parametrize("op", ("attention_dual_fwd", "attention_dual_bwd"))
+def test_attention_cpp_schema_equals_the_torch_one(op):
+    cpp_ext.available()  # loads sgflow._C, which defines the C++ schemas
+    cpp, py = _schema(f"{op}_cpu"), _schema(f"{op}_torch")
+    assert _args(cpp) == _args(py), f"{op}: C++ {cpp} vs torch {py}"
+    assert _returns(cpp, named=False) == _returns(py, named=False)
+
+
 def test_the_comparison_sees_a_difference():
     """The helpers above compare what they claim: a changed default, type or alias shows."""
     parse = torch._C.parse_schema

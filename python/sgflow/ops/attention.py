@@ -450,20 +450,46 @@ def _triton_ops():
 
 
 def _ops(backend: str):
-    """(forward op, backward op) of a backend ("torch" or "triton")."""
+    """(forward op, backward op) of a backend ("torch", "triton" or "cpp")."""
     if backend == "triton":
         ns = _triton_ops()
         return ns.attention_dual_fwd_triton, ns.attention_dual_bwd_triton
+    if backend == "cpp":  # the C++ CPU kernels (csrc/attention_dual_cpu*), registered by sgflow.ops.cpp_ext
+        return torch.ops.sgflow.attention_dual_fwd_cpu, torch.ops.sgflow.attention_dual_bwd_cpu
     return torch.ops.sgflow.attention_dual_fwd_torch, torch.ops.sgflow.attention_dual_bwd_torch
+
+
+# The automatic CPU choice runs the C++ kernel on heads at most this wide and the torch backend on wider ones.
+# The kernel does the same products as the torch backend (3 + 3 forward, 9 + 6 backward) with every [Nq, Nk]
+# intermediate in registers or L1; MKL's batched products gain more from a wide inner size than the kernel
+# does. One thread, heads split off the channels, 16 x 256 tokens, forward / backward ms, torch -> C++:
+# heads of 8 53.2 / 128.7 -> 38.9 / 84.1; of 16 33.3 / 72.7 -> 38.3 / 83.9; of 32 25.0 / 57.1 -> 42.5 / 89.5
+# (benchmarks/NOTES.md). An explicit backend="cpp" runs the kernel on any head width.
+_CPP_MAX_HEAD_DIM = 8
+
+
+def _cpu_choice(chosen: str, explicit: bool, q: torch.Tensor, v: torch.Tensor) -> str:
+    """"cpp" where its kernel runs (float32 / float64; narrow heads unless asked for), else "torch"."""
+    if chosen != "cpp":
+        return chosen
+    if q.dtype not in (torch.float32, torch.float64):
+        return "torch"
+    if not explicit and max(q.shape[-1], v.shape[-1]) > _CPP_MAX_HEAD_DIM:
+        return "torch"
+    return chosen
 
 
 def forward_ops() -> set:
     """The dual attention's registered forward ops (the torch backend's, and Triton's once registered):
     the ops whose outputs ``(o, o_dot, lse, mu)`` a recomputed block keeps (``sgflow.autodual.plan``:
     recomputing them is the dual attention's 6 products, keeping them 2 activations of the block's width)."""
+    from sgflow.ops import cpp_ext
+
+    cpp_ext.load()  # registers the C++ op where the extension is built
     ops = {torch.ops.sgflow.attention_dual_fwd_torch.default}
-    if hasattr(torch.ops.sgflow, "attention_dual_fwd_triton"):
-        ops.add(torch.ops.sgflow.attention_dual_fwd_triton.default)
+    for name in ("attention_dual_fwd_triton", "attention_dual_fwd_cpu"):
+        if hasattr(torch.ops.sgflow, name):
+            ops.add(getattr(torch.ops.sgflow, name).default)
     return ops
 
 
@@ -555,8 +581,10 @@ def attention_dual(q, k, v, q_dot, k_dot, v_dot, scale=None, backend=None, kept=
         q, q_dot: [B, H, Nq, D]; k, k_dot: [B, H, Nk, D]; v, v_dot: [B, H, Nk, Dv]
             (all the same dtype and device; primal and tangent shapes equal).
         scale: softmax scale, default ``D ** -0.5``.
-        backend: ``"torch"`` | ``"triton"`` | None (see :func:`sgflow.ops.backend.resolve_backend`);
-            ``"cuda"`` has no dedicated attention kernel and uses Triton.
+        backend: ``"torch"`` | ``"triton"`` | ``"cpp"`` | None (see :func:`sgflow.ops.backend.resolve_backend`);
+            ``"cuda"`` has no dedicated attention kernel and uses Triton. ``"cpp"`` (the C++ CPU kernel,
+            float32 / float64; other dtypes run on ``"torch"``) is the automatic CPU choice for heads of at
+            most :data:`_CPP_MAX_HEAD_DIM` where the extension is built.
         kept: for a block recomputed in backward (``sgflow.dualize``'s plan): a list, empty on the block's
             forward, which then appends this call's outputs ``(o, o_dot, lse, mu)`` to it, and holding them
             on the recomputation, which then runs none of the forward's products (the same values, the
@@ -571,9 +599,10 @@ def attention_dual(q, k, v, q_dot, k_dot, v_dot, scale=None, backend=None, kept=
     if scale is None:
         scale = q.shape[-1] ** -0.5
     scale = float(scale)
-    chosen = resolve_backend(q, backend)
+    chosen = resolve_backend(q, backend, op="attention")
     if chosen == "cuda":
         chosen = "triton"
+    chosen = _cpu_choice(chosen, backend is not None, q, v)
     if kept:
         o = kept[0]
         if o.shape != (*q.shape[:3], v.shape[3]) or o.dtype != q.dtype or o.device != q.device:

@@ -8,7 +8,8 @@ Backends:
 - ``"torch"``: plain PyTorch (any device).
 - ``"triton"``: Triton kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
 - ``"cpp"``: the C++ CPU kernels of ``sgflow._C`` (CPU tensors). Ops without a C++ kernel (all but
-  dual GroupNorm+SiLU, see ``CPP_OPS``) run a ``"cpp"`` request on their torch implementation.
+  dual GroupNorm+SiLU and dual attention, see ``CPP_OPS``) run a ``"cpp"`` request on their torch
+  implementation.
 - ``"cuda"``: the CUDA kernels of ``sgflow._C`` (CUDA tensors; built only against a CUDA torch with a
   CUDA toolkit). Ops without one run a ``"cuda"`` request on their Triton kernels.
 """
@@ -24,7 +25,7 @@ from sgflow.ops.library import once
 BACKENDS = ("torch", "triton", "cpp", "cuda")
 
 # Ops (their `op=` names in resolve_backend) that have kernels in the C++ extension (csrc/).
-CPP_OPS = frozenset({"gn_silu"})
+CPP_OPS = frozenset({"gn_silu", "attention"})
 
 # Automatic choice per (op, device type): the first usable entry wins, else the generic default below.
 # GN+SiLU on CPU: `python benchmarks/bench_cpp_gn_silu.py --threads 1 --isa all` (AMD EPYC Zen 4, fp32,
@@ -35,6 +36,8 @@ CPP_OPS = frozenset({"gn_silu"})
 # Triton stays the default: the CUDA kernels have not been timed against it on a GPU yet.
 AUTO_BACKENDS = {
     ("gn_silu", "cpu"): ("cpp", "torch"),
+    # Narrow heads only: sgflow.ops.attention._cpu_choice (measurements there).
+    ("attention", "cpu"): ("cpp", "torch"),
 }
 
 

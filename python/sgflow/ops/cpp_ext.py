@@ -162,6 +162,19 @@ def _register_fakes() -> None:
     torch.library.register_fake("sgflow::pointwise_dual_fwd", _pointwise_fwd_fake)
     torch.library.register_fake("sgflow::pointwise_dual_bwd", _pointwise_bwd_fake)
     torch.library.register_fake("sgflow::pointwise_dual_bwd_", _pointwise_bwd_inplace_fake)
+    # The dual attention (sgflow.ops.attention): the torch backend's fakes, autograd and FLOP formulas.
+    from torch.utils.flop_counter import register_flop_formula
+
+    from sgflow.ops import attention as at
+
+    torch.library.register_fake("sgflow::attention_dual_fwd_cpu", at._fwd_fake)
+    torch.library.register_fake("sgflow::attention_dual_bwd_cpu", at._bwd_fake)
+    torch.library.register_autograd("sgflow::attention_dual_fwd_cpu", at._op_autograd(torch.ops.sgflow.attention_dual_bwd_cpu),
+                                    setup_context=at._setup_context)
+    register_flop_formula(torch.ops.sgflow.attention_dual_fwd_cpu)(at._fwd_flops)
+    register_flop_formula(torch.ops.sgflow.attention_dual_bwd_cpu)(at._bwd_flops)
+    register_loop_vmap("sgflow::attention_dual_fwd_cpu")
+    register_loop_vmap("sgflow::attention_dual_bwd_cpu")
 
 
 def _pointwise_fwd_fake(x, x_dot, kind):
