@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import sgflow
 from sgflow.nn import build_model
+from sgflow.ops import cpp_ext
 from sgflow.ops.attention import attention_dual
 from sgflow.ops.groupnorm_silu import gn_silu_conv_dual
 
@@ -65,7 +66,8 @@ def test_gn_silu_conv_stage(record, impl):
     record("gn-silu-conv b8 c64 16x16", impl, _fwd_bwd(fn, (x, xd, w, b, cw, cb)), reference=impl == "jvp")
 
 
-@pytest.mark.parametrize("impl", ["jvp", "fused"])
+@pytest.mark.parametrize("impl", ["jvp", "fused", pytest.param("fused_cpp", marks=pytest.mark.skipif(
+    not cpp_ext.available(), reason="the C++ extension is unavailable"))])
 def test_attention(record, impl):
     torch.manual_seed(0)
     ins = [torch.randn(4, 2, 256, 32) for _ in range(6)]
@@ -75,5 +77,6 @@ def test_attention(record, impl):
 
         fn = lambda q, k, v, qd, kd, vd: torch.func.jvp(plain, (q, k, v), (qd, kd, vd))  # noqa: E731
     else:
-        fn = lambda *a: attention_dual(*a, backend="torch")  # noqa: E731
+        backend = "cpp" if impl == "fused_cpp" else "torch"
+        fn = lambda *a: attention_dual(*a, backend=backend)  # noqa: E731
     record("attention b4 h2 n256 d32", impl, _fwd_bwd(fn, ins), reference=impl == "jvp")
