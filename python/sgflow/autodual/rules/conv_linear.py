@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from sgflow.autodual.rules.common import _bind, _fit, _nullctx
-from sgflow.autodual.rules.fusions import _gn_silu_conv, _pointwise_conv, _pointwise_linear
+from sgflow.autodual.rules.fusions import _gn_modulate_conv, _gn_silu_conv, _pointwise_conv, _pointwise_linear
 from sgflow.autodual.tensor import DualTensor, make_dual, primal, wrap_outputs
 from sgflow.ops.conv_linear import DualConv, DualLinear
 
@@ -69,6 +69,8 @@ def _conv_rule(func, args, kwargs):
                 return fused
         if conf is not None:
             fused = _pointwise_conv(x, w, bias, conf)
+            if fused is None:
+                fused = _gn_modulate_conv(x, w, bias, conf)
             if fused is not None:
                 return fused
         if conf is not None and x._primal.dim() == _CONV_NDIM[func] + 2:

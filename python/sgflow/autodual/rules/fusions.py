@@ -184,3 +184,86 @@ def _pointwise_conv(x, w, bias, conf):
 
     note_rule("rule:pointwise+conv (fused op)")
     return make_dual(*PointwiseConvDual.apply(parts["x"], parts["x_dot"], w, bias, conf, parts["spec"], parts["extra"]))
+
+
+# GroupNorm -> per-sample modulation (EDM's ``addcmul(shift, group_norm(x), 1 + scale)``) -> SiLU / GELU -> conv as
+# one op (sgflow.ops.gn_modulate: saves the GroupNorm's input only, where the rules apart keep three activation
+# pairs). Read at call time: False turns the fusion off.
+GN_MODULATE = True
+
+
+def _modulation_dual(t, x):
+    """``(primal, tangent or None)`` of a modulation operand that fits ``x`` (a plain tensor or computed dual tensor
+    of x's dtype, per sample and channel), else None."""
+    from sgflow.autodual.attention import LazyDual
+    from sgflow.ops.gn_modulate import modulation_fits
+
+    if isinstance(t, LazyDual) or not isinstance(t, torch.Tensor):
+        return None
+    tp = t._primal if isinstance(t, DualTensor) else t
+    if tp.dtype != x.dtype or tp.device != x.device or not modulation_fits(tp, x):
+        return None
+    return tp, (t._tangent.to(tp.dtype) if isinstance(t, DualTensor) else None)
+
+
+def gn_modulate_node(shift, t1, t2, value, materialize):
+    """``shift + t1 * t2`` with one factor a lazy GroupNorm node and the other and ``shift`` per sample and
+    channel: a lazy node that an activation keeps lazy and a convolution after it runs as the fused stage
+    (:class:`sgflow.ops.gn_modulate.GNModulateActConvDual`); ``materialize()`` computes it unfused. None where
+    the pattern does not apply."""
+    from sgflow.autodual.attention import LazyDual, frozen
+
+    if not GN_MODULATE or value != 1:
+        return None
+    gn, mult = (t1, t2) if isinstance(t1, LazyDual) else (t2, t1)
+    if not (isinstance(gn, LazyDual) and gn._cache is None and gn._kind == "gn"):
+        return None
+    src = gn._parts["x"]
+    xp = src._primal
+    if xp.dtype not in (torch.float32, torch.float64) or xp.dim() < 3 or torch.is_autocast_enabled(xp.device.type):
+        return None
+    m = _modulation_dual(mult, xp)
+    s = None if shift is None else _modulation_dual(shift, xp)
+    if m is None or (shift is not None and s is None):
+        return None
+    mult, shift = frozen((mult, shift))  # the values the node was made from (in-place ops later)
+    parts = dict(gn._parts, m=m, s=s)
+    return LazyDual(gn._lazy_shape, gn._like, "gn_mod", parts, lambda: materialize(shift, gn, mult))
+
+
+def gn_modulate_act(x, spec, extra):
+    """An elementwise activation (``spec``, ``extra`` of sgflow.ops.pointwise) of a lazy modulated GroupNorm node:
+    lazy again, for a convolution after it; None for any other input."""
+    from sgflow.autodual.attention import LazyDual
+    from sgflow.ops.pointwise import PointwiseDual
+
+    if not (isinstance(x, LazyDual) and x._cache is None and x._kind == "gn_mod"):
+        return None
+    parts = dict(x._parts, spec=spec, extra=extra)
+
+    def materialize():
+        return make_dual(*PointwiseDual.apply(x._primal, x._tangent, spec, extra))
+
+    return LazyDual(x._lazy_shape, x._like, "gn_mod_act", parts, materialize)
+
+
+def _gn_modulate_conv(x, w, bias, conf):
+    """The GroupNorm -> modulation -> activation -> convolution stage as the fused op for a lazy ``gn_mod_act``
+    node ``x`` and a plain weight and bias of its dtype; None where it does not apply."""
+    from sgflow.autodual.attention import LazyDual
+
+    if not (isinstance(x, LazyDual) and x._cache is None and x._kind == "gn_mod_act"):
+        return None
+    p = x._parts
+    src = p["x"]
+    xp = src._primal
+    if (isinstance(w, DualTensor) or isinstance(bias, DualTensor) or w.dtype != xp.dtype or w.dim() != xp.dim()
+            or (bias is not None and bias.dtype != xp.dtype) or torch.is_autocast_enabled(xp.device.type)):
+        return None
+    from sgflow.ops.gn_modulate import GNModulateActConvDual
+
+    (m, m_dot), s = p["m"], p["s"]
+    s, s_dot = (None, None) if s is None else s
+    note_rule("rule:group_norm+modulation+activation+conv (fused stage op)")
+    return make_dual(*GNModulateActConvDual.apply(xp, src._tangent.to(xp.dtype), p["w"], p["b"], p["g"], float(p["eps"]),
+                                                  m, m_dot, s, s_dot, w, bias, conf, p["spec"], p["extra"]))

@@ -116,6 +116,10 @@ def _pointwise_rule(spec_name):
             extra = kwargs.get("approximate", args[1] if len(args) > 1 else "none")
         elif len(args) > 1 and not (len(args) == 2 and args[1] is False and spec_name in ("silu", "relu")) or kwargs:
             return forward_ad(func, args, kwargs)
+        if spec_name in fusions.LAZY_POINTWISE:
+            node = fusions.gn_modulate_act(x, spec, extra)  # modulated GroupNorm -> activation (-> conv)
+            if node is not None:
+                return node
         xp, xt = x._primal, x._tangent
         if torch.is_autocast_enabled(xp.device.type):
             return forward_ad(func, args, kwargs)

@@ -111,11 +111,19 @@ def product(func, args, kwargs, lazy=True):
 
 
 def _addcmul_rule(func, args, kwargs):
-    """input + value * t1 * t2: affine in input, bilinear in (t1, t2)."""
+    """input + value * t1 * t2: affine in input, bilinear in (t1, t2). A lazy GroupNorm factor with per-sample
+    modulation operands (EDM's adaptive norm) stays lazy (``fusions.gn_modulate_node``)."""
     b = _bind(args, kwargs, ("input", "tensor1", "tensor2"), {"value": 1})
     x, t1, t2, value = b["input"], b["tensor1"], b["tensor2"], b["value"]
     if isinstance(value, torch.Tensor):
         return forward_ad(func, args, kwargs)
+    from sgflow.autodual.rules.fusions import gn_modulate_node
+
+    node = gn_modulate_node(x, t1, t2, value, lambda x_, a, b_: _addcmul(x_, a, b_, value))
+    return node if node is not None else _addcmul(x, t1, t2, value)
+
+
+def _addcmul(x, t1, t2, value):
     out = torch.addcmul(primal(x), primal(t1), primal(t2), value=value)
     t = tangent(x)
     # value * t1_dot * t2 + value * t1 * t2_dot onto x_dot as addcmuls: one pass each (an adaptive norm's
