@@ -163,7 +163,9 @@ def test_planned_fused_step_peak_within_the_target_of_flow_matching(name, shape,
           f"the measured), nothing recomputed {keep_all / fm:.2f}x; flow matching estimated "
           f"{dual.plan.reference / fm:.3f}x the measured\n{dual.plan}")
     assert fused <= (0.6 if name == "mlp" else 0.5) * fm
-    assert keep_all > fm  # what the plan had to bring down
+    # What the plan had to bring down: more than the target with nothing recomputed (ADM's adaptive norms fused
+    # into one op keep less than flow matching then: 0.85x).
+    assert keep_all > (0.6 if name == "mlp" else 0.5) * fm
     assert abs(dual.plan.reference - fm) <= 0.03 * fm  # flow matching's peak, estimated from the plain forward
     assert abs(dual.plan.estimate() - fused) <= 0.1 * fused
 

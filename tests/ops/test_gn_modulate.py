@@ -137,6 +137,21 @@ class _EDMStage(nn.Module):
         return self.conv1(F.dropout(a, p=self.p, training=self.training))
 
 
+class _ADMStage(_EDMStage):
+    """ADM's / diffusers' form of the same norm: ``norm(h) * (1 + scale) + shift`` (a mul, then an add; the shift
+    on either side)."""
+
+    def __init__(self, shift_first=False, **kw):
+        super().__init__(**kw)
+        self.shift_first = shift_first
+
+    def forward(self, h, emb):
+        scale, shift = self.affine(emb)[..., None, None].chunk(2, dim=1)
+        n = self.norm1(h) * (1 + scale)
+        a = F.silu(shift + n if self.shift_first else n + shift)
+        return self.conv1(F.dropout(a, p=self.p, training=self.training))
+
+
 def _engine(stage, dtype, fused, seed=11):
     """(y, y_dot, gradients of h, h_dot, emb, emb_dot and the parameters, saved bytes) through the dual engine."""
     g = torch.Generator().manual_seed(seed)
@@ -169,11 +184,13 @@ def _reference(stage):
     return [y, y_dot, *grads]
 
 
-def test_engine_fuses_edm_stage_and_keeps_one_pair():
+@pytest.mark.parametrize("form", ["edm_addcmul", "adm_mul_add", "adm_shift_first"])
+def test_engine_fuses_the_stage_and_keeps_one_pair(form):
     """Through the dual engine the stage runs as the fused op: values and gradients = the unfused engine's and
     the jvp reference (float64), and it keeps GroupNorm's input pair only, two activation pairs less."""
     torch.manual_seed(12)
-    stage = _EDMStage().double()
+    stage = {"edm_addcmul": _EDMStage, "adm_mul_add": _ADMStage,
+             "adm_shift_first": lambda: _ADMStage(shift_first=True)}[form]().double()
     fused, fused_bytes = _engine(stage, torch.float64, True)
     plain, plain_bytes = _engine(stage, torch.float64, False)
     ref = _reference(stage)

@@ -231,6 +231,20 @@ def gn_modulate_node(shift, t1, t2, value, materialize):
     return LazyDual(gn._lazy_shape, gn._like, "gn_mod", parts, lambda: materialize(shift, gn, mult))
 
 
+def gn_modulate_shift(node, shift, materialize):
+    """``node + shift`` for a lazy ``group_norm(x) * m`` node (ADM's and diffusers' ``norm(h) * (1 + scale) +
+    shift``, a mul then an add) and a per-sample shift: the node with its shift, still lazy; None otherwise."""
+    from sgflow.autodual.attention import LazyDual, frozen
+
+    if not (isinstance(node, LazyDual) and node._cache is None and node._kind == "gn_mod" and node._parts["s"] is None):
+        return None
+    s = _modulation_dual(shift, node._like)
+    if s is None:
+        return None
+    shift = frozen(shift)
+    return LazyDual(node._lazy_shape, node._like, "gn_mod", dict(node._parts, s=s), lambda: materialize(node, shift))
+
+
 def gn_modulate_act(x, spec, extra):
     """An elementwise activation (``spec``, ``extra`` of sgflow.ops.pointwise) of a lazy modulated GroupNorm node:
     lazy again, for a convolution after it; None for any other input."""

@@ -96,6 +96,12 @@ def product(func, args, kwargs, lazy=True):
     """``y_dot = sum_i op(x_1, .., x_i_dot, .., x_n)`` for ops linear in each tensor argument."""
     if lazy:
         r = _lazy_attention(func, args, kwargs)
+        if r is None and func in _SCALE_OPS and len(args) == 2 and not kwargs:
+            from sgflow.autodual.rules.fusions import gn_modulate_node
+
+            # group_norm(x) * m, m per sample and channel: lazy, for a shift, an activation and a conv after it.
+            r = gn_modulate_node(None, args[0], args[1], 1,
+                                 lambda _s, gn, m: product(func, (gn, m) if args[0] is gn else (m, gn), {}, lazy=False))
         if r is not None:
             return r
     flat, spec, idx = dual_leaves(args, kwargs)

@@ -199,11 +199,26 @@ def linear(func, args, kwargs):
 
 
 
+_PLAIN_ADDS = {torch.add, _T.add, _T.__add__, _T.__radd__}
+
+
 def affine(positions):
     """Rule for ops affine in the arguments at ``positions`` (add, sub, where, masked_fill, pad):
     the tangent is the op with tangents there and zeros for every other data value."""
 
     def rule(func, args, kwargs):
+        if func in _PLAIN_ADDS and len(args) == 2 and not kwargs:
+            from sgflow.autodual.rules.fusions import gn_modulate_shift
+
+            # group_norm(x) * m + s (ADM's adaptive norm): the lazy modulated node takes the shift (either
+            # operand); computed unfused, it is the plain sum (commutative: the operands' order does not matter).
+            for node, shift in ((args[0], args[1]), (args[1], args[0])):
+                r = gn_modulate_shift(node, shift, lambda n, s: plain(torch.add, (n, s), {}))
+                if r is not None:
+                    return r
+        return plain(func, args, kwargs)
+
+    def plain(func, args, kwargs):
         out = func(*unwrap_primals(args), **unwrap_primals(kwargs))
         ref = next(a for a in list(args) + list(kwargs.values()) if isinstance(a, DualTensor))
         zero = torch.zeros((), dtype=ref._tangent.dtype, device=ref._tangent.device)
