@@ -14,16 +14,16 @@
 //
 // Why a kernel: with heads of 8 (a diffusers U-Net's default) every product has inner size 8, so the torch
 // backend's time goes to ~45 passes over each [Nq, Nk] block (writing S, subtracting, exponentiating,
-// multiplying ...), not to arithmetic. Here a query row's scores live in four rows of Nk values in L1 and
-// each (i, j) is touched by one pass per step of the formulas above, with the inner size held in registers.
+// multiplying ...), not to arithmetic. Here a tile of 4 query rows keeps its score rows (S, Sd, ...: Nk values
+// each) in L1 and each (i, j) is touched once per step of the formulas above, the inner size in registers.
 //
 // Layout: one head at a time per thread. Its keys and values are copied transposed and padded to a multiple
 // of kAttnBlock columns (k^T [D, Np] ...), so every loop over keys is over contiguous, whole vectors:
 //   * rows():   score rows u_j = sum_c x_c M_cj (and w_j = sum_c y_c M_cj + x_c N_cj), a block of keys in
 //               vector registers while c runs over the head dim;
-//   * dots:     o, od, dq, dqd are dot products of a score row with the transposed rows;
-//   * axpy:     the key-side gradients accumulate into transposed rows (dk^T [D, Np] ...), written out once
-//               per head.
+//   * dots():   o, od, dq, dqd are dot products of a tile's score rows with the transposed rows;
+//   * axpys():  the key-side gradients accumulate into transposed rows (dk^T [D, Np] ...), once per tile,
+//               written out once per head.
 // Padded keys have zero k, v and get P = 0, so they add nothing; their gradient columns are never written out.
 // GCC vector extensions (a block of 16 values: one AVX-512 register of f32, two of f64, four SSE ones) keep
 // the block accumulators in registers on every instruction set.
@@ -58,8 +58,8 @@ inline void vstore(A* p, typename Block<A>::type v) {
   __builtin_memcpy(p, &v, sizeof(v));
 }
 
-// Sum of a block's lanes as a tree of half-width vectors (log depth; a chain of 16 dependent scalar adds
-// per dot product was a third of the forward's time).
+// Sum of a block's lanes as a tree of half-width vectors (log depth instead of a chain of 16 dependent adds;
+// no measurable change on AVX-512, where the dots' loads dominate).
 template <typename A, int64_t N>
 struct Lanes {
   typedef A type __attribute__((vector_size(sizeof(A) * N)));
@@ -137,7 +137,7 @@ __attribute__((noinline)) void dots(A* out, int64_t os, A scale, A* const* r1, c
   static_assert(R == 1 || R == 4, "tiles of 1 or 4 rows");
   using V = typename Block<A>::type;
   // Named accumulators, one chain per row and product, and not inlined: GCC kept an array of them, or (inlined
-  // into a tile) one of them, on the stack, a store-to-load chain per iteration that made the dots 3x slower.
+  // into a tile) one of them, on the stack (a load and a store per iteration in the profile).
   V a0 = {}, a1 = {}, a2 = {}, a3 = {}, b0 = {}, b1 = {}, b2 = {}, b3 = {};
   for (int64_t j0 = 0; j0 < np; j0 += kAttnBlock) {
     const V m = vload(M + j0);

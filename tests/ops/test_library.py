@@ -238,10 +238,11 @@ def test_vmap_groupnorm_silu_dual_equals_loop(backend):
         torch.testing.assert_close(gx[i], torch.autograd.grad(loss(xi, xd[i]), xi)[0], rtol=1e-12, atol=1e-12)
 
 
-def test_vmap_attention_dual_equals_loop():
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpp", marks=needs_cpp)])
+def test_vmap_attention_dual_equals_loop(backend):
     g = _gen(5)
     ins = [torch.randn(2, *ATT[n], generator=g, dtype=torch.float64) for n in "qkvqkv"]
-    f = lambda *a: att.attention_dual(*a, backend="torch")  # noqa: E731
+    f = lambda *a: att.attention_dual(*a, backend=backend)  # noqa: E731
     o, od = torch.func.vmap(f)(*ins)
     for i in range(2):
         oi, odi = f(*(t[i] for t in ins))
