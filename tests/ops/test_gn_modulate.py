@@ -109,6 +109,15 @@ def test_gradcheck_and_saved_bytes():
     assert saved == 2 * leaves32[0].numel() * 4 + small
 
 
+def test_double_backward_raises():
+    vals, groups, conf = _inputs("b2c6-7x5-pad1", seed=2)
+    leaves = [vals[k].clone().requires_grad_() for k in ORDER]
+    y, y_dot = gn_modulate_act_conv_dual(*leaves[:4], groups, 1e-5, *leaves[4:8], leaves[8], leaves[9], conf)
+    grads = torch.autograd.grad(y.square().sum() + y_dot.square().sum(), leaves, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grads[0].sum().backward()
+
+
 def test_bad_input_is_named():
     vals, groups, conf = _inputs("b2c6-7x5-pad1", seed=1)
     a = [vals[k] for k in ORDER]

@@ -38,6 +38,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from sgflow.ops.groupnorm import _native_backward, _native_forward
 from sgflow.ops.pointwise import pointwise_dual_grads, pointwise_dual_grads_into, pointwise_dual_values
@@ -102,6 +103,7 @@ class GNModulateActConvDual(torch.autograd.Function):
         return y, torch.ops.aten.convolution(a_dot, weight, None, *conf)
 
     @staticmethod
+    @once_differentiable  # GroupNorm's backward kernel has no derivative in PyTorch: a double backward raises
     def backward(ctx, g, g_dot):
         x, x_dot, gn_w, gn_b, m, m_dot, s, s_dot, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
