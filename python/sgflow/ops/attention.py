@@ -71,7 +71,8 @@ G terms drop out of B and delta.
 Module layout (see docs/DESIGN.md): :func:`attention_dual_ref` (explicit formulas, materialises P),
 the torch backend (:func:`_torch_forward`, :func:`_torch_backward`, chunked over query rows),
 :class:`AttentionDual` and the functional API :func:`attention_dual`. Triton kernels live in
-``sgflow_kernels/attention.py``.
+``sgflow_kernels/attention.py``, the C++ CPU kernel (backend ``"cpp"``: the same formulas, one head per thread, a
+tile of query rows' score rows in L1) in ``csrc/attention_dual_cpu_kernels.h``.
 """
 from __future__ import annotations
 
