@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from sgflow.ops.groupnorm import _native_backward, _native_forward
+from sgflow.ops.groupnorm import _native_backward, _native_forward, _normalized, _per_channel
 from sgflow.ops.pointwise import pointwise_dual_grads, pointwise_dual_grads_into, pointwise_dual_values
 
 __all__ = ["gn_modulate_act_conv_dual_ref", "GNModulateActConvDual", "gn_modulate_act_conv_dual"]
@@ -82,6 +82,13 @@ def _modulated(x, x_dot, gn_w, gn_b, groups, eps, m, m_dot, s, s_dot):
     if s is not None:
         h.add_(s)
     return h, h_dot
+
+
+def _reduced(t: torch.Tensor, shape) -> torch.Tensor:
+    """``t`` summed over the dims a modulation of ``shape`` broadcasts along, never ``t`` itself (a 1x1 image's
+    modulation has x's shape, and the buffers summed here are overwritten afterwards)."""
+    r = t.sum_to_size(shape)
+    return r.clone() if r.data_ptr() == t.data_ptr() else r
 
 
 class GNModulateActConvDual(torch.autograd.Function):
@@ -131,17 +138,35 @@ class GNModulateActConvDual(torch.autograd.Function):
             grads_a = pointwise_dual_grads(h, h_dot, *grads_a, ctx.spec, ctx.extra, True, True)
         gh, ghd = grads_a
         del h, h_dot, grads_a
-        n, n_dot = _native_forward(x, x_dot, gn_w, gn_b, ctx.groups, ctx.eps)  # recomputed: freed above
+        # GroupNorm's normalised input xh and its tangent dh, made once for the modulation's gradients and for
+        # GroupNorm's backward. With n = xh w + b, n_dot = dh w (w, b per channel):
+        #   dm = sum((Gh xh + Ghd dh) w + Gh b),   dm_dot = sum(Ghd xh w + Ghd b),
+        # in one scratch buffer (n, n_dot are never made: no more activation-sized buffers than at the conv's backward).
+        normalized = _normalized(x, x_dot, ctx.groups, ctx.eps)
+        xh, dh = normalized[0].view(x.shape), normalized[1].view(x.shape)
+        w_ = None if gn_w is None else _per_channel(gn_w, xh)
+        b_ = None if gn_b is None else _per_channel(gn_b, xh)
         dm = dm_dot = ds = ds_dot = None
         if need[6]:
-            dm = torch.mul(gh, n).addcmul_(ghd, n_dot).sum_to_size(m.shape)
+            scratch = torch.mul(gh, xh).addcmul_(ghd, dh)
+            if w_ is not None:
+                scratch.mul_(w_)
+            if b_ is not None:
+                scratch.addcmul_(gh, b_)
+            dm = _reduced(scratch, m.shape)
+            del scratch
         if need[7]:
-            dm_dot = torch.mul(ghd, n).sum_to_size(m_dot.shape)
+            scratch = torch.mul(ghd, xh)
+            if w_ is not None:
+                scratch.mul_(w_)
+            if b_ is not None:
+                scratch.addcmul_(ghd, b_)
+            dm_dot = _reduced(scratch, m_dot.shape)
+            del scratch
         if need[8]:
-            ds = gh.sum_to_size(s.shape)
+            ds = _reduced(gh, s.shape)
         if need[9]:
-            ds_dot = ghd.sum_to_size(s_dot.shape)
-        del n, n_dot
+            ds_dot = _reduced(ghd, s_dot.shape)
         # Gn = Gh m + Ghd m_dot, Gnd = Ghd m, over the buffers (Ghd read before it is scaled).
         gn_ = gh.mul_(m)
         if m_dot is not None:
@@ -149,7 +174,7 @@ class GNModulateActConvDual(torch.autograd.Function):
         gnd = ghd.mul_(m)
         state = SimpleNamespace(saved_tensors=(x, x_dot, gn_w), num_groups=ctx.groups, eps=ctx.eps,
                                 needs_input_grad=need[:4], has_bias=gn_b is not None, bias_dtype=ctx.gn_bias_dtype)
-        dx, dxd, dgw, dgb = _native_backward(state, gn_, gnd)[:4]
+        dx, dxd, dgw, dgb = _native_backward(state, gn_, gnd, normalized)[:4]
         return dx, dxd, dgw, dgb, None, None, dm, dm_dot, ds, ds_dot, gw, gb, None, None, None
 
 

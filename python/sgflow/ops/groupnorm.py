@@ -154,8 +154,20 @@ class GroupNormDual(torch.autograd.Function):
         return _native_backward(ctx, g, g_dot)
 
 
-def _native_backward(ctx, g, g_dot):
-    """Backward from the group-norm kernels (module doc, "Kernels"); first order only."""
+def _normalized(x, x_dot, num_groups, eps):
+    """``(xh, dh, mean, rstd)``: x normalised without the affine (module doc's xh), its tangent J x_dot, and the
+    per-(sample, group) statistics, in the accumulation dtype (one ``native_group_norm``, one kernel backward)."""
+    acc = _acc_dtype(x.dtype)
+    xa, da = x.to(acc).contiguous(), x_dot.to(acc).contiguous()
+    n, c, hw = _sizes(xa)
+    xh, mean, rstd = _aten.native_group_norm(xa, None, None, n, c, hw, num_groups, eps)
+    dh = _aten.native_group_norm_backward(da, xa, mean, rstd, None, n, c, hw, num_groups, [True, False, False])[0]
+    return xh, dh, mean, rstd
+
+
+def _native_backward(ctx, g, g_dot, normalized=None):
+    """Backward from the group-norm kernels (module doc, "Kernels"); first order only. ``normalized``: the
+    :func:`_normalized` of the saved x, x_dot where the caller has them (not computed again here)."""
     x, x_dot, weight = ctx.saved_tensors
     ng = ctx.num_groups
     acc = _acc_dtype(x.dtype)
@@ -164,7 +176,11 @@ def _native_backward(ctx, g, g_dot):
     n, c, hw = _sizes(xa)
     need_x, need_xd, need_w, need_b = ctx.needs_input_grad[:4]
     need_w, need_b = need_w and weight is not None, need_b and ctx.has_bias
-    xh, mean, rstd = _aten.native_group_norm(xa, None, None, n, c, hw, ng, ctx.eps)
+    if normalized is None:
+        xh, mean, rstd = _aten.native_group_norm(xa, None, None, n, c, hw, ng, ctx.eps)
+        t_given = None
+    else:
+        xh, t_given, mean, rstd = normalized
     lead = (0,) + tuple(range(2, xa.dim()))
     dx = dxd = dw = db = None
     if g is not None and (need_x or need_w or need_b):
@@ -181,7 +197,9 @@ def _native_backward(ctx, g, g_dot):
         u = t = None
         if need_x or need_xd:  # J (w Gd)
             u = _aten.native_group_norm_backward(gda, xa, mean, rstd, w, n, c, hw, ng, [True, False, False])[0]
-        if need_x or need_w:  # x̂_dot = J x_dot
+        if (need_x or need_w) and t_given is not None:
+            t = t_given
+        elif need_x or need_w:  # x̂_dot = J x_dot
             t = _aten.native_group_norm_backward(da, xa, mean, rstd, None, n, c, hw, ng, [True, False, False])[0]
         # Freed before dx's accumulator is made: no more held at once than before.
         scratch = torch.empty_like(xh) if (need_w or need_x) and not torch._C._are_functorch_transforms_active() \
