@@ -84,11 +84,20 @@ def _modulated(x, x_dot, gn_w, gn_b, groups, eps, m, m_dot, s, s_dot):
     return h, h_dot
 
 
+def _affine_(t: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, g: torch.Tensor) -> torch.Tensor:
+    """``t w + g b`` in place on ``t`` (GroupNorm's per-channel affine, a missing one skipped)."""
+    if w is not None:
+        t.mul_(w)
+    if b is not None:
+        t.addcmul_(g, b)
+    return t
+
+
 def _reduced(t: torch.Tensor, shape) -> torch.Tensor:
     """``t`` summed over the dims a modulation of ``shape`` broadcasts along, never ``t`` itself (a 1x1 image's
     modulation has x's shape, and the buffers summed here are overwritten afterwards)."""
-    r = t.sum_to_size(shape)
-    return r.clone() if r.data_ptr() == t.data_ptr() else r
+    # By shape, not by data pointer: traced (fake) tensors have none.
+    return t.clone() if tuple(t.shape) == tuple(shape) else t.sum_to_size(shape)
 
 
 class GNModulateActConvDual(torch.autograd.Function):
@@ -141,28 +150,17 @@ class GNModulateActConvDual(torch.autograd.Function):
         # GroupNorm's normalised input xh and its tangent dh, made once for the modulation's gradients and for
         # GroupNorm's backward. With n = xh w + b, n_dot = dh w (w, b per channel):
         #   dm = sum((Gh xh + Ghd dh) w + Gh b),   dm_dot = sum(Ghd xh w + Ghd b),
-        # in one scratch buffer (n, n_dot are never made: no more activation-sized buffers than at the conv's backward).
+        # each in one scratch buffer (n, n_dot are never made: no more activation-sized buffers than at the conv's
+        # backward).
         normalized = _normalized(x, x_dot, ctx.groups, ctx.eps)
         xh, dh = normalized[0].view(x.shape), normalized[1].view(x.shape)
         w_ = None if gn_w is None else _per_channel(gn_w, xh)
         b_ = None if gn_b is None else _per_channel(gn_b, xh)
         dm = dm_dot = ds = ds_dot = None
         if need[6]:
-            scratch = torch.mul(gh, xh).addcmul_(ghd, dh)
-            if w_ is not None:
-                scratch.mul_(w_)
-            if b_ is not None:
-                scratch.addcmul_(gh, b_)
-            dm = _reduced(scratch, m.shape)
-            del scratch
+            dm = _reduced(_affine_(torch.mul(gh, xh).addcmul_(ghd, dh), w_, b_, gh), m.shape)
         if need[7]:
-            scratch = torch.mul(ghd, xh)
-            if w_ is not None:
-                scratch.mul_(w_)
-            if b_ is not None:
-                scratch.addcmul_(ghd, b_)
-            dm_dot = _reduced(scratch, m_dot.shape)
-            del scratch
+            dm_dot = _reduced(_affine_(torch.mul(ghd, xh), w_, b_, ghd), m_dot.shape)
         if need[8]:
             ds = _reduced(gh, s.shape)
         if need[9]:
