@@ -79,20 +79,26 @@ class DualConv(torch.autograd.Function):
                 torch.cat([g, g_dot]), torch.cat([x, x_dot]), weight, None, *ctx.conf, [need_x or need_xd, need_w, False])
             gx, gxd = (None, None) if gin is None else gin.split(n)
         else:
-            grads_in = []
-            for grad, inp, need_in in ((g, x, need_x), (g_dot, x_dot, need_xd)):
-                gin = None
-                if grad is not None:
-                    gin, gw_part, _ = torch.ops.aten.convolution_backward(
-                        grad, inp, weight, None, *ctx.conf, [need_in, need_w, False])
-                    if gw_part is not None:
-                        gw = gw_part if gw is None else gw.add_(gw_part)
-                grads_in.append(gin)
-            gx, gxd = grads_in
+            (gx, gxd), gw = _conv_grads(((g, x, need_x), (g_dot, x_dot, need_xd)), weight, ctx.conf, need_w)
         gb = None
         if ctx.has_bias and need_b and g is not None:
             gb = g.sum([0] + list(range(2, g.dim())))
         return gx, gxd, gw, gb, None
+
+
+def _conv_grads(streams, weight, conf, need_w):
+    """``([dx per stream], dW)`` of a convolution applied to each stream ``(cotangent, input, need_input)``: one
+    ``convolution_backward`` per stream (a None cotangent skipped: None), the weight gradients summed in place."""
+    gw = None
+    grads_in = []
+    for grad, inp, need_in in streams:
+        gin = None
+        if grad is not None:
+            gin, gw_part, _ = torch.ops.aten.convolution_backward(grad, inp, weight, None, *conf, [need_in, need_w, False])
+            if gw_part is not None:
+                gw = gw_part if gw is None else gw.add_(gw_part)
+        grads_in.append(gin)
+    return grads_in, gw
 
 
 def _rows(t):
@@ -239,16 +245,7 @@ class PointwiseConvDual(torch.autograd.Function):
             return (None,) * 7
         a, a_dot = pointwise_dual_values(x, x_dot, ctx.spec, ctx.extra)
         need_in = need_x or need_xd
-        gw = None
-        grads_in = []
-        for grad, inp in ((g, a), (g_dot, a_dot)):
-            gin = None
-            if grad is not None:
-                gin, gw_part, _ = torch.ops.aten.convolution_backward(grad, inp, weight, None, *ctx.conf,
-                                                                      [need_in, need_w, False])
-                if gw_part is not None:
-                    gw = gw_part if gw is None else gw.add_(gw_part)
-            grads_in.append(gin)
+        grads_in, gw = _conv_grads(((g, a, need_in), (g_dot, a_dot, need_in)), weight, ctx.conf, need_w)
         del a, a_dot
         dx = dxd = None
         if need_in:

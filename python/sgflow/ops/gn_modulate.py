@@ -40,8 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from sgflow.ops.conv_linear import _activation_grads, _conv_grads
 from sgflow.ops.groupnorm import _native_backward, _native_forward, _normalized, _per_channel
-from sgflow.ops.pointwise import pointwise_dual_grads, pointwise_dual_grads_into, pointwise_dual_values
+from sgflow.ops.pointwise import pointwise_dual_values
 
 __all__ = ["gn_modulate_act_conv_dual_ref", "GNModulateActConvDual", "gn_modulate_act_conv_dual"]
 
@@ -131,21 +132,12 @@ class GNModulateActConvDual(torch.autograd.Function):
         h, h_dot = _modulated(x, x_dot, gn_w, gn_b, ctx.groups, ctx.eps, m, m_dot, s, s_dot)
         a, a_dot = pointwise_dual_values(h, h_dot, ctx.spec, ctx.extra)
         need_in = any(need[i] for i in (0, 1, 2, 3, 6, 7, 8, 9))
-        gw = None
-        grads_a = []
-        for grad, inp in ((g, a), (g_dot, a_dot)):
-            gin, gw_part, _ = torch.ops.aten.convolution_backward(grad, inp, weight, None, *ctx.conf,
-                                                                  [need_in, need[10], False])
-            if gw_part is not None:
-                gw = gw_part if gw is None else gw.add_(gw_part)
-            grads_a.append(gin)
+        grads_a, gw = _conv_grads(((g, a, need_in), (g_dot, a_dot, need_in)), weight, ctx.conf, need[10])
         del a, a_dot
         gb = g.sum([0] + list(range(2, g.dim()))) if ctx.has_bias and need[11] else None
         if not need_in:
             return (None,) * 10 + (gw, gb) + (None,) * 3
-        if not pointwise_dual_grads_into(h, h_dot, *grads_a, ctx.spec, ctx.extra):  # over the buffers: C++ on CPU
-            grads_a = pointwise_dual_grads(h, h_dot, *grads_a, ctx.spec, ctx.extra, True, True)
-        gh, ghd = grads_a
+        gh, ghd = _activation_grads(ctx, h, h_dot, *grads_a, True, True)  # over the buffers: C++ on CPU
         del h, h_dot, grads_a
         # GroupNorm's normalised input xh and its tangent dh, made once for the modulation's gradients and for
         # GroupNorm's backward. With n = xh w + b, n_dot = dh w (w, b per channel):

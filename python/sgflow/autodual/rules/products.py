@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from sgflow.autodual.rules.common import _T, _bind, _fit, recompute_op
 from sgflow.autodual.rules.fallback import forward_ad
+from sgflow.autodual.rules.fusions import gn_modulate_node
 from sgflow.autodual.rules.structural import nondiff
 from sgflow.autodual.tensor import (
     DualTensor,
@@ -97,8 +98,6 @@ def product(func, args, kwargs, lazy=True):
     if lazy:
         r = _lazy_attention(func, args, kwargs)
         if r is None and func in _SCALE_OPS and len(args) == 2 and not kwargs:
-            from sgflow.autodual.rules.fusions import gn_modulate_node
-
             # group_norm(x) * m, m per sample and channel: lazy, for a shift, an activation and a conv after it.
             r = gn_modulate_node(None, args[0], args[1], 1,
                                  lambda _s, gn, m: product(func, (gn, m) if args[0] is gn else (m, gn), {}, lazy=False))
@@ -123,8 +122,6 @@ def _addcmul_rule(func, args, kwargs):
     x, t1, t2, value = b["input"], b["tensor1"], b["tensor2"], b["value"]
     if isinstance(value, torch.Tensor):
         return forward_ad(func, args, kwargs)
-    from sgflow.autodual.rules.fusions import gn_modulate_node
-
     node = gn_modulate_node(x, t1, t2, value, lambda x_, a, b_: _addcmul(x_, a, b_, value))
     return node if node is not None else _addcmul(x, t1, t2, value)
 
