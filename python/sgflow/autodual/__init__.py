@@ -22,6 +22,7 @@ Shapes: t, u, t_dot, u_dot: [B]; x, x_dot: [B, *D]; returns (f~, JVP f~), both [
 
 Layout: ``blocks.py`` which submodules are recomputed (:func:`select_blocks`, :func:`candidate_blocks`),
 ``call.py`` one dual call (:func:`dual_call`: the forward patching, checkpointed blocks and row slices),
+``tails.py`` the recomputed blocks' dead tails (convolutions and linear layers their recomputation skips),
 ``dualized.py`` :func:`dualize`, :class:`DualizedModel`, :func:`as_dual_model`; ``tensor.py`` the DualTensor
 and the dispatch, ``rules/`` the dual rules, ``plan.py`` the measured choice of blocks (``profile.py`` its profile), ``attention.py`` the
 lazy attention and GroupNorm nodes, ``traced.py`` the dual forward under torch.compile (one graph node traced by

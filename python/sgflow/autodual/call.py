@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from sgflow.autodual.attention import LazyDual
 from sgflow.autodual.blocks import _inner
+from sgflow.autodual.tails import TailRecorder
 from sgflow.autodual.tensor import (
     AT_REST,
     DualizeError,
@@ -137,6 +138,11 @@ def _wrap_forward(orig, path: str, is_block: bool, split=None, keep: bool = Fals
     return forward
 
 
+# Whether recomputed blocks skip their dead tails (sgflow.autodual.tails); read at each block call (the
+# benchmarks' A/B).
+SKIP_DEAD_TAILS = True
+
+
 def _checkpointed(orig, args, kwargs, keep: bool = False):
     """``orig(*args, **kwargs)`` under non-reentrant checkpointing, every DualTensor crossing the checkpoint
     boundary as its two plain tensors (primal, tangent), in and out; with ``keep``, the outputs of its dual
@@ -152,12 +158,16 @@ def _checkpointed(orig, args, kwargs, keep: bool = False):
     out_layout = []
     traced = any(is_traced(p) for p in plain) or (not plain and current().traced)
     keeper = _AttentionKeeper() if keep and not traced and current().context_fn is None else None
+    # Not traced (the partitioner drops dead ops itself) nor under a selective-checkpoint policy (its cache
+    # replays ops by call order): sgflow.autodual.tails.
+    tails = TailRecorder() if SKIP_DEAD_TAILS and not traced and current().context_fn is None else None
 
     def run(*tensors):
         leaves = _from_plain(tensors, layout)
         a, k = tree_unflatten(leaves, spec)
         duals = [(d, d._primal) for d in leaves if isinstance(d, DualTensor)]
-        with keeper.running() if keeper is not None else contextlib.nullcontext():
+        with keeper.running() if keeper is not None else contextlib.nullcontext(), \
+                tails.running() if tails is not None else contextlib.nullcontext():
             oflat, ospec = tree_flatten(orig(*a, **k))
         if any(d._primal is not p for d, p in duals):
             # An in-place op on a dual input swaps new values into the block's own DualTensor (rules.inplace):

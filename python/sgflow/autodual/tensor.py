@@ -77,6 +77,8 @@ class _AtRest(DualContext):
 
 AT_REST = _AtRest()  # the read-only stand-in where no dual forward runs
 _LOCAL = threading.local()  # .ctx: this thread's DualContext in use, absent at rest
+# .rec: the sgflow.autodual.tails.TailRecorder of the recomputed block running on this thread, if any
+_TAILS = threading.local()
 
 
 def current() -> DualContext:
@@ -278,6 +280,11 @@ def dispatch(func, args, kwargs):
         elif kind not in old.split(" | "):
             report[key] = f"{old} | {kind}"
         ctx.last_key = key
+    rec = getattr(_TAILS, "rec", None)
+    if rec is not None and rec.recording:  # a recomputed block's forward: which outputs its recomputation needs
+        from sgflow.autodual.tails import record
+
+        return record(rec, rule, kind, func, args, kwargs)
     return rule(func, args, kwargs)
 
 

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from sgflow.ops.pointwise import pointwise_dual_grads, pointwise_dual_grads_into, pointwise_dual_values
+from sgflow.ops.recompute import unused_outputs
 
 __all__ = ["DualConv", "DualLinear", "PointwiseLinearDual", "PointwiseConvDual"]
 
@@ -65,6 +66,9 @@ class DualConv(torch.autograd.Function):
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, x_dot, weight)
         ctx.set_materialize_grads(False)
+        unused = unused_outputs()  # a recomputed block's dead tail (sgflow.ops.recompute.outputs_unused)
+        if unused is not None:
+            return unused
         return (torch.ops.aten.convolution(x, weight, bias, *conf),
                 torch.ops.aten.convolution(x_dot, weight, None, *conf))
 
@@ -123,6 +127,9 @@ class DualLinear(torch.autograd.Function):
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, x_dot, weight)
         ctx.set_materialize_grads(False)
+        unused = unused_outputs()
+        if unused is not None:
+            return unused
         if x.dim() < 2 or x_dot.shape != x.shape:
             return F.linear(x, weight, bias), F.linear(x_dot, weight)
         # F.linear's own decomposition with one transposed weight for both streams (F.linear makes its
@@ -186,6 +193,9 @@ class PointwiseLinearDual(torch.autograd.Function):
         ctx.spec, ctx.extra, ctx.has_bias = spec, extra, bias is not None
         ctx.save_for_backward(x, x_dot, weight)
         ctx.set_materialize_grads(False)
+        unused = unused_outputs()
+        if unused is not None:
+            return unused
         a, a_dot = pointwise_dual_values(x, x_dot, spec, extra)
         wt = weight.t()
         out_shape = (*x.shape[:-1], weight.shape[0])
@@ -232,6 +242,9 @@ class PointwiseConvDual(torch.autograd.Function):
         ctx.conf, ctx.spec, ctx.extra, ctx.has_bias = conf, spec, extra, bias is not None
         ctx.save_for_backward(x, x_dot, weight)
         ctx.set_materialize_grads(False)
+        unused = unused_outputs()
+        if unused is not None:
+            return unused
         a, a_dot = pointwise_dual_values(x, x_dot, spec, extra)
         y = torch.ops.aten.convolution(a, weight, bias, *conf)
         del a

@@ -43,6 +43,7 @@ from torch.autograd.function import once_differentiable
 from sgflow.ops.conv_linear import _activation_grads, _conv_grads
 from sgflow.ops.groupnorm import _native_backward, _native_forward, _normalized, _per_channel
 from sgflow.ops.pointwise import pointwise_dual_values
+from sgflow.ops.recompute import unused_outputs
 
 __all__ = ["gn_modulate_act_conv_dual_ref", "GNModulateActConvDual", "gn_modulate_act_conv_dual"]
 
@@ -112,6 +113,9 @@ class GNModulateActConvDual(torch.autograd.Function):
         ctx.has_bias, ctx.gn_bias_dtype = bias is not None, None if gn_b is None else gn_b.dtype
         ctx.save_for_backward(x, x_dot, gn_w, gn_b, m, m_dot, s, s_dot, weight)
         ctx.set_materialize_grads(False)
+        unused = unused_outputs()  # a recomputed block's dead tail (sgflow.ops.recompute.outputs_unused)
+        if unused is not None:
+            return unused
         h, h_dot = _modulated(x, x_dot, gn_w, gn_b, groups, eps, m, m_dot, s, s_dot)
         a, a_dot = pointwise_dual_values(h, h_dot, spec, extra)
         del h, h_dot

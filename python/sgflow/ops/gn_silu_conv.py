@@ -1,13 +1,21 @@
-"""Dual GroupNorm -> SiLU -> Dropout -> Conv2d stage as one autograd Function, and its dropout-mask helpers.
+"""Dual GroupNorm -> SiLU -> Dropout -> (Resample) -> Conv2d stage as one autograd Function, and its
+dropout-mask helpers.
 
-Math: with ``(a, a_dot)`` the dual GroupNorm -> SiLU of ``(x, x_dot)`` (:mod:`sgflow.ops.groupnorm_silu`)
-and ``m`` a bool keep-mask shared by both streams, ``p`` the dropout probability::
+Math: with ``(a, a_dot)`` the dual GroupNorm -> SiLU of ``(x, x_dot)`` (:mod:`sgflow.ops.groupnorm_silu`),
+``m`` a bool keep-mask shared by both streams, ``p`` the dropout probability and ``R`` an optional linear
+resampling by an integer factor s (``("nearest", s)``: nearest upsampling, ``F.interpolate(h, scale_factor=s)``;
+``("avg", s)``: ``F.avg_pool2d(h, s)``; the U-Net up / down blocks' ``conv(resample(silu(norm(x))))``;
+:mod:`sgflow.ops.resample`)::
 
-    h = a m / (1 - p),   h_dot = a_dot m / (1 - p)
+    h = R(a m / (1 - p)),   h_dot = R(a_dot m / (1 - p))
     y = conv2d(h, W) + b,   y_dot = conv2d(h_dot, W)              (the bias has no tangent)
 
+    backward: dh from the convolution, then R^T (upsampling: the sum over each s x s block; pooling: dh / s^2
+    spread over it), then the dual GroupNorm -> SiLU backward.
+
 Shapes: x, x_dot [B, C, H, W]; gn_weight, gn_bias [C] or None; conv_weight [Cout, C, kh, kw]; conv_bias
-[Cout] or None; mask bool [B, C, H, W]; y, y_dot [B, Cout, H', W'] (stride 1, dilation 1, groups 1).
+[Cout] or None; mask bool [B, C, H, W]; h [B, C, sH, sW] (upsampling), [B, C, H/s, W/s] (pooling) or
+[B, C, H, W]; y, y_dot [B, Cout, H', W'] (stride 1, dilation 1, groups 1).
 
 Layout of this file (see docs/DESIGN.md): ``GNSiLUConvDual`` autograd Function (forward and backward
 through the dual GroupNorm -> SiLU's registered ops, :mod:`sgflow.ops.gn_silu_library`) -> dropout-mask
@@ -25,6 +33,8 @@ import torch.nn.functional as F
 from sgflow.ops.backend import autocast_dual
 from sgflow.ops.gn_silu_library import _bwd, _check_param, _fwd, _op_backend, _param_grad, _validate
 from sgflow.ops.library import add_unless_held
+from sgflow.ops.recompute import unused_outputs
+from sgflow.ops.resample import resample as resample_, resample_backward
 
 __all__ = [
     "GNSiLUConvDual",
@@ -38,14 +48,16 @@ __all__ = [
 # 1. GroupNorm -> SiLU -> Dropout -> Conv2d stage Function
 # ----------------------------------------------------------------------------------------------------
 class GNSiLUConvDual(torch.autograd.Function):
-    """The stage conv2d(dropout(silu(group_norm(x)))) in primal + tangent form, as one Function.
+    """The stage conv2d(resample(dropout(silu(group_norm(x))))) in primal + tangent form, as one Function.
 
     forward(x, x_dot, gn_weight, gn_bias, conv_weight, conv_bias, num_groups, eps, padding,
-    dropout_mask, drop_scale, backend) -> (y, y_dot, stats)
+    dropout_mask, drop_scale, backend, resample=None) -> (y, y_dot, stats)
 
     - x, x_dot: [B, C, H, W]; gn_weight, gn_bias: [C] or None; conv_weight [Cout, C, k, k];
       conv_bias [Cout] or None; padding: (ph, pw); dropout_mask: bool [B, C, H, W] or None (shared
-      by both streams, kept values scaled by drop_scale = 1/(1-p)).
+      by both streams, kept values scaled by drop_scale = 1/(1-p)); resample: None, ("nearest", s) or
+      ("avg", s) (module doc; the resampled activation is recomputed in backward too: an upsampled one is
+      s^2 times the input's size).
     - The activation is built as ONE stacked [2B, C, H, W] tensor (primal first) so the convolution
       runs once; conv bias is added to the primal half only (the tangent of a bias is zero).
     - Returns y, y_dot [B, Cout, H', W'] as the two halves (views) of one [2B, Cout, H', W'] buffer
@@ -58,11 +70,15 @@ class GNSiLUConvDual(torch.autograd.Function):
 
     @staticmethod
     def forward(x, x_dot, gn_weight, gn_bias, conv_weight, conv_bias, num_groups: int, eps: float,
-                padding: tuple[int, int], dropout_mask, drop_scale: float, backend: str):
+                padding: tuple[int, int], dropout_mask, drop_scale: float, backend: str, resample=None):
         B = x.shape[0]
         act = x.new_empty((2 * B, *x.shape[1:]))
         _, _, stats = _fwd(backend, x, x_dot, gn_weight, gn_bias, num_groups, eps,
                            mask=dropout_mask, drop_scale=drop_scale, out=act)
+        unused = unused_outputs()  # a recomputed block's dead tail: only the (saved) statistics are needed
+        if unused is not None:
+            return unused[0], unused[1], stats
+        act = resample_(act, resample)
         # Autocast off: the backward's convolution_backward runs on tensors of the input dtype, so the
         # forward must too (callers cast inputs themselves).
         with torch.autocast(x.device.type, enabled=False):
@@ -73,7 +89,7 @@ class GNSiLUConvDual(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, x_dot, gn_weight, gn_bias, conv_weight, conv_bias, num_groups, eps, padding, mask, drop_scale, backend = inputs
+        x, x_dot, gn_weight, gn_bias, conv_weight, conv_bias, num_groups, eps, padding, mask, drop_scale, backend, resample = inputs
         ctx.save_for_backward(x, x_dot, gn_weight, gn_bias, conv_weight, conv_bias, output[2], mask)
         ctx.mark_non_differentiable(output[2])
         ctx.num_groups = num_groups
@@ -81,6 +97,7 @@ class GNSiLUConvDual(torch.autograd.Function):
         ctx.padding = padding
         ctx.drop_scale = drop_scale
         ctx.backend = backend
+        ctx.resample = resample
         ctx.set_materialize_grads(False)
 
     @staticmethod
@@ -89,12 +106,13 @@ class GNSiLUConvDual(torch.autograd.Function):
         x, x_dot, gn_w, gn_b, conv_w, conv_b, stats, mask = ctx.saved_tensors
         need = ctx.needs_input_grad
         if g_y is None and g_ydot is None:
-            return (None,) * 12
+            return (None,) * 13
         B = x.shape[0]
         act = x.new_empty((2 * B, *x.shape[1:]))
         # Recompute instead of storing: the activation is as large as x and x_dot together.
         _fwd(ctx.backend, x, x_dot, gn_w, gn_b, ctx.num_groups, ctx.eps, mask=mask,
              drop_scale=ctx.drop_scale, out=act)
+        act = resample_(act, ctx.resample)
         # Only run the convolution backward on the halves that received a gradient.
         if g_y is not None and g_ydot is not None:
             g_out, act_in = torch.cat([g_y, g_ydot]), act
@@ -108,6 +126,8 @@ class GNSiLUConvDual(torch.autograd.Function):
             [need_act, need[4], False],
         )
         del act, act_in, g_out
+        if g_act is not None and ctx.resample is not None:
+            g_act = resample_backward(g_act, ctx.resample)
         g_cb = None
         if conv_b is not None and need[5]:
             g_cb = (g_y.sum((0, 2, 3)) if g_y is not None else torch.zeros_like(conv_b)).to(conv_b.dtype)
@@ -128,7 +148,7 @@ class GNSiLUConvDual(torch.autograd.Function):
             g_xd = g_xd if need[1] else None
             g_gw = _param_grad(g_w, gn_w, need[2])
             g_gb = _param_grad(g_b, gn_b, need[3])
-        return (g_x, g_xd, g_gw, g_gb, g_cw if need[4] else None, g_cb) + (None,) * 6
+        return (g_x, g_xd, g_gw, g_gb, g_cw if need[4] else None, g_cb) + (None,) * 7
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -193,8 +213,9 @@ def gn_silu_conv_dual(
     *,
     dropout_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    resample: tuple[str, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dual conv2d(dropout(silu(group_norm(x)))) as one autograd Function (:class:`GNSiLUConvDual`).
+    """Dual conv2d(resample(dropout(silu(group_norm(x))))) as one autograd Function (:class:`GNSiLUConvDual`).
 
     Args:
         x, x_dot: [B, C, H, W]. gn_weight, gn_bias: [C] or None. num_groups: divides C.
@@ -205,6 +226,10 @@ def gn_silu_conv_dual(
             scaled by 1/(1-p).
         dropout_mask: optional bool [B, C, H, W] keep-mask to use instead of drawing one (tests,
             reproducibility); only allowed when dropout is active.
+        resample: None, ``("nearest", s)`` (``F.interpolate(h, scale_factor=s)``, mode nearest) or ``("avg", s)``
+            (``F.avg_pool2d(h, s)``; H and W divisible by s), s an integer >= 1, between the dropout and the
+            conv: the U-Net up / down blocks' ``conv(resample(silu(norm(x))))``. Only x is saved; the
+            resampled activation is recomputed in backward.
 
     Returns:
         (y, y_dot), each [B, Cout, H', W']: the two halves (views) of one stacked buffer, not to be
@@ -220,6 +245,7 @@ def gn_silu_conv_dual(
     _check_param("conv_weight", conv_weight, tuple(conv_weight.shape), x, same_dtype=True)
     _check_param("conv_bias", conv_bias, (conv_weight.shape[0],), x, same_dtype=True)
     pad = _conv_padding(padding, tuple(conv_weight.shape[2:]))
+    resample = _check_resample(resample, x)
     if not 0.0 <= float(dropout_p) <= 1.0:
         raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
     active = bool(training) and dropout_p > 0
@@ -241,4 +267,18 @@ def gn_silu_conv_dual(
         drop_scale = 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
     be = _op_backend(x, backend)
     return GNSiLUConvDual.apply(x, x_dot, gn_weight, gn_bias, conv_weight, conv_bias, num_groups, float(eps),
-                                pad, mask, drop_scale, be)[:2]
+                                pad, mask, drop_scale, be, resample)[:2]
+
+
+def _check_resample(resample, x: torch.Tensor):
+    """``resample`` normalised to None or ``(mode, int s)``; ValueError naming what is wrong."""
+    if resample is None:
+        return None
+    if not (isinstance(resample, (tuple, list)) and len(resample) == 2 and resample[0] in ("nearest", "avg")):
+        raise ValueError(f"resample must be None, ('nearest', s) or ('avg', s), got {resample!r}")
+    mode, s = resample
+    if isinstance(s, bool) or not isinstance(s, int) or s < 1:
+        raise ValueError(f"resample factor must be an integer >= 1, got {s!r}")
+    if mode == "avg" and (x.shape[2] % s or x.shape[3] % s):
+        raise ValueError(f"resample ('avg', {s}) needs H and W divisible by {s}, got {x.shape[2]}x{x.shape[3]}")
+    return None if s == 1 else (mode, s)

@@ -21,14 +21,48 @@ other: the row inputs' gradients are written to their rows, the others' summed o
 The recomputation is recorded by autograd, so second derivatives (the gradient through a dual
 formula's tangent) come from autograd of ``fn``. The autocast state of the forward is restored.
 
+Outputs not needed
+------------------
+:func:`outputs_unused` / :func:`unused_outputs`: a recomputed block's last convolutions and linear layers
+(sgflow.autodual.tails) have their autograd Function save what it saves and return empty outputs of the
+given shapes instead of computing them (their recomputation is needed for the saved tensors only).
+
 Module layout (see docs/DESIGN.md): :class:`RecomputeOp`, :func:`recompute_op` (applied by the dual
-engine's softmax, log-softmax and normalisation rules, sgflow.autodual.rules); no kernels.
+engine's softmax, log-softmax and normalisation rules, sgflow.autodual.rules), :func:`outputs_unused`; no
+kernels.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 
-__all__ = ["RecomputeOp", "recompute_op", "ROW_SLICES", "ROW_SLICE_MIN_NUMEL"]
+__all__ = ["RecomputeOp", "recompute_op", "ROW_SLICES", "ROW_SLICE_MIN_NUMEL", "outputs_unused", "unused_outputs"]
+
+_UNUSED = threading.local()  # .meta: the outputs the next dual op on this thread returns without computing them
+
+
+@contextlib.contextmanager
+def outputs_unused(meta):
+    """Within: the next dual conv / linear op (``DualConv``, ``DualLinear``, ``PointwiseConvDual``,
+    ``PointwiseLinearDual``, ``GNModulateActConvDual``, ``GNSiLUConvDual``) saves its tensors as always but
+    returns empty tensors of ``meta`` (``(shape, dtype, device)`` per output) instead of its outputs: a
+    recomputed block's op whose outputs nothing saves (sgflow.autodual.tails)."""
+    _UNUSED.meta = tuple(meta)
+    try:
+        yield
+    finally:
+        _UNUSED.meta = None
+
+
+def unused_outputs():
+    """Empty tensors for the outputs an op under :func:`outputs_unused` does not compute (taken once), else None."""
+    meta = getattr(_UNUSED, "meta", None)
+    if meta is None:
+        return None
+    _UNUSED.meta = None
+    return tuple(torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in meta)
 
 
 class RecomputeOp(torch.autograd.Function):

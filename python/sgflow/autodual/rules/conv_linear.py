@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from sgflow.autodual.rules.common import _bind, _fit, _nullctx
 from sgflow.autodual.rules.fusions import _gn_modulate_conv, _gn_silu_conv, _pointwise_conv, _pointwise_linear
+from sgflow.autodual.tails import tail_op
 from sgflow.autodual.tensor import DualTensor, make_dual, primal, wrap_outputs
 from sgflow.ops.conv_linear import DualConv, DualLinear
 
@@ -77,7 +78,7 @@ def _conv_rule(func, args, kwargs):
             xp = x._primal
             (xp, xt, w, bias), autocast = _autocast_args(xp.device.type, xp, x._tangent.to(xp.dtype), w, bias)
             with torch.autocast(xp.device.type, enabled=False) if autocast else _nullctx():
-                return make_dual(*DualConv.apply(xp, xt, w, bias, conf))
+                return make_dual(*tail_op(lambda: DualConv.apply(xp, xt, w, bias, conf)))
     # A weight or bias computed from the inputs (hypernetworks): product rule over (x, w), bias tangent added.
     out = func(primal(x), primal(w), primal(bias), *rest, **kw)
     t = None
@@ -102,7 +103,7 @@ def _linear_rule(func, args, kwargs):
         xp = x._primal
         (xp, xt, w, bias), autocast = _autocast_args(xp.device.type, xp, x._tangent.to(xp.dtype), w, bias)
         with torch.autocast(xp.device.type, enabled=False) if autocast else _nullctx():
-            return make_dual(*DualLinear.apply(xp, xt, w, bias))
+            return make_dual(*tail_op(lambda: DualLinear.apply(xp, xt, w, bias)))
     out = func(primal(x), primal(w), primal(bias))
     t = None
     if isinstance(x, DualTensor):

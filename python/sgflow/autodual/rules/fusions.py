@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from sgflow.autodual.rules.common import _bind
 from sgflow.autodual.rules.structural import inplace_error
+from sgflow.autodual.tails import tail_op
 from sgflow.autodual.tensor import DualTensor, fail, make_dual, note_rule
 
 
@@ -103,12 +104,69 @@ def _dropout_mask_rule(func, args, kwargs):
     return make_dual(y, h._tangent.to(hp.dtype) * m)
 
 
+def _resample_factor(func, args, kwargs):
+    """``(mode, s)`` where ``func(*args, **kwargs)`` resamples a 4-D input by an integer factor s >= 2 the way
+    :class:`sgflow.ops.gn_silu_conv.GNSiLUConvDual` can: ``F.interpolate`` with an integral ``scale_factor``,
+    mode nearest (``("nearest", s)``), or ``F.avg_pool2d`` over s x s blocks with stride s, no padding, H and W
+    divisible by s (``("avg", s)``); else None."""
+    if func is F.interpolate:
+        b = _bind(args, kwargs, ("input", "size", "scale_factor", "mode", "align_corners", "recompute_scale_factor",
+                                 "antialias"), {"size": None, "scale_factor": None, "mode": "nearest",
+                                                "align_corners": None, "recompute_scale_factor": None, "antialias": False})
+        sf = b["scale_factor"]
+        if b["size"] is not None or sf is None or b["mode"] != "nearest" or b["antialias"]:
+            return None
+        sf = tuple(sf) if isinstance(sf, (tuple, list)) else (sf, sf)
+        if len(sf) != 2 or sf[0] != sf[1] or isinstance(sf[0], bool) or float(sf[0]) != int(sf[0]) or int(sf[0]) < 2:
+            return None
+        return "nearest", int(sf[0])
+    b = _bind(args, kwargs, ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                             "divisor_override"), {"stride": None, "padding": 0, "ceil_mode": False,
+                                                   "count_include_pad": True, "divisor_override": None})
+
+    def pair(v):
+        v = tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+        return v if len(v) == 2 and v[0] == v[1] and isinstance(v[0], int) and not isinstance(v[0], bool) else None
+
+    k = pair(b["kernel_size"])
+    stride = k if b["stride"] is None or (isinstance(b["stride"], (tuple, list)) and not b["stride"]) else pair(b["stride"])
+    h, w = b["input"]._lazy_shape[2:]
+    if (k is None or stride != k or pair(b["padding"]) != (0, 0) or b["divisor_override"] is not None
+            or k[0] < 2 or h % k[0] or w % k[0]):
+        return None
+    return "avg", k[0]
+
+
+def gn_silu_resample(func, args, kwargs):
+    """Nearest upsampling / average pooling (``func``: F.interpolate, F.avg_pool2d) of a lazy GroupNorm+SiLU node
+    by an integer factor: a lazy node again (kind ``gn_silu_rs``), that a following conv runs as the fused stage with
+    the resampling inside (the U-Net up / down blocks' ``conv(resample(silu(norm(x))))``: only the stage's input is
+    saved, where apart the conv keeps the resampled activation pair, 4x the input's when upsampling); any other use
+    computes it unfused. None where the pattern does not apply."""
+    from sgflow.autodual.attention import LazyDual
+    from sgflow.autodual.rules.structural import linear
+
+    x = args[0] if args else kwargs.get("input")
+    if not (isinstance(x, LazyDual) and x._cache is None and x._kind == "gn_silu" and len(x._lazy_shape) == 4):
+        return None
+    rs = _resample_factor(func, args, kwargs)
+    if rs is None:
+        return None
+    mode, s = rs
+    n, c, h, w = x._lazy_shape
+    shape = (n, c, h * s, w * s) if mode == "nearest" else (n, c, h // s, w // s)
+    rest = args[1:] if args else ()
+    kw = {k: v for k, v in kwargs.items() if k != "input"}
+    return LazyDual(shape, x._like, "gn_silu_rs", dict(x._parts, resample=rs),
+                    lambda: linear(func, (x, *rest), kw))
+
+
 def _gn_silu_conv(x, w, bias, conf):
-    """The GroupNorm -> SiLU -> (Dropout) -> Conv2d stage as the fused dual op (saves only the stage
-    input, its tangent and the group statistics), or None where the conv does not fit it."""
+    """The GroupNorm -> SiLU -> (Dropout) -> (Resample) -> Conv2d stage as the fused dual op (saves only the
+    stage input, its tangent and the group statistics), or None where the conv does not fit it."""
     from sgflow.autodual.attention import LazyDual
 
-    if not (isinstance(x, LazyDual) and x._cache is None and x._kind == "gn_silu"):
+    if not (isinstance(x, LazyDual) and x._cache is None and x._kind in ("gn_silu", "gn_silu_rs")):
         return None
     stride, pad, dilation, transposed, _, groups = conf
     if transposed or groups != 1 or any(v != 1 for v in stride) or any(v != 1 for v in dilation) or w.dim() != 4:
@@ -120,10 +178,12 @@ def _gn_silu_conv(x, w, bias, conf):
         return None
     from sgflow.ops.groupnorm_silu import gn_silu_conv_dual
 
-    y, yd = gn_silu_conv_dual(xp, src._tangent.to(xp.dtype), parts["w"], parts["b"], parts["g"], w, bias,
-                              tuple(pad), eps=float(parts["eps"]), dropout_p=float(parts["p"]),
-                              training=parts["p"] > 0, dropout_mask=parts.get("mask"))
-    note_rule("rule:group_norm+silu+conv (fused stage op)")
+    y, yd = tail_op(lambda: gn_silu_conv_dual(
+        xp, src._tangent.to(xp.dtype), parts["w"], parts["b"], parts["g"], w, bias, tuple(pad), eps=float(parts["eps"]),
+        dropout_p=float(parts["p"]), training=parts["p"] > 0, dropout_mask=parts.get("mask"),
+        resample=parts.get("resample")))
+    note_rule("rule:group_norm+silu+resample+conv (fused stage op)" if parts.get("resample")
+              else "rule:group_norm+silu+conv (fused stage op)")
     return make_dual(y, yd)
 
 
@@ -171,7 +231,8 @@ def _pointwise_linear(x, w, bias):
     from sgflow.ops.conv_linear import PointwiseLinearDual
 
     note_rule("rule:pointwise+linear (fused op)")
-    return make_dual(*PointwiseLinearDual.apply(parts["x"], parts["x_dot"], w, bias, parts["spec"], parts["extra"]))
+    return make_dual(*tail_op(lambda: PointwiseLinearDual.apply(parts["x"], parts["x_dot"], w, bias, parts["spec"],
+                                                                parts["extra"])))
 
 
 def _pointwise_conv(x, w, bias, conf):
@@ -183,7 +244,8 @@ def _pointwise_conv(x, w, bias, conf):
     from sgflow.ops.conv_linear import PointwiseConvDual
 
     note_rule("rule:pointwise+conv (fused op)")
-    return make_dual(*PointwiseConvDual.apply(parts["x"], parts["x_dot"], w, bias, conf, parts["spec"], parts["extra"]))
+    return make_dual(*tail_op(lambda: PointwiseConvDual.apply(parts["x"], parts["x_dot"], w, bias, conf, parts["spec"],
+                                                              parts["extra"])))
 
 
 # GroupNorm -> per-sample modulation (EDM's ``addcmul(shift, group_norm(x), 1 + scale)``) -> SiLU / GELU -> conv as
@@ -279,5 +341,6 @@ def _gn_modulate_conv(x, w, bias, conf):
     (m, m_dot), s = p["m"], p["s"]
     s, s_dot = (None, None) if s is None else s
     note_rule("rule:group_norm+modulation+activation+conv (fused stage op)")
-    return make_dual(*GNModulateActConvDual.apply(xp, src._tangent.to(xp.dtype), p["w"], p["b"], p["g"], float(p["eps"]),
-                                                  m, m_dot, s, s_dot, w, bias, conf, p["spec"], p["extra"]))
+    return make_dual(*tail_op(lambda: GNModulateActConvDual.apply(
+        xp, src._tangent.to(xp.dtype), p["w"], p["b"], p["g"], float(p["eps"]), m, m_dot, s, s_dot, w, bias, conf,
+        p["spec"], p["extra"])))

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from sgflow.autodual.rules.common import _T, _fns, _getters
 from sgflow.autodual.rules.conv_linear import _CONV_NDIM, _conv_rule, _linear_rule
 from sgflow.autodual.rules.fallback import forward_ad
-from sgflow.autodual.rules.fusions import _dropout_mask_rule, _dropout_rule
+from sgflow.autodual.rules.fusions import _dropout_mask_rule, _dropout_rule, gn_silu_resample
 from sgflow.autodual.rules.norms import (
     _batch_norm_rule,
     _group_norm_rule,
@@ -98,6 +98,7 @@ def _install():
     register([F.softmax, torch.softmax, _T.softmax, torch.special.softmax], "rule:softmax")(_softmax_rule)
     register([F.log_softmax, torch.log_softmax, _T.log_softmax, torch.special.log_softmax], "rule:softmax")(_log_softmax_rule)
     register([F.dropout, F.dropout1d, F.dropout2d, F.dropout3d], "rule:dropout")(_dropout_rule)
+    register([F.interpolate, F.avg_pool2d], "linear")(_resample_rule)
     from sgflow.ops.groupnorm_silu import apply_dropout_mask
 
     register([apply_dropout_mask], "rule:dropout")(_dropout_mask_rule)
@@ -109,6 +110,12 @@ def _install():
     register([F.batch_norm, torch.batch_norm], "rule:batch_norm")(_batch_norm_rule)
     register([F.instance_norm, torch.instance_norm], "rule:instance_norm")(_instance_norm_rule)
     register([F.scaled_dot_product_attention], "rule:attention")(_sdpa_rule)
+
+
+def _resample_rule(func, args, kwargs):
+    """F.interpolate / F.avg_pool2d: linear, or kept lazy for a fused GroupNorm -> SiLU -> resample -> conv stage."""
+    out = gn_silu_resample(func, args, kwargs)
+    return linear(func, args, kwargs) if out is None else out
 
 
 def _inplace_name(name: str) -> bool:
