@@ -16,15 +16,17 @@ benchmarks/NOTES.md, issue 18 part 12). Both are plain tensor ops (no kernels), 
 device.
 
 Layout (docs/DESIGN.md): references :func:`upsample_nearest_ref` / :func:`avg_pool_ref` (the torch calls), the
-primitives :func:`repeat` / :func:`block_sum`, and :func:`resample` / :func:`resample_backward` for the fused
-ops that recompute a resampled activation (``sgflow.ops.gn_silu_conv``).
+primitives :func:`repeat` / :func:`block_sum`, :func:`resample` / :func:`resample_backward` for the fused
+ops that recompute a resampled activation (``sgflow.ops.gn_silu_conv``), and :class:`ResampleDual`, the dual
+engine's resampling of a computed dual tensor (``F.interpolate`` / ``F.avg_pool2d`` rule).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["upsample_nearest_ref", "avg_pool_ref", "repeat", "block_sum", "resample", "resample_backward"]
+__all__ = ["upsample_nearest_ref", "avg_pool_ref", "repeat", "block_sum", "resample", "resample_backward",
+           "ResampleDual"]
 
 
 def upsample_nearest_ref(x: torch.Tensor, s: int) -> torch.Tensor:
@@ -82,3 +84,20 @@ def resample_backward(g: torch.Tensor, spec) -> torch.Tensor:
     if mode == "nearest":
         return block_sum(g, s)
     return repeat(g * (1.0 / (s * s)), s)
+
+
+class ResampleDual(torch.autograd.Function):
+    """``(x, x_dot, spec) -> (resample(x, spec), resample(x_dot, spec))``: the dual engine's nearest upsampling /
+    average pooling of a computed dual tensor (x, x_dot: [N, C, H, W]; ``spec`` as :func:`resample`, not None).
+    Saves nothing (the op is linear); backward :func:`resample_backward` per stream."""
+
+    @staticmethod
+    def forward(ctx, x, x_dot, spec):
+        ctx.spec = spec
+        ctx.set_materialize_grads(False)
+        return resample(x, spec), resample(x_dot, spec)
+
+    @staticmethod
+    def backward(ctx, g, g_dot):
+        return (None if g is None else resample_backward(g, ctx.spec),
+                None if g_dot is None else resample_backward(g_dot, ctx.spec), None)

@@ -109,6 +109,8 @@ def _resample_factor(func, args, kwargs):
     :class:`sgflow.ops.gn_silu_conv.GNSiLUConvDual` can: ``F.interpolate`` with an integral ``scale_factor``,
     mode nearest (``("nearest", s)``), or ``F.avg_pool2d`` over s x s blocks with stride s, no padding, H and W
     divisible by s (``("avg", s)``); else None."""
+    from sgflow.autodual.attention import LazyDual
+
     if func is F.interpolate:
         b = _bind(args, kwargs, ("input", "size", "scale_factor", "mode", "align_corners", "recompute_scale_factor",
                                  "antialias"), {"size": None, "scale_factor": None, "mode": "nearest",
@@ -130,11 +132,31 @@ def _resample_factor(func, args, kwargs):
 
     k = pair(b["kernel_size"])
     stride = k if b["stride"] is None or (isinstance(b["stride"], (tuple, list)) and not b["stride"]) else pair(b["stride"])
-    h, w = b["input"]._lazy_shape[2:]
+    x = b["input"]
+    h, w = (x._lazy_shape if isinstance(x, LazyDual) else x._primal.shape)[2:]
     if (k is None or stride != k or pair(b["padding"]) != (0, 0) or b["divisor_override"] is not None
             or k[0] < 2 or h % k[0] or w % k[0]):
         return None
     return "avg", k[0]
+
+
+def dual_resample(func, args, kwargs):
+    """Nearest upsampling / average pooling by an integer factor of a 4-D dual tensor as one dual op
+    (:class:`sgflow.ops.resample.ResampleDual`: strided copies and sums, a third of ``F.interpolate``'s /
+    ``F.avg_pool2d``'s time on CPU, and nothing saved, where pooling's autograd keeps its input); None where it does
+    not apply (other modes, sizes, half-precision pooling, whose sum rounds differently)."""
+    from sgflow.ops.resample import ResampleDual
+
+    x = args[0] if args else kwargs.get("input")
+    if not isinstance(x, DualTensor):
+        return None
+    xp = x._primal
+    if xp.dim() != 4 or isinstance(xp, torch.Tensor) and torch.is_autocast_enabled(xp.device.type):
+        return None
+    rs = _resample_factor(func, args, kwargs)
+    if rs is None or (rs[0] == "avg" and xp.dtype not in (torch.float32, torch.float64)):
+        return None
+    return make_dual(*ResampleDual.apply(xp, x._tangent.to(xp.dtype), rs))
 
 
 def gn_silu_resample(func, args, kwargs):
