@@ -3,6 +3,7 @@
     python benchmarks/step_time.py --network dit --net-kw '{"depth": 6, "hidden_size": 128}' --batch 16
     python benchmarks/step_time.py --suite issue18 --out runs/step_time.json   # every network of the README table
     python benchmarks/step_time.py --suite host --reps 20                      # tiny widths: host time only
+    python benchmarks/step_time.py --network edm --reps 9 --ab 'off:sgflow.autodual.call.SKIP_DEAD_TAILS=False' --ab on:
 
 One step is the loss and its backward (no optimizer: Adam's per-parameter work is the same for both
 methods), on the same model, batch and process. Flow-matching and fused steps alternate (``--reps`` of
@@ -13,10 +14,16 @@ which on a shared CPU moves single runs by tens of percent (two fused EDM steps 
 (``--threads``): a fused step's many smaller ops scale worse over threads than flow matching's, so the
 one-thread ratio is the kernels' own. On CUDA each step is synchronised and timed by ``perf_counter``
 (a step is long: ``do_bench``'s cache flush adds nothing). Results go to ``--out`` (JSON).
+
+``--ab LABEL:module.attr=value;...`` (repeated): an A/B of library switches in one process: each variant sets its
+switches (Python literals), makes its own plan, and its fused steps alternate with flow matching's and the other
+variants' (the switches set again before each step), so all see the same machine load.
 """
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib
 import json
 import math
 import statistics
@@ -137,6 +144,73 @@ def measure(name: str, shape: tuple, kw: dict, batch: int, reps: int, device: st
             "keep_attention": list(plan.keep) if plan is not None else None}
 
 
+def _variant(text: str):
+    """``"label:mod.attr=value;mod.attr=value"`` -> (label, [(module, attr, value)]), values Python literals."""
+    label, _, sets = text.partition(":")
+    out = []
+    for item in filter(None, (a.strip() for a in sets.split(";"))):
+        lhs, _, rhs = item.partition("=")
+        mod, _, attr = lhs.strip().rpartition(".")
+        module = importlib.import_module(mod)
+        if not hasattr(module, attr):
+            raise ValueError(f"--ab {text!r}: {mod} has no attribute {attr!r}")
+        out.append((module, attr, ast.literal_eval(rhs.strip())))
+    return label or "variant", out
+
+
+def compare(name: str, shape: tuple, kw: dict, batch: int, reps: int, device: str, budget: float, variants) -> dict:
+    """Fused steps of each variant (``(label, [(module, attr, value)])``) against flow matching in one process,
+    alternating; per variant its median, ratio, paired ratio and plan."""
+    torch.manual_seed(0)
+    model = build(name, shape, kw).to(device)
+    x1 = torch.randn(batch, *shape, device=device)
+    original = {(m, a): getattr(m, a) for _, sets in variants for m, a, _ in sets}
+
+    def setting(sets):
+        for (m, a), v in original.items():
+            setattr(m, a, v)
+        for m, a, v in sets:
+            setattr(m, a, v)
+
+    def step(loss_fn, m, sets):
+        def run():
+            setting(sets)
+            model.zero_grad(set_to_none=True)
+            loss, _ = loss_fn(m, x1)
+            loss.backward()
+            if device == "cuda":
+                torch.cuda.synchronize()
+        return run
+
+    try:
+        steps = {"flow_matching": step(sgflow.flow_matching_loss, model, [])}
+        duals = {}
+        for label, sets in variants:
+            setting(sets)
+            duals[label] = sgflow.dualize(model, budget=budget)
+            steps[label] = step(sgflow.fused_loss, duals[label], sets)
+        for run in steps.values():
+            run()  # warm-up (each variant makes its plan)
+        times = {k: [] for k in steps}
+        for rep in range(reps):
+            for k, run in steps.items():
+                torch.manual_seed(1 + rep)
+                t0 = time.perf_counter()
+                run()
+                times[k].append((time.perf_counter() - t0) * 1e3)
+    finally:
+        setting([])
+    fm = statistics.median(times["flow_matching"])
+    rows = {}
+    for label, _ in variants:
+        plan = getattr(duals[label], "plan", None)
+        rows[label] = {"ms": statistics.median(times[label]), "ratio": statistics.median(times[label]) / fm,
+                       "paired_ratio": statistics.median(f / m for f, m in zip(times[label], times["flow_matching"])),
+                       "blocks": list(plan.blocks) if plan is not None else None, "all_ms": times[label]}
+    return {"network": name, "shape": list(shape), "net_kw": kw, "batch": batch, "reps": reps, "budget": budget,
+            "fm_ms": fm, "fm_all_ms": times["flow_matching"], "variants": rows}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--network", help="a testnets / testnets_diffusers network or an sgflow.nn config")
@@ -151,6 +225,8 @@ def main(argv=None):
     p.add_argument("--keep-attention", type=int, choices=(0, 1), default=1,
                    help="0: plans never keep recomputed blocks' attention outputs (sgflow.autodual.plan.KEEP_ATTENTION)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--ab", action="append", default=[], metavar="LABEL:module.attr=value;...",
+                   help="an A/B variant of library switches (repeat it; see the module doc)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     threads, keep = torch.get_num_threads(), plan_mod.KEEP_ATTENTION
@@ -172,6 +248,28 @@ def _run(p, args):
     else:
         p.error("give --network or --suite")
     rows = []
+    if args.ab:
+        variants = [_variant(v) for v in args.ab]
+        print(f"# {args.device}, threads {torch.get_num_threads()}, torch {torch.__version__}, medians of {args.reps}, "
+              f"variants alternating with flow matching in one process")
+        print(f"{'network':<16} {'variant':<12} {'fused ms':>9} {'x FM':>6} {'paired':>6} {'blocks':>6}")
+        for name, shape, kw, batch in cases:
+            r = compare(name, tuple(int(s) for s in shape.split(",")), kw, batch, args.reps, args.device, args.budget,
+                        variants)
+            rows.append(r)
+            for label, v in r["variants"].items():
+                print(f"{name:<16} {label:<12} {v['ms']:9.1f} {v['ratio']:6.2f} {v['paired_ratio']:6.2f} "
+                      f"{len(v['blocks'] or []):6d}", flush=True)
+    else:
+        _timed(args, cases, rows)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"device": args.device, "threads": torch.get_num_threads(),
+                                        "torch": torch.__version__, "rows": rows}, indent=1))
+    return rows
+
+
+def _timed(args, cases, rows):
     print(f"# {args.device}, threads {torch.get_num_threads()}, torch {torch.__version__}, medians of {args.reps}; "
           f"FLOPs: matrix products and convolutions of one step")
     print(f"{'network':<16} {'batch':>5} {'FM ms':>9} {'fused ms':>9} {'x FM':>6} {'paired':>6} {'FLOPs x FM':>10}")
@@ -181,11 +279,6 @@ def _run(p, args):
         print(f"{name:<16} {batch:>5} {r['fm_ms']:9.1f} {r['fused_ms']:9.1f} {r['ratio']:6.2f} {r['paired_ratio']:6.2f} "
               f"{r['flop_ratio']:10.2f}",
               flush=True)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"device": args.device, "threads": torch.get_num_threads(),
-                                        "torch": torch.__version__, "rows": rows}, indent=1))
-    return rows
 
 
 if __name__ == "__main__":

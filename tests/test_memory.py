@@ -160,6 +160,41 @@ def test_step_time_benchmark_script_interleaves_and_writes_ratios(tmp_path, caps
     assert "tiny" in capsys.readouterr().out
 
 
+def test_step_time_ab_sets_each_variants_switches_and_restores_them(tmp_path, capsys):
+    """benchmarks/step_time.py --ab: each variant's switches are set for its plan and steps (its own plan made with
+    them), every variant timed ``--reps`` times alternating with flow matching, the switches restored afterwards;
+    a switch the module does not have is an error naming it."""
+    import json
+
+    import sgflow.autodual.call as call
+    import sgflow.autodual.rules.fusions as fusions
+
+    bench = _load_benchmark("step_time")
+    out = tmp_path / "ab.json"
+    seen = []
+    real_fused = bench.sgflow.fused_loss
+
+    def fused(m, x1):
+        seen.append((call.SKIP_DEAD_TAILS, fusions.RESAMPLE))
+        return real_fused(m, x1)
+
+    bench.sgflow.fused_loss = fused
+    try:
+        bench.main(["--network", "tiny", "--shape", "3,8,8", "--batch", "2", "--reps", "2", "--out", str(out),
+                    "--ab", "off:sgflow.autodual.call.SKIP_DEAD_TAILS=False;sgflow.autodual.rules.fusions.RESAMPLE=False",
+                    "--ab", "on:"])
+    finally:
+        bench.sgflow.fused_loss = real_fused
+    (row,) = json.loads(out.read_text())["rows"]
+    assert set(row["variants"]) == {"off", "on"} and len(row["fm_all_ms"]) == 2
+    assert all(len(v["all_ms"]) == 2 for v in row["variants"].values())
+    assert seen == [(False, False), (True, True)] * 3  # warm-up, then two reps, alternating
+    assert call.SKIP_DEAD_TAILS is True and fusions.RESAMPLE is True
+    assert "off" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="NO_SUCH"):
+        bench.main(["--network", "tiny", "--shape", "3,8,8", "--ab", "x:sgflow.autodual.call.NO_SUCH=1"])
+
+
 def test_step_time_flop_count_includes_cpu_sdpa_and_in_place_products():
     """benchmarks/step_time.py's FLOP count: PyTorch's counter has no formula for SDPA's CPU kernels nor for
     ``addmm_`` (the dual linears' weight-gradient accumulation); the benchmark's count has both: 2 products

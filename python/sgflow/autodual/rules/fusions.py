@@ -140,6 +140,12 @@ def _resample_factor(func, args, kwargs):
     return "avg", k[0]
 
 
+# Nearest upsampling / average pooling by an integer factor as dual ops (the fused GroupNorm -> SiLU -> resample ->
+# conv stage, ResampleDual). Read at call time: False runs them as linear ops (F.interpolate / F.avg_pool2d on each
+# stream).
+RESAMPLE = True
+
+
 def dual_resample(func, args, kwargs):
     """Nearest upsampling / average pooling by an integer factor of a 4-D dual tensor as one dual op
     (:class:`sgflow.ops.resample.ResampleDual`: strided copies and sums, a third of ``F.interpolate``'s /
@@ -148,7 +154,7 @@ def dual_resample(func, args, kwargs):
     from sgflow.ops.resample import ResampleDual
 
     x = args[0] if args else kwargs.get("input")
-    if not isinstance(x, DualTensor):
+    if not RESAMPLE or not isinstance(x, DualTensor):
         return None
     xp = x._primal
     if xp.dim() != 4 or isinstance(xp, torch.Tensor) and torch.is_autocast_enabled(xp.device.type):
@@ -169,7 +175,7 @@ def gn_silu_resample(func, args, kwargs):
     from sgflow.autodual.rules.structural import linear
 
     x = args[0] if args else kwargs.get("input")
-    if not (isinstance(x, LazyDual) and x._cache is None and x._kind == "gn_silu" and len(x._lazy_shape) == 4):
+    if not (RESAMPLE and isinstance(x, LazyDual) and x._cache is None and x._kind == "gn_silu" and len(x._lazy_shape) == 4):
         return None
     rs = _resample_factor(func, args, kwargs)
     if rs is None:
