@@ -72,6 +72,35 @@ def build(name: str, shape: tuple, kw: dict):
     return build_model(name, shape)  # an sgflow.nn config (cifar10, tiny, ...)
 
 
+def _step(model, x1, device: str, loss_fn, m, before=None):
+    """One training step's closure: ``before()`` (a variant's switches), the loss of ``m`` and its backward."""
+    def run():
+        if before is not None:
+            before()
+        model.zero_grad(set_to_none=True)
+        loss, _ = loss_fn(m, x1)
+        loss.backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    return run
+
+
+def _alternate(steps: dict, reps: int) -> dict:
+    """Each step once (warm-up: a fused one makes its plan), then ``reps`` rounds of every step in turn; ms per run."""
+    for run in steps.values():
+        run()
+    times = {k: [] for k in steps}
+    for rep in range(reps):
+        for k, run in steps.items():
+            # Every run of this script draws the same times and row splits (the fused step's two terms share
+            # the batch by a random split, whose sizes move its time and FLOPs by a few percent).
+            torch.manual_seed(1 + rep)
+            t0 = time.perf_counter()
+            run()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
 def _inplace_mm_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * math.prod(a_shape) * b_shape[-1]  # addmm_ / baddbmm_: the gradient accumulations of dual linears
 
@@ -103,28 +132,9 @@ def measure(name: str, shape: tuple, kw: dict, batch: int, reps: int, device: st
     model = build(name, shape, kw).to(device)
     x1 = torch.randn(batch, *shape, device=device)
     dual = sgflow.dualize(model, budget=budget)
-
-    def step(loss_fn, m):
-        def run():
-            model.zero_grad(set_to_none=True)
-            loss, _ = loss_fn(m, x1)
-            loss.backward()
-            if device == "cuda":
-                torch.cuda.synchronize()
-        return run
-
-    steps = {"flow_matching": step(sgflow.flow_matching_loss, model), "sgflow_fused": step(sgflow.fused_loss, dual)}
-    for run in steps.values():
-        run()  # warm-up (the fused one makes the plan)
-    times = {k: [] for k in steps}
-    for rep in range(reps):
-        for k, run in steps.items():
-            # Every run of this script draws the same times and row splits (the fused step's two terms share
-            # the batch by a random split, whose sizes move its time and FLOPs by a few percent).
-            torch.manual_seed(1 + rep)
-            t0 = time.perf_counter()
-            run()
-            times[k].append((time.perf_counter() - t0) * 1e3)
+    steps = {"flow_matching": _step(model, x1, device, sgflow.flow_matching_loss, model),
+             "sgflow_fused": _step(model, x1, device, sgflow.fused_loss, dual)}
+    times = _alternate(steps, reps)
     med = {k: statistics.median(v) for k, v in times.items()}
     flops = {}
     for k, run in steps.items():
@@ -172,32 +182,14 @@ def compare(name: str, shape: tuple, kw: dict, batch: int, reps: int, device: st
         for m, a, v in sets:
             setattr(m, a, v)
 
-    def step(loss_fn, m, sets):
-        def run():
-            setting(sets)
-            model.zero_grad(set_to_none=True)
-            loss, _ = loss_fn(m, x1)
-            loss.backward()
-            if device == "cuda":
-                torch.cuda.synchronize()
-        return run
-
     try:
-        steps = {"flow_matching": step(sgflow.flow_matching_loss, model, [])}
+        steps = {"flow_matching": _step(model, x1, device, sgflow.flow_matching_loss, model, lambda: setting([]))}
         duals = {}
         for label, sets in variants:
             setting(sets)
             duals[label] = sgflow.dualize(model, budget=budget)
-            steps[label] = step(sgflow.fused_loss, duals[label], sets)
-        for run in steps.values():
-            run()  # warm-up (each variant makes its plan)
-        times = {k: [] for k in steps}
-        for rep in range(reps):
-            for k, run in steps.items():
-                torch.manual_seed(1 + rep)
-                t0 = time.perf_counter()
-                run()
-                times[k].append((time.perf_counter() - t0) * 1e3)
+            steps[label] = _step(model, x1, device, sgflow.fused_loss, duals[label], lambda sets=sets: setting(sets))
+        times = _alternate(steps, reps)
     finally:
         setting([])
     fm = statistics.median(times["flow_matching"])

@@ -166,6 +166,15 @@ def _engine(block, fused):
     return [*out["y"], *grads], saved["bytes"]
 
 
+def _reference(block):
+    """What :func:`_engine` returns, by torch.func.jvp of the block and autograd through it (same inputs, float64)."""
+    g = torch.Generator().manual_seed(7)
+    h, h_dot = (torch.randn(2, 6, 8, 6, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2))
+    y, yd = torch.func.jvp(block, (h * 1.0,), (h_dot * 1.0,))
+    gy = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view(y.shape)
+    return [y, yd, *torch.autograd.grad((y * gy).sum() + (yd * gy.flip(0)).sum(), [h, h_dot, *block.parameters()])]
+
+
 @pytest.mark.parametrize("how", ["up", "up-float", "down", "down-module"])
 def test_engine_fuses_the_resampling_into_the_stage(how):
     """Through the dual engine, GroupNorm -> SiLU -> resample -> conv runs as the fused stage: values and
@@ -175,11 +184,7 @@ def test_engine_fuses_the_resampling_into_the_stage(how):
     block = _ResampleBlock(how).double()
     fused, fused_bytes = _engine(block, True)
     plain, plain_bytes = _engine(block, False)
-    g = torch.Generator().manual_seed(7)
-    h, h_dot = (torch.randn(2, 6, 8, 6, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2))
-    y, yd = torch.func.jvp(block, (h * 1.0,), (h_dot * 1.0,))
-    gy = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view(y.shape)
-    ref = [y, yd, *torch.autograd.grad((y * gy).sum() + (yd * gy.flip(0)).sum(), [h, h_dot, *block.parameters()])]
+    ref = _reference(block)
     for a, b, r in zip(fused, plain, ref):
         assert rel_err(a, r) < 1e-10 and rel_err(b, r) < 1e-10
     pair = 2 * 2 * 6 * 8 * 6 * 8  # float64 [2, 6, 8, 6] pair
@@ -233,11 +238,7 @@ def test_engine_resamples_computed_dual_tensors_as_one_op(how, calls, monkeypatc
     torch.manual_seed(10)
     block = _ComputedResample(how).double()
     got, _ = _engine(block, True)
-    g = torch.Generator().manual_seed(7)
-    h, h_dot = (torch.randn(2, 6, 8, 6, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2))
-    y, yd = torch.func.jvp(block, (h * 1.0,), (h_dot * 1.0,))
-    gy = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view(y.shape)
-    ref = [y, yd, *torch.autograd.grad((y * gy).sum() + (yd * gy.flip(0)).sum(), [h, h_dot, *block.parameters()])]
+    ref = _reference(block)
     assert count[0] == calls
     for a, r in zip(got, ref):
         assert rel_err(a, r) < 1e-10
