@@ -157,7 +157,7 @@ def dual_resample(func, args, kwargs):
     if not RESAMPLE or not isinstance(x, DualTensor):
         return None
     xp = x._primal
-    if xp.dim() != 4 or isinstance(xp, torch.Tensor) and torch.is_autocast_enabled(xp.device.type):
+    if xp.dim() != 4 or torch.is_autocast_enabled(xp.device.type):
         return None
     rs = _resample_factor(func, args, kwargs)
     if rs is None or (rs[0] == "avg" and xp.dtype not in (torch.float32, torch.float64)):
