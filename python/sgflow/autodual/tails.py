@@ -61,7 +61,9 @@ class TailRecorder:
     """The tail ops of one checkpointed block call: their slots, which became live, their outputs' shapes.
 
     ``running()`` wraps each run of the block's forward: the first records (:func:`record`, :func:`tail_op`),
-    the later ones (the recomputation) skip the dead slots."""
+    the later ones (the recomputation) skip the dead slots. Recorders never nest: a block inside a recomputed
+    block is not checkpointed again (``call._wrap_forward``), and the outputs a block returns are new
+    DualTensors without labels (``call._from_plain``)."""
 
     def __init__(self):
         self.recording = True
@@ -80,10 +82,6 @@ class TailRecorder:
             _tensor._TAILS.rec = prev
             self.recording = False
             self.frames.clear()
-
-    def dead(self) -> int:
-        """How many slots are dead (tests, the report)."""
-        return len(self.meta) - len(self.live & set(range(len(self.meta))))
 
 
 def tail_op(run):
