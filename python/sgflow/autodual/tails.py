@@ -23,6 +23,10 @@ In the recomputation (the second run), a tail op whose slot never became live ru
 returns empty outputs of the recorded shapes instead of computing them. Whatever reads them later in the
 block saves nothing (that is what made the slot dead), and the block's outputs are discarded.
 
+What the recomputation's empty outputs can reach: only what the labels cannot see, i.e. Python code keeping a
+reference without an op (a forward hook storing a tail's output: after backward it holds the recomputation's
+empty tensor; a hook that reads the value makes the tail live).
+
 Not used where the recomputation does not run the block's Python (a traced forward: the partitioner drops
 dead ops itself) or replays ops from a selective-checkpoint cache (``dualize(save=...)``: skipped ops would
 shift its call order).
