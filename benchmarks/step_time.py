@@ -72,6 +72,20 @@ def build(name: str, shape: tuple, kw: dict):
     return build_model(name, shape)  # an sgflow.nn config (cifar10, tiny, ...)
 
 
+def _model_and_batch(name: str, shape: tuple, kw: dict, batch: int, device: str):
+    """The network (seed 0) and a data batch [batch, *shape] every run of the script makes alike."""
+    torch.manual_seed(0)
+    return build(name, shape, kw).to(device), torch.randn(batch, *shape, device=device)
+
+
+def _ratios(fused_ms: list, fm_ms: list) -> dict:
+    """The ratio of the medians and the median of each rep's ratio (a fused step against the flow matching step
+    timed just before it: drifts of the machine's speed, other tenants or frequency, cancel in each pair, not
+    between two medians)."""
+    return {"ratio": statistics.median(fused_ms) / statistics.median(fm_ms),
+            "paired_ratio": statistics.median(f / m for f, m in zip(fused_ms, fm_ms))}
+
+
 def _step(model, x1, device: str, loss_fn, m, before=None):
     """One training step's closure: ``before()`` (a variant's switches), the loss of ``m`` and its backward."""
     def run():
@@ -128,9 +142,7 @@ def count_flops(run) -> int:
 
 
 def measure(name: str, shape: tuple, kw: dict, batch: int, reps: int, device: str, budget: float = 0.5) -> dict:
-    torch.manual_seed(0)
-    model = build(name, shape, kw).to(device)
-    x1 = torch.randn(batch, *shape, device=device)
+    model, x1 = _model_and_batch(name, shape, kw, batch, device)
     dual = sgflow.dualize(model, budget=budget)
     steps = {"flow_matching": _step(model, x1, device, sgflow.flow_matching_loss, model),
              "sgflow_fused": _step(model, x1, device, sgflow.fused_loss, dual)}
@@ -143,10 +155,7 @@ def measure(name: str, shape: tuple, kw: dict, batch: int, reps: int, device: st
     plan = getattr(dual, "plan", None)
     return {"network": name, "shape": list(shape), "net_kw": kw, "batch": batch, "reps": reps, "budget": budget,
             "fm_ms": med["flow_matching"], "fused_ms": med["sgflow_fused"],
-            "ratio": med["sgflow_fused"] / med["flow_matching"],
-            # Each fused step against the flow matching step timed just before it: drifts of the machine's
-            # speed (other tenants, frequency) over the run cancel in each pair, not between two medians.
-            "paired_ratio": statistics.median(f / m for f, m in zip(times["sgflow_fused"], times["flow_matching"])),
+            **_ratios(times["sgflow_fused"], times["flow_matching"]),
             "fm_gflop": flops["flow_matching"] / 1e9,
             "fused_gflop": flops["sgflow_fused"] / 1e9, "flop_ratio": flops["sgflow_fused"] / flops["flow_matching"],
             "fm_all_ms": times["flow_matching"],
@@ -171,9 +180,7 @@ def _variant(text: str):
 def compare(name: str, shape: tuple, kw: dict, batch: int, reps: int, device: str, budget: float, variants) -> dict:
     """Fused steps of each variant (``(label, [(module, attr, value)])``) against flow matching in one process,
     alternating; per variant its median, ratio, paired ratio and plan."""
-    torch.manual_seed(0)
-    model = build(name, shape, kw).to(device)
-    x1 = torch.randn(batch, *shape, device=device)
+    model, x1 = _model_and_batch(name, shape, kw, batch, device)
     original = {(m, a): getattr(m, a) for _, sets in variants for m, a, _ in sets}
 
     def setting(sets):
@@ -192,15 +199,13 @@ def compare(name: str, shape: tuple, kw: dict, batch: int, reps: int, device: st
         times = _alternate(steps, reps)
     finally:
         setting([])
-    fm = statistics.median(times["flow_matching"])
     rows = {}
     for label, _ in variants:
         plan = getattr(duals[label], "plan", None)
-        rows[label] = {"ms": statistics.median(times[label]), "ratio": statistics.median(times[label]) / fm,
-                       "paired_ratio": statistics.median(f / m for f, m in zip(times[label], times["flow_matching"])),
+        rows[label] = {"ms": statistics.median(times[label]), **_ratios(times[label], times["flow_matching"]),
                        "blocks": list(plan.blocks) if plan is not None else None, "all_ms": times[label]}
     return {"network": name, "shape": list(shape), "net_kw": kw, "batch": batch, "reps": reps, "budget": budget,
-            "fm_ms": fm, "fm_all_ms": times["flow_matching"], "variants": rows}
+            "fm_ms": statistics.median(times["flow_matching"]), "fm_all_ms": times["flow_matching"], "variants": rows}
 
 
 def main(argv=None):

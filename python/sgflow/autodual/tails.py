@@ -141,9 +141,9 @@ def _passes(func, args, kwargs) -> bool:
     if func in PASS:
         return True
     if func in SCALAR_PASS and len(args) == 2 and not kwargs:
-        a, b = args
-        return (isinstance(a, (int, float)) and not isinstance(a, bool) and func is _T.__rmul__) or \
-            (isinstance(b, (int, float)) and not isinstance(b, bool))
+        # The tensor comes first: reflected ops (``2.0 * x``) reach __torch_function__ as ``x.__rmul__(2.0)``.
+        other = args[1]
+        return isinstance(other, (int, float)) and not isinstance(other, bool)
     return False
 
 

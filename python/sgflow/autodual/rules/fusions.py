@@ -165,6 +165,15 @@ def dual_resample(func, args, kwargs):
     return make_dual(*ResampleDual.apply(xp, x._tangent.to(xp.dtype), rs))
 
 
+def resampled(func, args, kwargs):
+    """F.interpolate / F.avg_pool2d of a dual tensor, computed: :func:`dual_resample` where it applies, else the
+    linear rule (the op on each stream)."""
+    from sgflow.autodual.rules.structural import linear
+
+    out = dual_resample(func, args, kwargs)
+    return linear(func, args, kwargs) if out is None else out
+
+
 def gn_silu_resample(func, args, kwargs):
     """Nearest upsampling / average pooling (``func``: F.interpolate, F.avg_pool2d) of a lazy GroupNorm+SiLU node
     by an integer factor: a lazy node again (kind ``gn_silu_rs``), that a following conv runs as the fused stage with
@@ -172,7 +181,6 @@ def gn_silu_resample(func, args, kwargs):
     saved, where apart the conv keeps the resampled activation pair, 4x the input's when upsampling); any other use
     computes it unfused. None where the pattern does not apply."""
     from sgflow.autodual.attention import LazyDual
-    from sgflow.autodual.rules.structural import linear
 
     x = args[0] if args else kwargs.get("input")
     if not (RESAMPLE and isinstance(x, LazyDual) and x._cache is None and x._kind == "gn_silu" and len(x._lazy_shape) == 4):
@@ -186,7 +194,7 @@ def gn_silu_resample(func, args, kwargs):
     rest = args[1:] if args else ()
     kw = {k: v for k, v in kwargs.items() if k != "input"}
     return LazyDual(shape, x._like, "gn_silu_rs", dict(x._parts, resample=rs),
-                    lambda: linear(func, (x, *rest), kw))
+                    lambda: resampled(func, (x, *rest), kw))
 
 
 def _gn_silu_conv(x, w, bias, conf):

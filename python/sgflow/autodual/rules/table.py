@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from sgflow.autodual.rules.common import _T, _fns, _getters
 from sgflow.autodual.rules.conv_linear import _CONV_NDIM, _conv_rule, _linear_rule
 from sgflow.autodual.rules.fallback import forward_ad
-from sgflow.autodual.rules.fusions import _dropout_mask_rule, _dropout_rule, dual_resample, gn_silu_resample
+from sgflow.autodual.rules.fusions import _dropout_mask_rule, _dropout_rule, gn_silu_resample, resampled
 from sgflow.autodual.rules.norms import (
     _batch_norm_rule,
     _group_norm_rule,
@@ -116,9 +116,7 @@ def _resample_rule(func, args, kwargs):
     """F.interpolate / F.avg_pool2d: kept lazy for a fused GroupNorm -> SiLU -> resample -> conv stage, else by an
     integer factor the dual resampling op, else linear."""
     out = gn_silu_resample(func, args, kwargs)
-    if out is None:
-        out = dual_resample(func, args, kwargs)
-    return linear(func, args, kwargs) if out is None else out
+    return resampled(func, args, kwargs) if out is None else out
 
 
 def _inplace_name(name: str) -> bool:
