@@ -24,6 +24,7 @@ CPP_SOURCES = [
     "csrc/gn_silu_dual_cpu_avx2.cpp",
     "csrc/gn_silu_dual_cpu_avx512.cpp",
     "csrc/pointwise_dual_cpu.cpp",
+    "csrc/scale_dual_cpu.cpp",
     "csrc/attention_dual_cpu.cpp",
 ]
 CUDA_SOURCES = ["csrc/gn_silu_dual_cuda.cu", "csrc/gn_silu_dual_cuda_binding.cpp"]

@@ -52,6 +52,14 @@ TORCH_LIBRARY(sgflow, m) {
   //   the same in place: dx into g, dx_dot into g_dot (both contiguous).
   m.def("pointwise_dual_bwd_(Tensor x, Tensor x_dot, Tensor(a!) g, Tensor(b!) g_dot, str kind) -> ()",
         {at::Tag::pt2_compliant_tag});
+  // Dual product with a per-sample, per-channel factor (scale_dual_cpu.cpp, CPU f32/f64): x [B, R, C, K],
+  // s [Bs, C] (Bs = B or 1) broadcast over R and K; y = x s, y_dot = x_dot s + x s_dot;
+  // dx = g s + g_dot s_dot, dx_dot = g_dot s, ds = sum (g x + g_dot x_dot), ds_dot = sum g_dot x ([Bs, C]).
+  m.def("scale_dual_fwd(Tensor x, Tensor x_dot, Tensor s, Tensor s_dot) -> (Tensor y, Tensor y_dot)",
+        {at::Tag::pt2_compliant_tag});
+  m.def("scale_dual_bwd(Tensor x, Tensor x_dot, Tensor s, Tensor s_dot, Tensor g, Tensor g_dot) "
+        "-> (Tensor dx, Tensor dx_dot, Tensor ds, Tensor ds_dot)",
+        {at::Tag::pt2_compliant_tag});
   // Dual softmax attention (attention_dual_cpu.cpp, CPU f32/f64; contracts of the torch backend's
   // attention_dual_{fwd,bwd}_torch, sgflow/ops/attention.py; empty tangent gradients without g_o_dot).
   m.def("attention_dual_fwd_cpu(Tensor q, Tensor k, Tensor v, Tensor q_dot, Tensor k_dot, Tensor v_dot, float scale) "

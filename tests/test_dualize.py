@@ -420,7 +420,12 @@ OP_CASES = [
     # products, affine and linear ops
     pytest.param(_binary(lambda a, b: a / b, lo_b=0.8), "divide", id="div-both-dual"),
     pytest.param(_unary(lambda b: 2.0 / b, lo=0.8), "divide", id="rdiv-scalar"),
-    pytest.param(_binary(lambda a, b: a * b, b_shape=(1, 7, 1)), "product", id="mul-broadcast-both-dual"),
+    pytest.param(_binary(lambda a, b: a * b, b_shape=(1, 7, 1)), "rule:mul by a broadcast factor (fused dual product)",
+                 id="mul-broadcast-both-dual"),
+    pytest.param(_binary(lambda a, b: b * a, b_shape=(3, 1, 1)), "rule:mul by a broadcast factor (fused dual product)",
+                 id="mul-per-sample-factor-first"),
+    pytest.param(_binary(lambda a, b: a * b), "product", id="mul-same-shape-both-dual"),
+    pytest.param(_binary(lambda a, b: a * b, a_shape=(3, 4, 7, 5), b_shape=(3, 4, 1, 5)), "product", id="mul-split-channels-both-dual"),
     pytest.param(_binary(lambda a, p: a + p, plain_b=True, a_shape=(3, 6, 1, 1), b_shape=(3, 6, 7, 5)), "affine",
                  id="add-broadcast-dual-BC11-plain-BCHW"),
     pytest.param(_binary(lambda a, b: 1.0 - a - b, b_shape=(7, 5)), "affine", id="rsub-sub-both-dual"),

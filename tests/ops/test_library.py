@@ -153,6 +153,26 @@ def test_opcheck_cpp_pointwise_ops(k):
     torch.library.opcheck(getattr(OPS, name).default, args)
 
 
+def _scale_samples():
+    g = torch.Generator().manual_seed(23)
+    x, xd, gy, gyd = (torch.randn(3, 1, 7, 5, generator=g, dtype=torch.float64) for _ in range(4))
+    s, sd = (torch.randn(3, 7, generator=g, dtype=torch.float64) for _ in range(2))
+    xc, xcd = (torch.randn(2, 1, 6, 4, generator=g) for _ in range(2))
+    sc, scd = (torch.randn(1, 6, generator=g) for _ in range(2))
+    return [("scale_dual_fwd", (x, xd, s, sd)), ("scale_dual_fwd", (xc, xcd.mT.contiguous().mT, sc, scd)),
+            ("scale_dual_bwd", (x, xd, s, sd, gy, gyd)), ("scale_dual_bwd", (xc, xcd, sc, scd, xcd * 2, xc * 3))]
+
+
+@needs_cpp
+@pytest.mark.parametrize("k", range(4))
+def test_opcheck_cpp_scale_ops(k):
+    """The C++ dual products with a broadcast factor (sgflow.ops.scale; ScaleDual is the Function): schema and fake
+    implementation, a shared factor and strided tangents included."""
+    cpp_ext.load()
+    name, args = _scale_samples()[k]
+    torch.library.opcheck(getattr(OPS, name).default, args)
+
+
 @needs_cpp
 @pytest.mark.parametrize("k", range(6))
 def test_opcheck_cpp_attention_ops(k):
@@ -190,7 +210,7 @@ def test_every_sgflow_op_is_opchecked_here():
     registered.discard("_cpu_isa")  # introspection (tests/ops/test_cpp_ext.py)
     sampled = {name for name, _ in TORCH_SAMPLES}
     if cpp_ext.available():
-        sampled |= {name for name, _ in _gn_samples("") + _pointwise_samples() + _att_samples("_cpu")}
+        sampled |= {name for name, _ in _gn_samples("") + _pointwise_samples() + _scale_samples() + _att_samples("_cpu")}
     if triton_available() and (on_gpu or interpreting):
         sampled |= {name for name, _ in _gn_samples("_triton") + _att_samples("_triton")}
     assert registered >= {"gn_silu_dual_fwd_torch", "attention_dual_bwd_torch"}

@@ -162,6 +162,9 @@ def _register_fakes() -> None:
     torch.library.register_fake("sgflow::pointwise_dual_fwd", _pointwise_fwd_fake)
     torch.library.register_fake("sgflow::pointwise_dual_bwd", _pointwise_bwd_fake)
     torch.library.register_fake("sgflow::pointwise_dual_bwd_", _pointwise_bwd_inplace_fake)
+    # The dual product with a broadcast factor (sgflow.ops.scale; ScaleDual is the autograd Function).
+    torch.library.register_fake("sgflow::scale_dual_fwd", _scale_fwd_fake)
+    torch.library.register_fake("sgflow::scale_dual_bwd", _scale_bwd_fake)
     # The dual attention (sgflow.ops.attention): the torch backend's fakes, autograd and FLOP formulas.
     from torch.utils.flop_counter import register_flop_formula
 
@@ -179,6 +182,15 @@ def _register_fakes() -> None:
 
 def _pointwise_fwd_fake(x, x_dot, kind):
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _scale_fwd_fake(x, x_dot, s, s_dot):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _scale_bwd_fake(x, x_dot, s, s_dot, g, g_dot):
+    like = (x, x, s, s)
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in like)
 
 
 def _pointwise_bwd_inplace_fake(x, x_dot, g, g_dot, kind):
