@@ -26,6 +26,7 @@ CPP_SOURCES = [
     "csrc/pointwise_dual_cpu.cpp",
     "csrc/scale_dual_cpu.cpp",
     "csrc/attention_dual_cpu.cpp",
+    "csrc/attention_dual_cpu_blas.cpp",
 ]
 CUDA_SOURCES = ["csrc/gn_silu_dual_cuda.cu", "csrc/gn_silu_dual_cuda_binding.cpp"]
 # The extra "app" (pip install "sgflow[app]"); sgflow/_extras.py names it in its ImportErrors.

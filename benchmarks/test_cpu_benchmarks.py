@@ -80,3 +80,22 @@ def test_attention(record, impl):
         backend = "cpp" if impl == "fused_cpp" else "torch"
         fn = lambda *a: attention_dual(*a, backend=backend)  # noqa: E731
     record("attention b4 h2 n256 d32", impl, _fwd_bwd(fn, ins), reference=impl == "jvp")
+
+
+@pytest.mark.parametrize("impl", ["jvp", "product_rule", "fused_aten", pytest.param("fused_cpp", marks=pytest.mark.skipif(
+    not cpp_ext.available(), reason="the C++ extension is unavailable"))])
+def test_scale(record, impl, monkeypatch):
+    """A DiT gate's dual product at [16, 256, 128] x [16, 1, 128]: torch.func.jvp, the product rule's ATen ops
+    (what the engine ran before sgflow.ops.scale), and ScaleDual on its ATen and C++ paths."""
+    from sgflow.ops import scale as sc
+
+    torch.manual_seed(0)
+    ins = [torch.randn(16, 256, 128), torch.randn(16, 256, 128), torch.randn(16, 1, 128), torch.randn(16, 1, 128)]
+    if impl == "jvp":
+        fn = lambda x, xd, s, sd: torch.func.jvp(torch.mul, (x, s), (xd, sd))  # noqa: E731
+    elif impl == "product_rule":
+        fn = lambda x, xd, s, sd: (x * s, xd * s + x * sd)  # noqa: E731
+    else:
+        monkeypatch.setattr(sc, "CPP_KERNELS", impl == "fused_cpp")
+        fn = sc.scale_dual
+    record("scale b16 n256 c128", impl, _fwd_bwd(fn, ins), reference=impl == "jvp")

@@ -15,6 +15,7 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -92,6 +93,18 @@ void run_bwd(const AttnArgs& a, int64_t begin, int64_t end, void* scratch) {
   }
 }
 
+// The BLAS path for wide heads: the products then dominate, and the BLAS runs them faster than the vector
+// kernels written for heads of 8 (benchmarks/NOTES.md, issue 18 part 13). Every row stride must be a valid
+// BLAS leading dimension and every size an int.
+bool use_blas(const AttnArgs& a, int n) {
+  if (std::max(a.D, a.Dv) < kAttnBlasMinWidth || !attention_blas_enabled()) return false;
+  const int64_t width[10] = {a.D, a.D, a.Dv, a.D, a.D, a.Dv, a.Dv, a.Dv, a.Dv, a.Dv};
+  for (int i = 0; i < n; ++i)
+    if (a.in[i] != nullptr && a.stride[i][2] < width[i]) return false;
+  const int64_t big = std::max({a.Nq, a.Nk, a.D, a.Dv}) * std::max({a.Nk, a.D, a.Dv});
+  return big < (int64_t{1} << 31);
+}
+
 // Heads over threads, one scratch per task (each head's keys, values and key-side gradients: O(Nk (D + Dv))).
 template <typename Run>
 void over_heads(const AttnArgs& a, int64_t scratch_elems, Run run) {
@@ -114,7 +127,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor&
   at::Tensor o = at::empty({a.B, a.H, a.Nq, a.Dv}, opts), od = at::empty({a.B, a.H, a.Nq, a.Dv}, opts);
   at::Tensor lse = at::empty({a.B, a.H, a.Nq}, opts), mu = at::empty({a.B, a.H, a.Nq}, opts);
   a.out[0] = o.data_ptr(), a.out[1] = od.data_ptr(), a.lse = lse.data_ptr(), a.mu = mu.data_ptr();
-  over_heads(a, cpu::attn_fwd_scratch(a), run_fwd);
+  if (use_blas(a, 6))
+    attention_dual_fwd_blas(a);
+  else
+    over_heads(a, cpu::attn_fwd_scratch(a), run_fwd);
   return {o, od, lse, mu};
 }
 
@@ -149,7 +165,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (g_o_dot) dqd = at::empty(q.sizes(), opts), dkd = at::empty(k.sizes(), opts), dvd = at::empty(v.sizes(), opts);
   at::Tensor outs[6] = {dq, dk, dv, dqd, dkd, dvd};
   for (int i = 0; i < 6; ++i) a.out[i] = outs[i].numel() ? outs[i].data_ptr() : nullptr;
-  over_heads(a, cpu::attn_bwd_scratch(a), run_bwd);
+  if (use_blas(a, 10))
+    attention_dual_bwd_blas(a);
+  else
+    over_heads(a, cpu::attn_bwd_scratch(a), run_bwd);
   return {dq, dk, dv, dqd, dkd, dvd};
 }
 

@@ -69,3 +69,18 @@ SGFLOW_DECLARE_ATTN_KERNELS(avx512)
 int active_isa_index();
 
 }  // namespace sgflow::cpu
+
+namespace sgflow {
+
+// Wide heads (attention_dual_cpu_blas.cpp): query-row tiles whose products run on the BLAS torch links
+// (sgemm_ / dgemm_, looked up at run time), threaded over heads. Contracts as the kernels above; row strides
+// (stride[i][2]) of at least the row length.
+bool attention_blas_available();
+bool attention_blas_enabled();  // available and not switched off (sgflow::_attention_blas)
+void attention_dual_fwd_blas(const cpu::AttnArgs& args);
+void attention_dual_bwd_blas(const cpu::AttnArgs& args);
+
+// Heads wider than this run on the BLAS path where it is available (attention_dual_cpu.cpp).
+constexpr int64_t kAttnBlasMinWidth = 9;
+
+}  // namespace sgflow

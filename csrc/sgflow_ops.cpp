@@ -22,6 +22,7 @@
 
 namespace sgflow {
 std::string cpu_isa(const std::optional<std::string>& isa);
+bool attention_blas(std::optional<bool> enable);
 }
 
 TORCH_LIBRARY(sgflow, m) {
@@ -71,4 +72,6 @@ TORCH_LIBRARY(sgflow, m) {
         {at::Tag::pt2_compliant_tag});
   // Introspection for tests and benchmarks: the CPU kernels' instruction set (set it with an argument).
   m.def("_cpu_isa(str? isa=None) -> str", &sgflow::cpu_isa);
+  // ... and whether the dual attention runs wide heads on the BLAS path (set it with an argument; tests run both).
+  m.def("_attention_blas(bool? enable=None) -> bool", &sgflow::attention_blas);
 }

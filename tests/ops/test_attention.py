@@ -284,6 +284,79 @@ def test_cpp_kernel_strided_layouts():
         assert all(torch.allclose(a, w, rtol=1e-13, atol=1e-13) for a, w in zip(got_b, want_b))
 
 
+# Heads wider than 8 run on the BLAS path (csrc/attention_dual_cpu_blas.cpp: query-row tiles, products on the
+# BLAS torch links); torch.ops.sgflow._attention_blas(False) sends them to the vector kernel instead. Nk = 2100
+# in float64 makes tiles of 16 query rows: 40 rows are 2 whole tiles and one of 8.
+CPP_WIDE_CASES = {
+    "tiles_nq40_nk2100_d16_dv12": (1, 1, 40, 2100, 16, 12),
+    "b2h3n37d16": (2, 3, 37, 37, 16, 16),
+    "cross_nq20_nk33_dv24": (1, 2, 20, 33, 16, 24),
+    "b2_nq9_nk16_d63_dv7": (2, 1, 9, 16, 63, 7),
+    "d9_dv1": (1, 2, 5, 6, 9, 1),
+}
+
+
+@pytest.fixture(params=["blas", "vector"])
+def wide_path(request):
+    cpp_ext.load()
+    if request.param == "blas" and not cpp_ext.blas_available():
+        pytest.skip("no BLAS (sgemm_ / dgemm_) found in this process: the BLAS path is off")
+    before = torch.ops.sgflow._attention_blas()
+    torch.ops.sgflow._attention_blas(request.param == "blas")
+    yield request.param
+    torch.ops.sgflow._attention_blas(before)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("case", list(CPP_WIDE_CASES))
+@pytest.mark.parametrize("cot", ["both", "g_only", "gdot_only"])
+def test_cpp_wide_heads_both_paths(case, dtype, cot, wide_path):
+    """Wide heads on the BLAS path and on the vector kernel = the jvp reference (float64 1e-10, float32 1e-4),
+    whichever cotangents are given; tiles with a remainder; heads of 9 to 63, value heads of 1 to 24."""
+    primals, tangents = make_inputs(CPP_WIDE_CASES[case], seed=51)
+    b, h, n_q, _, _, dv = CPP_WIDE_CASES[case]
+    gen = torch.Generator().manual_seed(52)
+    g = [torch.randn(b, h, n_q, dv, generator=gen, dtype=torch.float64) for _ in range(2)]
+    if cot != "both":
+        g[1 if cot == "g_only" else 0] = torch.zeros_like(g[0])
+    y, y_dot, _, ref_grads = reference(primals, tangents, cotangents=tuple(g))
+    leaves = [t.to(dtype).requires_grad_(True) for t in (*primals, *tangents)]
+    o, od = attention_dual(*leaves, backend="cpp")
+    used = [(o, g[0]), (od, g[1])] if cot == "both" else [(o, g[0])] if cot == "g_only" else [(od, g[1])]
+    grads = torch.autograd.grad([u for u, _ in used], leaves, [c.to(dtype) for _, c in used], allow_unused=True)
+    assert_close_all([o, od], (y, y_dot), grads, ref_grads, TOL[dtype], f"cpp {wide_path} {case} {dtype} {cot}")
+
+
+@needs_cpp
+def test_cpp_wide_heads_blas_path_threads_and_strides(wide_path):
+    """Wide heads: 1 and 2 threads give the same bits (a head per thread); heads split off the channels (read in
+    place, row strides as BLAS leading dimensions) and transposed views = the contiguous inputs, float64."""
+    b, h, n, d = 2, 3, 10, 16
+    gen = torch.Generator().manual_seed(53)
+    split = [torch.randn(b, n, h * d, generator=gen, dtype=torch.float64).view(b, n, h, d).transpose(1, 2)
+             for _ in range(6)]
+    cols = [torch.randn(b, h, d, n, generator=gen, dtype=torch.float64).transpose(-1, -2) for _ in range(6)]
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            o, od, lse, mu = torch.ops.sgflow.attention_dual_fwd_cpu(*split, 0.3)
+            outs.append((o, od, lse, mu, *torch.ops.sgflow.attention_dual_bwd_cpu(*split, o, od, lse, mu, o + 1, od - 1, 0.3)))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(x, y) for x, y in zip(*outs))
+    for xs in (split, cols):
+        got = torch.ops.sgflow.attention_dual_fwd_cpu(*xs, 0.4)
+        want = torch.ops.sgflow.attention_dual_fwd_cpu(*[x.contiguous() for x in xs], 0.4)
+        assert all(torch.allclose(a, w, rtol=1e-13, atol=1e-13) for a, w in zip(got, want))
+        g, gd = torch.randn_like(got[0]), torch.randn_like(got[0])
+        got_b = torch.ops.sgflow.attention_dual_bwd_cpu(*xs, *got, g.mT.contiguous().mT, gd, 0.4)
+        want_b = torch.ops.sgflow.attention_dual_bwd_cpu(*[x.contiguous() for x in xs], *want, g, gd, 0.4)
+        assert all(torch.allclose(a, w, rtol=1e-13, atol=1e-13) for a, w in zip(got_b, want_b))
+
+
 @needs_cpp
 def test_cpp_kernel_names_bad_input():
     q = torch.randn(1, 2, 5, 4)

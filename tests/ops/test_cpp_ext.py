@@ -445,19 +445,25 @@ def test_backend_choice(monkeypatch):
         resolve_backend(x, "cuda", op="gn_silu")
 
 
-@pytest.mark.parametrize("dtype,head,backend,expect", [
-    (torch.float32, 8, None, "cpu"),      # narrow heads: the C++ kernel, measured faster
-    (torch.float64, 3, None, "cpu"),
-    (torch.float32, 16, None, "torch"),   # wider ones: MKL's products win
-    (torch.float32, 16, "cpp", "cpu"),    # asked for: the kernel at any width
-    (torch.bfloat16, 8, None, "torch"),   # the kernel is f32 / f64 only
-    (torch.bfloat16, 8, "cpp", "torch"),
-    (torch.float32, 8, "torch", "torch"),
-], ids=["f32-h8-auto", "f64-h3-auto", "f32-h16-auto", "f32-h16-cpp", "bf16-auto", "bf16-cpp", "f32-h8-torch"])
-def test_attention_auto_choice(monkeypatch, dtype, head, backend, expect):
+@pytest.mark.parametrize("dtype,head,backend,wide,expect", [
+    (torch.float32, 8, None, True, "cpu"),      # narrow heads: the C++ vector kernel, measured faster
+    (torch.float64, 3, None, True, "cpu"),
+    (torch.float32, 16, None, True, "cpu"),     # wider ones: the C++ op's BLAS tiles (where a BLAS was found)
+    (torch.float32, 16, None, False, "torch"),  # ... switched off: MKL's batched products beat the vector kernel
+    (torch.float32, 16, "cpp", False, "cpu"),   # asked for: the C++ op at any width
+    (torch.bfloat16, 8, None, True, "torch"),   # the C++ op is f32 / f64 only
+    (torch.bfloat16, 8, "cpp", True, "torch"),
+    (torch.float32, 8, "torch", True, "torch"),
+], ids=["f32-h8-auto", "f64-h3-auto", "f32-h16-auto", "f32-h16-auto-no-wide", "f32-h16-cpp", "bf16-auto", "bf16-cpp",
+        "f32-h8-torch"])
+def test_attention_auto_choice(monkeypatch, dtype, head, backend, wide, expect):
     """Which dual-attention op runs on CPU (seen by the profiler), and that it gives the torch backend's values."""
+    from sgflow.ops import attention as att
     from sgflow.ops.attention import attention_dual
 
+    if head > att._CPP_MAX_HEAD_DIM and wide and backend is None and not cpp_ext.blas_available():
+        expect = "torch"  # no BLAS found: wide heads stay on the torch backend
+    monkeypatch.setattr(att, "CPP_WIDE_HEADS", wide)
     monkeypatch.delenv("SGFLOW_BACKEND", raising=False)
     gen = torch.Generator().manual_seed(0)
     q, k, v, qd, kd, vd = (torch.randn(2, 3, 7, head, generator=gen).to(dtype) for _ in range(6))

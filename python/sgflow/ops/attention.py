@@ -460,23 +460,32 @@ def _ops(backend: str):
     return torch.ops.sgflow.attention_dual_fwd_torch, torch.ops.sgflow.attention_dual_bwd_torch
 
 
-# The automatic CPU choice runs the C++ kernel on heads at most this wide and the torch backend on wider ones.
-# The kernel does the same products as the torch backend (3 + 3 forward, 9 + 6 backward) with every [Nq, Nk]
-# intermediate in registers or L1; MKL's batched products gain more from a wide inner size than the kernel
-# does. One thread, heads split off the channels, 16 x 256 tokens, forward / backward ms, torch -> C++:
-# heads of 8 53.2 / 128.7 -> 38.9 / 84.1; of 16 33.3 / 72.7 -> 38.3 / 83.9; of 32 25.0 / 57.1 -> 42.5 / 89.5
-# (benchmarks/NOTES.md). An explicit backend="cpp" runs the kernel on any head width.
+# The automatic CPU choice runs the C++ op on every head width where its BLAS path is there (csrc/
+# attention_dual_cpu_blas.cpp: heads wider than 8 as query-row tiles, products on the BLAS torch links, the
+# elementwise steps fused into one pass per tile), else on heads at most this wide only. The vector kernel
+# (heads up to 8) does the same products as the torch backend (3 + 3 forward, 9 + 6 backward) with every [Nq, Nk]
+# intermediate in registers or L1; MKL's batched products gain more from a wide inner size than it does. One
+# thread, heads split off the channels, 16 x 256 tokens, forward / backward ms, torch -> C++ vector kernel: heads
+# of 8 53.2 / 128.7 -> 38.9 / 84.1; of 16 33.3 / 72.7 -> 38.3 / 83.9; of 32 25.0 / 57.1 -> 42.5 / 89.5; torch ->
+# C++ BLAS tiles, heads of 32: 26.1 / 58.8 -> 22.6 / 36.1 (flow matching's SDPA, forward + backward: 21.3;
+# benchmarks/NOTES.md). An explicit backend="cpp" runs the C++ op on any head width.
 _CPP_MAX_HEAD_DIM = 8
+# Whether the automatic CPU choice takes the C++ BLAS path for wider heads (False: the torch backend, e.g. the
+# benchmarks' A/B).
+CPP_WIDE_HEADS = True
 
 
 def _cpu_choice(chosen: str, explicit: bool, q: torch.Tensor, v: torch.Tensor) -> str:
-    """"cpp" where its kernel runs (float32 / float64; narrow heads unless asked for), else "torch"."""
+    """"cpp" where its kernel runs (float32 / float64; narrow heads, or any with the BLAS path, unless asked
+    for), else "torch"."""
     if chosen != "cpp":
         return chosen
     if q.dtype not in (torch.float32, torch.float64):
         return "torch"
     if not explicit and max(q.shape[-1], v.shape[-1]) > _CPP_MAX_HEAD_DIM:
-        return "torch"
+        from sgflow.ops import cpp_ext
+
+        return "cpp" if CPP_WIDE_HEADS and cpp_ext.blas_available() else "torch"
     return chosen
 
 
@@ -584,8 +593,9 @@ def attention_dual(q, k, v, q_dot, k_dot, v_dot, scale=None, backend=None, kept=
         scale: softmax scale, default ``D ** -0.5``.
         backend: ``"torch"`` | ``"triton"`` | ``"cpp"`` | None (see :func:`sgflow.ops.backend.resolve_backend`);
             ``"cuda"`` has no dedicated attention kernel and uses Triton. ``"cpp"`` (the C++ CPU kernel,
-            float32 / float64; other dtypes run on ``"torch"``) is the automatic CPU choice for heads of at
-            most :data:`_CPP_MAX_HEAD_DIM` where the extension is built.
+            float32 / float64; other dtypes run on ``"torch"``) is the automatic CPU choice where the extension
+            is built: for heads of at most :data:`_CPP_MAX_HEAD_DIM`, and for wider ones where it found a BLAS
+            (``cpp_ext.blas_available()``).
         kept: for a block recomputed in backward (``sgflow.dualize``'s plan): a list, empty on the block's
             forward, which then appends this call's outputs ``(o, o_dot, lse, mu)`` to it, and holding them
             on the recomputation, which then runs none of the forward's products (the same values, the

@@ -66,6 +66,13 @@ def cuda_available() -> bool:
     return bool(mod is not None and getattr(mod, "with_cuda", 0))
 
 
+def blas_available() -> bool:
+    """True when ``sgflow._C`` found the BLAS torch links (``sgemm_`` / ``dgemm_``): the C++ dual attention then runs
+    heads wider than 8 as query-row tiles on it (csrc/attention_dual_cpu_blas.cpp)."""
+    mod = load()
+    return bool(mod is not None and getattr(mod, "with_blas", 0))
+
+
 def reason() -> str:
     """Why the extension is unavailable ('' when it is available)."""
     return _load()[1] or ""
