@@ -22,7 +22,9 @@
 #include <ATen/ops/exp.h>
 #include <ATen/ops/from_blob.h>
 #include <c10/util/Exception.h>
+#if !defined(_WIN32)
 #include <dlfcn.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -47,8 +49,10 @@ struct BlasFns {
   sgemm_fn s = nullptr;
   dgemm_fn d = nullptr;
   BlasFns() {
+#if !defined(_WIN32)
     s = reinterpret_cast<sgemm_fn>(dlsym(RTLD_DEFAULT, "sgemm_"));
     d = reinterpret_cast<dgemm_fn>(dlsym(RTLD_DEFAULT, "dgemm_"));
+#endif
   }
 };
 
