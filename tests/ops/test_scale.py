@@ -207,3 +207,28 @@ def test_engine_runs_adaln_products_fused(monkeypatch):
     assert count[0] == 2
     for a, b, r in zip(fused, plain, _block_reference(block)):
         assert rel_err(a, r) < 1e-12 and rel_err(b, r) < 1e-12
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_equals_eager(device):
+    """``torch.compile`` (aot_eager on CPU, inductor on a GPU) of the op with its backward = eager, float32; under
+    the compiler the ATen path runs (the C++ op is left to eager)."""
+    ins, cot = _inputs((3, 7, 5), (3, 1, 5), torch.float32, seed=13)
+    ins = [t.to(device) for t in ins]
+    cot = [t.to(device) for t in cot]
+
+    def step(x, x_dot, s, s_dot):
+        y, y_dot = sc.scale_dual(x, x_dot, s, s_dot)
+        return (y * cot[0]).sum() + (y_dot * cot[1]).sum()
+
+    compiled = torch.compile(step, backend="inductor" if device == "cuda" else "aot_eager", fullgraph=True)
+    results = []
+    for fn in (step, compiled):
+        leaves = [t.detach().clone().requires_grad_() for t in ins]
+        loss = fn(*leaves)
+        results.append([loss.detach(), *torch.autograd.grad(loss, leaves)])
+    for a, b in zip(*results):
+        assert rel_err(a, b) < 1e-5
