@@ -213,9 +213,15 @@ CPP_TAIL_CASES = {
 @pytest.mark.parametrize("case", list(CPP_TAIL_CASES))
 @pytest.mark.parametrize("cot", ["both", "g_only", "gdot_only"])
 def test_cpp_kernel_tails_and_cotangents(case, dtype, cot):
-    primals, tangents = make_inputs(CPP_TAIL_CASES[case], seed=41)
-    b, h, n_q, _, _, dv = CPP_TAIL_CASES[case]
-    gen = torch.Generator().manual_seed(42)
+    _cpp_matches_reference(CPP_TAIL_CASES[case], dtype, cot, 41, f"cpp {case} {dtype} {cot}")
+
+
+def _cpp_matches_reference(shape, dtype, cot, seed, label):
+    """The C++ op (backend "cpp") on ``shape`` = the jvp reference, with both cotangents or only one of them
+    (``cot``: "both", "g_only", "gdot_only"), at the dtype's tolerance."""
+    primals, tangents = make_inputs(shape, seed=seed)
+    b, h, n_q, _, _, dv = shape
+    gen = torch.Generator().manual_seed(seed + 1)
     g = [torch.randn(b, h, n_q, dv, generator=gen, dtype=torch.float64) for _ in range(2)]
     if cot != "both":
         g[1 if cot == "g_only" else 0] = torch.zeros_like(g[0])
@@ -224,7 +230,7 @@ def test_cpp_kernel_tails_and_cotangents(case, dtype, cot):
     o, od = attention_dual(*leaves, backend="cpp")
     used = [(o, g[0]), (od, g[1])] if cot == "both" else [(o, g[0])] if cot == "g_only" else [(od, g[1])]
     grads = torch.autograd.grad([u for u, _ in used], leaves, [c.to(dtype) for _, c in used], allow_unused=True)
-    assert_close_all([o, od], (y, y_dot), grads, ref_grads, TOL[dtype], f"cpp {case} {dtype} {cot}")
+    assert_close_all([o, od], (y, y_dot), grads, ref_grads, TOL[dtype], label)
 
 
 @needs_cpp
@@ -244,44 +250,6 @@ def test_cpp_kernel_every_instruction_set(isa):
         assert_close_all(out, (y, y_dot), grads, ref_grads, 1e-10, f"cpp {isa}")
     finally:
         torch.ops.sgflow._cpu_isa(before)
-
-
-@needs_cpp
-def test_cpp_kernel_results_do_not_depend_on_threads():
-    """Heads are split over threads, each computed whole by one: 1 and 2 threads give the same bits."""
-    primals, tangents = make_inputs((2, 3, 13, 21, 8, 8), seed=45)
-    xs = [t.float() for t in (*primals, *tangents)]
-    threads = torch.get_num_threads()
-    outs = []
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            o, od, lse, mu = torch.ops.sgflow.attention_dual_fwd_cpu(*xs, 0.3)
-            grads = torch.ops.sgflow.attention_dual_bwd_cpu(*xs, o, od, lse, mu, o + 1, od - 1, 0.3)
-            outs.append((o, od, lse, mu, *grads))
-    finally:
-        torch.set_num_threads(threads)
-    assert all(torch.equal(a, b) for a, b in zip(*outs))
-
-
-@needs_cpp
-def test_cpp_kernel_strided_layouts():
-    """Heads split off the channels (B, H strides that merge with nothing) are read in place; a last dim of
-    stride other than 1 (a transposed view) is copied first: both = the contiguous inputs' result, float64."""
-    b, h, n, d = 2, 3, 10, 8
-    gen = torch.Generator().manual_seed(46)
-    split = [torch.randn(b, n, h * d, generator=gen, dtype=torch.float64).view(b, n, h, d).transpose(1, 2)
-             for _ in range(6)]
-    cols = [torch.randn(b, h, d, n, generator=gen, dtype=torch.float64).transpose(-1, -2) for _ in range(6)]
-    for xs in (split, cols):
-        assert not xs[0].is_contiguous()
-        got = torch.ops.sgflow.attention_dual_fwd_cpu(*xs, 0.4)
-        want = torch.ops.sgflow.attention_dual_fwd_cpu(*[x.contiguous() for x in xs], 0.4)
-        assert all(torch.allclose(a, w, rtol=1e-13, atol=1e-13) for a, w in zip(got, want))
-        g, gd = torch.randn_like(got[0]), torch.randn_like(got[0])
-        got_b = torch.ops.sgflow.attention_dual_bwd_cpu(*xs, *got, g.mT.contiguous().mT, gd, 0.4)
-        want_b = torch.ops.sgflow.attention_dual_bwd_cpu(*[x.contiguous() for x in xs], *want, g, gd, 0.4)
-        assert all(torch.allclose(a, w, rtol=1e-13, atol=1e-13) for a, w in zip(got_b, want_b))
 
 
 # Heads wider than 8 run on the BLAS path (csrc/attention_dual_cpu_blas.cpp: query-row tiles, products on the
@@ -308,46 +276,38 @@ def wide_path(request):
 
 
 @needs_cpp
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
-@pytest.mark.parametrize("case", list(CPP_WIDE_CASES))
-@pytest.mark.parametrize("cot", ["both", "g_only", "gdot_only"])
-def test_cpp_wide_heads_both_paths(case, dtype, cot, wide_path):
-    """Wide heads on the BLAS path and on the vector kernel = the jvp reference (float64 1e-10, float32 1e-4),
-    whichever cotangents are given; tiles with a remainder; heads of 9 to 63, value heads of 1 to 24."""
-    primals, tangents = make_inputs(CPP_WIDE_CASES[case], seed=51)
-    b, h, n_q, _, _, dv = CPP_WIDE_CASES[case]
-    gen = torch.Generator().manual_seed(52)
-    g = [torch.randn(b, h, n_q, dv, generator=gen, dtype=torch.float64) for _ in range(2)]
-    if cot != "both":
-        g[1 if cot == "g_only" else 0] = torch.zeros_like(g[0])
-    y, y_dot, _, ref_grads = reference(primals, tangents, cotangents=tuple(g))
-    leaves = [t.to(dtype).requires_grad_(True) for t in (*primals, *tangents)]
-    o, od = attention_dual(*leaves, backend="cpp")
-    used = [(o, g[0]), (od, g[1])] if cot == "both" else [(o, g[0])] if cot == "g_only" else [(od, g[1])]
-    grads = torch.autograd.grad([u for u, _ in used], leaves, [c.to(dtype) for _, c in used], allow_unused=True)
-    assert_close_all([o, od], (y, y_dot), grads, ref_grads, TOL[dtype], f"cpp {wide_path} {case} {dtype} {cot}")
-
-
-@needs_cpp
-def test_cpp_wide_heads_blas_path_threads_and_strides(wide_path):
-    """Wide heads: 1 and 2 threads give the same bits (a head per thread); heads split off the channels (read in
-    place, row strides as BLAS leading dimensions) and transposed views = the contiguous inputs, float64."""
-    b, h, n, d = 2, 3, 10, 16
-    gen = torch.Generator().manual_seed(53)
-    split = [torch.randn(b, n, h * d, generator=gen, dtype=torch.float64).view(b, n, h, d).transpose(1, 2)
-             for _ in range(6)]
-    cols = [torch.randn(b, h, d, n, generator=gen, dtype=torch.float64).transpose(-1, -2) for _ in range(6)]
+@pytest.mark.parametrize("d", [8, 16], ids=["vector-kernel-d8", "wide-d16"])
+def test_cpp_kernel_results_do_not_depend_on_threads(d, wide_path):
+    """Heads are split over threads, each computed whole by one: 1 and 2 threads give the same bits (heads of 16:
+    on the BLAS path and on the vector kernel)."""
+    primals, tangents = make_inputs((2, 3, 13, 21, d, d), seed=45)
+    xs = [t.float() for t in (*primals, *tangents)]
     threads = torch.get_num_threads()
     outs = []
     try:
-        for t in (1, 2):
-            torch.set_num_threads(t)
-            o, od, lse, mu = torch.ops.sgflow.attention_dual_fwd_cpu(*split, 0.3)
-            outs.append((o, od, lse, mu, *torch.ops.sgflow.attention_dual_bwd_cpu(*split, o, od, lse, mu, o + 1, od - 1, 0.3)))
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            o, od, lse, mu = torch.ops.sgflow.attention_dual_fwd_cpu(*xs, 0.3)
+            grads = torch.ops.sgflow.attention_dual_bwd_cpu(*xs, o, od, lse, mu, o + 1, od - 1, 0.3)
+            outs.append((o, od, lse, mu, *grads))
     finally:
         torch.set_num_threads(threads)
-    assert all(torch.equal(x, y) for x, y in zip(*outs))
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+@needs_cpp
+@pytest.mark.parametrize("d", [8, 16], ids=["vector-kernel-d8", "wide-d16"])
+def test_cpp_kernel_strided_layouts(d, wide_path):
+    """Heads split off the channels (B, H strides that merge with nothing) are read in place (on the BLAS path the
+    row strides are the leading dimensions); a last dim of stride other than 1 (a transposed view) is copied
+    first: both = the contiguous inputs' result, float64."""
+    b, h, n = 2, 3, 10
+    gen = torch.Generator().manual_seed(46)
+    split = [torch.randn(b, n, h * d, generator=gen, dtype=torch.float64).view(b, n, h, d).transpose(1, 2)
+             for _ in range(6)]
+    cols = [torch.randn(b, h, d, n, generator=gen, dtype=torch.float64).transpose(-1, -2) for _ in range(6)]
     for xs in (split, cols):
+        assert not xs[0].is_contiguous()
         got = torch.ops.sgflow.attention_dual_fwd_cpu(*xs, 0.4)
         want = torch.ops.sgflow.attention_dual_fwd_cpu(*[x.contiguous() for x in xs], 0.4)
         assert all(torch.allclose(a, w, rtol=1e-13, atol=1e-13) for a, w in zip(got, want))
@@ -355,6 +315,16 @@ def test_cpp_wide_heads_blas_path_threads_and_strides(wide_path):
         got_b = torch.ops.sgflow.attention_dual_bwd_cpu(*xs, *got, g.mT.contiguous().mT, gd, 0.4)
         want_b = torch.ops.sgflow.attention_dual_bwd_cpu(*[x.contiguous() for x in xs], *want, g, gd, 0.4)
         assert all(torch.allclose(a, w, rtol=1e-13, atol=1e-13) for a, w in zip(got_b, want_b))
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("case", list(CPP_WIDE_CASES))
+@pytest.mark.parametrize("cot", ["both", "g_only", "gdot_only"])
+def test_cpp_wide_heads_both_paths(case, dtype, cot, wide_path):
+    """Wide heads on the BLAS path and on the vector kernel = the jvp reference (float64 1e-10, float32 1e-4),
+    whichever cotangents are given; tiles with a remainder; heads of 9 to 63, value heads of 1 to 24."""
+    _cpp_matches_reference(CPP_WIDE_CASES[case], dtype, cot, 51, f"cpp {wide_path} {case} {dtype} {cot}")
 
 
 @needs_cpp

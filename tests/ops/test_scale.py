@@ -134,13 +134,14 @@ def test_scale_fits(xs, ss, want):
 
 
 @pytest.mark.parametrize("change,error,match", [
-    (lambda a: (a[0], a[1][:, :3], a[2], a[3]), ValueError, r"x_dot \(3, 3, 5\) must have x's shape \(3, 7, 5\)"),
-    (lambda a: (a[0], a[1], a[2], a[3][:, :, :2]), ValueError, r"s_dot \(3, 1, 2\) must have s's shape"),
-    (lambda a: (a[0], a[1], a[2].float(), a[3]), TypeError, "share one floating dtype"),
+    (lambda a: (a[0], a[1][:, :3], a[2], a[3]), ValueError, r"x_dot has shape \(3, 3, 5\) but x has shape \(3, 7, 5\)"),
+    (lambda a: (a[0], a[1], a[2], a[3][:, :, :2]), ValueError, r"s_dot has shape \(3, 1, 2\) but s has shape"),
+    (lambda a: (a[0], a[1], a[2].float(), a[3].float()), TypeError, "x and s must share one floating dtype, got torch.float64 and torch.float32"),
     (lambda a: (a[0], a[1], a[2].expand(3, 7, 5), a[3].expand(3, 7, 5)), ValueError,
      r"s \(3, 7, 5\) is not a per-sample, per-channel factor of x \(3, 7, 5\)"),
     (lambda a: (a[0], a[1], 2.0, a[3]), TypeError, "s must be a tensor"),
-], ids=["x_dot-shape", "s_dot-shape", "dtype", "not-broadcast", "not-tensor"])
+    (lambda a: (a[0], a[1].float(), a[2], a[3]), TypeError, "x_dot has dtype torch.float32 but x has dtype torch.float64"),
+], ids=["x_dot-shape", "s_dot-shape", "dtype", "not-broadcast", "not-tensor", "x_dot-dtype"])
 def test_bad_input_is_named(change, error, match):
     ins, _ = _inputs((3, 7, 5), (3, 1, 5), torch.float64, seed=6)
     with pytest.raises(error, match=match):

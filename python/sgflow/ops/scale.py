@@ -140,20 +140,17 @@ class ScaleDual(torch.autograd.Function):
 
 
 def _check(x, x_dot, s, s_dot) -> ScaleView:
-    for name, t in (("x", x), ("x_dot", x_dot), ("s", s), ("s_dot", s_dot)):
+    from sgflow.checks import check_like
+
+    for name, t in (("x", x), ("s", s)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"scale_dual: {name} must be a tensor, got {type(t).__name__}")
-    if x_dot.shape != x.shape:
-        raise ValueError(f"scale_dual: x_dot {tuple(x_dot.shape)} must have x's shape {tuple(x.shape)}")
-    if s_dot.shape != s.shape:
-        raise ValueError(f"scale_dual: s_dot {tuple(s_dot.shape)} must have s's shape {tuple(s.shape)}")
-    dtypes = {t.dtype for t in (x, x_dot, s, s_dot)}
-    if len(dtypes) != 1 or not x.dtype.is_floating_point:
-        raise TypeError(f"scale_dual: x, x_dot, s, s_dot must share one floating dtype, got "
-                        f"{[str(t.dtype) for t in (x, x_dot, s, s_dot)]}")
-    devices = {t.device for t in (x, x_dot, s, s_dot)}
-    if len(devices) != 1:
-        raise ValueError(f"scale_dual: x, x_dot, s, s_dot must be on one device, got {sorted(map(str, devices))}")
+    check_like(x_dot, x, "scale_dual: x_dot", "x")
+    check_like(s_dot, s, "scale_dual: s_dot", "s")
+    if s.dtype != x.dtype or not x.dtype.is_floating_point:
+        raise TypeError(f"scale_dual: x and s must share one floating dtype, got {x.dtype} and {s.dtype}")
+    if s.device != x.device:
+        raise ValueError(f"scale_dual: x is on {x.device} but s is on {s.device}")
     view = scale_fits(x.shape, s.shape)
     if view is None:
         raise ValueError(f"scale_dual: s {tuple(s.shape)} is not a per-sample, per-channel factor of x "
