@@ -1,11 +1,12 @@
 // The dual softmax attention on CPU for wide heads: query-row tiles whose products go to the BLAS torch links
 // (sgemm_ / dgemm_, found at run time), with the elementwise steps of the formulas fused into one pass per tile.
 //
-// Why: for heads of 16 and more the products dominate, and the BLAS runs them at 2-3x the rate of the
-// vector kernels of attention_dual_cpu_kernels.h (written for heads of 8, where every product has inner size
-// 8). The torch backend (sgflow/ops/attention.py) runs the same products through torch.bmm, but as whole
-// [heads, Nq, Nk] blocks with a dozen separate elementwise passes over them (out of cache) and ~30 Python calls
-// per block: at heads of 32 (16 x 256 tokens) half its backward's time is not products.
+// Why: for wide heads the products dominate. The vector kernels of attention_dual_cpu_kernels.h are written
+// for heads of 8 (every product of inner size 8); the torch backend (sgflow/ops/attention.py) runs the
+// products through torch.bmm, but as whole [heads, Nq, Nk] blocks with a dozen separate elementwise passes
+// over them (out of cache) and ~30 Python calls per block: at heads of 32 (16 x 256 tokens) half its
+// backward's time is not products. Same shape, one thread, backward: torch backend 59-61 ms, vector kernel 60,
+// these tiles 36-41 (benchmarks/NOTES.md, issue 18 part 13).
 //
 // Math: python/sgflow/ops/attention.py (module docstring), the same as attention_dual_cpu_kernels.h:
 //   forward:  S = s q k^T, E = exp(S - m), l = rowsum E, Sd = s (qd k^T + q kd^T), mu = rowsum(E Sd) / l,
