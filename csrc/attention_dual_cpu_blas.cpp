@@ -44,15 +44,22 @@ using sgemm_fn = void (*)(const char*, const char*, const int*, const int*, cons
 using dgemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const double*,
                           const double*, const int*, const double*, const int*, const double*, double*, const int*);
 
+template <typename T>
+bool self_test(void (*gemm)(const char*, const char*, const int*, const int*, const int*, const T*, const T*,
+                            const int*, const T*, const int*, const T*, T*, const int*));
+
 // The Fortran BLAS entry points of the library torch was built with (MKL in the x86 wheels), looked up in the
-// process rather than linked: a torch without them leaves the extension loadable and this path off.
+// process rather than linked: a torch without them leaves the extension loadable and this path off. Integer
+// arguments are passed as pointers to int64 values (little-endian: an LP64 BLAS reads the same small value from
+// their low half as an ILP64 one from all of it), and a small product is checked once before the path is used.
 struct BlasFns {
   sgemm_fn s = nullptr;
   dgemm_fn d = nullptr;
   BlasFns() {
-#if !defined(_WIN32)
+#if !defined(_WIN32) && (defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__)
     s = reinterpret_cast<sgemm_fn>(dlsym(RTLD_DEFAULT, "sgemm_"));
     d = reinterpret_cast<dgemm_fn>(dlsym(RTLD_DEFAULT, "dgemm_"));
+    if (s == nullptr || d == nullptr || !self_test<float>(s) || !self_test<double>(d)) s = nullptr, d = nullptr;
 #endif
   }
 };
@@ -60,6 +67,31 @@ struct BlasFns {
 const BlasFns& blas() {
   static const BlasFns fns;
   return fns;
+}
+
+// Column-major C [2, 3] (ld 4) = A^T B with A [3, 2] (ld 5) and B [3, 3] (ld 3) against a plain loop.
+template <typename T>
+bool self_test(void (*gemm)(const char*, const char*, const int*, const int*, const int*, const T*, const T*,
+                            const int*, const T*, const int*, const T*, T*, const int*)) {
+  const int64_t m = 2, n = 3, k = 3, lda = 5, ldb = 3, ldc = 4;
+  T a[15], b[9], c[12], want[12];
+  for (int i = 0; i < 15; ++i) a[i] = static_cast<T>((i * 7) % 5 - 2);
+  for (int i = 0; i < 9; ++i) b[i] = static_cast<T>((i * 3) % 4 - 1);
+  for (int i = 0; i < 12; ++i) c[i] = want[i] = static_cast<T>(i);
+  const T alpha = 2, beta = 1;
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t i = 0; i < m; ++i) {
+      T acc = 0;
+      for (int64_t p = 0; p < k; ++p) acc += a[i * lda + p] * b[j * ldb + p];
+      want[j * ldc + i] = alpha * acc + beta * want[j * ldc + i];
+    }
+  const char ta = 'T', tb = 'N';
+  gemm(&ta, &tb, reinterpret_cast<const int*>(&m), reinterpret_cast<const int*>(&n),
+       reinterpret_cast<const int*>(&k), &alpha, a, reinterpret_cast<const int*>(&lda), b,
+       reinterpret_cast<const int*>(&ldb), &beta, c, reinterpret_cast<const int*>(&ldc));
+  for (int i = 0; i < 12; ++i)
+    if (c[i] != want[i]) return false;
+  return true;
 }
 
 inline void gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
@@ -80,9 +112,9 @@ template <typename T>
 void mm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
         int64_t ldb, T beta, T* C, int64_t ldc) {
   const char cta = tb ? 'T' : 'N', ctb = ta ? 'T' : 'N';
-  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
-  const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
-  gemm(&cta, &ctb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+  const int64_t dims[6] = {N, M, K, ldb, lda, ldc};  // int64 storage: see BlasFns
+  const int* i = reinterpret_cast<const int*>(dims);
+  gemm(&cta, &ctb, i, i + 2, i + 4, &alpha, B, i + 6, A, i + 8, &beta, C, i + 10);
 }
 
 // exp over a dense [rows, cols] block in place (ATen's vectorised exp; inside the heads' parallel_for it runs
