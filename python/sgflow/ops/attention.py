@@ -467,9 +467,9 @@ def _ops(backend: str):
 # intermediate in registers or L1; MKL's batched products gain more from a wide inner size than it does. One
 # thread, heads split off the channels, 16 x 256 tokens, forward / backward ms, torch -> C++ vector kernel: heads
 # of 8 53.2 / 128.7 -> 38.9 / 84.1; of 16 33.3 / 72.7 -> 38.3 / 83.9; of 32 25.0 / 57.1 -> 42.5 / 89.5; torch ->
-# C++ BLAS tiles, heads of 32: 26.1 / 58.8 -> 22.6 / 36.1 (flow matching's SDPA, forward + backward: 21.3; on
-# the same machine later, under more load: torch 25.8 / 61.3, vector kernel 25.5 / 60.2, BLAS tiles 24.9 / 40.6, SDPA 24.3;
-# benchmarks/NOTES.md). An explicit backend="cpp" runs the C++ op on any head width.
+# C++ BLAS tiles, heads of 32: 26.1 / 58.8 -> 22.6 / 36.1 (flow matching's SDPA, forward + backward: 21.3;
+# the same machine later, under more load: torch 25.8 / 61.3, vector kernel 25.5 / 60.2, BLAS tiles 24.9 /
+# 40.6, SDPA 24.3; benchmarks/NOTES.md). An explicit backend="cpp" runs the C++ op on any head width.
 _CPP_MAX_HEAD_DIM = 8
 # Whether the automatic CPU choice takes the C++ BLAS path for wider heads (False: the torch backend, e.g. the
 # benchmarks' A/B).
