@@ -1,4 +1,5 @@
-"""The dual product with a broadcast factor (``sgflow.ops.scale``): ``(x, x_dot, s, s_dot) -> (x s, x_dot s + x s_dot)``.
+"""The dual product with a broadcast factor (``sgflow.ops.scale``):
+``(x, x_dot, s, s_dot) -> (x s, x_dot s + x s_dot)``.
 
 Reference: ``torch.func.jvp`` of ``x * s`` in float64 for (y, y_dot), and autograd of ``<g, y> + <g_dot, y_dot>``
 through it for the four gradients; both backends (the C++ kernel, skipped with the reason where the extension is
@@ -81,7 +82,8 @@ def test_cpp_kernel_is_used_on_cpu(monkeypatch):
     calls = []
     for name in ("scale_dual_fwd", "scale_dual_bwd"):
         op = getattr(torch.ops.sgflow, name)
-        monkeypatch.setattr(torch.ops.sgflow, name, lambda *a, _op=op, _n=name: calls.append(_n) or _op(*a), raising=False)
+        monkeypatch.setattr(torch.ops.sgflow, name, lambda *a, _op=op, _n=name: calls.append(_n) or _op(*a),
+                            raising=False)
     ins, cot = _inputs((3, 7, 5), (3, 1, 5), torch.float32, seed=3)
     _ours(*ins, *cot)
     assert calls == ["scale_dual_fwd", "scale_dual_bwd"]
@@ -136,11 +138,13 @@ def test_scale_fits(xs, ss, want):
 @pytest.mark.parametrize("change,error,match", [
     (lambda a: (a[0], a[1][:, :3], a[2], a[3]), ValueError, r"x_dot has shape \(3, 3, 5\) but x has shape \(3, 7, 5\)"),
     (lambda a: (a[0], a[1], a[2], a[3][:, :, :2]), ValueError, r"s_dot has shape \(3, 1, 2\) but s has shape"),
-    (lambda a: (a[0], a[1], a[2].float(), a[3].float()), TypeError, "x and s must share one floating dtype, got torch.float64 and torch.float32"),
+    (lambda a: (a[0], a[1], a[2].float(), a[3].float()), TypeError,
+     "x and s must share one floating dtype, got torch.float64 and torch.float32"),
     (lambda a: (a[0], a[1], a[2].expand(3, 7, 5), a[3].expand(3, 7, 5)), ValueError,
      r"s \(3, 7, 5\) is not a per-sample, per-channel factor of x \(3, 7, 5\)"),
     (lambda a: (a[0], a[1], 2.0, a[3]), TypeError, "s must be a tensor"),
-    (lambda a: (a[0], a[1].float(), a[2], a[3]), TypeError, "x_dot has dtype torch.float32 but x has dtype torch.float64"),
+    (lambda a: (a[0], a[1].float(), a[2], a[3]), TypeError,
+     "x_dot has dtype torch.float32 but x has dtype torch.float64"),
 ], ids=["x_dot-shape", "s_dot-shape", "dtype", "not-broadcast", "not-tensor", "x_dot-dtype"])
 def test_bad_input_is_named(change, error, match):
     ins, _ = _inputs((3, 7, 5), (3, 1, 5), torch.float64, seed=6)
