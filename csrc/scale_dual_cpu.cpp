@@ -152,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor&
                             ps.data_ptr<double>(), psd.data_ptr<double>(), b0, b1);
     });
   });
-  if (d.Bs == 1 && d.B > 1) {
+  if (d.Bs != d.B) {  // a shared factor (an empty batch included): the per-sample sums added up
     ps = ps.sum(0, /*keepdim=*/true);
     psd = psd.sum(0, /*keepdim=*/true);
   }

@@ -28,6 +28,7 @@ CASES = {
     "batch1": ((1, 9, 4), (1, 1, 4)),
     "per-sample-scalar": ((5, 3, 4), (5, 1, 1)),
     "two-channel-dims": ((2, 3, 4, 5), (2, 1, 4, 5)),
+    "empty-batch-shared": ((0, 7, 5), (1, 1, 5)),
 }
 
 BACKENDS = ["cpp", "torch"]
