@@ -2,10 +2,6 @@
 // the sgflow:: ops with the dispatcher (sgflow_ops.cpp); the module itself only says how it was built.
 #include <Python.h>
 
-namespace sgflow {
-bool attention_blas_available();  // attention_dual_cpu_blas.cpp
-}
-
 static struct PyModuleDef sgflow_c_module = {
     PyModuleDef_HEAD_INIT, "_C", "sgflow C++/CUDA kernels; the ops are torch.ops.sgflow.*", -1, nullptr,
 };
@@ -18,11 +14,6 @@ PyMODINIT_FUNC PyInit__C(void) {
 #else
   const long with_cuda = 0;
 #endif
-  // The dual attention's BLAS path for wide heads (attention_dual_cpu_blas.cpp) found sgemm_ / dgemm_.
-  if (PyModule_AddIntConstant(mod, "with_blas", sgflow::attention_blas_available() ? 1 : 0) != 0) {
-    Py_DECREF(mod);
-    return nullptr;
-  }
   if (PyModule_AddIntConstant(mod, "with_cuda", with_cuda) != 0) {
     Py_DECREF(mod);
     return nullptr;

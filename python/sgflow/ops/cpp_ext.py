@@ -67,10 +67,21 @@ def cuda_available() -> bool:
 
 
 def blas_available() -> bool:
-    """True when ``sgflow._C`` found the BLAS torch links (``sgemm_`` / ``dgemm_``): the C++ dual attention then runs
-    heads wider than 8 as query-row tiles on it (csrc/attention_dual_cpu_blas.cpp)."""
-    mod = load()
-    return bool(mod is not None and getattr(mod, "with_blas", 0))
+    """True when the C++ dual attention runs heads wider than 8 as query-row tiles on the BLAS torch links
+    (csrc/attention_dual_cpu_blas.cpp): ``sgflow._C`` is built, found ``sgemm_`` / ``dgemm_`` and checked them, and
+    the path is not switched off (``torch.ops.sgflow._attention_blas``)."""
+    return load() is not None and bool(torch.ops.sgflow._attention_blas())
+
+
+def cpu_kernels_apply(*tensors) -> bool:
+    """The C++ CPU kernels can take these tensors: the first on the CPU in float32 / float64, the others (None
+    skipped) of its dtype, and ``sgflow._C`` built."""
+    x = tensors[0]
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return False
+    if any(t is not None and t.dtype != x.dtype for t in tensors):
+        return False
+    return available()
 
 
 def reason() -> str:

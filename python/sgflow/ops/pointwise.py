@@ -73,14 +73,9 @@ def _cpp_kind(spec, extra, *tensors):
     tensors of one dtype, an op the kernels know (``spec.cpp(extra)``), ``sgflow._C`` built."""
     cpp = getattr(spec, "cpp", None)
     kind = cpp(extra) if cpp is not None and CPP_KERNELS else None
-    x = tensors[0]
-    if kind is None or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
-        return None
-    if any(t is not None and t.dtype != x.dtype for t in tensors):
-        return None
     from sgflow.ops import cpp_ext
 
-    return kind if cpp_ext.available() else None
+    return kind if kind is not None and cpp_ext.cpu_kernels_apply(*tensors) else None
 
 
 class PointwiseDual(torch.autograd.Function):

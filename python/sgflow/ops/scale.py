@@ -80,15 +80,11 @@ def scale_fits(x_shape, s_shape) -> ScaleView | None:
 def _use_cpp(*tensors) -> bool:
     """The C++ kernels apply: CPU float32/float64 tensors of one dtype, a contiguous activation, not traced,
     ``sgflow._C`` built."""
-    x = tensors[0]
-    if (not CPP_KERNELS or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
-            or torch.compiler.is_compiling() or not x.is_contiguous()):
-        return False
-    if any(t.dtype != x.dtype for t in tensors):
+    if not CPP_KERNELS or torch.compiler.is_compiling() or not tensors[0].is_contiguous():
         return False
     from sgflow.ops import cpp_ext
 
-    return cpp_ext.available()
+    return cpp_ext.cpu_kernels_apply(*tensors)
 
 
 def _values_torch(x, x_dot, s, s_dot):

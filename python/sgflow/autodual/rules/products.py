@@ -21,6 +21,7 @@ from sgflow.autodual.tensor import (
     unwrap_primals,
     wrap_outputs,
 )
+from sgflow.ops.scale import ScaleDual, scale_fits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,8 +128,6 @@ def _broadcast_scale(a, b):
     """``x * s`` for dual ``x`` and a dual factor ``s`` broadcast over the positions of ``x`` (a DiT's
     ``gate[:, None] * h`` and ``norm(x) * (1 + scale[:, None])``, a FiLM ``h * s[:, :, None, None]``):
     :class:`sgflow.ops.scale.ScaleDual`, or None (the product rule)."""
-    from sgflow.ops.scale import ScaleDual, scale_fits
-
     if not (FUSED_SCALE and isinstance(a, DualTensor) and isinstance(b, DualTensor)):
         return None
     for x, s in ((a, b), (b, a)):
